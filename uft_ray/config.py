@@ -66,6 +66,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     path: str = ""  # local dir, s3:// / gs:// prefix, or a hub id (resolved by transformers where a network exists)
     revision: str | None = None  # hub revision; part of the reference cache fingerprint
+    adapter: str | None = None  # a peft adapter the policy starts from and keeps training (sequential stage 2)
     dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = True

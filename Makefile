@@ -1,0 +1,27 @@
+# The two commands of README: `make demo` (the main job on the embedded default) and `make test`.
+PY ?= python
+# On a laptop/CI the CPU build of torch; a GPU image brings its own torch and skips this.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test test-unit lint format bench
+
+install:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[test]"
+
+demo: install
+	uft-ray demo
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest tests -v --timeout 900 -p no:cacheprovider
+
+test-unit:
+	$(PY) -m pytest tests/unit -q
+
+lint:
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
