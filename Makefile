@@ -15,7 +15,7 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest tests -v --timeout 900 -p no:cacheprovider
+	$(PY) -m pytest tests -v --timeout 900
 
 test-unit:
 	$(PY) -m pytest tests/unit -q

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ LOSS_KINDS: dict[str, tuple[str, ...]] = {
     "sft": ("sft", "score", "binary", "pair"),
 }
 HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hf://", "abfs://", "az://", "http://", "https://")
 
 
@@ -282,6 +284,8 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads 3e-5 (no dot) as a string
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -383,7 +387,7 @@ def load_config(
 
 
 def _deepcopy(d: Any) -> Any:
-    return yaml.safe_load(yaml.safe_dump(d))
+    return yaml.safe_load(yaml.safe_dump(d, sort_keys=False))
 
 
 def is_remote(path: str) -> bool:
@@ -476,6 +480,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
                 e.append(f"mixture.{key}.{k}: no source named {k!r}; sources: {', '.join(names) or '(none)'}")
             if v < 0:
                 e.append(f"mixture.{key}.{k}: must be >= 0, got {v!r}")
+        for n in names:
+            if n and n not in table:
+                e.append(f"mixture.{key}.{n}: source {n!r} has no entry; give it rows (or 0 to leave it out)")
         if table and all(v == 0 for v in table.values()):
             e.append(f"mixture.{key}: all zero; at least one source needs rows")
         if not table:

@@ -87,13 +87,13 @@ def test_gradcheck_float64():
 
 
 def test_bf16_logits_reduce_in_fp32():
-    """bf16 logits give fp32 sums equal to the fp32 computation on the same (bf16-rounded) values."""
+    """bf16 logits give float64 sums equal to the fp32 computation on the same (bf16-rounded) values."""
     logits, labels, loss_mask = random_batch(2, 16, 40, dtype=torch.bfloat16, seed=5)
     logits.requires_grad_()
     sum_logp, _ = sequence_logprobs(logits, labels, loss_mask, chunk_size=5)
     ref_sum, _ = naive_sequence_logprobs(logits.detach().float(), labels, loss_mask)
-    assert sum_logp.dtype == torch.float32
-    torch.testing.assert_close(sum_logp, ref_sum, rtol=1e-6, atol=1e-5)
+    assert sum_logp.dtype == torch.float64
+    torch.testing.assert_close(sum_logp, ref_sum.double(), rtol=1e-6, atol=1e-5)
     sum_logp.sum().backward()
     assert logits.grad.dtype == torch.bfloat16
     assert torch.isfinite(logits.grad.float()).all()

@@ -1,0 +1,46 @@
+"""Shared fixtures: the project's sample data + tiny model, and one small local Ray cluster per session.
+
+- `tiny_assets`: `uft_ray.tiny_model.ensure_tiny_assets` under the pytest cache (`.pytest_cache/d/uft-assets`),
+  so later sessions reuse them (the stamps rebuild them when the generators change). Set UFT_TEST_ASSETS to
+  put them elsewhere.
+- `ray_local`: `ray.init(num_cpus=4)` once per session (reused if a test module started Ray already), shut down
+  at the end. Integration tests use it and are marked `pytest.mark.integration`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Paths by name: `model`, `samples`, `bad`, `bad_manifest`, and every `samples.sample_paths` entry."""
+    from uft_ray.tiny_model import ensure_tiny_assets
+
+    root = os.environ.get("UFT_TEST_ASSETS")
+    if not root:
+        cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
+        root = str(cache.mkdir("uft-assets") if cache is not None else tmp_path_factory.mktemp("uft-assets"))
+    return ensure_tiny_assets(Path(root))
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """A local Ray with 4 logical CPUs for the whole session (small: the test machine has 2 cores)."""
+    import ray
+    from ray.data import DataContext
+
+    from uft_ray.config import RayConfig
+    from uft_ray.ray_utils import init_ray
+
+    started = not ray.is_initialized()
+    if started:
+        init_ray(RayConfig(), num_cpus=4)
+    DataContext.get_current().enable_progress_bars = False
+    yield
+    if started and ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,418 @@
+"""The reference cache without Ray: fingerprint inputs, cache validation, publishing, joining into DIR/rows."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from uft_ray import reference, schema
+from uft_ray.config import Config, load_config
+from uft_ray.reference import (
+    fingerprint,
+    fingerprint_inputs,
+    length_groups,
+    load_cache,
+    merge_summary,
+    write_cache,
+    write_ref_columns,
+)
+
+TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def fake_model(path: Path, weights: bytes = b"weights-0") -> Path:
+    """Only what the fingerprint reads: weight, config and tokenizer files (never loaded here)."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 64}))
+    (path / "model.safetensors").write_bytes(weights)
+    (path / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 1}}}))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (path / "chat_template.jinja").write_text(TEMPLATE)
+    return path
+
+
+def rows_table(n: int = 6, pairs: bool = True) -> pa.Table:
+    rows = []
+    for i in range(n):
+        pair = pairs and i % 3 == 2
+        rows.append(
+            {
+                "row_id": f"r{i}",
+                "input_ids": list(range(1, 5 + i)),
+                "response_start": 2,
+                "rejected_input_ids": list(range(7, 10 + i)) if pair else None,
+                "rejected_response_start": 2 if pair else None,
+            }
+        )
+    return pa.Table.from_pylist(
+        rows,
+        schema=pa.schema([schema.TOKENIZED.field(c) for c in reference.SCORER_INPUT_COLUMNS]),
+    )
+
+
+def make_cfg(model: Path, cache: Path, **over) -> Config:
+    data = {
+        "model": {"path": str(model)},
+        "data": {"sources": [{"name": "s", "format": "messages", "path": "unused"}]},
+        "mixture": {"counts": {"s": 1}},
+        "train": {"use_gpu": False},
+        "reference": {"cache_dir": str(cache)},
+    }
+    for key, value in over.items():
+        section, field = key.split("__")
+        data.setdefault(section, {})[field] = value
+    return load_config(data, check_paths=False)
+
+
+@pytest.fixture
+def base(tmp_path):
+    model = fake_model(tmp_path / "model")
+    return model, make_cfg(model, tmp_path / "cache"), rows_table()
+
+
+def fp_of(cfg: Config, rows: pa.Table) -> str:
+    return fingerprint(fingerprint_inputs(cfg, rows))
+
+
+def test_fingerprint_is_stable_and_ignores_row_order(base):
+    _, cfg, rows = base
+    assert fp_of(cfg, rows) == fp_of(cfg, rows)
+    assert fp_of(cfg, rows) == fp_of(cfg, rows.take(pa.array([5, 4, 3, 2, 1, 0])))
+    assert len(fp_of(cfg, rows)) == 32
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "tokenizer",
+        "template",
+        "max_len",
+        "max_prompt_len",
+        "overflow",
+        "weights",
+        "model_config",
+        "rows",
+        "token_ids",
+        "response_start",
+        "rejected_ids",
+        "adapter",
+        "dtype",
+    ],
+)
+def test_every_input_moves_the_fingerprint(base, tmp_path, change):
+    model, cfg, rows = base
+    before = fp_of(cfg, rows)
+    if change == "tokenizer":
+        (model / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, "b": 1, "c": 2}}}))
+    elif change == "template":
+        (model / "chat_template.jinja").write_text(TEMPLATE.replace("im_end", "end"))
+    elif change in ("max_len", "max_prompt_len", "overflow"):
+        value = {"max_len": 1024, "max_prompt_len": 512, "overflow": "truncate_prompt_left"}[change]
+        setattr(cfg.tokenize, change, value)
+    elif change == "weights":
+        (model / "model.safetensors").write_bytes(b"weights-1")
+    elif change == "model_config":
+        (model / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 128}))
+    elif change == "rows":
+        rows = rows.slice(1)
+    elif change in ("token_ids", "response_start", "rejected_ids"):
+        table = rows.to_pylist()
+        if change == "token_ids":
+            table[0]["input_ids"] = table[0]["input_ids"][:-1] + [99]
+        elif change == "response_start":
+            table[0]["response_start"] = 3
+        else:
+            table[2]["rejected_input_ids"] = table[2]["rejected_input_ids"] + [5]
+        rows = pa.Table.from_pylist(table, schema=rows.schema)
+    elif change == "adapter":
+        adapter = tmp_path / "adapter"
+        adapter.mkdir()
+        (adapter / "adapter_config.json").write_text("{}")
+        (adapter / "adapter_model.safetensors").write_bytes(b"lora")
+        cfg.reference.adapter = str(adapter)
+        with_adapter = fp_of(cfg, rows)
+        assert with_adapter != before
+        (adapter / "adapter_model.safetensors").write_bytes(b"lora trained further")
+    elif change == "dtype":
+        cfg.train.use_gpu = True  # actors get GPUs: bf16, other numbers
+    assert fp_of(cfg, rows) != before
+
+
+def test_template_in_tokenizer_config_counts_too(base):
+    model, cfg, rows = base
+    (model / "chat_template.jinja").unlink()
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE}))
+    before = fp_of(cfg, rows)
+    inputs = fingerprint_inputs(cfg, rows)
+    assert inputs["chat_template"] is not None
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": TEMPLATE + " "}))
+    assert fp_of(cfg, rows) != before
+
+
+def test_pool_size_batch_size_and_cache_dir_are_not_in_the_key(base, tmp_path):
+    _, cfg, rows = base
+    before = fp_of(cfg, rows)
+    cfg.reference.actors = [1, 4]
+    cfg.reference.batch_size = 3
+    cfg.reference.cache_dir = str(tmp_path / "elsewhere")
+    assert fp_of(cfg, rows) == before
+
+
+def test_hub_ids_are_keyed_by_revision(tmp_path):
+    cfg = make_cfg(Path("org/some-model"), tmp_path / "cache")
+    rows = rows_table()
+    unpinned = fp_of(cfg, rows)
+    cfg.model.revision = "abc123"
+    assert fp_of(cfg, rows) != unpinned
+    assert fingerprint_inputs(cfg, rows)["model"] == {"id": "org/some-model", "revision": "abc123"}
+
+
+def test_weights_without_safetensors_are_refused(base):
+    model, cfg, rows = base
+    (model / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        fingerprint_inputs(cfg, rows)
+
+
+def test_duplicate_row_ids_are_refused(base):
+    _, cfg, rows = base
+    with pytest.raises(ValueError, match="duplicate row_id"):
+        fingerprint_inputs(cfg, pa.concat_tables([rows, rows.slice(0, 1)]))
+
+
+def test_file_hashes_are_memoized_by_size_and_mtime(base, tmp_path, monkeypatch):
+    model, cfg, rows = base
+    calls = []
+    real = reference._sha256_file
+    monkeypatch.setattr(reference, "_sha256_file", lambda p: calls.append(p.name) or real(p))
+    memo = tmp_path / "memo.json"
+    fingerprint_inputs(cfg, rows, memo_path=memo)
+    assert "model.safetensors" in calls and memo.is_file()
+    calls.clear()
+    fingerprint_inputs(cfg, rows, memo_path=memo)
+    assert calls == []
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"weights-2")
+    os.utime(weights, ns=(1, 1))  # a rewrite is seen even if the mtime went backwards
+    fingerprint_inputs(cfg, rows, memo_path=memo)
+    assert calls == ["model.safetensors"]
+
+
+def test_cache_dir_expands_user(base, tmp_path, monkeypatch):
+    _, cfg, _ = base
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg.reference.cache_dir = "~/.cache/uft-ray"
+    assert reference.cache_root(cfg) == tmp_path / "home" / ".cache" / "uft-ray" / "ref_logp"
+
+
+def ref_table(ids: list[str]) -> pa.Table:
+    return pa.table(
+        {
+            "row_id": ids,
+            schema.REF_LOGP: [-float(i) - 0.5 for i in range(len(ids))],
+            schema.REF_LOGP_REJECTED: [None if i % 3 != 2 else -100.25 - i for i in range(len(ids))],
+        },
+        schema=schema.REFERENCE,
+    )
+
+
+def test_write_then_load_cache(tmp_path):
+    ids = [f"r{i}" for i in range(7)]
+    final = write_cache(tmp_path, "f" * 32, ref_table(ids), {"x": 1}, rows_per_file=3)
+    assert sorted(p.name for p in final.iterdir()) == [
+        "manifest.json",
+        "part-00000.parquet",
+        "part-00001.parquet",
+        "part-00002.parquet",
+    ]
+    assert not list(tmp_path.glob(".*partial*"))  # published by rename, nothing left behind
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["rows"] == 7 and [f["rows"] for f in manifest["files"]] == [3, 3, 1]
+    assert manifest["inputs"] == {"x": 1} and manifest["fingerprint"] == "f" * 32
+    table, why = load_cache(final, reversed(ids))
+    assert why == "ok" and table.equals(ref_table(ids))
+
+
+@pytest.mark.parametrize("damage", ["manifest", "part", "extra_expected", "fewer_expected", "truncated", "other_fp"])
+def test_an_untrustworthy_cache_is_a_miss(tmp_path, damage):
+    ids = [f"r{i}" for i in range(7)]
+    final = write_cache(tmp_path, "a" * 32, ref_table(ids), {}, rows_per_file=3)
+    expected = ids
+    if damage == "manifest":
+        (final / "manifest.json").unlink()
+    elif damage == "part":
+        (final / "part-00001.parquet").unlink()
+    elif damage == "extra_expected":
+        expected = ids + ["r7"]
+    elif damage == "fewer_expected":
+        expected = ids[:-1]
+    elif damage == "truncated":
+        pq.write_table(ref_table(ids[:2]), final / "part-00000.parquet")
+    elif damage == "other_fp":
+        os.rename(final, tmp_path / ("b" * 32))
+        final = tmp_path / ("b" * 32)
+    table, why = load_cache(final, expected)
+    assert table is None and why != "ok"
+
+
+def test_a_damaged_cache_is_replaced_and_a_valid_one_kept(tmp_path):
+    ids = [f"r{i}" for i in range(4)]
+    final = write_cache(tmp_path, "c" * 32, ref_table(ids), {}, rows_per_file=2)
+    (final / "manifest.json").unlink()
+    write_cache(tmp_path, "c" * 32, ref_table(ids), {"second": True}, rows_per_file=2)
+    assert load_cache(final, ids)[1] == "ok"
+    assert json.loads((final / "manifest.json").read_text())["inputs"] == {"second": True}
+    write_cache(tmp_path, "c" * 32, ref_table(ids), {"third": True}, rows_per_file=2)  # a racer: first one wins
+    assert json.loads((final / "manifest.json").read_text())["inputs"] == {"second": True}
+
+
+def test_ref_columns_join_by_row_id_and_keep_row_order(tmp_path):
+    (tmp_path / "rows").mkdir()
+    rows = rows_table(6).append_column("score", pa.array(np.linspace(0, 1, 6), pa.float32()))
+    pq.write_table(rows.slice(0, 4), tmp_path / "rows" / "part-00000.parquet")
+    pq.write_table(rows.slice(4), tmp_path / "rows" / "part-00001.parquet")
+    ids = rows.column("row_id").to_pylist()
+    write_ref_columns(tmp_path, ref_table(ids).take(pa.array([3, 1, 5, 0, 2, 4])))
+    out = pq.read_table(tmp_path / "rows")
+    assert out.column("row_id").to_pylist() == ids
+    assert out.drop_columns([schema.REF_LOGP, schema.REF_LOGP_REJECTED]).equals(rows)
+    assert out.column(schema.REF_LOGP).to_pylist() == ref_table(ids).column(schema.REF_LOGP).to_pylist()
+    assert out.schema.field(schema.REF_LOGP_REJECTED).type == pa.float64()
+    assert out.column(schema.REF_LOGP_REJECTED).null_count == 4
+    write_ref_columns(tmp_path, ref_table(ids))  # idempotent: replaces, never duplicates, the columns
+    assert pq.read_table(tmp_path / "rows").num_columns == out.num_columns
+    with pytest.raises(KeyError, match="r5"):
+        write_ref_columns(tmp_path, ref_table(ids[:5]))
+
+
+def test_summary_entry_is_merged(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"rows_out": 6, "sources": {"s": {}}}))
+    merge_summary(tmp_path, {"cache": "hit"})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {
+        "rows_out": 6,
+        "sources": {"s": {}},
+        "reference": {"cache": "hit"},
+    }
+
+
+def test_length_groups_sort_and_respect_the_token_budget():
+    lengths = [5, 50, 7, 30, 6, 100, 8]
+    groups = length_groups(lengths, max_tokens=60)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(lengths)
+    for g in groups:
+        assert len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 60
+    assert [len(g) for g in length_groups([10] * 5, max_tokens=1000, max_rows=2)] == [2, 2, 1]
+    assert length_groups([], max_tokens=10) == []
+
+
+def test_hit_reads_the_cache_without_ray_or_a_model(base, tmp_path, monkeypatch):
+    _, cfg, rows = base
+    cfg.model.revision = None
+    prepared = tmp_path / "prepared"
+    (prepared / "rows").mkdir(parents=True)
+    pq.write_table(rows, prepared / "rows" / "part-00000.parquet")
+    fp = fingerprint(fingerprint_inputs(cfg, rows))
+    ids = rows.column("row_id").to_pylist()
+    write_cache(reference.cache_root(cfg), fp, ref_table(ids), {})
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored on a hit")
+
+    monkeypatch.setattr(reference, "_precompute", no_scoring)
+    entry = reference.attach_reference(cfg, prepared)
+    assert entry["cache"] == "hit" and entry["model_forwards"] == 0 and entry["fingerprint"] == fp
+    assert json.loads((prepared / "summary.json").read_text())["reference"] == entry
+    assert pq.read_table(prepared / "rows").column(schema.REF_LOGP).to_pylist() == [-i - 0.5 for i in range(6)]
+
+
+def test_no_reference_needed_is_skipped(base, tmp_path):
+    _, cfg, _ = base
+    cfg.loss.type = "sft"
+    (tmp_path / "p").mkdir()
+    assert reference.attach_reference(cfg, tmp_path / "p")["cache"] == "skipped"
+    cfg.loss.type = "uft"
+    cfg.reference.mode = "adapter_off"
+    assert reference.attach_reference(cfg, tmp_path / "p")["cache"] == "skipped"
+
+
+def test_scorer_batches_formats_and_sub_batches_agree(tmp_path):
+    """The scorer without Ray: arrow and numpy batches, one forward or many, give the same numbers."""
+    from transformers import AutoTokenizer
+
+    from uft_ray.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny")
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = []
+    for i, text in enumerate(["the cat sat", "a dog runs quickly on the mat today", "red"]):
+        ids = tok(text)["input_ids"] + [tok.eos_token_id]
+        rows.append(
+            {
+                "row_id": f"r{i}",
+                "input_ids": ids,
+                "response_start": 1,
+                "rejected_input_ids": ids[:-2] + [tok.eos_token_id] if i == 1 else None,
+                "rejected_response_start": 1 if i == 1 else None,
+            }
+        )
+    batch = pa.Table.from_pylist(rows, schema=rows_table().schema)
+    one = reference.ReferenceScorer(model)
+    many = reference.ReferenceScorer(model, max_tokens_per_forward=1)  # one sequence per forward
+    a = one(batch)
+    b = many(batch)
+    assert a.column_names == [*batch.column_names, schema.REF_LOGP, schema.REF_LOGP_REJECTED]
+    np.testing.assert_allclose(a.column(schema.REF_LOGP).to_numpy(), b.column(schema.REF_LOGP).to_numpy(), atol=1e-4)
+    assert a.column(schema.REF_LOGP_REJECTED).to_pylist()[0] is None
+    assert a.column(schema.REF_LOGP_REJECTED).to_pylist()[1] == pytest.approx(
+        b.column(schema.REF_LOGP_REJECTED).to_pylist()[1], abs=1e-4
+    )
+    assert one.score([np.array(r["input_ids"]) for r in rows], [1, 1, 1])[1] == 1
+    assert many.score([np.array(r["input_ids"]) for r in rows], [1, 1, 1])[1] == 3
+    numpy_batch = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in batch.column_names}
+    c = one(numpy_batch)
+    np.testing.assert_array_equal(c[schema.REF_LOGP], a.column(schema.REF_LOGP).to_numpy())
+    assert np.isnan(c[schema.REF_LOGP_REJECTED][0])
+    assert (
+        one(batch.select(["row_id", "input_ids", "response_start"])).column(schema.REF_LOGP_REJECTED).null_count == 3
+    )
+
+
+def test_a_stream_miss_defers_and_drops_stale_columns(base, tmp_path):
+    _, cfg, rows = base
+    prepared = tmp_path / "prepared"
+    (prepared / "rows").mkdir(parents=True)
+    ids = rows.column("row_id").to_pylist()
+    pq.write_table(rows, prepared / "rows" / "part-00000.parquet")
+    write_ref_columns(prepared, ref_table(ids))  # from another fingerprint
+    entry = reference.attach_reference(cfg, prepared, run="stream")
+    assert entry["cache"] == "miss" and entry["deferred"] and entry["model_forwards"] == 0
+    assert pq.read_table(prepared / "rows").equals(rows)
+
+
+def test_a_long_response_keeps_1e4_absolute(tmp_path):
+    """ref_logp is float64 because summed log-probs over long responses need the mantissa (schema.REF_LOGP)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from uft_ray.tiny_model import make_tiny_model
+
+    model_dir = make_tiny_model(tmp_path / "tiny")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    words = "the a cat dog sat on mat river stone light tree house runs jumps quickly red blue green".split()
+    ids = tok(" ".join(words[(i * 7) % len(words)] for i in range(300)))["input_ids"]
+    assert len(ids) > 600
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=x).logits[0], dim=-1)
+    direct = float(logp[4 : len(ids) - 1].gather(1, x[0, 5:, None]).double().sum())
+    got, _ = reference.ReferenceScorer(model_dir).score([np.array(ids)], [5])
+    assert got[0] == pytest.approx(direct, abs=1e-4)

@@ -1,0 +1,617 @@
+"""The data plane on Ray Data: source files -> unified rows -> mixture -> tokenized rows in a prepared directory.
+
+`prepare(cfg, out_dir)` writes the layout of docs/internals.md ("Prepared directory"):
+
+    DIR/rows/*.parquet        schema.TOKENIZED, exactly the mixture's quota of rows per source
+    DIR/quarantine/*.parquet  schema.QUARANTINE, every rejected row with reason, source, detail, raw
+    DIR/summary.json          see below
+
+How it runs (every pass is a streaming Ray Data job; the driver holds counts and, per source, one 8-byte rank
+per tokenized row, never the rows):
+
+1. *Normalize pass.* One read task per file (or per run of parquet row groups): read, normalize, write the
+   quarantine records of that part (file names fixed by the part, so a retried task rewrites the same file),
+   return one count row per part. This is the only pass that quarantines normalization failures, so each bad
+   row is reported exactly once, and it tells each source's number of valid unified rows N.
+2. *Band passes.* For each source still short of its quota, read and normalize again (cheap) but keep only
+   rows whose seeded rank falls in the next band (`mixture.next_band_end`, about quota / N of the source),
+   tokenize those, and stage them under DIR/_work. Usually one pass; a second one when more rows than
+   expected were too long. Only the band is ever tokenized, not the whole source.
+3. *Select pass.* From the staged rows keep, per source, the quota smallest ranks (`mixture.plan_take`),
+   copies for upsampling, and write DIR/rows. Too-long rows (and duplicate row ids) that the seeded walk
+   reached before the quota filled go to quarantine here.
+
+summary.json: `sources.{name}`: format, kind, path, files, rows_read (raw rows), rows_normalized (unified rows,
+after unfolding and pairing), rows_tokenized (rows the band passes tokenized), quota, rows_out, quarantined,
+dropped_for_length, upsampled (copies `#k`), quarantine {reason: n}; `quarantine` {reason: n} over all sources;
+`mixture.{name}`: target / realized (fractions of all rows) and target_rows / realized_rows; rows_out; seed;
+passes (read passes over the sources: 1 normalize + the band passes); tokenizer; tokenize; reference (null,
+filled by the reference stage); seconds.
+
+See `uft_ray.data.mixture` for why ranks (not Ray's execution order) decide the sample.
+On a multi-node cluster DIR must be shared storage (a URI or a shared mount), as workers write into it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from ray.data import Dataset
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from uft_ray import schema
+from uft_ray.config import Config, SourceConfig
+from uft_ray.data import mixture
+from uft_ray.data import quarantine as q
+from uft_ray.data.mixture import RANK_SPACE, MixtureError, Take
+from uft_ray.data.normalize import Normalizer, Outcome
+from uft_ray.data.quarantine import Quarantined, Reject
+from uft_ray.data.sources import FilePart, SourceError, filesystem_for, is_remote, iter_records, plan_parts
+from uft_ray.data.tokenize import TokenizerError, cached_encoder, encoder_key, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+BLOCK_ROWS = 1024  # unified rows per block out of a read task
+TOKENIZE_BATCH = 256
+QUARANTINE_FLUSH = 5000  # records a read task buffers before writing a quarantine file
+
+# Unified rows as read: + their seeded rank and where they came from ("relpath:position").
+READ_SCHEMA = pa.schema([*schema.UNIFIED, ("_rank", pa.uint64()), ("_origin", pa.string())])
+# Staged (tokenized) candidates: ok rows with tokens, too_long rows with why and the row as JSON.
+STAGE_SCHEMA = pa.schema(
+    [
+        *schema.TOKENIZED,
+        ("_rank", pa.uint64()),
+        ("_origin", pa.string()),
+        ("_status", pa.string()),
+        ("_detail", pa.string()),
+        ("_raw", pa.string()),
+    ]
+)
+STATS_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("part", pa.int64()),
+        ("rows_read", pa.int64()),
+        ("normalized", pa.int64()),
+        ("quarantined", pa.int64()),
+    ]
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading: one Ray read task per file part
+
+
+def _where(part: FilePart, pos: int) -> str:
+    return f"{part.uri}:{pos}" if part.file_type == "jsonl" else f"{part.uri}[row {pos}]"
+
+
+def iter_part(src: SourceConfig, part: FilePart) -> Iterator[tuple[list[Outcome], int]]:
+    """Normalize one file part, in file order: per raw record, (its outcomes, 1 if it counts as a row read).
+
+    Pure Python: what a read task runs. A HelpSteer2 pair half waits for its partner (no outcome yet); the
+    last item holds what the normalizer still had at the end of the part.
+    """
+    norm = Normalizer(src)
+    for rec in iter_records(part):
+        yield norm.add(rec, part.relpath, _where(part, rec.pos)), int(rec.kind != q.UNREADABLE_FILE)
+    yield norm.finish(), 0
+
+
+def _read_part(
+    src: SourceConfig, index: int, part: FilePart, seed: int, mode: str, band: tuple[int, int], qdir: str | None
+) -> Iterator[pa.Table]:
+    lo, hi = band
+    rows: list[dict[str, Any]] = []
+    bad: list[Quarantined] = []
+    n_read = n_ok = n_bad = seq = 0
+    for outs, counted in iter_part(src, part):
+        n_read += counted
+        for out in outs:
+            if isinstance(out, Quarantined):
+                n_bad += 1
+                if mode == "stats" and qdir is not None:
+                    bad.append(out)
+                continue
+            n_ok += 1
+            if mode == "rows":
+                r = mixture.rank(seed, out["row_id"])
+                if lo <= r < hi:
+                    out["_rank"] = r
+                    rows.append(out)
+        if len(bad) >= QUARANTINE_FLUSH:
+            q.write_records(qdir, q.file_name("normalize", src.name, index, seq), bad)  # type: ignore[arg-type]
+            bad, seq = [], seq + 1
+        if len(rows) >= BLOCK_ROWS:
+            yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+            rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=READ_SCHEMA)
+    if mode == "stats":
+        if bad and qdir is not None:
+            q.write_records(qdir, q.file_name("normalize", src.name, index, seq), bad)
+        yield pa.Table.from_pylist(
+            [{"source": src.name, "part": index, "rows_read": n_read, "normalized": n_ok, "quarantined": n_bad}],
+            schema=STATS_SCHEMA,
+        )
+
+
+class SourceFilesDatasource(Datasource):
+    """Ray Data datasource over the file parts of one or more sources: one read task per part.
+
+    mode "stats": normalize, write quarantine, yield one count row per part.
+    mode "rows": yield unified rows (READ_SCHEMA) whose rank is in their source's band.
+    """
+
+    def __init__(
+        self,
+        parts: list[tuple[SourceConfig, int, FilePart]],
+        *,
+        seed: int,
+        mode: str,
+        bands: dict[str, tuple[int, int]] | None = None,
+        quarantine_dir: str | None = None,
+    ):
+        super().__init__()
+        self.parts, self.seed, self.mode = parts, seed, mode
+        self.bands = bands or {}
+        self.quarantine_dir = quarantine_dir
+
+    def get_name(self) -> str:
+        return f"UftSources[{self.mode}]"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        sizes = [p.size_bytes for _, _, p in self.parts]
+        return None if any(s is None for s in sizes) else int(sum(sizes))  # type: ignore[arg-type]
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None):
+        tasks = []
+        for src, index, part in self.parts:
+            band = self.bands.get(src.name, (0, RANK_SPACE))
+            fn = functools.partial(_read_part, src, index, part, self.seed, self.mode, band, self.quarantine_dir)
+            meta = BlockMetadata(num_rows=None, size_bytes=part.size_bytes, exec_stats=None, input_files=(part.uri,))
+            tasks.append(ReadTask(fn, meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+def _read(datasource: SourceFilesDatasource | StagedDatasource) -> Dataset:
+    # one block stream per read task: without this, Ray splits a few tasks' output into ~100 tiny blocks
+    # (and the writes after them into ~100 tiny files)
+    n = len(datasource.parts if isinstance(datasource, SourceFilesDatasource) else datasource.files)
+    return ray.data.read_datasource(datasource, override_num_blocks=max(1, n))
+
+
+def _source_parts(sources: list[SourceConfig]) -> list[tuple[SourceConfig, int, FilePart]]:
+    out = []
+    for src in sources:
+        # HelpSteer2 pairs are consecutive rows: never cut such a file between read tasks
+        split = not (src.format == "helpsteer2" and src.resolved_kind in ("binary", "pair"))
+        for i, part in enumerate(plan_parts(src.path, split_parquet=split)):
+            out.append((src, i, part))
+    return out
+
+
+def read_source(src: SourceConfig, *, seed: int = 0) -> Dataset:
+    """A lazy Ray Dataset of one source's unified rows (schema.UNIFIED); malformed rows are skipped.
+
+    For exploration and other stages; `prepare` is the path that quarantines and samples.
+    """
+    parts = _source_parts([src])
+    ds = _read(SourceFilesDatasource(parts, seed=seed, mode="rows"))
+    return ds.select_columns(schema.UNIFIED.names)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tokenizing and selecting (map_batches functions; run in Ray tasks)
+
+
+def _unified_json(row: dict[str, Any]) -> str:
+    keep = {k: row.get(k) for k in (*schema.UNIFIED.names, "_origin")}
+    return json.dumps(keep, ensure_ascii=False)
+
+
+def tokenize_block(batch: pa.Table, model_key: tuple, tokenize_key: tuple) -> pa.Table:
+    """READ_SCHEMA rows -> STAGE_SCHEMA rows: tokenized (`ok`) or `too_long` with the reason's detail."""
+    enc = cached_encoder(model_key, tokenize_key)
+    rows = batch.to_pylist()
+    out = []
+    for row, res in zip(rows, enc.encode_batch(rows), strict=True):
+        if isinstance(res, Reject):
+            out.append(
+                {
+                    **row,
+                    "_status": q.TOO_LONG,
+                    "_detail": f"{row['_origin']} (row_id {row['row_id']}): {res.detail}",
+                    "_raw": _unified_json(row),
+                }
+            )
+        else:
+            res["_status"] = "ok"
+            out.append(res)
+    return pa.Table.from_pylist(out, schema=STAGE_SCHEMA)
+
+
+def select_block(
+    batch: pa.Table, takes: dict[str, tuple], keepers: dict[str, dict[int, str]], quarantine_dir: str
+) -> pa.Table:
+    """STAGE_SCHEMA rows -> the selected rows (schema.TOKENIZED), upsampled copies included.
+
+    Quarantines the too-long rows and the duplicate row ids that the seeded walk reached before the quota
+    filled (rows past the cutoff were tokenized only because bands overshoot: they are not reported).
+    """
+    take = {s: Take(*t) for s, t in takes.items()}
+    out: list[dict[str, Any]] = []
+    bad: list[Quarantined] = []
+    cols = schema.TOKENIZED.names
+    for row in batch.to_pylist():
+        t, r, src = take[row["source"]], row["_rank"], row["source"]
+        if row["_status"] != "ok":
+            if t.visited(r):
+                bad.append(Quarantined(row["_status"], src, row["_detail"], row["_raw"]))
+            continue
+        keeper = keepers.get(src, {}).get(r)
+        if keeper is not None and row["_origin"] != keeper:
+            if t.visited(r):
+                detail = f"{row['_origin']}: row_id {row['row_id']} was already given by {keeper}"
+                bad.append(Quarantined(q.DUPLICATE, src, detail, _unified_json(row)))
+            continue
+        for k in range(t.copies(r)):
+            new = {c: row[c] for c in cols}
+            new["row_id"] = mixture.copy_id(row["row_id"], k)
+            out.append(new)
+    if bad:
+        key = hashlib.sha1("\x1f".join(b.detail for b in bad).encode()).hexdigest()
+        q.write_records(quarantine_dir, q.file_name("select", bad[0].source, key), bad)
+    return pa.Table.from_pylist(out, schema=schema.TOKENIZED)
+
+
+def _select_file(
+    uri: str, takes: dict[str, tuple], keepers: dict[str, dict[int, str]], qdir: str
+) -> Iterator[pa.Table]:
+    fs, path = filesystem_for(uri)
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+            yield select_block(pa.Table.from_batches([batch]), takes, keepers, qdir)
+
+
+class StagedDatasource(Datasource):
+    """The select pass: one read task per staged file, yielding the selected rows (schema.TOKENIZED)."""
+
+    def __init__(self, files: list[str], takes: dict[str, tuple], keepers: dict[str, dict[int, str]], qdir: str):
+        super().__init__()
+        self.files, self.takes, self.keepers, self.qdir = files, takes, keepers, qdir
+
+    def get_name(self) -> str:
+        return "UftSelect"
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return None
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None):
+        return [
+            ReadTask(
+                functools.partial(_select_file, f, self.takes, self.keepers, self.qdir),
+                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(f,)),
+                per_task_row_limit=per_task_row_limit,
+            )
+            for f in self.files
+        ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver side
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _reset_outputs(out_dir: str) -> None:
+    fs, base = filesystem_for(out_dir)
+    fs.create_dir(base, recursive=True)
+    for name in ("rows", "quarantine", "_work"):
+        path = _join(base, name)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+    summary = _join(base, "summary.json")
+    if fs.get_file_info(summary).type == pafs.FileType.File:
+        fs.delete_file(summary)
+
+
+def _parquet_files(dir_uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    fs, base = filesystem_for(dir_uri)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return fs, []
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
+    return fs, sorted(f for f in files if not f.rsplit("/", 1)[-1].startswith("."))
+
+
+def _unwrap(e: BaseException) -> BaseException | None:
+    """The data-plane error inside a Ray task failure (Ray wraps user exceptions once or twice)."""
+    seen = set()
+    stack = [e]
+    while stack:
+        cur = stack.pop()
+        if id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        if isinstance(cur, (SourceError, TokenizerError, MixtureError)):
+            return cur
+        for nxt in (cur.__cause__, cur.__context__, getattr(cur, "cause", None)):
+            if isinstance(nxt, BaseException):
+                stack.append(nxt)
+    return None
+
+
+def _execute(what: str, fn: Any) -> Any:
+    """Run one Ray Data job; a data-plane error raised in a task comes back as itself, not wrapped by Ray."""
+    t0 = time.time()
+    try:
+        out = fn()
+        log.info("%s pass: %.1fs", what, time.time() - t0)
+        return out
+    except Exception as e:
+        inner = _unwrap(e)
+        if inner is not None and inner is not e:
+            raise type(inner)(str(inner)) from e
+        if isinstance(e, ray.exceptions.RayError):
+            # Ray's text holds the worker traceback; keep the first line that names our error
+            for line in str(e).splitlines():
+                for cls in (SourceError, TokenizerError, MixtureError):
+                    if line.startswith(f"{cls.__module__}.{cls.__name__}: ") or line.startswith(f"{cls.__name__}: "):
+                        raise cls(line.split(": ", 1)[1]) from e
+        raise
+
+
+def _scan(files: list[str], fs: pafs.FileSystem, columns: list[str], filter: Any = None) -> Iterator[pa.RecordBatch]:
+    if not files:
+        return iter(())
+    return pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=columns, filter=filter)
+
+
+def _collect_ranks(stage_dir: str) -> tuple[dict[str, np.ndarray], Counter[str]]:
+    """Per source: the ranks of staged `ok` rows; and the number of staged rows (ok + too_long)."""
+    fs, files = _parquet_files(stage_dir)
+    ranks: dict[str, list[np.ndarray]] = {}
+    staged: Counter[str] = Counter()
+    for b in _scan(files, fs, ["source", "_rank", "_status"]):
+        src = b.column(0).to_numpy(zero_copy_only=False)
+        rk = b.column(1).to_numpy(zero_copy_only=False).astype(np.uint64)
+        ok = b.column(2).to_numpy(zero_copy_only=False) == "ok"
+        for s in np.unique(src):
+            m = src == s
+            staged[str(s)] += int(m.sum())
+            ranks.setdefault(str(s), []).append(rk[m & ok])
+    return {s: np.concatenate(v) for s, v in ranks.items()}, staged
+
+
+def _keepers(stage_dirs: list[str], dups: dict[str, np.ndarray]) -> dict[str, dict[int, str]]:
+    """For each duplicated row id (same rank): the origin of the copy to keep, the first in file order."""
+    if not any(len(v) for v in dups.values()):
+        return {}
+    out: dict[str, dict[int, str]] = {}
+    for d in stage_dirs:
+        fs, files = _parquet_files(d)
+        for s, ranks in dups.items():
+            if not len(ranks):
+                continue
+            flt = (pc.field("source") == s) & pc.field("_rank").isin(pa.array(ranks, pa.uint64()))
+            for b in _scan(files, fs, ["_rank", "_origin"], flt):
+                for r, o in zip(b.column(0).to_pylist(), b.column(1).to_pylist(), strict=True):
+                    cur = out.setdefault(s, {}).get(r)
+                    out[s][r] = o if cur is None else min(cur, o)
+    return out
+
+
+def _count_rows(rows_dir: str) -> tuple[Counter[str], Counter[str]]:
+    """Rows per source in DIR/rows, and how many are upsampled copies (row_id with '#')."""
+    fs, files = _parquet_files(rows_dir)
+    rows: Counter[str] = Counter()
+    copies: Counter[str] = Counter()
+    for b in _scan(files, fs, ["source", "row_id"]):
+        src = b.column(0).to_pylist()
+        is_copy = pc.match_substring(b.column(1), "#").to_pylist()
+        rows.update(src)
+        copies.update(s for s, c in zip(src, is_copy, strict=True) if c)
+    return rows, copies
+
+
+def _write_json(uri: str, obj: Any) -> None:
+    fs, path = filesystem_for(uri)
+    with fs.open_output_stream(path) as f:
+        f.write((json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
+
+
+def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
+    """Run the data plane for `cfg` into `out_dir` (replacing its rows/, quarantine/ and summary.json).
+
+    Returns the summary (also written to DIR/summary.json). Raises `SourceError` for a file that cannot be
+    read at all, `TokenizerError` for an unusable tokenizer, `MixtureError` for a source smaller than its
+    quota (without `mixture.allow_upsample`).
+    """
+    from uft_ray.ray_utils import init_ray
+
+    t0 = time.time()
+    if not is_remote(out_dir):  # Ray's workers may run in another working directory
+        out_dir = os.path.abspath(os.path.expanduser(out_dir))
+    load_tokenizer(cfg.model)  # fail before any cluster work when the tokenizer cannot render chats
+    names = [s.name for s in cfg.data.sources]
+    quota = mixture.quotas(cfg.mixture, names)
+    active = [s for s in cfg.data.sources if quota[s.name] > 0]
+    parts = _source_parts(active)  # lists files and reads parquet footers: bad paths fail here, named
+    if not ray.is_initialized():
+        init_ray(cfg.ray)
+    _reset_outputs(out_dir)
+    qdir, work = _join(out_dir, "quarantine"), _join(out_dir, "_work")
+    seed = cfg.data.seed
+
+    # 1. normalize everything once: quarantine + counts
+    stats_ds = _read(SourceFilesDatasource(parts, seed=seed, mode="stats", quarantine_dir=qdir))
+    stats = _execute("normalize", stats_ds.take_all)
+    rows_read: Counter[str] = Counter()
+    normalized: Counter[str] = Counter()
+    for st in stats:
+        rows_read[st["source"]] += st["rows_read"]
+        normalized[st["source"]] += st["normalized"]
+    allow = cfg.mixture.allow_upsample
+    for s in active:
+        if normalized[s.name] < quota[s.name] and not allow:
+            stage = "(after normalization; tokenization can only drop more)"
+            raise MixtureError(mixture.shortfall_message(s.name, normalized[s.name], quota[s.name], stage=stage))
+
+    # 2. tokenize bands of the seeded order until every quota is met
+    m_key, t_key = encoder_key(cfg.model, cfg.tokenize)
+    ends = {s.name: 0 for s in active}
+    found = {s.name: 0 for s in active}
+    ranks: dict[str, list[np.ndarray]] = {s.name: [] for s in active}
+    tokenized: Counter[str] = Counter()
+    takes: dict[str, Take] = {}
+    stage_dirs: list[str] = []
+    unique: dict[str, np.ndarray] = {}
+    pending = [s.name for s in active]
+    while pending:
+        bands = {s: (ends[s], mixture.next_band_end(ends[s], normalized[s], found[s], quota[s])) for s in pending}
+        stage = _join(work, f"pass{len(stage_dirs)}")
+        band_parts = [p for p in parts if p[0].name in bands]
+        ds = _read(SourceFilesDatasource(band_parts, seed=seed, mode="rows", bands=bands))
+        ds = ds.map_batches(
+            tokenize_block,
+            fn_kwargs={"model_key": m_key, "tokenize_key": t_key},
+            batch_size=TOKENIZE_BATCH,
+            batch_format="pyarrow",
+        )
+        _execute("tokenize", functools.partial(ds.write_parquet, stage))
+        stage_dirs.append(stage)
+        new_ranks, staged = _collect_ranks(stage)
+        tokenized.update(staged)
+        for s in list(pending):
+            ends[s] = bands[s][1]
+            if s in new_ranks:
+                ranks[s].append(new_ranks[s])
+            unique[s] = np.unique(np.concatenate(ranks[s])) if ranks[s] else np.zeros(0, np.uint64)
+            found[s] = len(unique[s])
+            take = mixture.plan_take(s, unique[s], quota[s], complete=ends[s] >= RANK_SPACE, allow_upsample=allow)
+            if take is not None:
+                takes[s] = take
+                pending.remove(s)
+        log.info("band pass %d: found %s of %s", len(stage_dirs), found, quota)
+
+    # duplicated row ids: the same rank staged twice
+    dups = {}
+    for s in takes:
+        all_ranks = np.concatenate(ranks[s]) if ranks[s] else np.zeros(0, np.uint64)
+        vals, counts = np.unique(all_ranks, return_counts=True)
+        dups[s] = vals[counts > 1]
+    keepers = _keepers(stage_dirs, dups)
+
+    # 3. select: the quota smallest ranks per source (+ copies), too-long / duplicates visited -> quarantine
+    rows_dir = _join(out_dir, "rows")
+    take_args = {s: (t.cutoff, t.base, t.extra_cutoff) for s, t in takes.items()}
+    staged_files = [_file_uri(out_dir, f) for d in stage_dirs for f in _parquet_files(d)[1]]
+    if staged_files:
+        sel = _read(StagedDatasource(staged_files, take_args, keepers, qdir))
+        _execute("select", functools.partial(sel.write_parquet, rows_dir))
+
+    # 4. summary, from what is on disk
+    rows_out, upsampled = _count_rows(rows_dir)
+    qcounts = q.count_reasons(qdir)
+    total_q = sum(quota.values())
+    total_out = sum(rows_out.values())
+    summary: dict[str, Any] = {"sources": {}, "quarantine": {}, "mixture": {}}
+    by_reason: Counter[str] = Counter()
+    for src in cfg.data.sources:
+        s = src.name
+        qc = qcounts.get(s, Counter())
+        by_reason.update(qc)
+        summary["sources"][s] = {
+            "format": src.format,
+            "kind": src.resolved_kind,
+            "path": src.path,
+            "files": len({p.uri for x, _, p in parts if x.name == s}),
+            "rows_read": rows_read[s],
+            "rows_normalized": normalized[s],
+            "rows_tokenized": tokenized[s],
+            "quota": quota[s],
+            "rows_out": rows_out[s],
+            "quarantined": sum(qc.values()),
+            "dropped_for_length": qc.get(q.TOO_LONG, 0),
+            "upsampled": upsampled[s],
+            "quarantine": dict(sorted(qc.items())),
+        }
+        summary["mixture"][s] = {
+            "target": quota[s] / total_q if total_q else 0.0,
+            "realized": rows_out[s] / total_out if total_out else 0.0,
+            "target_rows": quota[s],
+            "realized_rows": rows_out[s],
+        }
+    summary["quarantine"] = dict(sorted(by_reason.items()))
+    summary["rows_out"] = total_out
+    summary["seed"] = seed
+    summary["passes"] = 1 + len(stage_dirs)
+    summary["tokenizer"] = cfg.model.path
+    summary["tokenize"] = {
+        "max_prompt_len": cfg.tokenize.max_prompt_len,
+        "max_len": cfg.tokenize.max_len,
+        "overflow": cfg.tokenize.overflow,
+    }
+    summary["reference"] = None
+    summary["seconds"] = round(time.time() - t0, 2)
+    for s in takes:
+        if rows_out[s] != quota[s]:  # pragma: no cover - an invariant of select_block
+            raise RuntimeError(f"source {s!r}: wrote {rows_out[s]} rows for a quota of {quota[s]}")
+    _write_json(_join(out_dir, "summary.json"), summary)
+    fs, base = filesystem_for(work)
+    if fs.get_file_info(base).type == pafs.FileType.Directory:
+        fs.delete_dir(base)
+    return summary
+
+
+def _file_uri(out_dir: str, path: str) -> str:
+    """A listed path back as what Ray's readers take (URIs keep their scheme)."""
+    if "://" in out_dir and "://" not in path:
+        return f"{out_dir.split('://', 1)[0]}://{path}"
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a prepared directory
+
+
+def read_prepared(prepared_dir: str, columns: list[str] | None = None) -> pa.Table:
+    """DIR/rows as one table, for small column subsets (`row_id, source, length` for the plan)."""
+    fs, files = _parquet_files(_join(prepared_dir, "rows"))
+    if not files:
+        raise FileNotFoundError(f"{prepared_dir}/rows has no parquet files; run `uft-ray prepare` first")
+    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def prepared_dataset(prepared_dir: str) -> Dataset:
+    """DIR/rows as a lazy Ray Dataset (the trainer's and the reference's input)."""
+    fs, files = _parquet_files(_join(prepared_dir, "rows"))
+    if not files:
+        raise FileNotFoundError(f"{prepared_dir}/rows has no parquet files; run `uft-ray prepare` first")
+    return ray.data.read_parquet([_file_uri(prepared_dir, f) for f in files])
+
+
+def read_summary(prepared_dir: str) -> dict[str, Any]:
+    fs, path = filesystem_for(_join(prepared_dir, "summary.json"))
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read().decode())
