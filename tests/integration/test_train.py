@@ -1,0 +1,378 @@
+"""Distributed UFT training end to end (issue 5): real local Ray, 2 CPU workers on gloo, DeepSpeed ZeRO-3, LoRA,
+the tiny model, the project's UltraChat + HelpSteer2 samples through the real data plane and reference service.
+
+Runs are shared between tests through module fixtures (each fit costs ~30 s on 2 cores):
+- `uft20`: 20 steps (2 epochs of 40 rows, global batch 4), checkpoints every 5; tests 1, 2, 3 and 5 read it.
+- `resumed`: the same config stopped after its step-5 checkpoint, then rerun to step 10 (test 3).
+- `killed`: a worker killed by its pid after step 4; FailureConfig restarts from checkpoint 3 (test 4).
+- `one_worker` / `accumulated`: one step with 1 worker x micro-batch 4, and 1 worker x micro-batch 1 x
+  accumulation 4 (the latter with `reference.mode: adapter_off`, which must not change step 1) (test 5).
+- `sequential`: sft stage 1 on UltraChat, uft stage 2 on HelpSteer2 against base + stage-1 adapter (test 6).
+- `dpo`: HelpSteer2 pairs, 2 steps: the pair path (chosen and rejected in one forward, `ref_logp_rejected`).
+
+Run: `pytest tests/integration/test_train.py -q` (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from uft_ray import driver
+from uft_ray.driver import RunResult
+
+pytestmark = pytest.mark.integration
+
+SOURCES = ("ultrachat", "helpsteer2")
+DESIGN_METRICS = ["loss", "tokens_per_s", "samples_per_s", "padding_frac", "data_wait_frac", "step_time_s", "lr"]
+DESIGN_METRICS += ["grad_norm"]
+PER_SOURCE = ["loss/{}", "reward/{}", "score_pred/{}", "score_target/{}", "logp/{}", "kl/{}"]
+PER_SOURCE += ["mixture/{}/target", "mixture/{}/step", "mixture/{}/cumulative"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading a run directory
+
+
+def metrics(run_dir: str) -> list[dict[str, Any]]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def consumed(run_dir: str, rank: int) -> list[tuple[int, int, list[str]]]:
+    with open(os.path.join(run_dir, "debug", f"consumed_rank{rank}.jsonl")) as f:
+        return [(r["step"], r["micro"], r["row_ids"]) for r in map(json.loads, f)]
+
+
+def attempts(run_dir: str, rank: int) -> list[dict[str, Any]]:
+    with open(os.path.join(run_dir, "debug", f"attempts_rank{rank}.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def adapter(path: str) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(path, "adapter_model.safetensors"))
+
+
+def checkpoint(run_dir: str, step: int) -> str:
+    return os.path.join(run_dir, "checkpoints", f"checkpoint_{step:06d}")
+
+
+def planned(run_dir: str, rank: int) -> list[tuple[int, int, list[str]]]:
+    """The plan's micro-batches of `rank` as (1-based step, micro, row ids), in plan order."""
+    t = pq.read_table(os.path.join(run_dir, "plan.parquet")).to_pandas()
+    t = t[t["rank"] == rank].sort_values(["step", "micro", "slot"])
+    return [(int(s) + 1, int(m), list(g.row_id)) for (s, m), g in t.groupby(["step", "micro"], sort=True)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs
+
+
+@pytest.fixture(scope="module")
+def uft20(make_config, uft_prepared) -> RunResult:
+    cfg = make_config("uft20")
+    return driver.run(cfg, prepared_dir=uft_prepared, debug={"record": True})
+
+
+@pytest.fixture(scope="module")
+def resumed(make_config, uft_prepared) -> str:
+    """The uft20 config, stopped after its step-5 checkpoint, rerun with the same name and stopped after 10."""
+    cfg = make_config("resumed")
+    with pytest.raises(Exception, match="stopping after step 5"):
+        driver.run(cfg, prepared_dir=uft_prepared, debug={"record": True, "stop_after_step": 5})
+    with pytest.raises(Exception, match="stopping after step 10"):
+        driver.run(cfg, prepared_dir=uft_prepared, debug={"record": True, "stop_after_step": 10})
+    return cfg.output.run_dir
+
+
+@pytest.fixture(scope="module")
+def killed(make_config, uft_prepared) -> tuple[RunResult, dict[str, Any]]:
+    """8 steps, checkpoints every 3; rank 1 parks after step 4 and this test kills it by its pid."""
+    cfg = make_config("killed", train={"max_steps": 8, "checkpoint_every": 3, "max_failures": 1})
+    run = Path(cfg.output.run_dir)
+    seen: dict[str, Any] = {}
+
+    def kill_when_paused() -> None:
+        # Ray Train registers a reported checkpoint when its controller next polls the workers: wait for that
+        # (the snapshot names it), else the restart would rightly begin from the previous checkpoint.
+        deadline = time.time() + 600
+        snapshot = run / "checkpoints" / "checkpoint_manager_snapshot.json"
+        while time.time() < deadline:
+            paused = run / "debug" / "paused_rank1.json"
+            if paused.exists() and snapshot.exists() and "checkpoint_000003" in snapshot.read_text():
+                seen.update(json.loads(paused.read_text()))
+                os.kill(seen["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_paused, daemon=True)
+    killer.start()
+    result = driver.run(cfg, prepared_dir=uft_prepared, debug={"record": True, "pause": {"rank": 1, "step": 4}})
+    killer.join(timeout=5)
+    return result, seen
+
+
+@pytest.fixture(scope="module")
+def one_worker(make_config, uft_prepared) -> RunResult:
+    cfg = make_config(
+        "w1-mb4",
+        train={"num_workers": 1, "micro_batch_size": 4, "max_steps": 1, "warmup_ratio": 0.0},
+    )
+    return driver.run(cfg, prepared_dir=uft_prepared)
+
+
+@pytest.fixture(scope="module")
+def accumulated(make_config, uft_prepared) -> RunResult:
+    cfg = make_config(
+        "w1-mb1-ga4",
+        train={"num_workers": 1, "micro_batch_size": 1, "grad_accum": 4, "max_steps": 1, "warmup_ratio": 0.0},
+        reference={"mode": "adapter_off"},
+    )
+    return driver.run(cfg, prepared_dir=uft_prepared)
+
+
+@pytest.fixture(scope="module")
+def sequential(make_config, tiny_assets) -> tuple[RunResult, RunResult]:
+    stage1 = make_config(
+        "seq-stage1-sft",
+        data={
+            "sources": [{"name": "ultrachat", "format": "ultrachat_200k", "path": tiny_assets["ultrachat_200k_train"]}]
+        },
+        mixture={"counts": {"ultrachat": 12}},
+        loss={"type": "sft"},
+        train={"max_steps": 3, "epochs": 1},
+    )
+    stage2 = make_config(
+        "seq-stage2-uft",
+        data={"sources": [{"name": "helpsteer2", "format": "helpsteer2", "path": tiny_assets["helpsteer2_train"]}]},
+        mixture={"counts": {"helpsteer2": 12}},
+        train={"max_steps": 2, "epochs": 1},
+    )
+    return driver.run_sequential(stage1, stage2, debug={"record": True})
+
+
+@pytest.fixture(scope="module")
+def dpo(make_config, tiny_assets) -> RunResult:
+    source = {"name": "helpsteer2", "format": "helpsteer2", "kind": "pair", "path": tiny_assets["helpsteer2_train"]}
+    cfg = make_config(
+        "dpo",
+        data={"sources": [source]},
+        mixture={"counts": {"helpsteer2": 8}},
+        tokenize={"max_prompt_len": 96, "max_len": 160},
+        loss={"type": "dpo"},
+        train={"max_steps": 2, "epochs": 1},
+    )
+    return driver.run(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. UFT over UltraChat + HelpSteer2 for 20 steps
+
+
+def test_uft_run_rewards_start_at_zero_and_loss_falls(uft20):
+    rows = metrics(uft20.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    for s in SOURCES:  # step 1's rewards come from the forward before the first update: policy == reference
+        assert abs(rows[0][f"reward/{s}"]) < 1e-4
+        assert abs(rows[0][f"kl/{s}"]) < 1e-5
+    epoch1 = np.mean([r["loss"] for r in rows if r["epoch"] == 0])
+    epoch2 = np.mean([r["loss"] for r in rows if r["epoch"] == 1])
+    assert epoch2 < 0.85 * epoch1, (epoch1, epoch2)  # the same 40 rows, seen again after 10 updates
+    assert rows[-1]["lr"] < rows[2]["lr"]  # cosine decay after warmup
+
+
+def test_uft_run_trains_every_lora_parameter_and_no_base_parameter(uft20):
+    debug = Path(uft20.run_dir) / "debug"
+    start = json.loads((debug / "digests_start.json").read_text())
+    end = json.loads((debug / "digests_end.json").read_text())["digests"]
+    assert start["sharded_at_load"]  # ZeRO-3 partitioned every parameter as from_pretrained loaded it
+    start = start["digests"]
+    lora = [k for k in start if "lora_" in k]
+    base = [k for k in start if "lora_" not in k]
+    assert len(lora) == 2 * 7 * 2  # A and B, 7 target modules, 2 layers
+    assert [k for k in lora if start[k] == end[k]] == []
+    assert [k for k in base if start[k] != end[k]] == []
+
+
+def test_uft_run_metrics_file_has_every_design_metric(uft20):
+    names = DESIGN_METRICS + [p.format(s) for p in PER_SOURCE for s in SOURCES] + [f"rows/{s}" for s in SOURCES]
+    for row in metrics(uft20.run_dir):
+        missing = [n for n in names if n not in row]
+        assert not missing, (row["step"], missing)
+        assert all(np.isfinite(row[n]) for n in names)
+        assert 0 <= row["padding_frac"] < 1 and 0 <= row["data_wait_frac"] <= 1 and row["tokens_per_s"] > 0
+
+
+def test_uft_run_realized_mixture_matches_target_within_one_batch(uft20):
+    batch = 4
+    for row in metrics(uft20.run_dir):
+        done = row["step"] * batch
+        for s in SOURCES:
+            assert row[f"mixture/{s}/target"] == pytest.approx(0.5)
+            realized = row[f"mixture/{s}/cumulative"] * done
+            assert abs(realized - 0.5 * done) <= batch, (row["step"], s, realized)
+    assert sum(row["rows/ultrachat"] for row in metrics(uft20.run_dir)) == 40  # 20 rows x 2 epochs
+
+
+def test_uft_run_each_rank_trains_exactly_its_plan_in_order(uft20):
+    for rank in (0, 1):
+        assert consumed(uft20.run_dir, rank) == planned(uft20.run_dir, rank)
+
+
+def test_uft_run_directory_layout(uft20):
+    run = Path(uft20.run_dir)
+    for name in ("config.yaml", "metrics.jsonl", "plan.parquet", "quarantine/counts.json", "adapter"):
+        assert (run / name).exists(), name
+    assert sorted(p.name for p in (run / "checkpoints").glob("checkpoint_0*")) == [
+        f"checkpoint_{s:06d}" for s in (5, 10, 15, 20)
+    ]
+    state = json.loads((Path(checkpoint(uft20.run_dir, 20)) / "state.json").read_text())
+    assert state["step"] == 20 and state["consumed"] == {"ultrachat": 40, "helpsteer2": 40}
+    assert uft20.metrics["step"] == 20 and uft20.checkpoint_dir == checkpoint(uft20.run_dir, 20)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. The saved adapter is the trained policy
+
+
+def test_saved_adapter_loads_with_peft_and_gives_the_trained_policy_logprobs(uft20, uft_prepared, tiny_assets):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from uft_ray.data.pipeline import read_prepared
+    from uft_ray.logprobs import model_sequence_logprobs
+
+    config = json.loads((Path(uft20.adapter_dir) / "adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and config["peft_type"] == "LORA"
+    AutoTokenizer.from_pretrained(uft20.adapter_dir)  # the tokenizer is saved beside the adapter
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_assets["model"]), uft20.adapter_dir)
+    model.eval()
+    rows = read_prepared(uft_prepared, ["row_id", "input_ids", "response_start"]).to_pylist()
+    by_id = {r["row_id"]: r for r in rows}
+    for rank in (0, 1):
+        final = json.loads((Path(uft20.run_dir) / "debug" / f"final_logp_rank{rank}.json").read_text())
+        batch = [by_id[i] for i in final["row_ids"]]
+        longest = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros(len(batch), longest, dtype=torch.long)
+        attention, loss_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+        for i, r in enumerate(batch):
+            ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            attention[i, : len(r["input_ids"])] = 1
+            loss_mask[i, r["response_start"] : len(r["input_ids"])] = 1
+        with torch.no_grad():
+            logp, _ = model_sequence_logprobs(model, ids, attention, loss_mask)
+        np.testing.assert_allclose(logp.double().numpy(), final["logp"], rtol=0, atol=1e-4)
+    # ...and it is not the base model's
+    with torch.no_grad(), model.disable_adapter():
+        base_logp, _ = model_sequence_logprobs(model, ids, attention, loss_mask)
+    assert np.abs(base_logp.double().numpy() - np.array(final["logp"])).max() > 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Exact resume
+
+
+def test_resume_consumes_the_same_rows_in_order_and_ends_with_the_same_adapter(resumed, uft20):
+    for rank in (0, 1):
+        assert [a["start_step"] for a in attempts(resumed, rank)] == [0, 5]
+        got = consumed(resumed, rank)
+        assert [(s, m) for s, m, _ in got] == [(s, 0) for s in range(1, 11)]  # nothing twice, nothing skipped
+        assert got == consumed(uft20.run_dir, rank)[:10]
+    a, b = adapter(checkpoint(resumed, 10) + "/adapter"), adapter(checkpoint(uft20.run_dir, 10) + "/adapter")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    ra, rb = metrics(resumed), metrics(uft20.run_dir)[:10]
+    assert [r["step"] for r in ra] == list(range(1, 11))
+    np.testing.assert_allclose([r["loss"] for r in ra], [r["loss"] for r in rb], rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. A worker killed by its pid
+
+
+def test_killed_worker_run_completes_from_last_checkpoint(killed):
+    result, seen = killed
+    assert seen.get("step") == 4
+    rows = metrics(result.run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 9))  # lines after checkpoint 3 were rewritten once
+    assert result.metrics["step"] == 8
+    for rank in (0, 1):
+        starts = [a["start_step"] for a in attempts(result.run_dir, rank)]
+        assert starts == [0, 3], starts
+        assert consumed(result.run_dir, rank) == planned(result.run_dir, rank)
+    assert attempts(result.run_dir, 1)[0]["pid"] == seen["pid"] != attempts(result.run_dir, 1)[1]["pid"]
+    assert os.path.exists(os.path.join(result.adapter_dir, "adapter_model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Batch-shape invariance of the first step
+
+
+def test_first_step_loss_same_for_one_and_two_workers(one_worker, uft20):
+    w1, w2 = metrics(one_worker.run_dir)[0], metrics(uft20.run_dir)[0]
+    assert w1["loss"] == pytest.approx(w2["loss"], rel=1e-6, abs=1e-7)
+    # The same gradient too: DeepSpeed averages ranks' gradients into the global-batch gradient.
+    assert w1["grad_norm"] == pytest.approx(w2["grad_norm"], rel=1e-4)
+
+
+def test_micro_batch_1_x_accumulation_4_equals_micro_batch_4_x_accumulation_1(accumulated, one_worker):
+    a, b = metrics(accumulated.run_dir)[0], metrics(one_worker.run_dir)[0]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert a["padding_frac"] == 0.0  # micro-batch 1 never pads
+    # Adam's first step is lr * g / (|g| + eps): about lr * sign(g), so float noise in a near-zero g shows at
+    # ~1e-4 * lr, while a dropped or double-counted micro-batch flips signs (2 * lr). Scale errors, which the
+    # sign hides, show in grad_norm above.
+    after_a, after_b = adapter(accumulated.adapter_dir), adapter(one_worker.adapter_dir)
+    changed = 0
+    for k in after_a:
+        torch.testing.assert_close(after_a[k], after_b[k], rtol=0, atol=1e-3 * 1e-2)
+        changed += int((after_b[k] != 0).any()) if "lora_B" in k else 0
+    assert changed == 14  # the first update moved every B matrix (A gets no gradient while B is 0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Sequential recipe
+
+
+def test_sequential_stage2_continues_stage1_adapter_with_it_as_reference(sequential):
+    first, second = sequential
+    assert [r["step"] for r in metrics(first.run_dir)] == [1, 2, 3]
+    assert [r["step"] for r in metrics(second.run_dir)] == [1, 2]
+    config = yaml.safe_load((Path(second.run_dir) / "config.yaml").read_text())
+    assert config["model"]["adapter"] == config["reference"]["adapter"] == first.adapter_dir
+    step1 = metrics(second.run_dir)[0]
+    # Stage 2's policy starts as base + stage-1 adapter, and so does its reference: r == 0 at its first step.
+    assert abs(step1["reward/helpsteer2"]) < 1e-4
+    stage1 = adapter(first.adapter_dir)
+    assert any((v != 0).any() for k, v in stage1.items() if "lora_B" in k)  # stage 1 trained something
+    stage2 = adapter(second.adapter_dir)
+    assert stage2.keys() == stage1.keys()
+    assert any(not torch.equal(stage1[k], stage2[k]) for k in stage1)  # stage 2 kept training it
+    prepared = json.loads((Path(second.run_dir) / "prepared" / "summary.json").read_text())
+    assert prepared["reference"]["rows"] == 12
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recipes: DPO on HelpSteer2 pairs
+
+
+def test_dpo_first_step_loss_is_log_2(dpo):
+    first, second = metrics(dpo.run_dir)
+    assert first["loss"] == pytest.approx(np.log(2), abs=1e-6)  # r_chosen == r_rejected == 0 before any update
+    assert abs(first["reward/helpsteer2"]) < 1e-4 and abs(first["reward_margin/helpsteer2"]) < 1e-4
+    assert second["loss"] != first["loss"] and "accuracy/helpsteer2" in second
+    assert os.path.exists(os.path.join(dpo.adapter_dir, "adapter_model.safetensors"))

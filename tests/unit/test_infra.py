@@ -1,0 +1,229 @@
+"""The launch files: every recipe validates, the cluster YAML passes Ray's own autoscaler validation, the RayJob
+passes KubeRay's CRD schema (closed objects, as `kubectl apply --validate=strict`) and names a real config.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from uft_ray import cli
+from uft_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+SCHEMAS = Path("/work/shared/schemas")
+if not SCHEMAS.is_dir():  # a checkout elsewhere: look beside the repo
+    SCHEMAS = ROOT.parent / "shared" / "schemas"
+IMAGE_APP_DIR = "/home/ray/uft-ray"  # infra/Dockerfile's WORKDIR: where the repo sits in the image
+
+
+def _yaml(path: Path):
+    return yaml.safe_load(path.read_text())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# jobs/configs
+
+
+def test_there_is_a_config_per_recipe():
+    names = {p.name for p in CONFIGS}
+    assert {"demo.yaml", "mistral7b_uft.yaml", "qwen25_32b_uft.yaml", "mistral7b_uft_mixture_sweep.yaml"} <= names
+    assert "seq_stage1_sft.yaml" in names
+    assert {f"seq_stage2_{x}.yaml" for x in ("dpo", "kto", "una_bce", "uft")} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_passes_validate_without_path_checks(path, capsys):
+    assert cli.main(["validate", str(path), "--no-check-paths"]) == 0
+    assert capsys.readouterr().out.startswith(f"OK: {path}")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_is_headed_by_its_launch_command(path):
+    head = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        head.append(line)
+    text = "\n".join(head)
+    assert head, f"{path.name} has no header comment"
+    rel = f"jobs/configs/{path.name}"
+    if path.name.startswith("seq_"):
+        assert "python jobs/sequential.py --stage1 jobs/configs/seq_stage1_sft.yaml --stage2" in text
+        assert rel in text
+    else:
+        assert f"python jobs/train.py --config {rel}" in text or (
+            path.name == "demo.yaml" and "uft-ray demo" in text
+        ), text
+    # every jobs/configs path named in a header exists
+    for named in re.findall(r"jobs/configs/[\w.]+\.yaml", text):
+        assert (ROOT / named).is_file(), named
+
+
+def test_paper_settings():
+    cfg = load_config(ROOT / "jobs/configs/mistral7b_uft.yaml", check_paths=False)
+    assert (cfg.lora.r, cfg.loss.beta, cfg.train.lr, cfg.loss.type) == (16, 0.01, 3e-5, "uft")
+    assert cfg.mixture.counts == {"ultrachat": 20000, "helpsteer2": 20000}
+    assert (cfg.tokenize.max_prompt_len, cfg.tokenize.max_len) == (1024, 2048)
+    q = load_config(ROOT / "jobs/configs/qwen25_32b_uft.yaml", check_paths=False)
+    assert q.train.deepspeed.zero_stage == 3 and q.model.dtype == "bfloat16" and q.model.gradient_checkpointing
+    assert q.train.num_workers > 8 and q.reference.gpus_per_actor >= 1 and q.reference.run == "stream"
+
+
+def test_sequential_stage2_configs_pair_each_loss_with_its_row_kind():
+    expect = {"dpo": "pair", "kto": "binary", "una_bce": "score", "uft": "score"}
+    for loss, kind in expect.items():
+        cfg = load_config(ROOT / f"jobs/configs/seq_stage2_{loss}.yaml", check_paths=False)
+        assert cfg.loss.type == loss and cfg.data.sources[0].resolved_kind == kind
+    assert load_config(ROOT / "jobs/configs/seq_stage1_sft.yaml", check_paths=False).loss.type == "sft"
+
+
+def test_mixture_sweep_documents_16k_to_260k_against_20k():
+    text = (ROOT / "jobs/configs/mistral7b_uft_mixture_sweep.yaml").read_text()
+    points = [int(n) for n in re.search(r"for n in ([\d ]+);", text).group(1).split()]
+    assert points[0] == 16250 and points[-1] == 260000 and points == sorted(points)
+    for n in points:  # each sweep point is a valid override of the config
+        cfg = load_config(
+            ROOT / "jobs/configs/mistral7b_uft_mixture_sweep.yaml",
+            [f"mixture.counts.ultrachat={n}", f"output.run_name=mistral7b-uft-uc{n}"],
+            check_paths=False,
+        )
+        assert cfg.mixture.counts == {"ultrachat": n, "helpsteer2": 20000}
+
+
+def test_demo_config_is_one_file_in_two_places():
+    shipped = ROOT / "uft_ray/configs/demo.yaml"
+    assert (ROOT / "jobs/configs/demo.yaml").read_bytes() == shipped.read_bytes()
+    assert cli.demo_config_text() == shipped.read_text()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# infra/cluster.yaml: Ray's own validation, the way `ray up` runs it (prepare_config, then validate_config)
+
+
+def test_cluster_yaml_passes_ray_autoscaler_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = _yaml(ROOT / "infra/cluster.yaml")
+    prepared = prepare_config(copy.deepcopy(raw))
+    validate_config(prepared)  # raises jsonschema.ValidationError on a bad field
+    types = raw["available_node_types"]
+    head = types[raw["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    gpu_types = {k: v for k, v in types.items() if v.get("resources", {}).get("GPU", 0) > 0}
+    assert gpu_types, "no GPU worker type"
+    for name, t in gpu_types.items():
+        assert t["min_workers"] == 0 and t["max_workers"] > 0, name
+    assert prepared["setup_commands"] == []  # the image has everything; the default would pip-install Ray
+
+
+def test_cluster_yaml_rejected_by_ray_when_broken():
+    """The check above is a real one: Ray's schema refuses an unknown top-level key."""
+    import jsonschema
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    bad = _yaml(ROOT / "infra/cluster.yaml")
+    bad["max_wrokers"] = 3
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(bad))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# infra/kuberay/rayjob.yaml against the RayJob CRD
+
+
+def _closed(schema):
+    """The CRD schema with every object closed, except where Kubernetes keeps unknown fields.
+
+    Kubernetes prunes / rejects unknown fields unless `x-kubernetes-preserve-unknown-fields` is set; an object
+    schema with `properties` and no `additionalProperties` is therefore closed.
+    """
+    if isinstance(schema, list):
+        return [_closed(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def _rayjob_validator():
+    import jsonschema
+
+    crd = _yaml(SCHEMAS / "ray.io_rayjobs.yaml")
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = _closed(version["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema)
+
+
+@pytest.fixture(scope="module")
+def rayjob():
+    return _yaml(ROOT / "infra/kuberay/rayjob.yaml")
+
+
+@pytest.mark.skipif(not (SCHEMAS / "ray.io_rayjobs.yaml").is_file(), reason="KubeRay CRDs not found")
+def test_rayjob_validates_against_the_crd(rayjob):
+    errors = sorted(_rayjob_validator().iter_errors(rayjob), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob"
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert spec["rayClusterSpec"]["enableInTreeAutoscaling"] is True
+    for group in spec["rayClusterSpec"]["workerGroupSpecs"]:
+        assert group["minReplicas"] == 0 and group["maxReplicas"] > 0
+
+
+@pytest.mark.skipif(not (SCHEMAS / "ray.io_rayjobs.yaml").is_file(), reason="KubeRay CRDs not found")
+def test_crd_validator_is_strict(rayjob):
+    bad = copy.deepcopy(rayjob)
+    bad["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParamz"] = {}
+    bad["spec"]["shutdownAfterJobFinishes"] = "yes"
+    paths = {".".join(map(str, e.path)) for e in _rayjob_validator().iter_errors(bad)}
+    assert "spec.rayClusterSpec.headGroupSpec" in paths and "spec.shutdownAfterJobFinishes" in paths
+
+
+def test_rayjob_entrypoint_names_an_existing_config_that_validates(rayjob):
+    argv = shlex.split(rayjob["spec"]["entrypoint"])
+    assert argv[0] == "python"
+    script = Path(argv[1].replace(IMAGE_APP_DIR, str(ROOT)))
+    assert script.is_file() and script.name == "train.py"
+    config = Path(argv[argv.index("--config") + 1].replace(IMAGE_APP_DIR, str(ROOT)))
+    assert config.is_file(), config
+    assert config.parent == ROOT / "jobs" / "configs"
+    load_config(config, argv[argv.index("--config") + 2 :], check_paths=False)
+    # the image puts the repo where the entrypoint looks for it
+    assert f"WORKDIR {IMAGE_APP_DIR}" in (ROOT / "infra/Dockerfile").read_text()
+
+
+def test_rayjob_runtime_env_matches_runtime_env_yaml(rayjob):
+    from ray.runtime_env import RuntimeEnv
+
+    job_env = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"])
+    file_env = _yaml(ROOT / "infra/runtime_env.yaml")
+    RuntimeEnv(**job_env)
+    RuntimeEnv(**file_env)  # type-checks env_vars (str -> str) and the known fields
+    known = {"working_dir", "excludes", "env_vars", "pip", "uv", "conda", "py_modules", "container", "image_uri"}
+    assert set(job_env) <= known and set(file_env) <= known
+    assert job_env["env_vars"] == file_env["env_vars"]
+
+
+def test_images_agree():
+    """The launcher, the RayJob and the Dockerfile's build command name one image."""
+    image = _yaml(ROOT / "infra/cluster.yaml")["docker"]["image"]
+    job = _yaml(ROOT / "infra/kuberay/rayjob.yaml")["spec"]["rayClusterSpec"]
+    images = {c["image"] for c in job["headGroupSpec"]["template"]["spec"]["containers"]}
+    for g in job["workerGroupSpecs"]:
+        images |= {c["image"] for c in g["template"]["spec"]["containers"]}
+    assert images == {image}
+    assert f"docker build -t {image} -f infra/Dockerfile ." in (ROOT / "infra/Dockerfile").read_text()

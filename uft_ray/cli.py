@@ -1,0 +1,535 @@
+"""`uft-ray`: the command line. One typed config (YAML + dotted `key=value` overrides) drives every command.
+
+    uft-ray demo                                        the embedded default: tiny model, local Ray, a real UFT run
+    uft-ray validate CONFIG [k=v ...]                   check a config; no cluster work
+    uft-ray prepare CONFIG --out DIR [k=v ...]          data plane only: rows, quarantine, summary (+ reference)
+    uft-ray train CONFIG [k=v ...]                      run here: the current Ray cluster or a local one
+    uft-ray submit CONFIG --address URL [k=v ...]       run as a Ray job on a cluster
+    uft-ray status|logs|stop JOB_ID --address URL       follow a submitted job
+    uft-ray report RUN_DIR                              rebuild report.html from metrics.jsonl
+
+Exit codes: 0 success; 1 the run or job failed (or the cluster could not be reached); 2 bad usage or config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uft_ray.config import Config, ConfigError, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEMO_ROOT = "~/.cache/uft-ray/demo"
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=34)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _config_error(e: ConfigError, where: str = "config") -> int:
+    _err(f"{where} is invalid:")
+    for m in e.messages:
+        _err(f"  - {m}")
+    return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The demo config: shipped in the package (uft_ray/configs/demo.yaml, the same file as jobs/configs/demo.yaml)
+
+
+def demo_config_text() -> str:
+    """The embedded demo config (YAML text)."""
+    # Beside this module rather than importlib.resources: that fails when an editable install left uft_ray
+    # registered as a namespace package.
+    return (Path(__file__).resolve().parent / "configs" / "demo.yaml").read_text()
+
+
+def demo_overrides(root: str | os.PathLike | None = None) -> list[str]:
+    """Make the tiny model and the sample shards under `root` (idempotent) and point the demo config at them."""
+    from uft_ray.tiny_model import ensure_tiny_assets
+
+    assets = ensure_tiny_assets(os.path.expanduser(os.fspath(root or DEMO_ROOT)))
+    return [
+        f"model.path={assets['model']}",
+        f"data.sources.0.path={assets['ultrachat_200k_train']}",
+        f"data.sources.1.path={assets['helpsteer2_train']}",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _load(args: argparse.Namespace, *, check_paths: bool = True) -> Config:
+    return load_config(args.config, args.overrides, check_paths=check_paths)
+
+
+def _summary_line(cfg: Config) -> str:
+    m = cfg.mixture.counts or {k: f"{v:g}x{cfg.mixture.total}" for k, v in (cfg.mixture.ratios or {}).items()}
+    mix = ", ".join(f"{k} {v}" for k, v in m.items())
+    beta = f" (beta {cfg.loss.beta:g})" if cfg.needs_reference else ""
+    return (
+        f"model {cfg.model.path}; loss {cfg.loss.type}{beta}; mixture {mix}; "
+        f"{cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} workers, ZeRO-{cfg.train.deepspeed.zero_stage}"
+        f"; run dir {cfg.output.run_dir}"
+    )
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args, check_paths=not args.no_check_paths)
+    except ConfigError as e:
+        return _config_error(e, args.config)
+    if args.print:
+        print(cfg.to_yaml(), end="")
+    else:
+        print(f"OK: {args.config}")
+        print(f"  {_summary_line(cfg)}")
+    return EXIT_OK
+
+
+def _print_result(result: Any, cfg: Config) -> None:
+    run_dir = getattr(result, "run_dir", None) or cfg.output.run_dir
+    adapter = getattr(result, "adapter_dir", None) or os.path.join(run_dir, "adapter")
+    metrics = getattr(result, "metrics_path", None) or os.path.join(run_dir, "metrics.jsonl")
+    report = getattr(result, "report_path", None) or os.path.join(run_dir, "report.html")
+    print()
+    print(f"run finished: {run_dir}")
+    print(f"  adapter   {adapter}")
+    print(f"  metrics   {metrics}")
+    print(f"  report    {report}")
+
+
+class _Progress:
+    """One line per optimizer step, read from metrics.jsonl (rank 0 writes it) while the driver trains.
+
+    Tailing the file keeps the training loop free of printing and shows the same numbers the report plots.
+    """
+
+    def __init__(self, run_dir: str, sources: list[str], poll_s: float = 1.0) -> None:
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.plan = os.path.join(run_dir, "plan.parquet")
+        self.sources, self.poll_s = sources, poll_s
+        self.last = self._steps_in_file()  # a resumed run prints only its new steps
+        self.total: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="uft-ray-progress", daemon=True)
+
+    def _steps_in_file(self) -> int:
+        return max((m.get("step", 0) for m in self._read()), default=0)
+
+    def _read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path) as f:
+                lines = f.readlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line being written
+                pass
+        return out
+
+    def _total(self) -> int | None:
+        if self.total is None and os.path.exists(self.plan):
+            try:
+                import pyarrow.parquet as pq
+
+                meta = pq.read_schema(self.plan).metadata or {}
+                self.total = int(json.loads(meta[b"uft_ray.plan"])["steps"])
+            except Exception:  # the plan is being written, or another format: show the step alone
+                return None
+        return self.total
+
+    def line(self, m: dict[str, Any]) -> str:
+        total = self._total()
+        parts = [f"step {m.get('step')}" + (f"/{total}" if total else ""), f"loss {m.get('loss', float('nan')):.4f}"]
+        for s in self.sources:
+            if f"loss/{s}" not in m and f"mixture/{s}/cumulative" not in m:
+                continue
+            bits = [s]
+            if f"loss/{s}" in m:
+                bits.append(f"loss {m[f'loss/{s}']:.4f}")
+            if f"reward/{s}" in m:
+                bits.append(f"r {m[f'reward/{s}']:+.3f}")
+            if f"mixture/{s}/cumulative" in m:
+                bits.append(f"share {m[f'mixture/{s}/cumulative']:.2f} (target {m.get(f'mixture/{s}/target', 0):.2f})")
+            parts.append(" ".join(bits))
+        if "tokens_per_s" in m:
+            parts.append(f"{m['tokens_per_s']:.0f} tok/s")
+        return "[uft-ray] " + " | ".join(parts)
+
+    def _emit(self) -> None:
+        for m in sorted(self._read(), key=lambda m: m.get("step", 0)):
+            if m.get("step", 0) > self.last:
+                self.last = m["step"]
+                print(self.line(m), flush=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self._emit()
+
+    def __enter__(self) -> _Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._emit()
+
+
+def _run(cfg: Config) -> int:
+    from uft_ray import driver
+    from uft_ray.report import write_report
+
+    try:
+        with _Progress(cfg.output.run_dir, [src.name for src in cfg.data.sources]):
+            result = driver.run(cfg)
+    except KeyboardInterrupt:
+        _err("interrupted; rerun the same command to resume from the last checkpoint")
+        return 130
+    except ConfigError as e:  # checks the driver can only make once it sees the data or the cluster
+        return _config_error(e)
+    except Exception as e:
+        traceback.print_exc()
+        _err(f"run failed: {type(e).__name__}: {e}")
+        return EXIT_FAILED
+    run_dir = getattr(result, "run_dir", None) or cfg.output.run_dir
+    if not os.path.isfile(os.path.join(run_dir, "report.html")):  # the driver writes it; rebuild if it did not
+        try:
+            write_report(run_dir)
+        except Exception as e:  # the run itself succeeded
+            _err(f"warning: could not build the report: {e}")
+    _print_result(result, cfg)
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        return _config_error(e, args.config)
+    print(f"uft-ray train: {_summary_line(cfg)}", flush=True)
+    return _run(cfg)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    raw = yaml.safe_load(demo_config_text())
+    root = args.out or DEMO_ROOT
+    extra = [f"output.storage_path={os.path.join(os.path.expanduser(args.out), 'runs')}"] if args.out else []
+    try:
+        load_config(raw, list(args.overrides), check_paths=False)  # a bad override fails before the assets are made
+    except ConfigError as e:
+        return _config_error(e, "demo config")
+    t0 = time.monotonic()
+    print(f"uft-ray demo: making the tiny model and sample shards under {os.path.expanduser(root)} ...", flush=True)
+    overrides = demo_overrides(root) + extra + list(args.overrides)
+    try:
+        cfg = load_config(raw, overrides)
+    except ConfigError as e:
+        return _config_error(e, "demo config")
+    print(
+        f"  ready in {time.monotonic() - t0:.0f} s.\n"
+        f"uft-ray demo: a real UFT run on a local Ray cluster: {_summary_line(cfg)}\n"
+        f"  reference log-probs by a Ray actor pool, then {cfg.train.num_workers} DeepSpeed "
+        f"ZeRO-{cfg.train.deepspeed.zero_stage} workers with LoRA train on the mixed UltraChat + HelpSteer2 rows.\n"
+        "  The first run on a machine JIT-builds a DeepSpeed op (about 100 s).",
+        flush=True,
+    )
+    rc = _run(cfg)
+    if rc == EXIT_OK:
+        print(f"demo done in {time.monotonic() - t0:.0f} s. Open the report in a browser; rerun with "
+              "`uft-ray demo train.max_steps=...` or any other key=value override.")  # fmt: skip
+    return rc
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    try:
+        cfg = _load(args)
+    except ConfigError as e:
+        return _config_error(e, args.config)
+    from uft_ray.data.pipeline import prepare
+    from uft_ray.ray_utils import init_ray
+
+    out = os.path.abspath(os.path.expanduser(args.out))
+    try:
+        init_ray(cfg.ray)
+        summary = prepare(cfg, out)
+        if cfg.needs_reference and cfg.reference.mode == "actor" and cfg.reference.run == "precompute":
+            from uft_ray.reference import attach_reference
+
+            attach_reference(cfg, out)
+            with open(os.path.join(out, "summary.json")) as f:
+                summary = json.load(f)
+    except ConfigError as e:
+        return _config_error(e, args.config)
+    except Exception as e:
+        traceback.print_exc()
+        _err(f"prepare failed: {type(e).__name__}: {e}")
+        return EXIT_FAILED
+    print(json.dumps(summary, indent=2, default=str))
+    print(f"prepared rows in {out}/rows, quarantine in {out}/quarantine, summary in {out}/summary.json")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from uft_ray.report import write_report
+
+    if not os.path.isdir(args.run_dir):
+        _err(f"{args.run_dir}: not a directory (give a run directory: {{output.storage_path}}/{{output.run_name}})")
+        return EXIT_USAGE
+    if not os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
+        _err(f"warning: {args.run_dir} has no metrics.jsonl yet; the report will have empty plots")
+    print(write_report(args.run_dir))
+    return EXIT_OK
+
+
+def _cluster_call(fn) -> int:
+    """Run a job-API call; a cluster that cannot be reached or refuses us is a failure (1), not a traceback."""
+    try:
+        return fn()
+    except ConfigError as e:
+        return _config_error(e)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        if isinstance(e, ValueError):  # too-large upload, a missing --env variable, a URI working dir
+            _err(f"refused: {e}")
+            return EXIT_USAGE
+        _err(f"{type(e).__name__}: {e}")
+        return EXIT_FAILED
+
+
+def _follow(handle: Any) -> int:
+    try:
+        for chunk in handle.follow():
+            print(chunk, end="", flush=True)
+    except KeyboardInterrupt:
+        _err(f"\nstopped following; job {handle.job_id} keeps running. `uft-ray stop {handle.job_id}` stops it.")
+        return 130
+    st = handle.wait(timeout=60)
+    print(f"\njob {handle.job_id}: {st}")
+    return EXIT_OK if st == "SUCCEEDED" else EXIT_FAILED
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from uft_ray import api
+
+    def go() -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UserWarning)
+            h = api.submit(
+                args.config,
+                address=args.address,
+                working_dir=args.working_dir,
+                overrides=args.overrides,
+                env=args.env,
+                runtime_env=args.runtime_env,
+                excludes=args.exclude,
+                submission_id=args.submission_id,
+            )
+        for w in caught:
+            if issubclass(w.category, UserWarning):
+                _err(f"warning: {w.message}")
+        addr = f" --address {args.address}" if args.address else ""
+        print(f"submitted job {h.job_id} to {h.address}")
+        print(
+            f"  uft-ray status {h.job_id}{addr}   uft-ray logs {h.job_id}{addr} --follow   uft-ray stop {h.job_id}{addr}"
+        )
+        if args.no_wait:
+            return EXIT_OK
+        return _follow(h)
+
+    return _cluster_call(go)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from uft_ray import api
+
+    def go() -> int:
+        info = api.job(args.job_id, args.address).info()
+        print(f"{args.job_id}: {info.status.value}")
+        if info.message:
+            print(f"  {info.message}")
+        if info.entrypoint:
+            print(f"  entrypoint: {info.entrypoint}")
+        return EXIT_OK
+
+    return _cluster_call(go)
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from uft_ray import api
+
+    def go() -> int:
+        h = api.job(args.job_id, args.address)
+        if args.follow:
+            return _follow(h)
+        print(h.logs(), end="")
+        return EXIT_OK
+
+    return _cluster_call(go)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from uft_ray import api
+
+    def go() -> int:
+        h = api.job(args.job_id, args.address)
+        if not h.stop():
+            print(f"{args.job_id}: not running ({h.status()})")
+            return EXIT_OK
+        st = h.wait(timeout=args.timeout) if args.wait else "stop requested"
+        print(f"{args.job_id}: {st}")
+        return EXIT_OK
+
+    return _cluster_call(go)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parser
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG", help="YAML config (see jobs/configs/)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
+
+
+def _add_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        help="Ray dashboard URL, e.g. http://head:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS, "
+        "else http://127.0.0.1:8265). The token in RAY_AUTH_TOKEN / ~/.ray/auth_token is sent when present.",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="uft-ray",
+        formatter_class=_Formatter,
+        description="Unified fine-tuning (UFT: SFT + alignment in one stage) on Ray.",
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str, epilog: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=help, description=help, epilog="examples:\n" + epilog, formatter_class=_Formatter
+        )
+
+    p = add("train", "run a config to completion here (the current Ray cluster, or a local one)",
+            "  uft-ray train jobs/configs/demo.yaml train.max_steps=4\n"
+            "  RAY_ADDRESS=auto uft-ray train jobs/configs/mistral7b_uft.yaml output.run_name=try2\n"
+            "  (rerunning the same config and run_name resumes from the last checkpoint)")  # fmt: skip
+    _add_config(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = add("prepare", "data plane only: read, normalize, mix, tokenize (+ reference log-probs) into DIR",
+            "  uft-ray prepare jobs/configs/demo.yaml --out /tmp/prep\n"
+            "  uft-ray prepare my.yaml --out /tmp/prep mixture.counts.ultrachat=1000 reference.run=stream")  # fmt: skip
+    _add_config(p)
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (rows/, quarantine/, summary.json)")
+    p.set_defaults(fn=cmd_prepare)
+
+    p = add("validate", "check a config and print OK or one line per problem (exit 2); no cluster work",
+            "  uft-ray validate jobs/configs/demo.yaml\n"
+            "  uft-ray validate jobs/configs/qwen25_32b_uft.yaml --no-check-paths   # paths live on the cluster\n"
+            "  uft-ray validate my.yaml loss.type=dpo --print                     # the resolved config")  # fmt: skip
+    _add_config(p)
+    p.add_argument("--no-check-paths", action="store_true", help="skip checking that data/model paths exist here")
+    p.add_argument("--print", action="store_true", help="print the resolved config as YAML")
+    p.set_defaults(fn=cmd_validate)
+
+    p = add("demo", "the embedded default: tiny model + sample shards, local Ray, a real UFT run on CPU",
+            "  uft-ray demo\n"
+            "  uft-ray demo --out /tmp/uft-demo train.max_steps=4\n"
+            "  uft-ray demo loss.type=una_bce output.run_name=demo-una")  # fmt: skip
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the demo config")
+    p.add_argument("--out", metavar="DIR", help=f"where the tiny assets and runs/ go (default: assets in {DEMO_ROOT}, "
+                   "the run in ./runs/demo)")  # fmt: skip
+    p.set_defaults(fn=cmd_demo)
+
+    p = add("submit", "submit a config as a Ray job (validated here first); follows its logs unless --no-wait",
+            "  uft-ray submit jobs/configs/demo.yaml --address http://127.0.0.1:8265\n"
+            "  uft-ray submit jobs/configs/mistral7b_uft.yaml --address http://head:8265 \\\n"
+            "      --runtime-env infra/runtime_env.yaml --env HF_TOKEN --no-wait output.storage_path=/shared/runs")  # fmt: skip
+    _add_config(p)
+    _add_address(p)
+    p.add_argument("--working-dir", help="directory shipped to the job (default: the runtime env's, else .)")
+    p.add_argument("--runtime-env", metavar="FILE", help="runtime_env YAML merged in (e.g. infra/runtime_env.yaml)")
+    p.add_argument("--env", action="append", default=[], metavar="NAME",
+                   help="copy this environment variable (e.g. HF_TOKEN) into the job; repeatable; never logged")  # fmt: skip
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="gitignore-style pattern left out of the upload; repeatable")  # fmt: skip
+    p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
+    p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    p.set_defaults(fn=cmd_submit)
+
+    p = add("status", "print a job's status", "  uft-ray status raysubmit_XYZ --address http://head:8265")
+    p.add_argument("job_id", metavar="JOB_ID")
+    _add_address(p)
+    p.set_defaults(fn=cmd_status)
+
+    p = add("logs", "print (or --follow) a job's logs",
+            "  uft-ray logs raysubmit_XYZ --follow --address http://head:8265")  # fmt: skip
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends; exit 1 if it failed")
+    _add_address(p)
+    p.set_defaults(fn=cmd_logs)
+
+    p = add("stop", "stop a running job", "  uft-ray stop raysubmit_XYZ --address http://head:8265 --wait")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--wait", action="store_true", help="wait until it has stopped")
+    p.add_argument("--timeout", type=float, default=120, help="seconds --wait waits (default 120)")
+    _add_address(p)
+    p.set_defaults(fn=cmd_stop)
+
+    p = add("report", "rebuild RUN_DIR/report.html (PNG plots) from metrics.jsonl",
+            "  uft-ray report runs/demo")  # fmt: skip
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(fn=cmd_report)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (`submit cfg.yaml --address X a=1`): argparse leaves those in `extra`.
+    bad = [a for a in extra if a.startswith("-") or "=" not in a]
+    if bad or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)  # exits 2 on bad usage
+    try:
+        return int(args.fn(args))
+    except BrokenPipeError:  # `uft-ray ... | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The model side of a training worker: DeepSpeed ZeRO, the LoRA policy, the optimizer, checkpoints.
+
+The only module of uft-ray that imports DeepSpeed. The worker loop sees a narrow surface (OpenRLHF's
+"strategy"): `Engine.module` to run forwards, `Engine.peft_model` (whose adapter `reference.mode: adapter_off`
+disables), `backward`, `step`, `save` / `load`, and the LoRA weights gathered for saving.
+
+Building the policy, in the order that matters:
+1. `HfDeepSpeedConfig(ds_config)` is created, and kept referenced on the `Engine`, *before*
+   `from_pretrained`: transformers then loads under `deepspeed.zero.Init`, so with ZeRO-3 each parameter is
+   partitioned as it is read and no worker ever holds a 32B model whole (DESIGN.md "Training").
+2. Gradient checkpointing (non-reentrant, plus `enable_input_require_grads` so that the checkpointed blocks of
+   a frozen base still see an input that requires grad).
+3. LoRA from `peft`: a fresh adapter (seeded identically on every rank, since the new LoRA tensors are created
+   outside `zero.Init` and each rank would otherwise keep its own random A), or an existing adapter to keep
+   training (`model.adapter`: a sequential stage 2, or a resumed checkpoint).
+4. `deepspeed.initialize` with AdamW over the LoRA parameters only (`torch_adam`: torch's AdamW works on CPU,
+   under CPU offload and on GPU without building DeepSpeed's fused kernels, and the LoRA parameters are few)
+   and a cosine schedule with linear warmup, stepped by DeepSpeed once per optimizer step.
+
+Saving: only the LoRA tensors are gathered (`deepspeed.zero.GatheredParameters` around
+`get_peft_model_state_dict`), never the base model, and written in peft's format. Optimizer and scheduler
+state go through DeepSpeed's own checkpoint (each rank writes its partition; the Ray checkpoint merges them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers.integrations import HfDeepSpeedConfig
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+from uft_ray.config import Config
+
+DS_TAG = "state"  # DeepSpeed checkpoint tag inside a checkpoint's ds/ folder
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def resolve_dtype(cfg: Config, use_gpu: bool) -> torch.dtype:
+    """`model.dtype`; `auto` is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and inexact)."""
+    if not use_gpu or cfg.model.dtype == "float32":
+        return torch.float32
+    if cfg.model.dtype == "float16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's config from ours: batch shape, clipping, ZeRO stage and offload, mixed precision, AdamW."""
+    tr, ds = cfg.train, cfg.train.deepspeed
+    dtype = resolve_dtype(cfg, use_gpu)
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "contiguous_gradients": True, "overlap_comm": use_gpu}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": tr.grad_accum,
+        "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
+        "gradient_clipping": tr.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": tr.lr,
+                "betas": [0.9, 0.999],
+                "eps": 1e-8,
+                "weight_decay": tr.weight_decay,
+                "torch_adam": True,
+            },
+        },
+        # torch's AdamW under ZeRO-Offload: allowed, and plenty for LoRA-sized parameter sets.
+        "zero_force_ds_cpu_optimizer": False,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+@dataclass
+class Engine:
+    ds: Any  # deepspeed.DeepSpeedEngine
+    hf_ds_config: Any  # HfDeepSpeedConfig: must stay referenced for ZeRO-3 (transformers keeps a weakref)
+    sharded_at_load: bool  # every base parameter was partitioned as it loaded (ZeRO-3)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The DeepSpeed-wrapped peft model: call it like the model (`module(input_ids=..., ...)`)."""
+        return self.ds
+
+    @property
+    def peft_model(self) -> PeftModel:
+        return self.ds.module
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed divides by gradient_accumulation_steps here; see uft_ray.losses.rank_scale.
+        self.ds.backward(loss)
+
+    def step(self) -> bool:
+        """Call after every micro-batch; returns True when this one completed an optimizer step."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        self.ds.step()
+        return boundary
+
+    @property
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    @property
+    def grad_norm(self) -> float:
+        norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def lora_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.peft_model.parameters() if p.requires_grad]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full-shape LoRA tensors on CPU, gathered from their ZeRO-3 partitions (collective: every rank)."""
+        with deepspeed.zero.GatheredParameters(self.lora_parameters()):
+            return {
+                k: v.detach().cpu().clone().contiguous() for k, v in get_peft_model_state_dict(self.peft_model).items()
+            }
+
+    def save_adapter(self, out_dir: str, *, write: bool) -> None:
+        """Write peft's `adapter_model.safetensors` + `adapter_config.json`. Collective; `write` on one rank."""
+        state = self.adapter_state_dict()
+        if not write:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        save_file(state, os.path.join(out_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        peft_config = self.peft_model.peft_config["default"]
+        inference_mode = peft_config.inference_mode
+        peft_config.inference_mode = True  # what peft writes: PeftModel.from_pretrained loads it frozen by default
+        try:
+            peft_config.save_pretrained(out_dir)
+        finally:
+            peft_config.inference_mode = inference_mode
+
+    def save(self, out_dir: str, *, rank: int) -> None:
+        """Adapter (rank 0) + DeepSpeed optimizer/scheduler state (each rank its partition). Collective."""
+        self.save_adapter(os.path.join(out_dir, "adapter"), write=rank == 0)
+        # Frozen base weights are excluded: the checkpoint holds the LoRA state only, whatever the model size.
+        self.ds.save_checkpoint(os.path.join(out_dir, "ds"), tag=DS_TAG, exclude_frozen_parameters=True)
+
+    def load(self, ckpt_dir: str) -> None:
+        """Restore optimizer, scheduler and the fp32 LoRA master weights saved by `save`. Collective."""
+        path, _ = self.ds.load_checkpoint(
+            os.path.join(ckpt_dir, "ds"),
+            tag=DS_TAG,
+            load_module_strict=False,  # the checkpoint has no frozen (base) parameters
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {ckpt_dir}/ds")
+
+    def parameter_digests(self) -> dict[str, str]:
+        """sha1 of every parameter's full value, gathered one at a time (tests: frozen base, trained LoRA)."""
+        out = {}
+        for name, p in self.peft_model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]):
+                out[name] = hashlib.sha1(p.detach().cpu().float().numpy().tobytes()).hexdigest()
+        return out
+
+
+def build_engine(
+    cfg: Config,
+    *,
+    world_size: int,
+    total_steps: int,
+    use_gpu: bool,
+    adapter: str | None = None,
+) -> Engine:
+    """The policy under DeepSpeed: base model sharded while loading, LoRA (fresh, or `adapter` to continue)."""
+    # DeepSpeed's comm layer wraps the process group Ray Train already set up (zero.Init reads its world size).
+    deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+    ds_config = deepspeed_config(cfg, world_size, use_gpu)
+    dtype = resolve_dtype(cfg, use_gpu)
+    # Created before from_pretrained and kept alive (on the Engine): transformers checks it through a weakref
+    # to decide whether to load under zero.Init.
+    hf_ds_config = None
+    if cfg.train.deepspeed.zero_stage == 3:
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+    else:
+        unset_hf_deepspeed_config()  # an earlier ZeRO-3 engine in this process must not shard this load
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.path,
+        revision=cfg.model.revision,
+        dtype=dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    sharded = hf_ds_config is not None and all(hasattr(p, "ds_shape") and p.numel() == 0 for p in model.parameters())
+    model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+
+    adapter = adapter or cfg.model.adapter
+    # LoRA tensors are created outside zero.Init, by each rank: the same seed gives every rank the same init.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        if adapter:
+            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        else:
+            lora = LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules),
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    warmup = round(cfg.train.warmup_ratio * total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        config=ds_config,
+        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps),
+        dist_init_required=False,  # Ray Train's process group is already up
+    )
+    return Engine(ds=engine, hf_ds_config=hf_ds_config, sharded_at_load=sharded)
+
+
+def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
+        return json.load(f)
