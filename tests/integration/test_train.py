@@ -376,3 +376,34 @@ def test_dpo_first_step_loss_is_log_2(dpo):
     assert abs(first["reward/helpsteer2"]) < 1e-4 and abs(first["reward_margin/helpsteer2"]) < 1e-4
     assert second["loss"] != first["loss"] and "accuracy/helpsteer2" in second
     assert os.path.exists(os.path.join(dpo.adapter_dir, "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module", params=["una_bce", "kto"])
+def bce_or_kto(request, make_config, tiny_assets) -> tuple[str, RunResult]:
+    """UNA's BCE on HelpSteer2 scores, KTO on HelpSteer2 binary rows: 2 steps each."""
+    kind = {"una_bce": "score", "kto": "binary"}[request.param]
+    source = {"name": "helpsteer2", "format": "helpsteer2", "kind": kind, "path": tiny_assets["helpsteer2_train"]}
+    cfg = make_config(
+        request.param,
+        data={"sources": [source]},
+        mixture={"counts": {"helpsteer2": 8}},
+        tokenize={"max_prompt_len": 96, "max_len": 160},
+        loss={"type": request.param},
+        train={"max_steps": 2, "epochs": 1, "warmup_ratio": 0.0},
+    )
+    return request.param, driver.run(cfg)
+
+
+def test_una_bce_and_kto_first_step_losses_at_zero_reward(bce_or_kto):
+    """At r = 0 (LoRA B = 0, policy == reference), worked by hand:
+
+    una_bce: -[s log sigmoid(0) + (1 - s) log sigmoid(0)] = -log(1/2) = log 2 for every s.
+    kto: z = max(0, mean log-ratio) = 0; desirable 1 - sigmoid(0 - 0) = 1/2, undesirable 1 - sigmoid(0 - 0) = 1/2.
+    """
+    loss_type, result = bce_or_kto
+    first, second = metrics(result.run_dir)
+    expected = {"una_bce": np.log(2), "kto": 0.5}[loss_type]
+    assert first["loss"] == pytest.approx(expected, abs=1e-6)
+    assert abs(first["reward/helpsteer2"]) < 1e-4
+    assert first["lr"] > 0 and abs(second["reward/helpsteer2"]) > 1e-6  # the first update moved the policy
+    assert os.path.exists(os.path.join(result.adapter_dir, "adapter_model.safetensors"))
