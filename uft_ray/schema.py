@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-KINDS = ("sft", "score", "binary", "pair")
-
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
 # After normalize: the unified row.
