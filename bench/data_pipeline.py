@@ -121,8 +121,8 @@ def main() -> None:
         child(args)
         return
 
-    from uft_ray.samples import write_samples
-    from uft_ray.tiny_model import make_tiny_model
+    from uft_ray.demo.samples import write_samples
+    from uft_ray.demo.tiny_model import make_tiny_model
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="uft-bench-"))
     model = make_tiny_model(work / "tiny-model")

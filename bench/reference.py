@@ -11,6 +11,7 @@ cache publish), then again (a hit). It prints:
 - `e2e tok/s`: tokens forwarded / wall time of the whole miss (includes starting the actors and loading the model);
 - `steady tok/s`: tokens / (last batch done - first actor ready), the scoring rate once a model is loaded;
 - `miss s`, `hit s`, and `miss/hit`. Tokens are every token of every forwarded sequence (prompt and response).
+`--json PATH` writes every row (and the device and scorer dtype) to PATH as well.
 Numbers from a shared 2-core machine are noisy: compare ratios, not absolute values, and rerun.
 """
 
@@ -34,14 +35,14 @@ from uft_ray.reference import attach_reference, cache_root
 
 # Qwen2 shapes: (hidden, layers, heads, kv heads, intermediate, vocab or None for the tiny tokenizer's own).
 MODELS = {
-    "tiny": None,  # uft_ray.tiny_model defaults: 2 layers, hidden 64
+    "tiny": None,  # uft_ray.demo.tiny_model defaults: 2 layers, hidden 64
     "50m": (512, 14, 8, 8, 1536, None),
     "0.5b": (896, 24, 14, 2, 4864, 151936),  # Qwen2-0.5B's shape, its real vocabulary size (logits cost)
 }
 
 
 def make_model(name: str, root: Path) -> str:
-    from uft_ray.tiny_model import make_tiny_model
+    from uft_ray.demo.tiny_model import make_tiny_model
 
     tiny = make_tiny_model(root / "tiny")
     if MODELS[name] is None:
@@ -75,6 +76,12 @@ def n_params(model_dir: str) -> float:
 
     with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
         return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys()) / 1e6  # noqa: SIM118
+
+
+def manifest_dtype(manifest: dict, gpu: bool) -> str:
+    """The scorer's dtype as the cache recorded it, else what `model.dtype: auto` resolves to."""
+    numerics = (manifest.get("inputs") or {}).get("numerics") or {}  # the fingerprint's inputs
+    return numerics.get("dtype") or ("bfloat16" if gpu else "float32")
 
 
 def make_prepared(out: Path, n_rows: int, vocab: int, min_len: int, max_len: int, seed: int = 0) -> int:
@@ -129,6 +136,7 @@ def main() -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--root", default=None, help="where models, rows and caches go (default: a temp dir)")
+    p.add_argument("--json", default=None, help="also write the results, device and dtype to this file")
     args = p.parse_args()
 
     import ray
@@ -168,6 +176,7 @@ def main() -> None:
             tokens = miss["tokens_scored"]
             row = {
                 "model": name, "params_m": round(n_params(model), 1), "actors": actors, "tokens": tokens,
+                "dtype": manifest_dtype(manifest, gpu),
                 "e2e_tokens_per_s": tokens / miss["seconds"], "steady_tokens_per_s": tokens / window,
                 "miss_s": miss["seconds"], "hit_s": hit_s, "forwards": miss["model_forwards"],
             }  # fmt: skip
@@ -184,6 +193,9 @@ def main() -> None:
             ratio = by[(name, 2)]["steady_tokens_per_s"] / by[(name, 1)]["steady_tokens_per_s"]
             print(f"{name}: 2 actors / 1 actor steady throughput = {ratio:.2f}x")
     (root / "bench-reference.json").write_text(json.dumps(results, indent=1))
+    if args.json:
+        device = torch.cuda.get_device_name(0) if gpu else "cpu"
+        Path(args.json).write_text(json.dumps({"device": device, "rows": args.rows, "results": results}, indent=1))
     ray.shutdown()
 
 

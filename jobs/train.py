@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from uft_ray.cli import DEMO_ROOT, demo_overrides, main
+from uft_ray.cli import main
+from uft_ray.demo import DEMO_ROOT, demo_overrides
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,8 +1,9 @@
 """Shared fixtures: the project's sample data + tiny model, and one small local Ray cluster per session.
 
-- `tiny_assets`: `uft_ray.tiny_model.ensure_tiny_assets` under the pytest cache (`.pytest_cache/d/uft-assets`),
-  so later sessions reuse them (the stamps rebuild them when the generators change). Set UFT_TEST_ASSETS to
-  put them elsewhere.
+- `tiny_assets`: the demo's assets (`uft_ray.demo.ensure_demo_assets`: tiny model, sample shards) under the pytest
+  cache (`.pytest_cache/d/uft-assets`), so later sessions reuse them (the stamps rebuild them when the generators
+  change), plus the bad-row oracle (tests/fixtures/bad_samples.py) as `bad` / `bad_manifest`. Set
+  UFT_TEST_ASSETS to put them elsewhere.
 - `ray_local`: `ray.init(num_cpus=4)` once per session (reused if a test module started Ray already), shut down
   at the end. Integration tests use it and are marked `pytest.mark.integration`.
 """
@@ -19,13 +20,17 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_assets(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Paths by name: `model`, `samples`, `bad`, `bad_manifest`, and every `samples.sample_paths` entry."""
-    from uft_ray.tiny_model import ensure_tiny_assets
+    from fixtures.bad_samples import write_bad_samples
+
+    from uft_ray.demo import ensure_demo_assets
 
     root = os.environ.get("UFT_TEST_ASSETS")
     if not root:
         cache = getattr(request.config, "cache", None)  # None under `-p no:cacheprovider`
         root = str(cache.mkdir("uft-assets") if cache is not None else tmp_path_factory.mktemp("uft-assets"))
-    return ensure_tiny_assets(Path(root))
+    assets = ensure_demo_assets(Path(root))
+    bad = write_bad_samples(Path(root) / "bad-samples")  # deterministic and small: rewritten every session
+    return {**assets, "bad": bad["paths"]["root"], "bad_manifest": bad["paths"]["manifest"]}
 
 
 @pytest.fixture(scope="session")

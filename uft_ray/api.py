@@ -85,7 +85,7 @@ def _job_config_yaml(config: Config | dict | str | os.PathLike, overrides: Seque
         raw = yaml.safe_load(Path(config).read_text()) or {}
     for o in overrides or []:
         apply_override(raw, o)
-    cfg = load_config(raw, check_paths=False)
+    cfg = load_config(raw, check_paths=False, resolve_paths=False)  # `~` and relative paths are the cluster's
     return cfg, yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 

@@ -22,15 +22,18 @@ import time
 import traceback
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from uft_ray.config import Config, ConfigError, load_config
+from uft_ray.demo import DEMO_ROOT, demo_config_text, demo_overrides
+from uft_ray.run_dir import RunDir
+
+if TYPE_CHECKING:  # pragma: no cover
+    from uft_ray.driver import RunResult
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-DEMO_ROOT = "~/.cache/uft-ray/demo"
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -47,29 +50,6 @@ def _config_error(e: ConfigError, where: str = "config") -> int:
     for m in e.messages:
         _err(f"  - {m}")
     return EXIT_USAGE
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The demo config: shipped in the package (uft_ray/configs/demo.yaml, the same file as jobs/configs/demo.yaml)
-
-
-def demo_config_text() -> str:
-    """The embedded demo config (YAML text)."""
-    # Beside this module rather than importlib.resources: that fails when an editable install left uft_ray
-    # registered as a namespace package.
-    return (Path(__file__).resolve().parent / "configs" / "demo.yaml").read_text()
-
-
-def demo_overrides(root: str | os.PathLike | None = None) -> list[str]:
-    """Make the tiny model and the sample shards under `root` (idempotent) and point the demo config at them."""
-    from uft_ray.tiny_model import ensure_tiny_assets
-
-    assets = ensure_tiny_assets(os.path.expanduser(os.fspath(root or DEMO_ROOT)))
-    return [
-        f"model.path={assets['model']}",
-        f"data.sources.0.path={assets['ultrachat_200k_train']}",
-        f"data.sources.1.path={assets['helpsteer2_train']}",
-    ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -104,16 +84,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_result(result: Any, cfg: Config) -> None:
-    run_dir = getattr(result, "run_dir", None) or cfg.output.run_dir
-    adapter = getattr(result, "adapter_dir", None) or os.path.join(run_dir, "adapter")
-    metrics = getattr(result, "metrics_path", None) or os.path.join(run_dir, "metrics.jsonl")
-    report = getattr(result, "report_path", None) or os.path.join(run_dir, "report.html")
+def _print_result(result: RunResult) -> None:
     print()
-    print(f"run finished: {run_dir}")
-    print(f"  adapter   {adapter}")
-    print(f"  metrics   {metrics}")
-    print(f"  report    {report}")
+    print(f"run finished: {result.run_dir}")
+    print(f"  adapter   {result.adapter_dir}")
+    print(f"  metrics   {result.metrics_path}")
+    print(f"  report    {result.report_path or '(not written: rebuild with `uft-ray report RUN_DIR`)'}")
 
 
 class _Progress:
@@ -123,8 +99,7 @@ class _Progress:
     """
 
     def __init__(self, run_dir: str, sources: list[str], poll_s: float = 1.0) -> None:
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.plan = os.path.join(run_dir, "plan.parquet")
+        self.run = RunDir(run_dir)
         self.sources, self.poll_s = sources, poll_s
         self.last = self._steps_in_file()  # a resumed run prints only its new steps
         self.total: int | None = None
@@ -132,29 +107,14 @@ class _Progress:
         self._thread = threading.Thread(target=self._loop, name="uft-ray-progress", daemon=True)
 
     def _steps_in_file(self) -> int:
-        return max((m.get("step", 0) for m in self._read()), default=0)
-
-    def _read(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path) as f:
-                lines = f.readlines()
-        except OSError:
-            return []
-        out = []
-        for line in lines:
-            try:
-                out.append(json.loads(line))
-            except ValueError:  # a line being written
-                pass
-        return out
+        return max((m.get("step", 0) for m in self.run.read_metrics()), default=0)
 
     def _total(self) -> int | None:
-        if self.total is None and os.path.exists(self.plan):
+        if self.total is None and os.path.exists(self.run.plan):
             try:
-                import pyarrow.parquet as pq
+                from uft_ray.train.plan import read_plan_summary
 
-                meta = pq.read_schema(self.plan).metadata or {}
-                self.total = int(json.loads(meta[b"uft_ray.plan"])["steps"])
+                self.total = read_plan_summary(self.run.plan).steps
             except Exception:  # the plan is being written, or another format: show the step alone
                 return None
         return self.total
@@ -178,7 +138,7 @@ class _Progress:
         return "[uft-ray] " + " | ".join(parts)
 
     def _emit(self) -> None:
-        for m in sorted(self._read(), key=lambda m: m.get("step", 0)):
+        for m in self.run.read_metrics():
             if m.get("step", 0) > self.last:
                 self.last = m["step"]
                 print(self.line(m), flush=True)
@@ -199,7 +159,6 @@ class _Progress:
 
 def _run(cfg: Config) -> int:
     from uft_ray import driver
-    from uft_ray.report import write_report
 
     try:
         with _Progress(cfg.output.run_dir, [src.name for src in cfg.data.sources]):
@@ -213,13 +172,7 @@ def _run(cfg: Config) -> int:
         traceback.print_exc()
         _err(f"run failed: {type(e).__name__}: {e}")
         return EXIT_FAILED
-    run_dir = getattr(result, "run_dir", None) or cfg.output.run_dir
-    if not os.path.isfile(os.path.join(run_dir, "report.html")):  # the driver writes it; rebuild if it did not
-        try:
-            write_report(run_dir)
-        except Exception as e:  # the run itself succeeded
-            _err(f"warning: could not build the report: {e}")
-    _print_result(result, cfg)
+    _print_result(result)
     return EXIT_OK
 
 
@@ -268,6 +221,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _config_error(e, args.config)
     from uft_ray.data.pipeline import prepare
+    from uft_ray.data.prepared import read_summary
     from uft_ray.ray_utils import init_ray
 
     out = os.path.abspath(os.path.expanduser(args.out))
@@ -278,8 +232,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             from uft_ray.reference import attach_reference
 
             attach_reference(cfg, out)
-            with open(os.path.join(out, "summary.json")) as f:
-                summary = json.load(f)
+            summary = read_summary(out)
     except ConfigError as e:
         return _config_error(e, args.config)
     except Exception as e:
@@ -297,8 +250,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.run_dir):
         _err(f"{args.run_dir}: not a directory (give a run directory: {{output.storage_path}}/{{output.run_name}})")
         return EXIT_USAGE
-    if not os.path.isfile(os.path.join(args.run_dir, "metrics.jsonl")):
-        _err(f"warning: {args.run_dir} has no metrics.jsonl yet; the report will have empty plots")
+    if not os.path.isfile(RunDir(args.run_dir).metrics):
+        _err(f"warning: {args.run_dir} has no metrics yet; the report will have empty plots")
     print(write_report(args.run_dir))
     return EXIT_OK
 

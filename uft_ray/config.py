@@ -53,7 +53,6 @@ LOSS_KINDS: dict[str, tuple[str, ...]] = {
 }
 HELPSTEER2_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
 _EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "hf://", "abfs://", "az://", "http://", "https://")
 
 
 class ConfigError(ValueError):
@@ -223,6 +222,18 @@ class Config:
         Path(path).write_text(self.to_yaml())
 
 
+def compute_dtype(cfg: Config) -> str:
+    """The dtype the policy (uft_ray.train.engine) and the reference scorer compute in: one rule for both.
+
+    A CPU run (`train.use_gpu: false`) computes in float32 whatever `model.dtype` says: DeepSpeed has no bf16
+    on CPU, and a bf16 reference against an fp32 policy would make r != 0 before the first step. On GPU,
+    `model.dtype`, with `auto` meaning bfloat16.
+    """
+    if not cfg.train.use_gpu:
+        return "float32"
+    return "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Parsing: dict -> dataclasses, collecting every problem instead of stopping at the first.
 
@@ -351,12 +362,20 @@ def apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def load_config(
-    path: str | os.PathLike | dict | None = None, overrides: list[str] | None = None, *, check_paths: bool = True
+    path: str | os.PathLike | dict | None = None,
+    overrides: list[str] | None = None,
+    *,
+    check_paths: bool = True,
+    resolve_paths: bool = True,
 ) -> Config:
     """Read YAML (or a dict), apply overrides, build the typed config and validate it.
 
-    Raises `ConfigError` listing every problem. Relative source/model paths are resolved against the
-    YAML file's directory when they exist there, else against the working directory.
+    Raises `ConfigError` listing every problem. With `resolve_paths` (the default; off only for a config that
+    is shipped to another machine, whose paths are that machine's), every path field is normalized in one
+    place before anything loads (`resolve_config_paths`): `~` is expanded, and a relative input path (a source,
+    the model, an adapter) becomes absolute against the YAML file's directory when it exists there, else
+    against the working directory when it exists there; one that exists in neither is left as written (a hub
+    id such as `Qwen/Qwen2.5-0.5B`).
     """
     base_dir = None
     if path is None:
@@ -378,8 +397,8 @@ def load_config(
         apply_override(data, o)
     errors: list[str] = []
     cfg = _build(Config, data, "", errors)
-    if base_dir is not None:
-        _resolve_relative(cfg, base_dir)
+    if resolve_paths:
+        resolve_config_paths(cfg, base_dir)
     errors.extend(validate(cfg, check_paths=check_paths))
     if errors:
         raise ConfigError(errors)
@@ -391,20 +410,40 @@ def _deepcopy(d: Any) -> Any:
 
 
 def is_remote(path: str) -> bool:
-    return path.startswith(REMOTE_SCHEMES)
+    from uft_ray.storage import is_remote as _is_remote
+
+    return _is_remote(path)
 
 
-def _resolve_relative(cfg: Config, base: Path) -> None:
-    def fix(p: str) -> str:
-        if not p or is_remote(p) or os.path.isabs(os.path.expanduser(p)):
-            return p
-        cand = base / p
-        if cand.exists() or glob.glob(str(cand)):
-            return str(cand.resolve())
+def _resolve_input(p: str | None, base: Path | None) -> str | None:
+    if not p or is_remote(p):
         return p
+    p = os.path.expanduser(p)
+    if os.path.isabs(p):
+        return p
+    for root in ([base] if base is not None else []) + [Path.cwd()]:
+        cand = root / p
+        if cand.exists() or glob.glob(str(cand)):
+            return str(cand.resolve()) if cand.exists() else os.path.abspath(cand)
+    return p  # a hub id, or a path validate will report
 
+
+def resolve_config_paths(cfg: Config, base: Path | None = None) -> None:
+    """Expand `~` in every path field and make relative input paths absolute (see `load_config`), in place.
+
+    Output locations (`output.storage_path`, `reference.cache_dir`) only get `~` expanded: a relative one
+    means the working directory of the process that runs (`OutputConfig.run_dir` makes it absolute there).
+    """
     for s in cfg.data.sources:
-        s.path = fix(s.path)
+        s.path = _resolve_input(s.path, base) or s.path
+    cfg.model.path = _resolve_input(cfg.model.path, base) or cfg.model.path
+    cfg.model.adapter = _resolve_input(cfg.model.adapter, base)
+    cfg.reference.model_path = _resolve_input(cfg.reference.model_path, base)
+    cfg.reference.adapter = _resolve_input(cfg.reference.adapter, base)
+    for holder, name in ((cfg.output, "storage_path"), (cfg.reference, "cache_dir")):
+        value = getattr(holder, name)
+        if value and not is_remote(value):
+            setattr(holder, name, os.path.expanduser(value))
 
 
 def _path_exists(p: str) -> bool:
@@ -412,37 +451,74 @@ def _path_exists(p: str) -> bool:
     return os.path.exists(p) or bool(glob.glob(p))
 
 
-def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
-    """Semantic checks beyond types. Returns one message per problem (empty when the config can run)."""
-    e: list[str] = []
+def _looks_local(p: str) -> bool:
+    """A path that can only mean this filesystem (not a hub id): absolute, `~`, `./` or `../`."""
+    return os.path.isabs(p) or p.startswith(("~", "./", "../"))
 
-    def one_of(where: str, value: Any, allowed: tuple) -> None:
+
+class _Problems(list):
+    """The problems found so far, one message each, with the checks every section uses."""
+
+    def one_of(self, where: str, value: Any, allowed: tuple) -> None:
         if value not in allowed:
-            e.append(f"{where}: {value!r} is not allowed; use one of: {', '.join(map(str, allowed))}")
+            self.append(f"{where}: {value!r} is not allowed; use one of: {', '.join(map(str, allowed))}")
 
-    def positive(where: str, value: float | int | None, *, zero_ok: bool = False) -> None:
+    def positive(self, where: str, value: float | int | None, *, zero_ok: bool = False) -> None:
         if value is None:
             return
         if value < 0 or (value == 0 and not zero_ok):
-            e.append(f"{where}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+            self.append(f"{where}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
-    # model
-    if not cfg.model.path:
+    def local_path(self, where: str, value: str | None, what: str, check: bool) -> None:
+        # A hub id (`org/name`) cannot be checked here; an absolute or ~ path that is not there fails now,
+        # not after Ray has started and a worker tries to load it.
+        if check and value and not is_remote(value) and _looks_local(value) and not _path_exists(value):
+            self.append(f"{where}: {value!r} does not exist ({what})")
+
+
+def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
+    """Semantic checks beyond types. Returns one message per problem (empty when the config can run).
+
+    Section by section: model, lora, data sources, mixture, tokenize, loss, reference, train, output.
+    `check_paths` off skips the existence of local paths (a config whose paths are a cluster's).
+    """
+    e = _Problems()
+    _check_model(e, cfg, check_paths)
+    _check_lora(e, cfg.lora)
+    _check_sources(e, cfg.data.sources, check_paths)
+    _check_mixture(e, cfg.mixture, [s.name for s in cfg.data.sources])
+    _check_tokenize(e, cfg.tokenize)
+    _check_loss(e, cfg)
+    _check_reference(e, cfg.reference, check_paths)
+    _check_train(e, cfg.train)
+    _check_output(e, cfg.output)
+    return list(e)
+
+
+def _check_model(e: _Problems, cfg: Config, check_paths: bool) -> None:
+    m = cfg.model
+    if not m.path:
         e.append("model.path: required (a local model directory, s3:// or gs:// prefix, or a hub id)")
-    one_of("model.dtype", cfg.model.dtype, ("auto", "bfloat16", "float16", "float32"))
-    one_of("model.attn_implementation", cfg.model.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
-    # lora
-    positive("lora.r", cfg.lora.r)
-    positive("lora.alpha", cfg.lora.alpha)
-    if not 0 <= cfg.lora.dropout < 1:
-        e.append(f"lora.dropout: must be in [0, 1), got {cfg.lora.dropout!r}")
-    if not cfg.lora.target_modules:
+    e.local_path("model.path", m.path, "a local model directory", check_paths)
+    e.local_path("model.adapter", m.adapter, "a peft adapter directory", check_paths)
+    e.one_of("model.dtype", m.dtype, ("auto", "bfloat16", "float16", "float32"))
+    e.one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+
+
+def _check_lora(e: _Problems, lora: LoraConfig) -> None:
+    e.positive("lora.r", lora.r)
+    e.positive("lora.alpha", lora.alpha)
+    if not 0 <= lora.dropout < 1:
+        e.append(f"lora.dropout: must be in [0, 1), got {lora.dropout!r}")
+    if not lora.target_modules:
         e.append("lora.target_modules: at least one module name (e.g. q_proj)")
-    # data
-    if not cfg.data.sources:
+
+
+def _check_sources(e: _Problems, sources: list[SourceConfig], check_paths: bool) -> None:
+    if not sources:
         e.append("data.sources: at least one source (name, format, path)")
-    names = [s.name for s in cfg.data.sources]
-    for i, s in enumerate(cfg.data.sources):
+    names = [s.name for s in sources]
+    for i, s in enumerate(sources):
         w = f"data.sources.{i}"
         if not s.name:
             e.append(f"{w}.name: required")
@@ -466,8 +542,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
                     e.append(f"{w}.score_weights.{k}: unknown attribute; use: {', '.join(HELPSTEER2_ATTRIBUTES)}")
             if not any(v != 0 for v in s.score_weights.values()):
                 e.append(f"{w}.score_weights: at least one weight must be non-zero")
-    # mixture
-    m = cfg.mixture
+
+
+def _check_mixture(e: _Problems, m: MixtureConfig, names: list[str]) -> None:
     if m.counts is not None and m.ratios is not None:
         e.append("mixture: give either counts or ratios (with total), not both")
     if m.counts is None and m.ratios is None:
@@ -491,67 +568,66 @@ def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
         if m.total is None:
             e.append("mixture.total: required with mixture.ratios (the number of trainable rows)")
         else:
-            positive("mixture.total", m.total)
+            e.positive("mixture.total", m.total)
     elif m.total is not None and m.counts is not None:
         e.append("mixture.total: only with mixture.ratios (counts already fix the total)")
-    # tokenize
-    t = cfg.tokenize
-    positive("tokenize.max_len", t.max_len)
-    positive("tokenize.max_prompt_len", t.max_prompt_len)
+
+
+def _check_tokenize(e: _Problems, t: TokenizeConfig) -> None:
+    e.positive("tokenize.max_len", t.max_len)
+    e.positive("tokenize.max_prompt_len", t.max_prompt_len)
     if t.max_prompt_len >= t.max_len > 0:
         e.append(f"tokenize.max_prompt_len: must be < tokenize.max_len ({t.max_len}), got {t.max_prompt_len}")
-    one_of("tokenize.overflow", t.overflow, ("drop", "truncate_prompt_left"))
-    # loss
-    one_of("loss.type", cfg.loss.type, LOSS_TYPES)
-    positive("loss.beta", cfg.loss.beta)
-    if cfg.loss.type in LOSS_KINDS:
+    e.one_of("tokenize.overflow", t.overflow, ("drop", "truncate_prompt_left"))
+
+
+def _check_loss(e: _Problems, cfg: Config) -> None:
+    loss, names = cfg.loss, [s.name for s in cfg.data.sources]
+    e.one_of("loss.type", loss.type, LOSS_TYPES)
+    e.positive("loss.beta", loss.beta)
+    if loss.type in LOSS_KINDS:
         for i, s in enumerate(cfg.data.sources):
-            if s.format in FORMAT_KINDS and s.resolved_kind not in LOSS_KINDS[cfg.loss.type]:
-                e.append(f"data.sources.{i}.kind: loss.type {cfg.loss.type} cannot train {s.resolved_kind!r} rows "
-                         f"(source {s.name}); it takes: {', '.join(LOSS_KINDS[cfg.loss.type])}")  # fmt: skip
-    for k, v in (cfg.loss.source_weights or {}).items():
+            if s.format in FORMAT_KINDS and s.resolved_kind not in LOSS_KINDS[loss.type]:
+                e.append(f"data.sources.{i}.kind: loss.type {loss.type} cannot train {s.resolved_kind!r} rows "
+                         f"(source {s.name}); it takes: {', '.join(LOSS_KINDS[loss.type])}")  # fmt: skip
+    for k, v in (loss.source_weights or {}).items():
         if k not in names:
             e.append(f"loss.source_weights.{k}: no source named {k!r}")
-        positive(f"loss.source_weights.{k}", v, zero_ok=True)
-    # reference
-    r = cfg.reference
-    one_of("reference.mode", r.mode, ("actor", "adapter_off"))
-    one_of("reference.run", r.run, ("precompute", "stream"))
+        e.positive(f"loss.source_weights.{k}", v, zero_ok=True)
+
+
+def _check_reference(e: _Problems, r: ReferenceConfig, check_paths: bool) -> None:
+    e.one_of("reference.mode", r.mode, ("actor", "adapter_off"))
+    e.one_of("reference.run", r.run, ("precompute", "stream"))
+    e.local_path("reference.model_path", r.model_path, "a local model directory", check_paths)
+    e.local_path("reference.adapter", r.adapter, "a peft adapter directory", check_paths)
     if isinstance(r.actors, list):
         if len(r.actors) != 2 or not 1 <= r.actors[0] <= r.actors[1]:
             e.append(f"reference.actors: a range must be [min, max] with 1 <= min <= max, got {r.actors!r}")
     else:
-        positive("reference.actors", r.actors)
-    positive("reference.gpus_per_actor", r.gpus_per_actor, zero_ok=True)
-    positive("reference.cpus_per_actor", r.cpus_per_actor, zero_ok=True)
-    positive("reference.batch_size", r.batch_size)
+        e.positive("reference.actors", r.actors)
+    e.positive("reference.gpus_per_actor", r.gpus_per_actor, zero_ok=True)
+    e.positive("reference.cpus_per_actor", r.cpus_per_actor, zero_ok=True)
+    e.positive("reference.batch_size", r.batch_size)
     if r.mode == "adapter_off" and r.adapter:
         e.append("reference.adapter: only with reference.mode=actor (adapter_off's reference is the bare base)")
-    # train
-    tr = cfg.train
-    positive("train.num_workers", tr.num_workers)
-    positive("train.micro_batch_size", tr.micro_batch_size)
-    positive("train.grad_accum", tr.grad_accum)
-    positive("train.lr", tr.lr)
-    positive("train.cpus_per_worker", tr.cpus_per_worker, zero_ok=True)
-    positive("train.gpus_per_worker", tr.gpus_per_worker, zero_ok=True)
-    positive("train.weight_decay", tr.weight_decay, zero_ok=True)
-    positive("train.max_grad_norm", tr.max_grad_norm, zero_ok=True)
+
+
+def _check_train(e: _Problems, tr: TrainConfig) -> None:
+    for name in ("num_workers", "micro_batch_size", "grad_accum", "lr", "epochs", "max_steps", "checkpoint_every"):
+        e.positive(f"train.{name}", getattr(tr, name))
+    for name in ("cpus_per_worker", "gpus_per_worker", "weight_decay", "max_grad_norm", "max_failures"):
+        e.positive(f"train.{name}", getattr(tr, name), zero_ok=True)
     if not 0 <= tr.warmup_ratio < 1:
         e.append(f"train.warmup_ratio: must be in [0, 1), got {tr.warmup_ratio!r}")
-    positive("train.epochs", tr.epochs)
-    positive("train.max_steps", tr.max_steps)
-    positive("train.checkpoint_every", tr.checkpoint_every)
-    positive("train.max_failures", tr.max_failures, zero_ok=True)
     if tr.deepspeed.zero_stage not in (0, 1, 2, 3):
         e.append(f"train.deepspeed.zero_stage: {tr.deepspeed.zero_stage!r} is not allowed; use 0, 1, 2 or 3")
     if tr.deepspeed.offload_params and tr.deepspeed.zero_stage != 3:
         e.append("train.deepspeed.offload_params: needs train.deepspeed.zero_stage=3")
-    if cfg.loss.type == "dpo" and cfg.train.micro_batch_size < 1:
-        e.append("train.micro_batch_size: dpo needs at least one pair per micro-batch")
-    # output
-    if not cfg.output.run_name or "/" in cfg.output.run_name:
-        e.append(f"output.run_name: a non-empty name without '/', got {cfg.output.run_name!r}")
-    if not cfg.output.storage_path:
+
+
+def _check_output(e: _Problems, out: OutputConfig) -> None:
+    if not out.run_name or "/" in out.run_name:
+        e.append(f"output.run_name: a non-empty name without '/', got {out.run_name!r}")
+    if not out.storage_path:
         e.append("output.storage_path: required (a local dir or shared storage URI)")
-    return e

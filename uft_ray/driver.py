@@ -2,15 +2,15 @@
 
 `run(cfg)` is what `uft-ray train`, `uft_ray.run(...)` and `jobs/train.py` call. It connects to the running Ray
 cluster (or starts a local one), prepares the rows (reused when already prepared for the same data config),
-attaches the reference log-probs, makes the deterministic training plan, trains with `TorchTrainer`, and
-writes `{storage_path}/{run_name}/`: config.yaml, prepared/, plan.parquet, metrics.jsonl (rank 0 writes it),
-checkpoints/, quarantine/, adapter/ (peft format, tokenizer beside it) and report.html.
+makes sure the reference cache holds their log-probs, makes the deterministic training plan, trains with
+`TorchTrainer`, and writes the run directory (uft_ray.run_dir names every file in it).
 
 Feeding the workers. Ray Data's `streaming_split` hands blocks to whichever rank asks first, so which rank
 trains which row, and in what order, changes from run to run: no exact resume. Instead every rank gets its own
 dataset `train_{rank}`: the prepared rows, tagged with their plan position by a `map_batches` join against
-this rank's share of the plan (a small dict), filtered to it, sorted by (step, micro, slot), and read with
-`preserve_order`. `DataConfig(datasets_to_split=[])` hands each dataset unsplit to every worker (Ray Train V2
+this rank's share of the plan (a small dict), with the reference log-probs joined from the cache the same way
+(`uft_ray.data.prepared.join_columns`: the prepared rows are never rewritten, so runs can share them), filtered
+to it, sorted by (step, micro, slot), and read with `preserve_order`. `DataConfig(datasets_to_split=[])` hands each dataset unsplit to every worker (Ray Train V2
 creates a worker's iterator only for the dataset it asks for, so rank r executes only `train_r`). The loop
 checks every micro-batch's plan position, so an ordering bug fails loudly instead of training wrong rows.
 
@@ -23,7 +23,6 @@ appends the scorer after the sort, so reference forwards run only for rows that 
 from __future__ import annotations
 
 import copy
-import glob
 import hashlib
 import json
 import logging
@@ -32,18 +31,18 @@ import shutil
 from dataclasses import dataclass
 from typing import Any
 
+from uft_ray import storage
 from uft_ray.config import Config, ConfigError, validate
+from uft_ray.data import prepared as prep
 from uft_ray.ray_utils import init_ray
+from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, QUARANTINE_COUNTS, RunDir, read_state
+from uft_ray.train.hooks import TrainHooks
 from uft_ray.train.plan import Plan, load_plan, make_plan, rank_assignment, tag_rows
 
 logger = logging.getLogger(__name__)
 SORT_PARTITION_ROWS = 4096  # rows per sorted partition of a rank's dataset
 
-CHECKPOINTS = "checkpoints"
-PREPARED = "prepared"
-PREPARED_KEY = "prepared.key.json"
-PLAN_FILE = "plan.parquet"
-# Columns the workers read: token ids, offsets, targets and reference log-probs, never the text.
+# Columns the workers read from the prepared rows: token ids, offsets and targets, never the text.
 TRAIN_COLUMNS = (
     "row_id",
     "source",
@@ -55,8 +54,6 @@ TRAIN_COLUMNS = (
     "rejected_input_ids",
     "rejected_response_start",
     "rejected_length",
-    "ref_logp",
-    "ref_logp_rejected",
 )
 
 
@@ -72,35 +69,31 @@ class RunResult:
     report_path: str | None
 
 
-def run(cfg: Config, *, prepared_dir: str | None = None, debug: dict[str, Any] | None = None) -> RunResult:
+def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | None = None) -> RunResult:
     """Train one run end to end and write its run directory; rerun the same config to resume.
 
     `prepared_dir`: rows already prepared for this config (`uft-ray prepare CONFIG --out DIR`), e.g. shared by
-    the runs of a sweep; the reference columns are (re)attached to it, so one run at a time per directory.
+    the runs of a sweep, several at once: nothing here writes into it but the reference entry of its summary.
     By default the rows are prepared into `{run_dir}/prepared` (reused by a rerun with the same data config).
-    `debug` is for the integration tests (`{"record": True}` records consumed rows and parameter digests under
-    `run_dir/debug/`; `{"stop_after_step": k}` makes the workers fail after step k; `{"pause": {"rank": r,
-    "step": k}}` parks rank r after step k once, writing its pid, for a test to kill it).
+    `hooks`: callbacks every worker makes (uft_ray.train.hooks; the tests record and steer runs with them).
     """
     from transformers import AutoTokenizer
 
-    from uft_ray.train.loop import METRICS_FILE
-
-    run_dir = cfg.output.run_dir
-    os.makedirs(run_dir, exist_ok=True)
-    cfg.save(os.path.join(run_dir, "config.yaml"))
-    logger.info("uft-ray run %s, resolved config:\n%s", run_dir, cfg.to_yaml())
+    run_dir = RunDir(cfg.output.run_dir)
+    os.makedirs(run_dir.path, exist_ok=True)
+    storage.atomic_write(run_dir.config, cfg.to_yaml().encode())
+    logger.info("uft-ray run %s, resolved config:\n%s", run_dir.path, cfg.to_yaml())
     init_ray(cfg.ray, num_cpus=_local_cpus(cfg))
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision)
 
     # 1. Data plane, then reference log-probs (both reused when already done for this config).
     prepared = prepared_dir or _prepare(cfg, run_dir)
-    collector = _attach_reference(cfg, prepared)
+    reference, collector = _reference(cfg, prepared)
 
     # 2. The plan, and where a rerun resumes.
     plan = _plan(cfg, prepared, run_dir)
     last = _last_checkpoint(run_dir)
-    start = _checkpoint_step(last) if last else 0
+    start = int(read_state(last)["step"]) if last else 0
     logger.info(
         "plan: %d steps of %d rows; starting at step %d", plan.summary.steps, plan.summary.global_batch_size, start
     )
@@ -108,35 +101,32 @@ def run(cfg: Config, *, prepared_dir: str | None = None, debug: dict[str, Any] |
     # 3. Train: one ordered dataset per rank, then Ray Train (a run already trained to its end has nothing to do).
     checkpoint = last
     if start < plan.summary.steps:
-        checkpoint = _fit(cfg, prepared, plan, start, collector, tokenizer, debug)
+        datasets = _rank_datasets(cfg, prepared, plan, start, reference, collector)
+        checkpoint = _fit(cfg, run_dir, plan, datasets, tokenizer, hooks or TrainHooks())
 
     # 4. Outputs: stream cache, quarantine, final adapter with tokenizer, report.
     if collector is not None:
-        from uft_ray.reference import publish_stream_cache
+        from uft_ray.reference.service import publish_stream_cache
 
         publish_stream_cache(cfg, prepared, collector)
     _copy_quarantine(prepared, run_dir)
-    adapter_dir = os.path.join(run_dir, "adapter")
     if checkpoint:
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        shutil.copytree(os.path.join(checkpoint, "adapter"), adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
-    metrics_path = os.path.join(run_dir, METRICS_FILE)
+        shutil.rmtree(run_dir.adapter, ignore_errors=True)
+        shutil.copytree(os.path.join(checkpoint, CHECKPOINT_ADAPTER), run_dir.adapter)
+        tokenizer.save_pretrained(run_dir.adapter)
     return RunResult(
-        run_dir=run_dir,
-        adapter_dir=adapter_dir,
-        metrics_path=metrics_path,
-        metrics=_last_line(metrics_path),
+        run_dir=run_dir.path,
+        adapter_dir=run_dir.adapter,
+        metrics_path=run_dir.metrics,
+        metrics=run_dir.last_metrics(),
         checkpoint_dir=checkpoint,
         steps=plan.summary.steps,
-        plan_path=os.path.join(run_dir, PLAN_FILE),
+        plan_path=run_dir.plan,
         report_path=_write_report(run_dir),
     )
 
 
-def run_sequential(
-    stage1: Config, stage2: Config, *, debug: dict[str, Any] | None = None
-) -> tuple[RunResult, RunResult]:
+def run_sequential(stage1: Config, stage2: Config, *, hooks: TrainHooks | None = None) -> tuple[RunResult, RunResult]:
     """The paper's sequential baselines: stage 1 (e.g. `sft` on UltraChat), then stage 2 (`dpo` / `kto` / `uft`
     on HelpSteer2) continuing stage 1's adapter, against the reference base + stage-1 adapter.
     """
@@ -144,14 +134,14 @@ def run_sequential(
         raise ConfigError(
             ["reference.mode: stage 2's reference is base + stage-1 adapter; use actor (adapter_off is the bare base)"]
         )
-    first = run(stage1, debug=debug)
+    first = run(stage1, hooks=hooks)
     stage2 = copy.deepcopy(stage2)
     stage2.model.adapter = first.adapter_dir
     stage2.reference.adapter = first.adapter_dir
     problems = validate(stage2, check_paths=False)
     if problems:
         raise ConfigError(problems)
-    return first, run(stage2, debug=debug)
+    return first, run(stage2, hooks=hooks)
 
 
 def target_fraction(cfg: Config, plan: Plan | None = None) -> dict[str, float]:
@@ -186,37 +176,37 @@ def _prepare_key(cfg: Config) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare(cfg: Config, run_dir: str) -> str:
+def _prepare(cfg: Config, run_dir: RunDir) -> str:
     from uft_ray.data.pipeline import prepare
 
-    prepared = os.path.join(run_dir, PREPARED)
-    key_path = os.path.join(run_dir, PREPARED_KEY)
     key = _prepare_key(cfg)
-    if os.path.exists(os.path.join(prepared, "summary.json")) and _read_json(key_path).get("key") == key:
-        logger.info("reusing prepared rows in %s", prepared)
-        return prepared
-    shutil.rmtree(prepared, ignore_errors=True)
-    prepare(cfg, prepared)
-    with open(key_path, "w") as f:
-        json.dump({"key": key}, f)
-    return prepared
+    if prep.is_prepared(run_dir.prepared) and (storage.read_json(run_dir.prepared_key) or {}).get("key") == key:
+        logger.info("reusing prepared rows in %s", run_dir.prepared)
+        return run_dir.prepared
+    shutil.rmtree(run_dir.prepared, ignore_errors=True)
+    prepare(cfg, run_dir.prepared)
+    storage.write_json(run_dir.prepared_key, {"key": key})
+    return run_dir.prepared
 
 
-def _attach_reference(cfg: Config, prepared: str) -> Any:
-    """Precompute (or read from cache) the reference columns; for `run: stream` return the cache collector."""
+def _reference(cfg: Config, prepared: str) -> tuple[dict[str, tuple] | None, Any]:
+    """The reference values to join into the feed ({row_id: (ref_logp, ref_logp_rejected)}), or for
+    `run: stream` the collector the streaming scorers report to; (None, None) when the loss needs none."""
     if not cfg.needs_reference or cfg.reference.mode != "actor":
-        return None
-    from uft_ray.reference import attach_reference, new_collector
+        return None, None
+    from uft_ray.reference.cache import as_lookup
+    from uft_ray.reference.service import attach_reference, new_collector, read_reference
 
     entry = attach_reference(cfg, prepared)
-    return new_collector() if entry.get("deferred") else None
+    if entry.get("deferred"):
+        return None, new_collector()
+    row_ids = prep.read_rows(prepared, ["row_id"]).column("row_id").to_pylist()
+    return as_lookup(read_reference(entry, row_ids)), None
 
 
-def _plan(cfg: Config, prepared: str, run_dir: str) -> Plan:
+def _plan(cfg: Config, prepared: str, run_dir: RunDir) -> Plan:
     """Make the plan; a rerun must find the same one (else the checkpoints belong to another plan)."""
-    from uft_ray.data.pipeline import read_prepared
-
-    rows = read_prepared(prepared, ["row_id", "source", "length", "rejected_length"])
+    rows = prep.read_rows(prepared, ["row_id", "source", "length", "rejected_length"])
     lengths = rows["length"].to_numpy(zero_copy_only=False)
     if "rejected_length" in rows.column_names and cfg.loss.type == "dpo":
         rejected = rows["rejected_length"].fill_null(0).to_numpy(zero_copy_only=False)
@@ -234,22 +224,21 @@ def _plan(cfg: Config, prepared: str, run_dir: str) -> Plan:
         max_steps=tr.max_steps,
         group_by_length=tr.group_by_length,
     )
-    path = os.path.join(run_dir, PLAN_FILE)
-    if os.path.exists(path) and _last_checkpoint(run_dir):
-        saved = load_plan(path)
+    if os.path.exists(run_dir.plan) and _last_checkpoint(run_dir):
+        saved = load_plan(run_dir.plan)
         if saved.summary.fingerprint != plan.summary.fingerprint:
             raise ConfigError(
                 [
-                    f"{run_dir}: the data or batch config changed since its checkpoints were written; "
+                    f"{run_dir.path}: the data or batch config changed since its checkpoints were written; "
                     "use a new output.run_name, or remove checkpoints/ to start over"
                 ]
             )
-    plan.save(path)
+    plan.save(run_dir.plan)
     return plan
 
 
 def _fit(
-    cfg: Config, prepared: str, plan: Plan, start: int, collector: Any, tokenizer: Any, debug: dict[str, Any] | None
+    cfg: Config, run_dir: RunDir, plan: Plan, datasets: dict[str, Any], tokenizer: Any, hooks: TrainHooks
 ) -> str | None:
     """Run `TorchTrainer` over the per-rank datasets; returns the last checkpoint's path."""
     from ray.data import ExecutionOptions
@@ -258,18 +247,17 @@ def _fit(
 
     from uft_ray.train.loop import train_loop_per_worker
 
-    run_dir = cfg.output.run_dir
     tr = cfg.train
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg.to_dict(),
-            "run_dir": run_dir,
+            "run_dir": run_dir.path,
             "steps": plan.summary.steps,
             "sources": [s.name for s in cfg.data.sources],
             "target_fraction": target_fraction(cfg, plan),
             "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            "debug": debug or {},
+            "hooks": hooks,
         },
         scaling_config=ScalingConfig(
             num_workers=tr.num_workers,
@@ -278,99 +266,87 @@ def _fit(
         ),
         run_config=RunConfig(
             name=CHECKPOINTS,
-            storage_path=run_dir,  # so checkpoints land in {run_dir}/checkpoints/checkpoint_{step}
+            storage_path=run_dir.path,  # so checkpoints land in {run_dir}/checkpoints/checkpoint_{step}
             failure_config=FailureConfig(max_failures=tr.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
-        datasets=_rank_datasets(cfg, prepared, plan, start, collector),
+        datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     return result.checkpoint.path if result.checkpoint is not None else None
 
 
-def _rank_datasets(cfg: Config, prepared: str, plan: Plan, start: int, collector: Any) -> dict[str, Any]:
-    from uft_ray.data.pipeline import prepared_dataset
+def feed_block(
+    batch: Any, assignment: dict[str, list[tuple[int, int, int, int]]], reference: dict[str, tuple] | None
+) -> Any:
+    """One block of a rank's feed: the plan's tags for this rank's rows (others dropped), then the reference
+    log-probs joined by row_id (pyarrow in, pyarrow out; a `map_batches` function)."""
+    from uft_ray.reference.cache import REFERENCE_FIELDS
 
-    base = prepared_dataset(prepared)
-    # Token ids, offsets, targets and reference log-probs only: the text columns are not read.
-    base = base.select_columns([c for c in TRAIN_COLUMNS if c in base.schema().names])
+    out = tag_rows(batch, assignment)
+    return out if reference is None else prep.join_columns(out, reference, REFERENCE_FIELDS)
+
+
+def _rank_datasets(
+    cfg: Config, prepared: str, plan: Plan, start: int, reference: dict[str, tuple] | None, collector: Any
+) -> dict[str, Any]:
+    base = prep.rows_dataset(prepared, list(TRAIN_COLUMNS))
     # Sort partitions cut at known steps: no sampling pass, and a handful of partitions instead of Ray's 200.
     per_rank_step = cfg.train.micro_batch_size * cfg.train.grad_accum
     every = max(1, SORT_PARTITION_ROWS // per_rank_step)
     boundaries = list(range(start + every, plan.summary.steps, every)) or [plan.summary.steps]
     datasets = {}
     for rank in range(cfg.train.num_workers):
+        assignment = rank_assignment(plan.table, rank, start)
+        # Only this rank's rows' values travel with its tasks.
+        values = None if reference is None else {rid: reference[rid] for rid in assignment}
         ds = base.map_batches(
-            tag_rows,
-            fn_kwargs={"assignment": rank_assignment(plan.table, rank, start)},
+            feed_block,
+            fn_kwargs={"assignment": assignment, "reference": values},
             batch_format="pyarrow",
             batch_size=None,
         ).sort(["step", "micro", "slot"], boundaries=boundaries)
         if collector is not None:
-            from uft_ray.reference import stream_stage
+            from uft_ray.reference.service import stream_stage
 
             ds = stream_stage(ds, cfg, collector=collector)
         datasets[f"train_{rank}"] = ds
     return datasets
 
 
-def _last_checkpoint(run_dir: str) -> str | None:
+def _last_checkpoint(run_dir: RunDir) -> str | None:
     """The last checkpoint Ray Train committed for this run (what a rerun resumes from), or None."""
-    path = os.path.join(run_dir, CHECKPOINTS)
-    if not glob.glob(os.path.join(path, "checkpoint_*")):
+    import glob
+
+    if not glob.glob(os.path.join(run_dir.checkpoints, "checkpoint_*")):
         return None
     from ray.train import Result
 
     try:
-        result = Result.from_path(path)
+        result = Result.from_path(run_dir.checkpoints)
     except Exception as e:  # no snapshot yet: Ray Train would start from scratch too
-        logger.info("no committed checkpoint in %s (%s)", path, e)
+        logger.info("no committed checkpoint in %s (%s)", run_dir.checkpoints, e)
         return None
     return result.checkpoint.path if result.checkpoint is not None else None
 
 
-def _checkpoint_step(checkpoint: str) -> int:
-    from uft_ray.train.loop import STATE_FILE
-
-    return int(_read_json(os.path.join(checkpoint, STATE_FILE))["step"])
-
-
-def _copy_quarantine(prepared: str, run_dir: str) -> None:
-    src, dst = os.path.join(prepared, "quarantine"), os.path.join(run_dir, "quarantine")
-    shutil.rmtree(dst, ignore_errors=True)
+def _copy_quarantine(prepared: str, run_dir: RunDir) -> None:
+    src = prep.quarantine_dir(prepared)
+    shutil.rmtree(run_dir.quarantine, ignore_errors=True)
     if os.path.isdir(src):
-        shutil.copytree(src, dst)
+        shutil.copytree(src, run_dir.quarantine)
     else:
-        os.makedirs(dst)
-    counts = _read_json(os.path.join(prepared, "summary.json")).get("quarantine", {})
-    with open(os.path.join(dst, "counts.json"), "w") as f:
-        json.dump(counts, f, indent=1, sort_keys=True)
+        os.makedirs(run_dir.quarantine)
+    counts = (storage.read_json(prep.summary_path(prepared)) or {}).get("quarantine", {})
+    storage.write_json(os.path.join(run_dir.quarantine, QUARANTINE_COUNTS), counts, sort_keys=True)
 
 
-def _write_report(run_dir: str) -> str | None:
+def _write_report(run_dir: RunDir) -> str | None:
+    from uft_ray.report import write_report
+
     try:
-        from uft_ray.report import write_report
-    except ImportError:
-        return None
-    try:
-        return write_report(run_dir)
+        return write_report(run_dir.path)
     except Exception as e:  # the run itself succeeded; `uft-ray report RUN_DIR` can rebuild it
         logger.warning("could not write the report: %s", e)
         return None
-
-
-def _read_json(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def _last_line(path: str) -> dict[str, Any]:
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
-    return json.loads(lines[-1]) if lines else {}

@@ -15,7 +15,6 @@ import datetime as _dt
 import glob
 import html
 import io
-import json
 import math
 import os
 from collections import defaultdict
@@ -24,30 +23,14 @@ from typing import Any
 
 import yaml
 
+from uft_ray import storage
+from uft_ray.data.prepared import SUMMARY, summary_path
+from uft_ray.run_dir import METRICS, RunDir
+
 PLOTS = ("loss", "reward", "mixture", "throughput", "optimization", "quarantine")
 
 # Fixed colours per source so a source keeps its colour across every plot.
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
-
-
-def read_metrics(path: str) -> list[dict[str, Any]]:
-    """Rows of metrics.jsonl in step order; a torn last line (a run killed mid-write) is skipped."""
-    rows = []
-    if not os.path.exists(path):
-        return rows
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    rows.sort(key=lambda r: r.get("step", 0))
-    # A resumed run may re-log a step: keep the last record of each step.
-    by_step = {r.get("step"): r for r in rows}
-    return [by_step[k] for k in sorted(by_step, key=lambda s: (s is None, s))]
 
 
 def sources_in(rows: list[dict[str, Any]]) -> list[str]:
@@ -83,25 +66,18 @@ def _ema(ys: list[float], n: int) -> list[float]:
     return out
 
 
-def _load_summary(run_dir: str) -> dict[str, Any] | None:
-    for cand in ("summary.json", "prepared/summary.json", "data/summary.json"):
-        p = os.path.join(run_dir, cand)
-        if os.path.isfile(p):
-            try:
-                with open(p) as f:
-                    return json.load(f)
-            except (OSError, json.JSONDecodeError):
-                return None
+def _load_summary(run: RunDir) -> dict[str, Any] | None:
+    """The data plane's summary: beside the run's files, else its own prepared directory's."""
+    for path in (os.path.join(run.path, SUMMARY), summary_path(run.prepared)):
+        summary = storage.read_json(path)
+        if summary is not None:
+            return summary
     return None
 
 
-def _quarantine_counts(run_dir: str, summary: dict[str, Any] | None) -> dict[tuple[str, str], int]:
-    """Counts by (reason, source): from the quarantine parquet files when present, else the summary."""
-    files: list[str] = []
-    for d in ("quarantine", "prepared/quarantine"):
-        files = sorted(glob.glob(os.path.join(run_dir, d, "*.parquet")))
-        if files:
-            break
+def _quarantine_counts(run: RunDir, summary: dict[str, Any] | None) -> dict[tuple[str, str], int]:
+    """Counts by (reason, source): from the run's quarantine parquet files when present, else the summary."""
+    files = sorted(glob.glob(os.path.join(run.quarantine, "*.parquet")))
     counts: dict[tuple[str, str], int] = defaultdict(int)
     if files:
         try:
@@ -119,8 +95,8 @@ def _quarantine_counts(run_dir: str, summary: dict[str, Any] | None) -> dict[tup
     return dict(counts)
 
 
-def _load_config(run_dir: str) -> dict[str, Any]:
-    p = os.path.join(run_dir, "config.yaml")
+def _load_config(run: RunDir) -> dict[str, Any]:
+    p = run.config
     if not os.path.isfile(p):
         return {}
     try:
@@ -483,9 +459,10 @@ def write_report(run_dir: str | os.PathLike) -> str:
     run_dir = os.path.abspath(os.fspath(run_dir))
     if not os.path.isdir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
-    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    cfg = _load_config(run_dir)
-    summary = _load_summary(run_dir)
+    run = RunDir(run_dir)
+    rows = run.read_metrics()
+    cfg = _load_config(run)
+    summary = _load_summary(run)
     sources = sources_in(rows)
     cfg_sources = [s.get("name") for s in (cfg.get("data") or {}).get("sources") or [] if isinstance(s, dict)]
     for s in cfg_sources:  # keep the config's order; metrics-only names after
@@ -493,7 +470,7 @@ def write_report(run_dir: str | os.PathLike) -> str:
             sources.append(s)
     sources.sort(key=lambda s: cfg_sources.index(s) if s in cfg_sources else len(cfg_sources))
     colors = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(sources)}
-    qcounts = _quarantine_counts(run_dir, summary)
+    qcounts = _quarantine_counts(run, summary)
 
     pngs = {
         "loss": plot_loss(rows, sources, colors),
@@ -503,11 +480,8 @@ def write_report(run_dir: str | os.PathLike) -> str:
         "optimization": plot_optimization(rows, sources, colors),
         "quarantine": plot_quarantine(qcounts, colors),
     }
-    plots_dir = os.path.join(run_dir, "plots")
-    os.makedirs(plots_dir, exist_ok=True)
     for name, data in pngs.items():
-        with open(os.path.join(plots_dir, f"{name}.png"), "wb") as f:
-            f.write(data)
+        storage.atomic_write(os.path.join(run.plots, f"{name}.png"), data)
 
     titles = {
         "loss": "Loss",
@@ -518,16 +492,15 @@ def write_report(run_dir: str | os.PathLike) -> str:
         "quarantine": "Quarantine",
     }
     run_name = (cfg.get("output") or {}).get("run_name") or os.path.basename(run_dir)
-    adapter = os.path.join(run_dir, "adapter")
-    paths = [("run directory", run_dir), ("metrics", os.path.join(run_dir, "metrics.jsonl"))]
-    if os.path.isdir(adapter):
-        paths.insert(1, ("adapter (peft)", adapter))
+    paths = [("run directory", run_dir), ("metrics", run.metrics)]
+    if os.path.isdir(run.adapter):
+        paths.insert(1, ("adapter (peft)", run.adapter))
     built = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>uft-ray report: {html.escape(run_name)}</title><style>{_CSS}</style></head><body>",
         f"<h1>uft-ray run <code>{html.escape(run_name)}</code></h1>",
-        f"<p class='sub'>{len(rows)} steps logged; report built {built} from <code>metrics.jsonl</code>. "
+        f"<p class='sub'>{len(rows)} steps logged; report built {built} from <code>{METRICS}</code>. "
         f"Rebuild with <code>uft-ray report {html.escape(run_dir)}</code>.</p>",
         "<div class='cols'><div><h2>Configuration</h2>",
         _table(_config_rows(cfg)) if cfg else "<p class='note'>no config.yaml in the run directory</p>",
@@ -543,9 +516,5 @@ def write_report(run_dir: str | os.PathLike) -> str:
         if name == "quarantine":
             parts.append(_data_table(summary))
     parts.append("</body></html>")
-    out = os.path.join(run_dir, "report.html")
-    tmp = out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(parts))
-    os.replace(tmp, out)  # a reader never sees a half-written report
-    return out
+    storage.atomic_write(run.report, "\n".join(parts).encode())  # a reader never sees a half-written report
+    return run.report

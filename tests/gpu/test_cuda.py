@@ -52,8 +52,8 @@ def test_reference_scorer_bf16_on_gpu_is_close_to_fp32_on_cpu(tmp_path) -> None:
     """The scorer loads bf16 on GPU (DESIGN.md "Reference log-probs"); its sums stay close to the fp32 CPU ones."""
     import numpy as np
 
-    from uft_ray.reference import ReferenceScorer
-    from uft_ray.tiny_model import make_tiny_model
+    from uft_ray.demo.tiny_model import make_tiny_model
+    from uft_ray.reference.scorer import ReferenceScorer
 
     model_dir = make_tiny_model(tmp_path / "tiny")
     rng = np.random.default_rng(0)

@@ -237,7 +237,9 @@ def test_demo_in_process_writes_a_report_with_every_plot(tiny_assets: dict[str, 
     assert elapsed < 600
 
 
-def test_prepare_command_writes_rows_and_reference(tiny_assets: dict[str, str], tmp_path: Path, capsys) -> None:
+def test_prepare_command_writes_rows_and_fills_the_reference_cache(
+    tiny_assets: dict[str, str], tmp_path: Path, capsys
+) -> None:
     """`uft-ray prepare`: the data plane, then the reference precompute (loss uft, reference actor/precompute)."""
     out = tmp_path / "prep"
     rc = cli.main(["prepare", DEMO, "--out", str(out), *demo_overrides(tiny_assets, tmp_path)])
@@ -246,5 +248,7 @@ def test_prepare_command_writes_rows_and_reference(tiny_assets: dict[str, str], 
     assert summary["rows_out"] == 128 and summary["reference"]["rows"] == 128
     assert list((out / "rows").glob("*.parquet"))
     names = pq.read_schema(next((out / "rows").glob("*.parquet"))).names
-    assert "ref_logp" in names
+    assert "ref_logp" not in names  # the rows stay as prepared; the values are in the reference cache
+    manifest = json.loads((Path(summary["reference"]["path"]) / "manifest.json").read_text())
+    assert manifest["rows"] == 128 and manifest["fingerprint"] == summary["reference"]["fingerprint"]
     assert '"rows_out": 128' in capsys.readouterr().out

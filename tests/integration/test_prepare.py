@@ -22,7 +22,10 @@ from uft_ray.config import Config, load_config
 from uft_ray.data import quarantine as q
 from uft_ray.data.mixture import MixtureError
 from uft_ray.data.normalize import make_row_id
-from uft_ray.data.pipeline import prepare, prepared_dataset, read_prepared, read_summary
+from uft_ray.data.pipeline import prepare
+from uft_ray.data.prepared import read_rows as read_prepared
+from uft_ray.data.prepared import read_summary
+from uft_ray.data.prepared import rows_dataset as prepared_dataset
 from uft_ray.data.sources import SourceError, list_files
 from uft_ray.data.tokenize import TokenizerError
 
@@ -282,7 +285,7 @@ def test_a_source_smaller_than_its_quota_names_the_fix(tiny_assets: dict, ray_lo
 
 
 def test_a_tokenizer_without_chat_template_fails_before_any_work(tiny_assets: dict, tmp_path: Path) -> None:
-    from uft_ray.tiny_model import make_tokenizer_without_template
+    from uft_ray.demo.tiny_model import make_tokenizer_without_template
 
     cfg = make_cfg(tiny_assets)
     cfg.model.path = make_tokenizer_without_template(tmp_path / "tok")

@@ -97,7 +97,8 @@ def make_cfg(model_dir: str, cache_dir: Path, **reference) -> Config:
 
 def prepare_rows(assets: dict[str, str], out: Path) -> pa.Table:
     """8 sft + 6 score + 6 pair rows through the real data plane (loss sft: the one that takes every kind)."""
-    from uft_ray.data.pipeline import prepare, read_prepared
+    from uft_ray.data.pipeline import prepare
+    from uft_ray.data.prepared import read_rows
 
     cfg = load_config(
         {
@@ -116,7 +117,7 @@ def prepare_rows(assets: dict[str, str], out: Path) -> pa.Table:
         }
     )
     prepare(cfg, str(out))
-    return read_prepared(str(out))
+    return read_rows(str(out))
 
 
 def direct_logprobs(model_dir: str, rows: pa.Table) -> dict[str, tuple[float, float | None]]:
@@ -143,8 +144,14 @@ def direct_logprobs(model_dir: str, rows: pa.Table) -> dict[str, tuple[float, fl
     return out
 
 
-def ref_columns(prepared: Path) -> dict[str, tuple[float, float | None]]:
-    t = pq.read_table(prepared / "rows", columns=["row_id", schema.REF_LOGP, schema.REF_LOGP_REJECTED])
+def ref_columns(entry: dict, prepared: Path) -> dict[str, tuple[float, float | None]]:
+    """The values `attach_reference` published for the rows of `prepared`, as the trainer's feed reads them."""
+    from uft_ray.data.prepared import read_rows
+    from uft_ray.reference import read_reference
+
+    ids = read_rows(str(prepared), ["row_id"]).column("row_id").to_pylist()
+    t = read_reference(entry, ids)
+    assert t.column("row_id").to_pylist() == ids  # in prepared row order
     return {r["row_id"]: (r[schema.REF_LOGP], r[schema.REF_LOGP_REJECTED]) for r in t.to_pylist()}
 
 
@@ -175,7 +182,7 @@ def env(tiny_assets, ray_local, tmp_path_factory):
         "pristine": pristine,
         "cfg": cfg,
         "entry": entry,
-        "values": ref_columns(prepared),
+        "values": ref_columns(entry, prepared),
         "direct": direct_logprobs(model, rows),
     }
 
@@ -193,9 +200,11 @@ def test_ref_logp_matches_a_direct_transformers_computation(env):
     }
 
     table = pq.read_table(env["prepared"] / "rows")
-    assert table.schema.field(schema.REF_LOGP).type == pa.float64()
-    assert table.schema.field(schema.REF_LOGP_REJECTED).type == pa.float64()
-    assert table.column("row_id").to_pylist() == env["rows"].column("row_id").to_pylist()  # row order kept
+    # The prepared rows are never rewritten: the values live in the cache, joined into the trainer's feed.
+    assert table.column_names == env["rows"].column_names and table.equals(env["rows"])
+    cached = pq.read_table(sorted(Path(entry["path"]).glob("part-*.parquet")))
+    assert cached.schema.field(schema.REF_LOGP).type == pa.float64()
+    assert cached.schema.field(schema.REF_LOGP_REJECTED).type == pa.float64()
     got, want = env["values"], env["direct"]
     kinds = dict(zip(table.column("row_id").to_pylist(), table.column("kind").to_pylist(), strict=True))
     assert set(kinds.values()) == {"sft", "score", "pair"}
@@ -219,20 +228,17 @@ def test_precompute_frees_its_actors(env):
 
 
 def test_second_attach_is_a_cache_hit_without_a_forward(env, monkeypatch):
-    from uft_ray import reference
+    from uft_ray.reference import service
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("a cache hit must not start the scorer")
 
-    monkeypatch.setattr(reference, "_precompute", no_scoring)
+    monkeypatch.setattr(service, "_precompute", no_scoring)
     again = copy_prepared(env["pristine"], env["root"] / "again")
-    entry = reference.attach_reference(env["cfg"], again)
+    entry = service.attach_reference(env["cfg"], again)
     assert entry["cache"] == "hit" and entry["model_forwards"] == 0 and entry["rows_scored"] == 0
     assert entry["fingerprint"] == env["entry"]["fingerprint"]
-    assert ref_columns(again) == env["values"]
-    # The hit also works when the rows already carry ref columns (a re-prepare over the same directory).
-    assert reference.attach_reference(env["cfg"], env["prepared"])["cache"] == "hit"
-    assert ref_columns(env["prepared"]) == env["values"]
+    assert ref_columns(entry, again) == env["values"]
 
 
 def test_one_and_two_actors_give_identical_columns(env):
@@ -253,7 +259,7 @@ def test_one_and_two_actors_give_identical_columns(env):
     manifest = json.loads((cache_root(cfg) / entry["fingerprint"] / "manifest.json").read_text())
     assert [a["batches"] > 0 for a in manifest["actors"]] == [True, True]  # both actors scored
     assert entry["fingerprint"] == env["entry"]["fingerprint"]  # the pool size is not part of the key
-    assert ref_columns(prepared) == env["values"]
+    assert ref_columns(entry, prepared) == env["values"]
 
 
 def test_adapter_off_on_an_untrained_lora_equals_the_actor(env):
@@ -294,49 +300,20 @@ def test_adapter_off_on_an_untrained_lora_equals_the_actor(env):
     torch.testing.assert_close(off.double(), actor, atol=1e-4, rtol=0)
 
 
-def _change_tokenizer(env, cfg):
-    from transformers import AutoTokenizer
-
-    model = env["root"] / "tok-changed"
-    shutil.copytree(env["model"], model)
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.add_tokens(["<|new_token|>"])
-    tok.save_pretrained(model)
-    cfg.model.path = str(model)
-
-
-def _change_template(env, cfg):
-    model = env["root"] / "template-changed"
-    shutil.copytree(env["model"], model)
-    template = model / "chat_template.jinja"
-    template.write_text(template.read_text().replace("assistant", "bot"))
-    cfg.model.path = str(model)
-
-
-def _change_limit(env, cfg):
-    cfg.tokenize.max_len = 1024
-
-
 def _change_weights(env, cfg):
-    from uft_ray.tiny_model import make_tiny_model
+    from uft_ray.demo.tiny_model import make_tiny_model
 
     cfg.model.path = make_tiny_model(env["root"] / "weights-changed", seed=1)
 
 
-CHANGES = {
-    "tokenizer": _change_tokenizer,
-    "template": _change_template,
-    "length_limit": _change_limit,
-    "weights": _change_weights,
-    "rows": None,
-}
+@pytest.mark.parametrize("change", ["weights", "rows"])
+def test_a_changed_input_changes_the_fingerprint_and_scores_the_changed_rows(env, change):
+    """New weights or a new row set: a new key, and a real pass that scores exactly the rows now prepared.
 
-
-@pytest.mark.parametrize("change", list(CHANGES))
-def test_a_changed_input_changes_the_fingerprint_and_recomputes(env, change, monkeypatch):
-    """Weights and rows change what is scored: a real pass. Tokenizer, template and limit change only the key
-    (the rows here are fixed): the pass is stubbed to save three actor-pool starts, and must be called."""
-    from uft_ray import reference
+    That every other fingerprint input (tokenizer files, chat template, length limits, adapter, dtype) moves the
+    key is the unit tier's job (tests/unit/test_reference_cache.py), without a scorer to start.
+    """
+    from uft_ray.reference import attach_reference, cache_root
 
     cfg = make_cfg(env["model"], env["root"] / "cache")  # the same cache dir as the first run
     name = f"changed-{change}"
@@ -344,41 +321,23 @@ def test_a_changed_input_changes_the_fingerprint_and_recomputes(env, change, mon
         prepared = copy_prepared(env["pristine"], env["root"] / name, rows=env["rows"].slice(1))
     else:
         prepared = copy_prepared(env["pristine"], env["root"] / name)
-        CHANGES[change](env, cfg)
-    calls = []
-    if change not in ("weights", "rows"):
-
-        def stub(cfg, rows, **kwargs):
-            calls.append(rows.num_rows)
-            ids = rows.column("row_id").to_pylist()
-            values = [env["values"][i] for i in ids]
-            table = pa.table(
-                {
-                    "row_id": ids,
-                    schema.REF_LOGP: [v[0] for v in values],
-                    schema.REF_LOGP_REJECTED: [v[1] for v in values],
-                },
-                schema=schema.REFERENCE,
-            )
-            return table, {"forwards": 1, "tokens": 0, "duplicates": 0, "actors": []}
-
-        monkeypatch.setattr(reference, "_precompute", stub)
-    entry = reference.attach_reference(cfg, prepared)
+        _change_weights(env, cfg)
+    entry = attach_reference(cfg, prepared)
     assert entry["fingerprint"] != env["entry"]["fingerprint"]
-    assert entry["cache"] == "miss" and entry["model_forwards"] > 0
-    assert calls in ([], [env["rows"].num_rows])
-    n_rows = sum(pq.read_metadata(f).num_rows for f in (prepared / "rows").glob("*.parquet"))
-    assert entry["rows_scored"] == n_rows
-    values = ref_columns(prepared)
+    expected = pq.read_table(prepared / "rows", columns=["row_id"]).column("row_id").to_pylist()
+    assert entry["cache"] == "miss" and entry["model_forwards"] > 0 and entry["rows_scored"] == len(expected)
+    manifest = json.loads((cache_root(cfg) / entry["fingerprint"] / "manifest.json").read_text())
+    assert manifest["model_forwards"] == entry["model_forwards"] and manifest["rows"] == len(expected)
+    values = ref_columns(entry, prepared)
+    assert sorted(values) == sorted(expected)  # the pass scored the changed rows, each once
     if change == "weights":
         assert all(abs(values[k][0] - env["values"][k][0]) > 1e-3 for k in values)
-    elif change == "rows":  # other batch compositions: the same numbers up to fp32 rounding
+    else:  # other batch compositions: the same numbers up to fp32 rounding
+        assert len(values) == env["rows"].num_rows - 1
         for k, (logp, logp_rej) in values.items():
             assert logp == pytest.approx(env["values"][k][0], abs=1e-4)
             assert logp_rej == pytest.approx(env["values"][k][1], abs=1e-4)
-    else:
-        assert values == env["values"]
-    assert reference.attach_reference(cfg, prepared)["cache"] == "hit"  # and the new key was published
+    assert attach_reference(cfg, prepared)["cache"] == "hit"  # and the new key was published
 
 
 @pytest.fixture(scope="module")
@@ -410,7 +369,7 @@ def test_a_damaged_cache_is_recomputed(env, split_cache, damage):
     prepared = copy_prepared(env["pristine"], env["root"] / damage)
     entry = attach_reference(cfg, prepared, rows_per_file=5)
     assert entry["cache"] == "miss" and entry["model_forwards"] > 0 and entry["fingerprint"] == split_cache[1]
-    assert ref_columns(prepared) == env["values"]
+    assert ref_columns(entry, prepared) == env["values"]
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["rows"] == env["rows"].num_rows and len(manifest["files"]) == 4
     assert all((cache / f["name"]).is_file() for f in manifest["files"])
@@ -423,7 +382,7 @@ def test_stream_stage_scores_lazily_and_fills_the_cache(env):
     from uft_ray.reference import attach_reference, new_collector, publish_stream_cache, stream_stage
 
     cfg = make_cfg(env["model"], env["root"] / "cache-stream", run="stream")
-    prepared = copy_prepared(env["prepared"], env["root"] / "stream")  # carries the base run's columns
+    prepared = copy_prepared(env["prepared"], env["root"] / "stream")
     deferred = attach_reference(cfg, prepared)
     assert deferred["cache"] == "miss" and deferred["deferred"] and deferred["model_forwards"] == 0
     assert schema.REF_LOGP not in pq.read_table(prepared / "rows").column_names
@@ -441,7 +400,7 @@ def test_stream_stage_scores_lazily_and_fills_the_cache(env):
     assert published["complete"] and published["fingerprint"] == env["entry"]["fingerprint"]
     hit = attach_reference(cfg, prepared)
     assert hit["cache"] == "hit" and hit["model_forwards"] == 0
-    assert ref_columns(prepared) == env["values"]
+    assert ref_columns(hit, prepared) == env["values"]
 
 
 def test_killing_a_scorer_actor_mid_run_still_scores_every_row_once(env):
@@ -486,14 +445,13 @@ def test_killing_a_scorer_actor_mid_run_still_scores_every_row_once(env):
     total_batches = sum(a["batches"] for a in actors.values())
     assert actors[killed["pid"]]["batches"] < total_batches  # it died with work left
 
-    table = pq.read_table(prepared / "rows")
-    ids = table.column("row_id").to_pylist()
-    assert len(ids) == len(set(ids)) == rows.num_rows and table.column(schema.REF_LOGP).null_count == 0
+    ids = pq.read_table(prepared / "rows").column("row_id").to_pylist()
     cached = pq.read_table(sorted((cache_root(cfg) / result["fingerprint"]).glob("part-*.parquet")))
+    assert len(ids) == len(set(ids)) == rows.num_rows and cached.column(schema.REF_LOGP).null_count == 0
     assert sorted(cached.column("row_id").to_pylist()) == sorted(ids)  # each row exactly once in the cache
     # Each row got its own value (rows differ by tens of nats); precision is test_ref_logp_matches_...'s job.
     direct = direct_logprobs(env["model"], rows)
-    got = ref_columns(prepared)
+    got = ref_columns(result, prepared)
     for rid, (logp, logp_rej) in direct.items():
         assert got[rid][0] == pytest.approx(logp, abs=1e-3)
         if logp_rej is not None:

@@ -1,16 +1,20 @@
 """Distributed UFT training end to end (issue 5): real local Ray, 2 CPU workers on gloo, DeepSpeed ZeRO-3, LoRA,
 the tiny model, the project's UltraChat + HelpSteer2 samples through the real data plane and reference service.
 
-Runs are shared between tests through module fixtures (each fit costs ~30 s on 2 cores):
+Runs are shared between tests through module fixtures (each fit costs ~30 s on 2 cores); the workers record
+what they did through test hooks (tests/fixtures/recorder.py):
 - `uft20`: 20 steps (2 epochs of 40 rows, global batch 4), checkpoints every 5; tests 1, 2, 3 and 5 read it.
 - `resumed`: the same config stopped after its step-5 checkpoint, then rerun to step 10 (test 3).
 - `killed`: a worker killed by its pid after step 4; FailureConfig restarts from checkpoint 3 (test 4).
-- `one_worker` / `accumulated`: one step with 1 worker x micro-batch 4, and 1 worker x micro-batch 1 x
-  accumulation 4 (the latter with `reference.mode: adapter_off`, which must not change step 1) (test 5).
+- `one_worker` / `accumulated` / `adapter_off`: one step with 1 worker x micro-batch 4; the same with
+  micro-batch 1 x accumulation 4; the same with `reference.mode: adapter_off` (test 5, one change each).
 - `sequential`: sft stage 1 on UltraChat, uft stage 2 on HelpSteer2 against base + stage-1 adapter (test 6).
-- `dpo`: HelpSteer2 pairs, 2 steps: the pair path (chosen and rejected in one forward, `ref_logp_rejected`).
+- `dpo` / `dpo_accumulated`, `kto` / `kto_accumulated`: 2 steps on HelpSteer2 pairs / binary rows, 2 workers x
+  micro-batch 2, and 2 workers x micro-batch 1 x accumulation 2 on the same prepared rows (recipes).
+- `sweep`: two runs with different `loss.beta` sharing one prepared directory, at the same time and then one
+  after the other (test 7).
 
-Run: `pytest tests/integration/test_train.py -q` (a few minutes on 2 cores).
+Run: `pytest tests/integration/test_train.py -q` (several minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -28,10 +32,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from fixtures.recorder import Recorder
 from safetensors.torch import load_file
 
 from uft_ray import driver
 from uft_ray.driver import RunResult
+from uft_ray.run_dir import read_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +53,7 @@ PER_SOURCE += ["mixture/{}/target", "mixture/{}/step", "mixture/{}/cumulative"]
 
 
 def metrics(run_dir: str) -> list[dict[str, Any]]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def consumed(run_dir: str, rank: int) -> list[tuple[int, int, list[str]]]:
@@ -83,7 +88,7 @@ def planned(run_dir: str, rank: int) -> list[tuple[int, int, list[str]]]:
 @pytest.fixture(scope="module")
 def uft20(make_config, uft_prepared) -> RunResult:
     cfg = make_config("uft20")
-    return driver.run(cfg, prepared_dir=uft_prepared, debug={"record": True})
+    return driver.run(cfg, prepared_dir=uft_prepared, hooks=Recorder(cfg.output.run_dir))
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +96,9 @@ def resumed(make_config, uft_prepared) -> str:
     """The uft20 config, stopped after its step-5 checkpoint, rerun with the same name and stopped after 10."""
     cfg = make_config("resumed")
     with pytest.raises(Exception, match="stopping after step 5"):
-        driver.run(cfg, prepared_dir=uft_prepared, debug={"record": True, "stop_after_step": 5})
+        driver.run(cfg, prepared_dir=uft_prepared, hooks=Recorder(cfg.output.run_dir, stop_after_step=5))
     with pytest.raises(Exception, match="stopping after step 10"):
-        driver.run(cfg, prepared_dir=uft_prepared, debug={"record": True, "stop_after_step": 10})
+        driver.run(cfg, prepared_dir=uft_prepared, hooks=Recorder(cfg.output.run_dir, stop_after_step=10))
     return cfg.output.run_dir
 
 
@@ -119,7 +124,8 @@ def killed(make_config, uft_prepared) -> tuple[RunResult, dict[str, Any]]:
 
     killer = threading.Thread(target=kill_when_paused, daemon=True)
     killer.start()
-    result = driver.run(cfg, prepared_dir=uft_prepared, debug={"record": True, "pause": {"rank": 1, "step": 4}})
+    hooks = Recorder(cfg.output.run_dir, pause={"rank": 1, "step": 4})
+    result = driver.run(cfg, prepared_dir=uft_prepared, hooks=hooks)
     killer.join(timeout=5)
     return result, seen
 
@@ -138,6 +144,16 @@ def accumulated(make_config, uft_prepared) -> RunResult:
     cfg = make_config(
         "w1-mb1-ga4",
         train={"num_workers": 1, "micro_batch_size": 1, "grad_accum": 4, "max_steps": 1, "warmup_ratio": 0.0},
+    )
+    return driver.run(cfg, prepared_dir=uft_prepared)
+
+
+@pytest.fixture(scope="module")
+def adapter_off(make_config, uft_prepared) -> RunResult:
+    """`one_worker` with the reference as the policy's own forward with LoRA disabled."""
+    cfg = make_config(
+        "w1-mb4-adapter-off",
+        train={"num_workers": 1, "micro_batch_size": 4, "max_steps": 1, "warmup_ratio": 0.0},
         reference={"mode": "adapter_off"},
     )
     return driver.run(cfg, prepared_dir=uft_prepared)
@@ -160,21 +176,46 @@ def sequential(make_config, tiny_assets) -> tuple[RunResult, RunResult]:
         mixture={"counts": {"helpsteer2": 12}},
         train={"max_steps": 2, "epochs": 1},
     )
-    return driver.run_sequential(stage1, stage2, debug={"record": True})
+    return driver.run_sequential(stage1, stage2)
+
+
+def _helpsteer2_run(make_config, tiny_assets, name: str, loss: str, kind: str, **train: Any) -> Any:
+    source = {"name": "helpsteer2", "format": "helpsteer2", "kind": kind, "path": tiny_assets["helpsteer2_train"]}
+    return make_config(
+        name,
+        data={"sources": [source]},
+        mixture={"counts": {"helpsteer2": 8}},
+        tokenize={"max_prompt_len": 96, "max_len": 160},
+        loss={"type": loss},
+        train={"max_steps": 2, "epochs": 1, "warmup_ratio": 0.0, **train},
+    )
 
 
 @pytest.fixture(scope="module")
 def dpo(make_config, tiny_assets) -> RunResult:
-    source = {"name": "helpsteer2", "format": "helpsteer2", "kind": "pair", "path": tiny_assets["helpsteer2_train"]}
-    cfg = make_config(
-        "dpo",
-        data={"sources": [source]},
-        mixture={"counts": {"helpsteer2": 8}},
-        tokenize={"max_prompt_len": 96, "max_len": 160},
-        loss={"type": "dpo"},
-        train={"max_steps": 2, "epochs": 1},
-    )
-    return driver.run(cfg)
+    return driver.run(_helpsteer2_run(make_config, tiny_assets, "dpo", "dpo", "pair"))
+
+
+@pytest.fixture(scope="module")
+def dpo_accumulated(make_config, tiny_assets, dpo) -> RunResult:
+    cfg = _helpsteer2_run(make_config, tiny_assets, "dpo-ga2", "dpo", "pair", micro_batch_size=1, grad_accum=2)
+    return driver.run(cfg, prepared_dir=os.path.join(dpo.run_dir, "prepared"))
+
+
+@pytest.fixture(scope="module")
+def una_bce(make_config, tiny_assets) -> RunResult:
+    return driver.run(_helpsteer2_run(make_config, tiny_assets, "una_bce", "una_bce", "score"))
+
+
+@pytest.fixture(scope="module")
+def kto(make_config, tiny_assets) -> RunResult:
+    return driver.run(_helpsteer2_run(make_config, tiny_assets, "kto", "kto", "binary"))
+
+
+@pytest.fixture(scope="module")
+def kto_accumulated(make_config, tiny_assets, kto) -> RunResult:
+    cfg = _helpsteer2_run(make_config, tiny_assets, "kto-ga2", "kto", "binary", micro_batch_size=1, grad_accum=2)
+    return driver.run(cfg, prepared_dir=os.path.join(kto.run_dir, "prepared"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,7 +292,7 @@ def test_saved_adapter_loads_with_peft_and_gives_the_trained_policy_logprobs(uft
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from uft_ray.data.pipeline import read_prepared
+    from uft_ray.data.prepared import read_rows as read_prepared
     from uft_ray.logprobs import model_sequence_logprobs
 
     config = json.loads((Path(uft20.adapter_dir) / "adapter_config.json").read_text())
@@ -328,6 +369,13 @@ def test_first_step_loss_same_for_one_and_two_workers(one_worker, uft20):
     assert w1["grad_norm"] == pytest.approx(w2["grad_norm"], rel=1e-4)
 
 
+def test_adapter_off_reference_trains_the_same_first_step_as_the_actor_cache(adapter_off, one_worker):
+    a, b = metrics(adapter_off.run_dir)[0], metrics(one_worker.run_dir)[0]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert abs(a["reward/helpsteer2"]) < 1e-4  # policy == reference before the first update, by construction
+
+
 def test_micro_batch_1_x_accumulation_4_equals_micro_batch_4_x_accumulation_1(accumulated, one_worker):
     a, b = metrics(accumulated.run_dir)[0], metrics(one_worker.run_dir)[0]
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
@@ -378,32 +426,102 @@ def test_dpo_first_step_loss_is_log_2(dpo):
     assert os.path.exists(os.path.join(dpo.adapter_dir, "adapter_model.safetensors"))
 
 
-@pytest.fixture(scope="module", params=["una_bce", "kto"])
-def bce_or_kto(request, make_config, tiny_assets) -> tuple[str, RunResult]:
-    """UNA's BCE on HelpSteer2 scores, KTO on HelpSteer2 binary rows: 2 steps each."""
-    kind = {"una_bce": "score", "kto": "binary"}[request.param]
-    source = {"name": "helpsteer2", "format": "helpsteer2", "kind": kind, "path": tiny_assets["helpsteer2_train"]}
-    cfg = make_config(
-        request.param,
-        data={"sources": [source]},
-        mixture={"counts": {"helpsteer2": 8}},
-        tokenize={"max_prompt_len": 96, "max_len": 160},
-        loss={"type": request.param},
-        train={"max_steps": 2, "epochs": 1, "warmup_ratio": 0.0},
-    )
-    return request.param, driver.run(cfg)
-
-
-def test_una_bce_and_kto_first_step_losses_at_zero_reward(bce_or_kto):
+@pytest.mark.parametrize("loss_type", ["una_bce", "kto"])
+def test_una_bce_and_kto_first_step_losses_at_zero_reward(loss_type, request):
     """At r = 0 (LoRA B = 0, policy == reference), worked by hand:
 
     una_bce: -[s log sigmoid(0) + (1 - s) log sigmoid(0)] = -log(1/2) = log 2 for every s.
     kto: z = max(0, mean log-ratio) = 0; desirable 1 - sigmoid(0 - 0) = 1/2, undesirable 1 - sigmoid(0 - 0) = 1/2.
     """
-    loss_type, result = bce_or_kto
+    result = request.getfixturevalue(loss_type)
     first, second = metrics(result.run_dir)
     expected = {"una_bce": np.log(2), "kto": 0.5}[loss_type]
     assert first["loss"] == pytest.approx(expected, abs=1e-6)
     assert abs(first["reward/helpsteer2"]) < 1e-4
     assert first["lr"] > 0 and abs(second["reward/helpsteer2"]) > 1e-6  # the first update moved the policy
     assert os.path.exists(os.path.join(result.adapter_dir, "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "kto"])
+def test_accumulation_does_not_change_dpo_or_kto(loss_type, request):
+    """2 workers x micro-batch 2 == 2 workers x micro-batch 1 x accumulation 2, on the same rows: only the split of
+    each rank's rows into micro-batches changes. Step 2 is the one that can tell: after the first update r != 0,
+    and KTO's reference point z (the global batch's mean log-ratio, clamped at 0) must be one value per optimizer
+    step, not one per micro-batch, or its loss and gradient move with `grad_accum`."""
+    whole = metrics(request.getfixturevalue(loss_type).run_dir)
+    split = metrics(request.getfixturevalue(f"{loss_type}_accumulated").run_dir)
+    assert [r["step"] for r in split] == [1, 2]
+    for a, b in zip(split, whole, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-7), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), a["step"]
+    assert abs(whole[1]["reward/helpsteer2"]) > 1e-6  # step 2 sees a moved policy
+    if loss_type == "kto":
+        assert whole[0]["kto_z"] == split[0]["kto_z"] == 0.0  # r == 0 at step 1
+        assert split[1]["kto_z"] == pytest.approx(whole[1]["kto_z"], rel=1e-5, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. A sweep: runs share one prepared directory, at the same time
+
+
+def _tree_digest(root: str) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(Path(root).rglob("*"))
+        if p.is_file() and p.name != "summary.json"  # the reference service's entry is merged into it
+    }
+
+
+@pytest.fixture(scope="module")
+def sweep(make_config, uft_prepared, train_root) -> dict[str, Any]:
+    """beta 0.1 and 0.5, 4 steps on 1 worker each, from `uft_prepared` with a fresh reference cache: first both at
+    once (both miss the cache and race to publish it), then again one after the other (both hit it)."""
+    cache = str(train_root / "sweep-cache")
+    before = _tree_digest(uft_prepared)
+
+    def cfg(name: str, beta: float):
+        return make_config(
+            name,
+            loss={"type": "uft", "beta": beta},
+            reference={"cache_dir": cache},
+            train={"num_workers": 1, "micro_batch_size": 4, "max_steps": 4, "checkpoint_every": 4},
+        )
+
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def go(name: str, beta: float) -> None:
+        try:
+            results[name] = driver.run(cfg(name, beta), prepared_dir=uft_prepared)
+        except BaseException as e:  # surfaced by the fixture, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=go, args=(f"sweep-{b}", b)) for b in (0.1, 0.5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    if errors:
+        raise errors[0]
+    for b in (0.1, 0.5):
+        results[f"after-{b}"] = driver.run(cfg(f"after-{b}", b), prepared_dir=uft_prepared)
+    return {"results": results, "before": before, "after": _tree_digest(uft_prepared), "cache": cache}
+
+
+def test_sweep_runs_share_a_prepared_directory_at_once_with_the_numbers_of_runs_in_turn(sweep, uft_prepared):
+    runs = sweep["results"]
+    assert sweep["after"] == sweep["before"]  # no run rewrote the prepared rows or quarantine
+    published = list(Path(sweep["cache"], "ref_logp").glob("*/manifest.json"))
+    assert len(published) == 1  # both concurrent runs scored; one cache was kept
+    for beta in (0.1, 0.5):
+        together, in_turn = metrics(runs[f"sweep-{beta}"].run_dir), metrics(runs[f"after-{beta}"].run_dir)
+        assert [r["step"] for r in together] == [r["step"] for r in in_turn] == [1, 2, 3, 4]
+        np.testing.assert_allclose([r["loss"] for r in together], [r["loss"] for r in in_turn], rtol=1e-5)
+        a, b = adapter(runs[f"sweep-{beta}"].adapter_dir), adapter(runs[f"after-{beta}"].adapter_dir)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    low, high = metrics(runs["sweep-0.1"].run_dir), metrics(runs["sweep-0.5"].run_dir)
+    assert low[0]["loss"] == pytest.approx(high[0]["loss"], rel=1e-6)  # r == 0 at step 1: beta does not matter
+    assert abs(low[-1]["loss"] - high[-1]["loss"]) > 1e-4  # and then it does: two different runs

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from uft_ray import api, cli
-from uft_ray.config import ConfigError
+from uft_ray.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "jobs/configs/demo.yaml"
@@ -170,18 +170,20 @@ def test_jobs_sequential_validates_both_stages():
     assert "stage 2 config" in err.getvalue() and "loss.type: 'bogus'" in err.getvalue()
 
 
-def test_demo_overrides_point_at_the_tiny_assets(tmp_path, monkeypatch):
-    import uft_ray.tiny_model as tm
+def test_demo_overrides_point_at_the_demo_assets(tmp_path):
+    from uft_ray.demo import demo_config_text, demo_overrides
 
-    fake = {"model": "/m", "ultrachat_200k_train": "/u/*.parquet", "helpsteer2_train": "/h.jsonl.gz"}
-    monkeypatch.setattr(tm, "ensure_tiny_assets", lambda root: fake)
-    assert cli.demo_overrides(tmp_path) == [
-        "model.path=/m",
-        "data.sources.0.path=/u/*.parquet",
-        "data.sources.1.path=/h.jsonl.gz",
+    overrides = demo_overrides(tmp_path)
+    assert overrides == [
+        f"model.path={tmp_path / 'tiny-model'}",
+        f"data.sources.0.path={tmp_path / 'samples/ultrachat_200k/data/train_sft-*.parquet'}",
+        f"data.sources.1.path={tmp_path / 'samples/helpsteer2/train.jsonl.gz'}",
     ]
-    raw = yaml.safe_load(cli.demo_config_text())
+    raw = yaml.safe_load(demo_config_text())
     assert [s["name"] for s in raw["data"]["sources"]] == ["ultrachat", "helpsteer2"]  # the indices above
+    cfg = load_config(raw, overrides)  # paths checked: every one exists
+    assert cfg.model.path == str(tmp_path / "tiny-model")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples", "tiny-model"]  # no bad-row fixtures
 
 
 def test_report_command(tmp_path, capsys):

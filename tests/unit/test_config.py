@@ -157,3 +157,90 @@ def test_not_a_mapping_and_missing_file(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     assert "the top level must be a mapping" in messages(str(tmp_path / "list.yaml"))[0]  # type: ignore[arg-type]
     assert "does not exist" in messages(str(tmp_path / "nope.yaml"))[0]  # type: ignore[arg-type]
+
+
+# --- paths: checked before any cluster work, `~` and relative paths resolved in one place ------------------
+
+
+def test_a_local_model_path_that_does_not_exist_fails_validation(tmp_path: Path) -> None:
+    cfg = base(tmp_path)
+    cfg["model"]["path"] = "/nope"
+    assert messages(cfg) == ["model.path: '/nope' does not exist (a local model directory)"]
+    cfg["model"]["adapter"] = str(tmp_path / "no-adapter")
+    cfg["reference"] = {"model_path": "~/no-such-model-dir", "adapter": "./missing-adapter"}
+    got = messages(cfg)
+    assert len(got) == 4 and got[0].startswith("model.path:") and got[1].startswith("model.adapter:")
+    assert got[2].startswith("reference.model_path:") and got[3].startswith("reference.adapter:")
+    # skipped where the path is another machine's, and for URIs and hub ids
+    load_config(cfg, check_paths=False)
+    cfg = base(tmp_path)
+    for path in ("s3://bucket/models/x", "Qwen/Qwen2.5-0.5B"):
+        cfg["model"]["path"] = path
+        assert load_config(cfg).model.path == path
+
+
+def test_tilde_is_expanded_in_every_path_field_before_anything_loads(tmp_path: Path, monkeypatch) -> None:
+    home = tmp_path / "home"
+    (home / "models/x").mkdir(parents=True)
+    (home / "adapter").mkdir()
+    (home / "data").mkdir()
+    (home / "data/uc.parquet").write_bytes(b"")
+    monkeypatch.setenv("HOME", str(home))
+    cfg = base(tmp_path)
+    cfg["model"] = {"path": "~/models/x", "adapter": "~/adapter"}
+    cfg["data"]["sources"][0]["path"] = "~/data/*.parquet"
+    cfg["reference"] = {"model_path": "~/models/x", "cache_dir": "~/.cache/uft-ray"}
+    cfg["output"] = {"storage_path": "~/runs", "run_name": "r"}
+    c = load_config(cfg)
+    assert c.model.path == c.reference.model_path == str(home / "models/x")
+    assert c.model.adapter == str(home / "adapter")
+    assert c.data.sources[0].path == str(home / "data/*.parquet")
+    assert c.reference.cache_dir == str(home / ".cache/uft-ray")
+    assert c.output.run_dir == str(home / "runs" / "r")
+
+
+def test_relative_paths_resolve_against_the_yaml_then_the_working_directory(tmp_path: Path, monkeypatch) -> None:
+    conf = tmp_path / "conf"
+    (conf / "models/tiny").mkdir(parents=True)
+    (tmp_path / "work/data").mkdir(parents=True)
+    (tmp_path / "work/data/uc.parquet").write_bytes(b"")
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = base(tmp_path)
+    cfg["model"]["path"] = "models/tiny"  # beside the YAML
+    cfg["data"]["sources"][0]["path"] = "data/uc.parquet"  # in the working directory only
+    (conf / "c.yaml").write_text(yaml.safe_dump(cfg))
+    c = load_config(conf / "c.yaml")
+    assert c.model.path == str(conf / "models/tiny")
+    assert c.data.sources[0].path == str(tmp_path / "work/data/uc.parquet")
+    raw = load_config(conf / "c.yaml", check_paths=False, resolve_paths=False)  # a config shipped elsewhere
+    assert raw.model.path == "models/tiny"
+
+
+# --- one dtype for the policy and the reference -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "use_gpu", "expected"),
+    [
+        ("bfloat16", False, "float32"),  # a CPU run computes in fp32 on both sides, whatever model.dtype says
+        ("auto", False, "float32"),
+        ("auto", True, "bfloat16"),
+        ("float16", True, "float16"),
+        ("float32", True, "float32"),
+    ],
+)
+def test_policy_and_reference_compute_in_one_dtype(tmp_path: Path, dtype: str, use_gpu: bool, expected: str) -> None:
+    """A bf16 reference against an fp32 policy makes r != 0 before the first step: both sides use one rule."""
+    import torch
+
+    from uft_ray.reference.scorer import scorer_kwargs
+    from uft_ray.train.engine import deepspeed_config, resolve_dtype
+
+    cfg = base(tmp_path)
+    cfg["model"]["dtype"] = dtype
+    cfg["train"] = {"use_gpu": use_gpu}
+    c = load_config(cfg)
+    assert scorer_kwargs(c)["dtype"] == expected
+    assert resolve_dtype(c, use_gpu) == getattr(torch, expected)
+    ds = deepspeed_config(c, use_gpu)
+    assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (expected == "bfloat16", expected == "float16")

@@ -20,12 +20,12 @@ from uft_ray.data.quarantine import Quarantined
 from uft_ray.data.sources import (
     SourceError,
     file_type,
-    filesystem_for,
     iter_jsonl,
     iter_records,
     list_files,
     plan_parts,
 )
+from uft_ray.storage import filesystem_for
 
 
 def write_jsonl(path: Path, lines: list[str], gz: bool = False) -> Path:

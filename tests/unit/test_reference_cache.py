@@ -1,4 +1,4 @@
-"""The reference cache without Ray: fingerprint inputs, cache validation, publishing, joining into DIR/rows."""
+"""The reference cache without Ray: fingerprint inputs, cache validation, publishing, joining into the feed."""
 
 from __future__ import annotations
 
@@ -11,17 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from uft_ray import reference, schema
+from uft_ray import schema
 from uft_ray.config import Config, load_config
-from uft_ray.reference import (
-    fingerprint,
-    fingerprint_inputs,
-    length_groups,
-    load_cache,
-    merge_summary,
-    write_cache,
-    write_ref_columns,
-)
+from uft_ray.data.prepared import join_columns, merge_summary
+from uft_ray.reference import fingerprint as fp_module
+from uft_ray.reference import service
+from uft_ray.reference.cache import REFERENCE_FIELDS, as_lookup, cache_root, load_cache, write_cache
+from uft_ray.reference.fingerprint import fingerprint, fingerprint_inputs
+from uft_ray.reference.scorer import SCORER_INPUT_COLUMNS, ReferenceScorer, length_groups
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
@@ -52,7 +49,7 @@ def rows_table(n: int = 6, pairs: bool = True) -> pa.Table:
         )
     return pa.Table.from_pylist(
         rows,
-        schema=pa.schema([schema.TOKENIZED.field(c) for c in reference.SCORER_INPUT_COLUMNS]),
+        schema=pa.schema([schema.TOKENIZED.field(c) for c in SCORER_INPUT_COLUMNS]),
     )
 
 
@@ -189,8 +186,8 @@ def test_duplicate_row_ids_are_refused(base):
 def test_file_hashes_are_memoized_by_size_and_mtime(base, tmp_path, monkeypatch):
     model, cfg, rows = base
     calls = []
-    real = reference._sha256_file
-    monkeypatch.setattr(reference, "_sha256_file", lambda p: calls.append(p.name) or real(p))
+    real = fp_module._sha256_file
+    monkeypatch.setattr(fp_module, "_sha256_file", lambda p: calls.append(p.name) or real(p))
     memo = tmp_path / "memo.json"
     fingerprint_inputs(cfg, rows, memo_path=memo)
     assert "model.safetensors" in calls and memo.is_file()
@@ -208,7 +205,7 @@ def test_cache_dir_expands_user(base, tmp_path, monkeypatch):
     _, cfg, _ = base
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg.reference.cache_dir = "~/.cache/uft-ray"
-    assert reference.cache_root(cfg) == tmp_path / "home" / ".cache" / "uft-ray" / "ref_logp"
+    assert cache_root(cfg) == tmp_path / "home" / ".cache" / "uft-ray" / "ref_logp"
 
 
 def ref_table(ids: list[str]) -> pa.Table:
@@ -272,28 +269,25 @@ def test_a_damaged_cache_is_replaced_and_a_valid_one_kept(tmp_path):
     assert json.loads((final / "manifest.json").read_text())["inputs"] == {"second": True}
 
 
-def test_ref_columns_join_by_row_id_and_keep_row_order(tmp_path):
-    (tmp_path / "rows").mkdir()
+def test_ref_columns_join_by_row_id_and_keep_row_order():
     rows = rows_table(6).append_column("score", pa.array(np.linspace(0, 1, 6), pa.float32()))
-    pq.write_table(rows.slice(0, 4), tmp_path / "rows" / "part-00000.parquet")
-    pq.write_table(rows.slice(4), tmp_path / "rows" / "part-00001.parquet")
     ids = rows.column("row_id").to_pylist()
-    write_ref_columns(tmp_path, ref_table(ids).take(pa.array([3, 1, 5, 0, 2, 4])))
-    out = pq.read_table(tmp_path / "rows")
-    assert out.column("row_id").to_pylist() == ids
-    assert out.drop_columns([schema.REF_LOGP, schema.REF_LOGP_REJECTED]).equals(rows)
-    assert out.column(schema.REF_LOGP).to_pylist() == ref_table(ids).column(schema.REF_LOGP).to_pylist()
+    lookup = as_lookup(ref_table(ids).take(pa.array([3, 1, 5, 0, 2, 4])))  # the cache's order is not the rows'
+    out = join_columns(rows.slice(1, 4), lookup, REFERENCE_FIELDS)
+    assert out.column("row_id").to_pylist() == ids[1:5]
+    assert out.drop_columns([schema.REF_LOGP, schema.REF_LOGP_REJECTED]).equals(rows.slice(1, 4))
+    assert out.column(schema.REF_LOGP).to_pylist() == [-i - 0.5 for i in range(1, 5)]
     assert out.schema.field(schema.REF_LOGP_REJECTED).type == pa.float64()
-    assert out.column(schema.REF_LOGP_REJECTED).null_count == 4
-    write_ref_columns(tmp_path, ref_table(ids))  # idempotent: replaces, never duplicates, the columns
-    assert pq.read_table(tmp_path / "rows").num_columns == out.num_columns
+    assert out.column(schema.REF_LOGP_REJECTED).null_count == 3
+    again = join_columns(out, lookup, REFERENCE_FIELDS)  # replaces, never duplicates, the columns
+    assert again.equals(out)
     with pytest.raises(KeyError, match="r5"):
-        write_ref_columns(tmp_path, ref_table(ids[:5]))
+        join_columns(rows, as_lookup(ref_table(ids[:5])), REFERENCE_FIELDS)
 
 
 def test_summary_entry_is_merged(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"rows_out": 6, "sources": {"s": {}}}))
-    merge_summary(tmp_path, {"cache": "hit"})
+    merge_summary(str(tmp_path), "reference", {"cache": "hit"})
     assert json.loads((tmp_path / "summary.json").read_text()) == {
         "rows_out": 6,
         "sources": {"s": {}},
@@ -321,33 +315,35 @@ def test_hit_reads_the_cache_without_ray_or_a_model(base, tmp_path, monkeypatch)
     pq.write_table(rows, prepared / "rows" / "part-00000.parquet")
     fp = fingerprint(fingerprint_inputs(cfg, rows))
     ids = rows.column("row_id").to_pylist()
-    write_cache(reference.cache_root(cfg), fp, ref_table(ids), {})
+    write_cache(cache_root(cfg), fp, ref_table(ids), {})
 
     def no_scoring(*a, **k):
         raise AssertionError("scored on a hit")
 
-    monkeypatch.setattr(reference, "_precompute", no_scoring)
-    entry = reference.attach_reference(cfg, prepared)
+    monkeypatch.setattr(service, "_precompute", no_scoring)
+    entry = service.attach_reference(cfg, prepared)
     assert entry["cache"] == "hit" and entry["model_forwards"] == 0 and entry["fingerprint"] == fp
     assert json.loads((prepared / "summary.json").read_text())["reference"] == entry
-    assert pq.read_table(prepared / "rows").column(schema.REF_LOGP).to_pylist() == [-i - 0.5 for i in range(6)]
+    assert pq.read_table(prepared / "rows").equals(rows)  # the rows are not rewritten
+    got = service.read_reference(entry, ids)
+    assert got.column(schema.REF_LOGP).to_pylist() == [-i - 0.5 for i in range(6)]
 
 
 def test_no_reference_needed_is_skipped(base, tmp_path):
     _, cfg, _ = base
     cfg.loss.type = "sft"
     (tmp_path / "p").mkdir()
-    assert reference.attach_reference(cfg, tmp_path / "p")["cache"] == "skipped"
+    assert service.attach_reference(cfg, tmp_path / "p")["cache"] == "skipped"
     cfg.loss.type = "uft"
     cfg.reference.mode = "adapter_off"
-    assert reference.attach_reference(cfg, tmp_path / "p")["cache"] == "skipped"
+    assert service.attach_reference(cfg, tmp_path / "p")["cache"] == "skipped"
 
 
 def test_scorer_batches_formats_and_sub_batches_agree(tmp_path):
     """The scorer without Ray: arrow and numpy batches, one forward or many, give the same numbers."""
     from transformers import AutoTokenizer
 
-    from uft_ray.tiny_model import make_tiny_model
+    from uft_ray.demo.tiny_model import make_tiny_model
 
     model = make_tiny_model(tmp_path / "tiny")
     tok = AutoTokenizer.from_pretrained(model)
@@ -364,8 +360,8 @@ def test_scorer_batches_formats_and_sub_batches_agree(tmp_path):
             }
         )
     batch = pa.Table.from_pylist(rows, schema=rows_table().schema)
-    one = reference.ReferenceScorer(model)
-    many = reference.ReferenceScorer(model, max_tokens_per_forward=1)  # one sequence per forward
+    one = ReferenceScorer(model)
+    many = ReferenceScorer(model, max_tokens_per_forward=1)  # one sequence per forward
     a = one(batch)
     b = many(batch)
     assert a.column_names == [*batch.column_names, schema.REF_LOGP, schema.REF_LOGP_REJECTED]
@@ -385,14 +381,12 @@ def test_scorer_batches_formats_and_sub_batches_agree(tmp_path):
     )
 
 
-def test_a_stream_miss_defers_and_drops_stale_columns(base, tmp_path):
+def test_a_stream_miss_defers_and_leaves_the_rows_alone(base, tmp_path):
     _, cfg, rows = base
     prepared = tmp_path / "prepared"
     (prepared / "rows").mkdir(parents=True)
-    ids = rows.column("row_id").to_pylist()
     pq.write_table(rows, prepared / "rows" / "part-00000.parquet")
-    write_ref_columns(prepared, ref_table(ids))  # from another fingerprint
-    entry = reference.attach_reference(cfg, prepared, run="stream")
+    entry = service.attach_reference(cfg, prepared, run="stream")
     assert entry["cache"] == "miss" and entry["deferred"] and entry["model_forwards"] == 0
     assert pq.read_table(prepared / "rows").equals(rows)
 
@@ -402,7 +396,7 @@ def test_a_long_response_keeps_1e4_absolute(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from uft_ray.tiny_model import make_tiny_model
+    from uft_ray.demo.tiny_model import make_tiny_model
 
     model_dir = make_tiny_model(tmp_path / "tiny")
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -414,5 +408,5 @@ def test_a_long_response_keeps_1e4_absolute(tmp_path):
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=x).logits[0], dim=-1)
     direct = float(logp[4 : len(ids) - 1].gather(1, x[0, 5:, None]).double().sum())
-    got, _ = reference.ReferenceScorer(model_dir).score([np.array(ids)], [5])
+    got, _ = ReferenceScorer(model_dir).score([np.array(ids)], [5])
     assert got[0] == pytest.approx(direct, abs=1e-4)

@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from uft_ray.config import load_config
-from uft_ray.report import PLOTS, read_metrics, sources_in, write_report
+from uft_ray.report import PLOTS, sources_in, write_report
+from uft_ray.run_dir import read_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SOURCES = ("ultrachat", "helpsteer2")

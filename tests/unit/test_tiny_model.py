@@ -12,13 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from uft_ray.samples import TextGen
-from uft_ray.tiny_model import (
+from uft_ray.demo.samples import TextGen
+from uft_ray.demo.tiny_model import (
     IM_END,
     IM_START,
     PAD_TOKEN,
     STAMP,
-    ensure_tiny_assets,
     make_tiny_model,
     make_tokenizer,
     make_tokenizer_without_template,
@@ -100,7 +99,7 @@ def test_bpe_learned_the_sample_text(model_dir: Path) -> None:
 
 
 def test_sample_rows_have_useful_lengths(model_dir: Path, tmp_path: Path) -> None:
-    from uft_ray.samples import write_samples
+    from uft_ray.demo.samples import write_samples
 
     paths = write_samples(tmp_path)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -163,15 +162,17 @@ def test_tokenizer_variants(tmp_path: Path) -> None:
         make_tokenizer(template="llama")
 
 
-def test_ensure_tiny_assets(tmp_path: Path) -> None:
-    paths = ensure_tiny_assets(tmp_path)
+def test_ensure_demo_assets(tmp_path: Path) -> None:
+    from uft_ray.demo import ensure_demo_assets
+
+    paths = ensure_demo_assets(tmp_path)
     assert Path(paths["samples"]) == tmp_path / "samples" and Path(paths["model"]) == tmp_path / "tiny-model"
-    for key in ("ultrachat_200k_train", "helpsteer2_train", "helpsteer2_preference", "trl_scored", "bad_manifest"):
+    for key in ("ultrachat_200k_train", "helpsteer2_train", "helpsteer2_preference", "trl_scored"):
         assert glob.glob(paths[key]), key
     AutoTokenizer.from_pretrained(paths["model"])
     stamp = (tmp_path / "samples/uft_samples.json").stat().st_mtime_ns
     t0 = time.perf_counter()
-    assert ensure_tiny_assets(tmp_path) == paths
+    assert ensure_demo_assets(tmp_path) == paths
     assert time.perf_counter() - t0 < 0.5
     assert (tmp_path / "samples/uft_samples.json").stat().st_mtime_ns == stamp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples", "tiny-model"]
@@ -180,9 +181,10 @@ def test_ensure_tiny_assets(tmp_path: Path) -> None:
 def test_concurrent_sample_setup(tmp_path: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from uft_ray import tiny_model
+    from uft_ray import demo
 
     with ThreadPoolExecutor(3) as pool:
-        list(pool.map(lambda _: tiny_model._ensure_samples(tmp_path / "samples", 0), range(3)))
+        list(pool.map(lambda _: demo._ensure_samples(tmp_path / "samples", 0), range(3)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples"], "losers of the race clean up"
-    assert (tmp_path / "samples/bad/expected.json").is_file()
+    assert (tmp_path / "samples/uft_samples.json").is_file()
+    assert not (tmp_path / "samples/bad").exists()  # the demo writes no bad-row fixtures

@@ -12,7 +12,7 @@ from uft_ray.data import quarantine as q
 from uft_ray.data.normalize import unified_row
 from uft_ray.data.quarantine import Reject
 from uft_ray.data.tokenize import ChatEncoder, TokenizerError, load_tokenizer, merge_system
-from uft_ray.tiny_model import make_tokenizer
+from uft_ray.demo.tiny_model import make_tokenizer
 
 LONG = TokenizeConfig(max_prompt_len=1024, max_len=2048)
 

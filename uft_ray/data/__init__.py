@@ -1,9 +1,10 @@
 """The data plane: source files -> unified rows -> mixture -> tokenized rows (DESIGN.md "Data flow").
 
-`prepare(cfg, out_dir)` runs it on Ray Data and writes the prepared directory of docs/internals.md;
-`read_prepared` / `prepared_dataset` read it back. The parts, each importable without starting Ray:
-`sources` (paths, filesystems, raw readers), `normalize` (raw row -> unified rows), `mixture` (quotas and the
-seeded selection), `tokenize` (chat template, response mask, length policy), `quarantine` (rejected rows).
+`pipeline.prepare(cfg, out_dir)` runs it on Ray Data and writes a prepared directory; `prepared` owns that
+directory (its file names, reading rows and the summary, attaching columns). The parts, each importable
+without starting Ray: `sources` (paths, raw readers), `normalize` (raw row -> unified rows), `mixture`
+(quotas and the seeded selection), `tokenize` (chat template, response mask, length policy), `quarantine`
+(rejected rows).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from uft_ray.data.pipeline import prepare, prepared_dataset, read_prepared, read_source, read_summary
+    from uft_ray.data.pipeline import prepare, read_source
 
-__all__ = ["prepare", "prepared_dataset", "read_prepared", "read_source", "read_summary"]
+__all__ = ["prepare", "read_source"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,7 @@
 """The data plane on Ray Data: source files -> unified rows -> mixture -> tokenized rows in a prepared directory.
 
-`prepare(cfg, out_dir)` writes the layout of docs/internals.md ("Prepared directory"):
+`prepare(cfg, out_dir)` writes the layout that `uft_ray.data.prepared` owns (docs/internals.md "Prepared
+directory"):
 
     DIR/rows/*.parquet        schema.TOKENIZED, exactly the mixture's quota of rows per source
     DIR/quarantine/*.parquet  schema.QUARANTINE, every rejected row with reason, source, detail, raw
@@ -55,15 +56,17 @@ from ray.data import Dataset
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from uft_ray import schema
+from uft_ray import schema, storage
 from uft_ray.config import Config, SourceConfig
 from uft_ray.data import mixture
+from uft_ray.data import prepared as prep
 from uft_ray.data import quarantine as q
 from uft_ray.data.mixture import RANK_SPACE, MixtureError, Take
 from uft_ray.data.normalize import Normalizer, Outcome
 from uft_ray.data.quarantine import Quarantined, Reject
-from uft_ray.data.sources import FilePart, SourceError, filesystem_for, is_remote, iter_records, plan_parts
+from uft_ray.data.sources import FilePart, SourceError, iter_records, plan_parts
 from uft_ray.data.tokenize import TokenizerError, cached_encoder, encoder_key, load_tokenizer
+from uft_ray.storage import StorageError, filesystem_for, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -319,31 +322,6 @@ class StagedDatasource(Datasource):
 # The driver side
 
 
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
-
-
-def _reset_outputs(out_dir: str) -> None:
-    fs, base = filesystem_for(out_dir)
-    fs.create_dir(base, recursive=True)
-    for name in ("rows", "quarantine", "_work"):
-        path = _join(base, name)
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            fs.delete_dir(path)
-    summary = _join(base, "summary.json")
-    if fs.get_file_info(summary).type == pafs.FileType.File:
-        fs.delete_file(summary)
-
-
-def _parquet_files(dir_uri: str) -> tuple[pafs.FileSystem, list[str]]:
-    fs, base = filesystem_for(dir_uri)
-    if fs.get_file_info(base).type != pafs.FileType.Directory:
-        return fs, []
-    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
-    return fs, sorted(f for f in files if not f.rsplit("/", 1)[-1].startswith("."))
-
-
 def _unwrap(e: BaseException) -> BaseException | None:
     """The data-plane error inside a Ray task failure (Ray wraps user exceptions once or twice)."""
     seen = set()
@@ -353,7 +331,7 @@ def _unwrap(e: BaseException) -> BaseException | None:
         if id(cur) in seen:
             continue
         seen.add(id(cur))
-        if isinstance(cur, (SourceError, TokenizerError, MixtureError)):
+        if isinstance(cur, (SourceError, StorageError, TokenizerError, MixtureError)):
             return cur
         for nxt in (cur.__cause__, cur.__context__, getattr(cur, "cause", None)):
             if isinstance(nxt, BaseException):
@@ -375,7 +353,7 @@ def _execute(what: str, fn: Any) -> Any:
         if isinstance(e, ray.exceptions.RayError):
             # Ray's text holds the worker traceback; keep the first line that names our error
             for line in str(e).splitlines():
-                for cls in (SourceError, TokenizerError, MixtureError):
+                for cls in (SourceError, StorageError, TokenizerError, MixtureError):
                     if line.startswith(f"{cls.__module__}.{cls.__name__}: ") or line.startswith(f"{cls.__name__}: "):
                         raise cls(line.split(": ", 1)[1]) from e
         raise
@@ -389,7 +367,7 @@ def _scan(files: list[str], fs: pafs.FileSystem, columns: list[str], filter: Any
 
 def _collect_ranks(stage_dir: str) -> tuple[dict[str, np.ndarray], Counter[str]]:
     """Per source: the ranks of staged `ok` rows; and the number of staged rows (ok + too_long)."""
-    fs, files = _parquet_files(stage_dir)
+    fs, files = prep.parquet_files(stage_dir)
     ranks: dict[str, list[np.ndarray]] = {}
     staged: Counter[str] = Counter()
     for b in _scan(files, fs, ["source", "_rank", "_status"]):
@@ -409,7 +387,7 @@ def _keepers(stage_dirs: list[str], dups: dict[str, np.ndarray]) -> dict[str, di
         return {}
     out: dict[str, dict[int, str]] = {}
     for d in stage_dirs:
-        fs, files = _parquet_files(d)
+        fs, files = prep.parquet_files(d)
         for s, ranks in dups.items():
             if not len(ranks):
                 continue
@@ -423,7 +401,7 @@ def _keepers(stage_dirs: list[str], dups: dict[str, np.ndarray]) -> dict[str, di
 
 def _count_rows(rows_dir: str) -> tuple[Counter[str], Counter[str]]:
     """Rows per source in DIR/rows, and how many are upsampled copies (row_id with '#')."""
-    fs, files = _parquet_files(rows_dir)
+    fs, files = prep.parquet_files(rows_dir)
     rows: Counter[str] = Counter()
     copies: Counter[str] = Counter()
     for b in _scan(files, fs, ["source", "row_id"]):
@@ -434,18 +412,12 @@ def _count_rows(rows_dir: str) -> tuple[Counter[str], Counter[str]]:
     return rows, copies
 
 
-def _write_json(uri: str, obj: Any) -> None:
-    fs, path = filesystem_for(uri)
-    with fs.open_output_stream(path) as f:
-        f.write((json.dumps(obj, indent=1, sort_keys=False) + "\n").encode())
-
-
 def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
     """Run the data plane for `cfg` into `out_dir` (replacing its rows/, quarantine/ and summary.json).
 
-    Returns the summary (also written to DIR/summary.json). Raises `SourceError` for a file that cannot be
-    read at all, `TokenizerError` for an unusable tokenizer, `MixtureError` for a source smaller than its
-    quota (without `mixture.allow_upsample`).
+    Returns the summary (also written to DIR/summary.json, last). Raises `SourceError` for a file that cannot
+    be read at all, `TokenizerError` for an unusable tokenizer, `MixtureError` for a source smaller than its
+    quota (without `mixture.allow_upsample`). The passes of the module docstring, in order.
     """
     from uft_ray.ray_utils import init_ray
 
@@ -453,45 +425,78 @@ def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
     if not is_remote(out_dir):  # Ray's workers may run in another working directory
         out_dir = os.path.abspath(os.path.expanduser(out_dir))
     load_tokenizer(cfg.model)  # fail before any cluster work when the tokenizer cannot render chats
-    names = [s.name for s in cfg.data.sources]
-    quota = mixture.quotas(cfg.mixture, names)
+    quota = mixture.quotas(cfg.mixture, [s.name for s in cfg.data.sources])
     active = [s for s in cfg.data.sources if quota[s.name] > 0]
     parts = _source_parts(active)  # lists files and reads parquet footers: bad paths fail here, named
     if not ray.is_initialized():
         init_ray(cfg.ray)
-    _reset_outputs(out_dir)
-    qdir, work = _join(out_dir, "quarantine"), _join(out_dir, "_work")
-    seed = cfg.data.seed
+    prep.reset(out_dir)
+    qdir = prep.quarantine_dir(out_dir)
 
-    # 1. normalize everything once: quarantine + counts
-    stats_ds = _read(SourceFilesDatasource(parts, seed=seed, mode="stats", quarantine_dir=qdir))
+    counts = _normalize_pass(cfg, parts, active, quota, qdir)  # 1.
+    bands = _band_passes(cfg, parts, active, quota, counts["normalized"], prep.work_dir(out_dir))  # 2.
+    _select_pass(out_dir, bands, qdir)  # 3.
+    summary = _summary(cfg, out_dir, parts, quota, counts, bands, seconds=time.time() - t0)
+    for s in bands.takes:
+        if summary["sources"][s]["rows_out"] != quota[s]:  # pragma: no cover - an invariant of select_block
+            raise RuntimeError(
+                f"source {s!r}: wrote {summary['sources'][s]['rows_out']} rows for a quota of {quota[s]}"
+            )
+    prep.write_summary(out_dir, summary)
+    fs, base = filesystem_for(prep.work_dir(out_dir))
+    if fs.get_file_info(base).type == pafs.FileType.Directory:
+        fs.delete_dir(base)
+    return summary
+
+
+def _normalize_pass(
+    cfg: Config, parts: list[tuple[SourceConfig, int, FilePart]], active: list[SourceConfig], quota: dict, qdir: str
+) -> dict[str, Counter[str]]:
+    """Normalize everything once: quarantine and counts. A source with fewer valid rows than its quota fails here."""
+    stats_ds = _read(SourceFilesDatasource(parts, seed=cfg.data.seed, mode="stats", quarantine_dir=qdir))
     stats = _execute("normalize", stats_ds.take_all)
-    rows_read: Counter[str] = Counter()
-    normalized: Counter[str] = Counter()
+    counts: dict[str, Counter[str]] = {"rows_read": Counter(), "normalized": Counter()}
     for st in stats:
-        rows_read[st["source"]] += st["rows_read"]
-        normalized[st["source"]] += st["normalized"]
-    allow = cfg.mixture.allow_upsample
+        counts["rows_read"][st["source"]] += st["rows_read"]
+        counts["normalized"][st["source"]] += st["normalized"]
     for s in active:
-        if normalized[s.name] < quota[s.name] and not allow:
+        n = counts["normalized"][s.name]
+        if n < quota[s.name] and not cfg.mixture.allow_upsample:
             stage = "(after normalization; tokenization can only drop more)"
-            raise MixtureError(mixture.shortfall_message(s.name, normalized[s.name], quota[s.name], stage=stage))
+            raise MixtureError(mixture.shortfall_message(s.name, n, quota[s.name], stage=stage))
+    return counts
 
-    # 2. tokenize bands of the seeded order until every quota is met
+
+class _Bands:
+    """What the band passes found: per source the take (quota cutoff), the staged ranks, tokenized counts."""
+
+    def __init__(self, active: list[SourceConfig]) -> None:
+        self.ranks: dict[str, list[np.ndarray]] = {s.name: [] for s in active}
+        self.tokenized: Counter[str] = Counter()
+        self.takes: dict[str, Take] = {}
+        self.stage_dirs: list[str] = []
+
+
+def _band_passes(
+    cfg: Config,
+    parts: list[tuple[SourceConfig, int, FilePart]],
+    active: list[SourceConfig],
+    quota: dict[str, int],
+    normalized: Counter[str],
+    work: str,
+) -> _Bands:
+    """Tokenize bands of the seeded order, staged under `work`, until every source's quota is met."""
     m_key, t_key = encoder_key(cfg.model, cfg.tokenize)
+    found = _Bands(active)
     ends = {s.name: 0 for s in active}
-    found = {s.name: 0 for s in active}
-    ranks: dict[str, list[np.ndarray]] = {s.name: [] for s in active}
-    tokenized: Counter[str] = Counter()
-    takes: dict[str, Take] = {}
-    stage_dirs: list[str] = []
-    unique: dict[str, np.ndarray] = {}
     pending = [s.name for s in active]
     while pending:
-        bands = {s: (ends[s], mixture.next_band_end(ends[s], normalized[s], found[s], quota[s])) for s in pending}
-        stage = _join(work, f"pass{len(stage_dirs)}")
+        bands = {
+            s: (ends[s], mixture.next_band_end(ends[s], normalized[s], _found(found, s), quota[s])) for s in pending
+        }
+        stage = storage.join(work, f"pass{len(found.stage_dirs)}")
         band_parts = [p for p in parts if p[0].name in bands]
-        ds = _read(SourceFilesDatasource(band_parts, seed=seed, mode="rows", bands=bands))
+        ds = _read(SourceFilesDatasource(band_parts, seed=cfg.data.seed, mode="rows", bands=bands))
         ds = ds.map_batches(
             tokenize_block,
             fn_kwargs={"model_key": m_key, "tokenize_key": t_key},
@@ -499,40 +504,65 @@ def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
             batch_format="pyarrow",
         )
         _execute("tokenize", functools.partial(ds.write_parquet, stage))
-        stage_dirs.append(stage)
+        found.stage_dirs.append(stage)
         new_ranks, staged = _collect_ranks(stage)
-        tokenized.update(staged)
+        found.tokenized.update(staged)
         for s in list(pending):
             ends[s] = bands[s][1]
             if s in new_ranks:
-                ranks[s].append(new_ranks[s])
-            unique[s] = np.unique(np.concatenate(ranks[s])) if ranks[s] else np.zeros(0, np.uint64)
-            found[s] = len(unique[s])
-            take = mixture.plan_take(s, unique[s], quota[s], complete=ends[s] >= RANK_SPACE, allow_upsample=allow)
+                found.ranks[s].append(new_ranks[s])
+            take = mixture.plan_take(
+                s,
+                _unique(found, s),
+                quota[s],
+                complete=ends[s] >= RANK_SPACE,
+                allow_upsample=cfg.mixture.allow_upsample,
+            )
             if take is not None:
-                takes[s] = take
+                found.takes[s] = take
                 pending.remove(s)
-        log.info("band pass %d: found %s of %s", len(stage_dirs), found, quota)
+        log.info("band pass %d: found %s of %s", len(found.stage_dirs), {s: _found(found, s) for s in ends}, quota)
+    return found
 
-    # duplicated row ids: the same rank staged twice
+
+def _unique(found: _Bands, source: str) -> np.ndarray:
+    ranks = found.ranks[source]
+    return np.unique(np.concatenate(ranks)) if ranks else np.zeros(0, np.uint64)
+
+
+def _found(found: _Bands, source: str) -> int:
+    return len(_unique(found, source))
+
+
+def _select_pass(out_dir: str, found: _Bands, qdir: str) -> None:
+    """The quota smallest ranks per source (+ copies) into DIR/rows; too-long rows and duplicate row ids the
+    seeded walk reached go to quarantine (a duplicate: the same rank staged twice, the first in file order kept)."""
     dups = {}
-    for s in takes:
-        all_ranks = np.concatenate(ranks[s]) if ranks[s] else np.zeros(0, np.uint64)
+    for s in found.takes:
+        all_ranks = np.concatenate(found.ranks[s]) if found.ranks[s] else np.zeros(0, np.uint64)
         vals, counts = np.unique(all_ranks, return_counts=True)
         dups[s] = vals[counts > 1]
-    keepers = _keepers(stage_dirs, dups)
-
-    # 3. select: the quota smallest ranks per source (+ copies), too-long / duplicates visited -> quarantine
-    rows_dir = _join(out_dir, "rows")
-    take_args = {s: (t.cutoff, t.base, t.extra_cutoff) for s, t in takes.items()}
-    staged_files = [_file_uri(out_dir, f) for d in stage_dirs for f in _parquet_files(d)[1]]
+    keepers = _keepers(found.stage_dirs, dups)
+    take_args = {s: (t.cutoff, t.base, t.extra_cutoff) for s, t in found.takes.items()}
+    staged_files = [storage.as_uri(out_dir, f) for d in found.stage_dirs for f in prep.parquet_files(d)[1]]
     if staged_files:
         sel = _read(StagedDatasource(staged_files, take_args, keepers, qdir))
-        _execute("select", functools.partial(sel.write_parquet, rows_dir))
+        _execute("select", functools.partial(sel.write_parquet, prep.rows_dir(out_dir)))
 
-    # 4. summary, from what is on disk
-    rows_out, upsampled = _count_rows(rows_dir)
-    qcounts = q.count_reasons(qdir)
+
+def _summary(
+    cfg: Config,
+    out_dir: str,
+    parts: list[tuple[SourceConfig, int, FilePart]],
+    quota: dict[str, int],
+    counts: dict[str, Counter[str]],
+    found: _Bands,
+    *,
+    seconds: float,
+) -> dict[str, Any]:
+    """summary.json (the fields of the module docstring), from what is on disk."""
+    rows_out, upsampled = _count_rows(prep.rows_dir(out_dir))
+    qcounts = q.count_reasons(prep.quarantine_dir(out_dir))
     total_q = sum(quota.values())
     total_out = sum(rows_out.values())
     summary: dict[str, Any] = {"sources": {}, "quarantine": {}, "mixture": {}}
@@ -546,9 +576,9 @@ def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
             "kind": src.resolved_kind,
             "path": src.path,
             "files": len({p.uri for x, _, p in parts if x.name == s}),
-            "rows_read": rows_read[s],
-            "rows_normalized": normalized[s],
-            "rows_tokenized": tokenized[s],
+            "rows_read": counts["rows_read"][s],
+            "rows_normalized": counts["normalized"][s],
+            "rows_tokenized": found.tokenized[s],
             "quota": quota[s],
             "rows_out": rows_out[s],
             "quarantined": sum(qc.values()),
@@ -564,8 +594,8 @@ def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
         }
     summary["quarantine"] = dict(sorted(by_reason.items()))
     summary["rows_out"] = total_out
-    summary["seed"] = seed
-    summary["passes"] = 1 + len(stage_dirs)
+    summary["seed"] = cfg.data.seed
+    summary["passes"] = 1 + len(found.stage_dirs)
     summary["tokenizer"] = cfg.model.path
     summary["tokenize"] = {
         "max_prompt_len": cfg.tokenize.max_prompt_len,
@@ -573,45 +603,5 @@ def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
         "overflow": cfg.tokenize.overflow,
     }
     summary["reference"] = None
-    summary["seconds"] = round(time.time() - t0, 2)
-    for s in takes:
-        if rows_out[s] != quota[s]:  # pragma: no cover - an invariant of select_block
-            raise RuntimeError(f"source {s!r}: wrote {rows_out[s]} rows for a quota of {quota[s]}")
-    _write_json(_join(out_dir, "summary.json"), summary)
-    fs, base = filesystem_for(work)
-    if fs.get_file_info(base).type == pafs.FileType.Directory:
-        fs.delete_dir(base)
+    summary["seconds"] = round(seconds, 2)
     return summary
-
-
-def _file_uri(out_dir: str, path: str) -> str:
-    """A listed path back as what Ray's readers take (URIs keep their scheme)."""
-    if "://" in out_dir and "://" not in path:
-        return f"{out_dir.split('://', 1)[0]}://{path}"
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading a prepared directory
-
-
-def read_prepared(prepared_dir: str, columns: list[str] | None = None) -> pa.Table:
-    """DIR/rows as one table, for small column subsets (`row_id, source, length` for the plan)."""
-    fs, files = _parquet_files(_join(prepared_dir, "rows"))
-    if not files:
-        raise FileNotFoundError(f"{prepared_dir}/rows has no parquet files; run `uft-ray prepare` first")
-    return pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=columns)
-
-
-def prepared_dataset(prepared_dir: str) -> Dataset:
-    """DIR/rows as a lazy Ray Dataset (the trainer's and the reference's input)."""
-    fs, files = _parquet_files(_join(prepared_dir, "rows"))
-    if not files:
-        raise FileNotFoundError(f"{prepared_dir}/rows has no parquet files; run `uft-ray prepare` first")
-    return ray.data.read_parquet([_file_uri(prepared_dir, f) for f in files])
-
-
-def read_summary(prepared_dir: str) -> dict[str, Any]:
-    fs, path = filesystem_for(_join(prepared_dir, "summary.json"))
-    with fs.open_input_stream(path) as f:
-        return json.loads(f.read().decode())

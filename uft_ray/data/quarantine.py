@@ -5,16 +5,14 @@ A bad row never crashes a run and is never silently lost: it becomes a `Quaranti
 
 Records are written from inside Ray tasks. Ray may run a task twice (a retried task, a lost worker), so every
 file name is a function of the work it holds (`file_name`): a rerun overwrites the same file with the same
-rows instead of adding a second copy. Local writes go to a temporary name and are renamed into place, so a
+rows instead of adding a second copy. Files are written whole through `uft_ray.storage.atomic_write`, so a
 reader never sees half a file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import uuid
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,8 +22,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from uft_ray import schema
-from uft_ray.data.sources import filesystem_for
+from uft_ray import schema, storage
 
 # docs/internals.md "Quarantine reasons"; `no_pair` and `duplicate` are this module's additions.
 JSON_PARSE_ERROR = "json_parse_error"
@@ -107,28 +104,13 @@ def write_records(qdir: str, name: str, records: list[Quarantined]) -> str | Non
     if not records:
         return None
     table = to_table(records)
-    fs, base = filesystem_for(qdir)
-    path = f"{base.rstrip('/')}/{name}"
-    if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(base, exist_ok=True)
-        tmp = f"{base}/.{name}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    else:  # object stores: a put is atomic
-        fs.create_dir(base, recursive=True)
-        with fs.open_output_stream(path) as out:
-            pq.write_table(table, out)
+    path = storage.join(qdir, name)
+    storage.atomic_write(path, lambda out: pq.write_table(table, out))
     return path
 
 
 def _files(qdir: str) -> tuple[pafs.FileSystem, list[str]]:
-    fs, base = filesystem_for(qdir)
-    info = fs.get_file_info(base)
-    if info.type != pafs.FileType.Directory:
-        return fs, []
-    infos = fs.get_file_info(pafs.FileSelector(base))
-    names = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")]
-    return fs, sorted(n for n in names if not os.path.basename(n).startswith("."))
+    return storage.list_files(qdir, ".parquet", recursive=False)
 
 
 def count_reasons(qdir: str) -> dict[str, Counter[str]]:

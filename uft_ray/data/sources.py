@@ -1,9 +1,10 @@
-"""Finding and reading source files: paths, filesystems, and one raw-record reader per file type.
+"""Finding and reading source files: paths, globs, and one raw-record reader per file type.
 
 A source `path` (config `data.sources[i].path`) is a file, a directory (every data file under it, recursively,
 skipping hidden and `_`-prefixed names), a glob (`*`, `?`, `[..]`, `**`), or any of those behind a URI. Local
 paths and `s3://` / `gs://` URIs go through pyarrow's native filesystems; every other scheme (`hf://`, `az://`,
-`http(s)://`, ...) through fsspec, wrapped as a pyarrow filesystem so that the readers see one interface.
+`http(s)://`, ...) through fsspec, wrapped as a pyarrow filesystem so that the readers see one interface
+(uft_ray.storage owns the filesystems).
 Remote filesystems need their fsspec package (`pip install uft-ray[cloud]`: s3fs, gcsfs, huggingface_hub).
 
 The readers yield `RawRecord`s in file order and never interpret a row: that is `normalize`'s job. The one
@@ -20,7 +21,6 @@ that is what keeps HelpSteer2's consecutive response pairs together and gives ev
 
 from __future__ import annotations
 
-import functools
 import glob as _glob
 import json
 import os
@@ -35,20 +35,16 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from uft_ray.storage import StorageError, as_uri, filesystem_for, is_remote
+
 # file type by suffix (after removing a compression suffix)
 _TYPES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".lz4": "lz4"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _READ_CHUNK = 1 << 16  # small enough that a file breaking part way keeps nearly every line before the break
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
 
 
-def is_remote(path: str) -> bool:
-    """Whether `path` is a URI for a non-local filesystem (any `scheme://` but `file://`)."""
-    return bool(_URI.match(path)) and not path.lower().startswith("file://")
-
-
-class SourceError(RuntimeError):
+class SourceError(StorageError):
     """A source or one of its files cannot be read at all. The message names the file."""
 
 
@@ -87,59 +83,6 @@ class FilePart:
     @property
     def name(self) -> str:
         return self.relpath if self.row_groups is None else f"{self.relpath}@{self.first_row}"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Filesystems
-
-
-def _scheme(uri: str) -> str:
-    return uri.split("://", 1)[0].lower()
-
-
-@functools.lru_cache(maxsize=32)
-def _remote_filesystem(scheme: str, authority: str) -> tuple[pafs.FileSystem, bool]:
-    """A filesystem for `scheme://authority/...`; the bool says whether it is fsspec-backed."""
-    uri = f"{scheme}://{authority}/"
-    if scheme in ("s3", "gs", "gcs"):
-        try:
-            fs, _ = pafs.FileSystem.from_uri(uri)
-            return fs, False
-        except (pa.ArrowException, ValueError, OSError):
-            pass  # pyarrow built without this filesystem: fall back to fsspec
-    try:
-        import fsspec
-    except ImportError as e:  # pragma: no cover - fsspec is a dependency
-        raise SourceError(f"{uri}: no filesystem for {scheme}:// (install fsspec)") from e
-    try:
-        fs = fsspec.filesystem(scheme)
-    except (ImportError, ValueError) as e:
-        raise SourceError(
-            f"{uri}: no filesystem for {scheme}://: {e}; install its fsspec package "
-            "(pip install 'uft-ray[cloud]' gives s3fs, gcsfs and huggingface_hub)"
-        ) from e
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), True
-
-
-def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI."""
-    if not is_remote(uri):
-        if uri.startswith("file://"):
-            uri = uri[len("file://") :]
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-    scheme, rest = uri.split("://", 1)
-    authority = rest.split("/", 1)[0]
-    fs, is_fsspec = _remote_filesystem(scheme.lower(), authority)
-    if is_fsspec and scheme.lower() in ("http", "https"):
-        return fs, uri  # fsspec's http filesystem wants whole URLs
-    return fs, rest
-
-
-def _to_uri(original: str, path: str) -> str:
-    """The URI of `path` (as listed by the filesystem of `original`)."""
-    if not is_remote(original) or "://" in path:
-        return path
-    return f"{_scheme(original)}://{path}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -242,7 +185,7 @@ def list_files(path: str) -> tuple[list[str], str]:
             raise SourceError(f"{path}: does not exist")
     if not files:
         raise SourceError(f"{path}: no data files ({_known()})")
-    return sorted(_to_uri(path, f) for f in files), _to_uri(path, root)
+    return sorted(as_uri(path, f) for f in files), as_uri(path, root)
 
 
 def _known() -> str:

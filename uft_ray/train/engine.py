@@ -25,7 +25,6 @@ state go through DeepSpeed's own checkpoint (each rank writes its partition; the
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -38,23 +37,21 @@ from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-from uft_ray.config import Config
+from uft_ray.config import Config, compute_dtype
+from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINT_DEEPSPEED
 
 DS_TAG = "state"  # DeepSpeed checkpoint tag inside a checkpoint's ds/ folder
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def resolve_dtype(cfg: Config, use_gpu: bool) -> torch.dtype:
-    """`model.dtype`; `auto` is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and inexact)."""
-    if not use_gpu or cfg.model.dtype == "float32":
-        return torch.float32
-    if cfg.model.dtype == "float16":
-        return torch.float16
-    return torch.bfloat16
+    """The policy's dtype: `uft_ray.config.compute_dtype`, the rule the reference scorer follows too (so that
+    r == 0 before the first step), and float32 on a worker that sees no GPU."""
+    name = compute_dtype(cfg) if use_gpu else "float32"
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, use_gpu: bool) -> dict[str, Any]:
     """DeepSpeed's config from ours: batch shape, clipping, ZeRO stage and offload, mixed precision, AdamW."""
     tr, ds = cfg.train, cfg.train.deepspeed
     dtype = resolve_dtype(cfg, use_gpu)
@@ -66,7 +63,7 @@ def deepspeed_config(cfg: Config, world_size: int, use_gpu: bool) -> dict[str, A
     return {
         "train_micro_batch_size_per_gpu": tr.micro_batch_size,
         "gradient_accumulation_steps": tr.grad_accum,
-        "train_batch_size": tr.micro_batch_size * tr.grad_accum * world_size,
+        "train_batch_size": tr.global_batch_size,
         "gradient_clipping": tr.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": dtype == torch.bfloat16},
@@ -153,21 +150,23 @@ class Engine:
 
     def save(self, out_dir: str, *, rank: int) -> None:
         """Adapter (rank 0) + DeepSpeed optimizer/scheduler state (each rank its partition). Collective."""
-        self.save_adapter(os.path.join(out_dir, "adapter"), write=rank == 0)
+        self.save_adapter(os.path.join(out_dir, CHECKPOINT_ADAPTER), write=rank == 0)
         # Frozen base weights are excluded: the checkpoint holds the LoRA state only, whatever the model size.
-        self.ds.save_checkpoint(os.path.join(out_dir, "ds"), tag=DS_TAG, exclude_frozen_parameters=True)
+        self.ds.save_checkpoint(
+            os.path.join(out_dir, CHECKPOINT_DEEPSPEED), tag=DS_TAG, exclude_frozen_parameters=True
+        )
 
     def load(self, ckpt_dir: str) -> None:
         """Restore optimizer, scheduler and the fp32 LoRA master weights saved by `save`. Collective."""
         path, _ = self.ds.load_checkpoint(
-            os.path.join(ckpt_dir, "ds"),
+            os.path.join(ckpt_dir, CHECKPOINT_DEEPSPEED),
             tag=DS_TAG,
             load_module_strict=False,  # the checkpoint has no frozen (base) parameters
             load_optimizer_states=True,
             load_lr_scheduler_states=True,
         )
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed state under {ckpt_dir}/ds")
+            raise FileNotFoundError(f"no DeepSpeed state under {ckpt_dir}/{CHECKPOINT_DEEPSPEED}")
 
     def parameter_digests(self) -> dict[str, str]:
         """sha1 of every parameter's full value, gathered one at a time (tests: frozen base, trained LoRA)."""
@@ -181,7 +180,6 @@ class Engine:
 def build_engine(
     cfg: Config,
     *,
-    world_size: int,
     total_steps: int,
     use_gpu: bool,
     adapter: str | None = None,
@@ -189,7 +187,7 @@ def build_engine(
     """The policy under DeepSpeed: base model sharded while loading, LoRA (fresh, or `adapter` to continue)."""
     # DeepSpeed's comm layer wraps the process group Ray Train already set up (zero.Init reads its world size).
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
-    ds_config = deepspeed_config(cfg, world_size, use_gpu)
+    ds_config = deepspeed_config(cfg, use_gpu)
     dtype = resolve_dtype(cfg, use_gpu)
     # Created before from_pretrained and kept alive (on the Engine): transformers checks it through a weakref
     # to decide whether to load under zero.Init.
@@ -237,8 +235,3 @@ def build_engine(
         dist_init_required=False,  # Ray Train's process group is already up
     )
     return Engine(ds=engine, hf_ds_config=hf_ds_config, sharded_at_load=sharded)
-
-
-def read_adapter_config(adapter_dir: str) -> dict[str, Any]:
-    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
-        return json.load(f)

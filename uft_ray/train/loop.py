@@ -12,14 +12,12 @@ order. After a failure inside one `fit()` the dataset restarts from its beginnin
 before the restored step are skipped, so nothing is trained twice.
 
 `config` (built by the driver): `cfg` (the run config as a dict), `run_dir`, `steps`, `sources`,
-`target_fraction`, `pad_id`, and `debug` (tests only: record consumed rows and parameter digests, or stop
-after a step).
+`target_fraction`, `pad_id`, and `hooks` (a `uft_ray.train.hooks.TrainHooks`; the default does nothing).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -35,42 +33,41 @@ import torch.distributed as dist
 from uft_ray.config import Config, load_config
 from uft_ray.logprobs import model_sequence_logprobs
 from uft_ray.losses import dpo_loss, kto_loss, per_source_metrics, rank_scale, sft_loss, uft_loss, una_bce_loss
-from uft_ray.reference import adapter_off_logprobs
+from uft_ray.reference.adapter_off import adapter_off_logprobs
+from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir, checkpoint_name, read_state, write_state
 from uft_ray.schema import REF_LOGP, REF_LOGP_REJECTED
 from uft_ray.train.engine import Engine, build_engine
-
-STATE_FILE = "state.json"
-METRICS_FILE = "metrics.jsonl"
+from uft_ray.train.hooks import TrainHooks
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    cfg = load_config(config["cfg"], check_paths=False)
-    run_dir, total_steps, sources = config["run_dir"], int(config["steps"]), list(config["sources"])
-    debug = Debug(config.get("debug") or {}, run_dir)
+    cfg = load_config(config["cfg"], check_paths=False, resolve_paths=False)
+    run, total_steps, sources = RunDir(config["run_dir"]), int(config["steps"]), list(config["sources"])
+    hooks: TrainHooks = config.get("hooks") or TrainHooks()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     device = ray.train.torch.get_device()
     mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
-    global_rows = mb * ga * world  # every planned micro-batch is full
+    if world != cfg.train.num_workers:  # the plan dealt micro-batches to num_workers ranks
+        raise RuntimeError(f"world size {world} != train.num_workers {cfg.train.num_workers}")
 
     # 1. Where to start: the last checkpoint's driver state (step, rows consumed per source, seeds), or step 0.
     with _checkpoint_dir(ray.train.get_checkpoint()) as ckpt:
-        state = _read_state(ckpt) if ckpt else _initial_state(cfg, sources)
+        state = read_state(ckpt) if ckpt else _initial_state(cfg, sources)
         # 2. The policy under DeepSpeed; on resume its adapter, optimizer and scheduler come back as saved.
         engine = build_engine(
             cfg,
-            world_size=world,
             total_steps=total_steps,
             use_gpu=use_gpu,
-            adapter=os.path.join(ckpt, "adapter") if ckpt else None,
+            adapter=os.path.join(ckpt, CHECKPOINT_ADAPTER) if ckpt else None,
         )
         if ckpt:
             engine.load(ckpt)
     start = int(state["step"])
     if rank == 0:
-        _truncate_jsonl(os.path.join(run_dir, METRICS_FILE), keep_through=start)
-    debug.on_start(engine, rank, start)
+        run.truncate_metrics(keep_through=start)
+    hooks.on_start(engine, rank=rank, start_step=start)
 
     # 3. This rank's planned micro-batches, in plan order, from step `start` on.
     batches = _planned_micro_batches(ray.train.get_dataset_shard(f"train_{rank}"), start, mb)
@@ -80,19 +77,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, step, rank]).generate_state(1)[0]))
         t_step = time.perf_counter()
         acc = _StepRecord()
+        step_batches = []
         for micro in range(ga):
             t0 = time.perf_counter()
             batch = next(batches)
             acc.wait_s += time.perf_counter() - t0
             _check_plan_position(batch, step, micro, rank)
-            tensors = collate(batch, config["pad_id"], device, pairs=cfg.loss.type == "dpo")
-            loss, metrics = micro_batch_loss(engine, cfg, batch, tensors)
-            scaled = loss * rank_scale(len(batch["row_id"]), global_rows, world, ga)
+            step_batches.append((batch, collate(batch, config["pad_id"], device, pairs=cfg.loss.type == "dpo")))
+        kto_z = kto_reference_point(engine, cfg, step_batches) if cfg.loss.type == "kto" else None
+        for micro, (batch, tensors) in enumerate(step_batches):
+            loss, metrics = micro_batch_loss(engine, cfg, batch, tensors, kto_z=kto_z)
+            scaled = loss * rank_scale(len(batch["row_id"]), cfg.train.global_batch_size, world, ga)
             acc.lr = engine.lr  # the rate this update uses (the scheduler moves on at the step)
             engine.backward(scaled)
             engine.step()
             acc.add(batch, tensors, metrics, float(scaled.detach()))
-            debug.on_micro_batch(rank, step, micro, batch)
+            hooks.on_micro_batch(rank=rank, step=step, micro=micro, batch=batch)
         step_time = time.perf_counter() - t_step
 
         # 4. The step's metrics over the whole global batch (every rank takes part: a collective).
@@ -102,14 +102,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state["step"] = step + 1
         row = _metrics_row(record, state, config, step, step_time, world * ga, engine.grad_norm)
         if rank == 0:
-            _append_jsonl(os.path.join(run_dir, METRICS_FILE), row)
+            run.append_metrics(row)
 
         # 5. Checkpoint: adapter + optimizer/scheduler + driver state, through Ray Train.
         if state["step"] % cfg.train.checkpoint_every == 0 or state["step"] == total_steps:
             _save_checkpoint(engine, state, row, rank)
-        debug.on_step_end(rank, step + 1)
+        hooks.on_step_end(rank=rank, step=step + 1)
 
-    debug.on_end(engine, rank, cfg, config["pad_id"], device)
+    hooks.on_end(engine, rank=rank, cfg=cfg, pad_id=config["pad_id"], device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,10 +162,54 @@ def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device, *, 
 # The loss of one micro-batch.
 
 
+def _reference_logprobs(
+    engine: Engine, cfg: Config, batch: dict[str, np.ndarray], tensors: dict[str, Any], device: torch.device
+) -> torch.Tensor:
+    """Reference log-probs of a micro-batch (chosen then rejected for pairs): the joined cache columns, or the
+    same forward with LoRA disabled (`reference.mode: adapter_off`, no grad)."""
+    if cfg.reference.mode == "adapter_off":
+        ref, _ = adapter_off_logprobs(
+            engine.peft_model, tensors["input_ids"], tensors["attention_mask"], tensors["loss_mask"]
+        )
+        return ref
+    columns = [REF_LOGP, REF_LOGP_REJECTED] if cfg.loss.type == "dpo" else [REF_LOGP]
+    return torch.as_tensor(np.concatenate([batch[c] for c in columns]).astype(np.float64), device=device)
+
+
+def kto_reference_point(engine: Engine, cfg: Config, step_batches: list[tuple[dict, dict]]) -> float | None:
+    """KTO's z for the whole optimizer step: the mean log-ratio over every row of the global batch.
+
+    One estimate per step (as uft_ray.losses documents), whatever the split into ranks and micro-batches, so
+    the loss does not change with `grad_accum`. With one micro-batch per step the training forward itself
+    gives it (None here: `micro_batch_loss` all-reduces it); with more, a no-grad forward over the step's
+    micro-batches first (a forward costs about a third of a training step).
+    """
+    if len(step_batches) == 1:
+        return None
+    total = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for batch, t in step_batches:
+            policy, _ = model_sequence_logprobs(engine.module, t["input_ids"], t["attention_mask"], t["loss_mask"])
+            ref = _reference_logprobs(engine, cfg, batch, t, policy.device)
+            total += torch.tensor([float((policy.double() - ref.double()).sum()), float(len(batch["row_id"]))])
+    total = total.to(ray.train.torch.get_device())
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
 def micro_batch_loss(
-    engine: Engine, cfg: Config, batch: dict[str, np.ndarray], tensors: dict[str, Any]
+    engine: Engine,
+    cfg: Config,
+    batch: dict[str, np.ndarray],
+    tensors: dict[str, Any],
+    *,
+    kto_z: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Policy log-probs, reference log-probs and `loss.type`'s loss (uft_ray.losses) for one micro-batch."""
+    """Policy log-probs, reference log-probs and `loss.type`'s loss (uft_ray.losses) for one micro-batch.
+
+    `kto_z`: KTO's reference point for this optimizer step (`kto_reference_point`); None: this micro-batch is
+    the rank's whole step, and z is all-reduced from it here.
+    """
     n = len(batch["row_id"])
     ids, attention, loss_mask = tensors["input_ids"], tensors["attention_mask"], tensors["loss_mask"]
     policy, n_tokens = model_sequence_logprobs(engine.module, ids, attention, loss_mask)
@@ -176,14 +220,7 @@ def micro_batch_loss(
 
     if loss_type == "sft":
         return sft_loss(policy, n_tokens, weight=weight)
-
-    if cfg.reference.mode == "adapter_off":
-        # The same forward with LoRA disabled, through the reference service's own function (no grad).
-        ref, _ = adapter_off_logprobs(engine.peft_model, ids, attention, loss_mask)
-    else:
-        columns = [REF_LOGP, REF_LOGP_REJECTED] if loss_type == "dpo" else [REF_LOGP]
-        ref = torch.as_tensor(np.concatenate([batch[c] for c in columns]).astype(np.float64), device=device)
-
+    ref = _reference_logprobs(engine, cfg, batch, tensors, device)
     if loss_type == "dpo":
         return dpo_loss(
             policy[:n], policy[n:], ref[:n], ref[n:], beta, weight=weight,
@@ -191,11 +228,12 @@ def micro_batch_loss(
         )  # fmt: skip
     score = torch.as_tensor(batch["score"].astype(np.float64), device=device)
     if loss_type == "kto":
-        # z: the mean log-ratio over every rank's micro-batch, so that all ranks use the same reference point.
-        stats = torch.tensor([float((policy.detach() - ref).sum()), float(n)], dtype=torch.float64, device=device)
-        dist.all_reduce(stats)
+        if kto_z is None:  # every rank's micro-batch is the step: all-reduce z from this forward
+            stats = torch.tensor([float((policy.detach() - ref).sum()), float(n)], dtype=torch.float64, device=device)
+            dist.all_reduce(stats)
+            kto_z = float(stats[0] / stats[1])
         return kto_loss(
-            policy, ref, score >= 0.5, beta, kl=float(stats[0] / stats[1]),
+            policy, ref, score >= 0.5, beta, kl=kto_z,
             desirable_weight=cfg.loss.kto_desirable_weight, undesirable_weight=cfg.loss.kto_undesirable_weight,
             weight=weight, n_tokens=n_tokens,
         )  # fmt: skip
@@ -219,6 +257,7 @@ class _StepRecord:
         self.scaled_loss = 0.0
         self.lr = 0.0
         self.epoch = 0
+        self.kto_z: float | None = None  # KTO's reference point: one value per step, the same on every rank
 
     def add(self, batch: dict[str, np.ndarray], tensors: dict[str, Any], metrics: dict, scaled_loss: float) -> None:
         self.sources += [str(s) for s in batch["source"]]
@@ -229,6 +268,8 @@ class _StepRecord:
         self.padded += tensors["padded"]
         self.scaled_loss += scaled_loss
         self.epoch = int(batch["epoch"][0])
+        if "kto_z" in metrics:
+            self.kto_z = float(metrics["kto_z"])
 
 
 def _aggregate(acc: _StepRecord, world: int) -> dict[str, Any]:
@@ -247,6 +288,7 @@ def _aggregate(acc: _StepRecord, world: int) -> dict[str, Any]:
         "scaled_loss": sum(g["scaled_loss"] for g in gathered),
         "lr": gathered[0]["lr"],
         "epoch": gathered[0]["epoch"],
+        "kto_z": gathered[0]["kto_z"],
     }
 
 
@@ -287,6 +329,8 @@ def _metrics_row(
             "grad_norm": grad_norm,
         }
     )
+    if record["kto_z"] is not None:
+        row["kto_z"] = record["kto_z"]
     return row
 
 
@@ -300,11 +344,6 @@ def _initial_state(cfg: Config, sources: list[str]) -> dict[str, Any]:
         "consumed": dict.fromkeys(sources, 0),
         "seeds": {"data": cfg.data.seed, "train": cfg.train.seed},
     }
-
-
-def _read_state(ckpt: str) -> dict[str, Any]:
-    with open(os.path.join(ckpt, STATE_FILE)) as f:
-        return json.load(f)
 
 
 @contextlib.contextmanager
@@ -321,93 +360,9 @@ def _save_checkpoint(engine: Engine, state: dict[str, Any], metrics: dict[str, A
     with tempfile.TemporaryDirectory(prefix="uft-ckpt-") as d:
         engine.save(d, rank=rank)
         if rank == 0:
-            with open(os.path.join(d, STATE_FILE), "w") as f:
-                json.dump(state, f, indent=1)
+            write_state(d, state)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=f"checkpoint_{state['step']:06d}",
+            checkpoint_dir_name=checkpoint_name(state["step"]),
         )
-
-
-def _append_jsonl(path: str, row: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_jsonl(path: str, keep_through: int) -> None:
-    """Drop lines of steps after `keep_through`: they were written after the checkpoint we resume from."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_through]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(lines)
-    os.replace(path + ".tmp", path)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Test hooks: off unless the driver is called with `debug=...`.
-
-
-class Debug:
-    """Records for the integration tests: consumed rows, parameter digests, pids, final log-probs; a stop."""
-
-    def __init__(self, options: dict[str, Any], run_dir: str):
-        self.record = bool(options.get("record"))
-        self.stop_after_step = options.get("stop_after_step")
-        self.pause = options.get("pause")  # {"rank": r, "step": k}: rank r waits after step k to be killed
-        self.dir = os.path.join(run_dir, "debug")
-        self.last_batch: dict[str, np.ndarray] | None = None
-        if self.record or self.stop_after_step or self.pause:
-            os.makedirs(self.dir, exist_ok=True)
-
-    def _path(self, name: str) -> str:
-        return os.path.join(self.dir, name)
-
-    def on_start(self, engine: Engine, rank: int, start: int) -> None:
-        if not self.record:
-            return
-        _append_jsonl(self._path(f"attempts_rank{rank}.jsonl"), {"pid": os.getpid(), "start_step": start})
-        _truncate_jsonl(self._path(f"consumed_rank{rank}.jsonl"), keep_through=start)
-        digests = engine.parameter_digests()  # collective
-        if rank == 0 and start == 0:
-            with open(self._path("digests_start.json"), "w") as f:
-                json.dump({"digests": digests, "sharded_at_load": engine.sharded_at_load}, f)
-
-    def on_micro_batch(self, rank: int, step: int, micro: int, batch: dict[str, np.ndarray]) -> None:
-        self.last_batch = batch
-        if self.record:
-            # "step" is 1-based like metrics.jsonl, so truncation on resume keeps the same steps in both.
-            row = {"step": step + 1, "micro": micro, "row_ids": [str(r) for r in batch["row_id"]]}
-            _append_jsonl(self._path(f"consumed_rank{rank}.jsonl"), row)
-
-    def on_step_end(self, rank: int, step: int) -> None:
-        if self.stop_after_step is not None and step == self.stop_after_step:
-            raise RuntimeError(f"debug: stopping after step {step}")
-        marker = self._path(f"paused_rank{rank}.json")
-        if self.pause and rank == self.pause["rank"] and step == self.pause["step"] and not os.path.exists(marker):
-            # Once per run: the test kills this process by its pid; the restarted worker runs on.
-            with open(marker + ".tmp", "w") as f:
-                json.dump({"pid": os.getpid(), "step": step}, f)
-            os.replace(marker + ".tmp", marker)
-            time.sleep(300)
-            raise RuntimeError("debug: paused worker was not killed")
-
-    def on_end(self, engine: Engine, rank: int, cfg: Config, pad_id: int, device: torch.device) -> None:
-        if not self.record:
-            return
-        digests = engine.parameter_digests()
-        # The trained policy's log-probs of this rank's last micro-batch, for the saved-adapter test.
-        engine.train(False)
-        batch = self.last_batch
-        if batch is None:
-            return
-        t = collate(batch, pad_id, device, pairs=False)
-        with torch.no_grad():
-            logp, _ = model_sequence_logprobs(engine.module, t["input_ids"], t["attention_mask"], t["loss_mask"])
-        with open(self._path(f"final_logp_rank{rank}.json"), "w") as f:
-            json.dump({"row_ids": [str(r) for r in batch["row_id"]], "logp": logp.double().tolist()}, f)
-        if rank == 0:
-            with open(self._path("digests_end.json"), "w") as f:
-                json.dump({"digests": digests}, f)

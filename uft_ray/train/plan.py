@@ -39,6 +39,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from uft_ray import storage
+
 PLAN_SCHEMA = pa.schema(
     [
         ("row_id", pa.string()),
@@ -54,6 +56,7 @@ PLAN_SCHEMA = pa.schema(
 # A window this many global batches wide is sorted by length at once: wide enough that a batch's rows have
 # similar lengths, narrow enough that one window is a small share of an epoch on real data.
 DEFAULT_MEGABATCH_STEPS = 64
+PLAN_METADATA = b"uft_ray.plan"  # the summary's key in the parquet schema metadata
 
 
 @dataclass
@@ -86,14 +89,20 @@ class Plan:
     summary: PlanSummary
 
     def save(self, path: str) -> None:
-        meta = {b"uft_ray.plan": json.dumps(self.summary.to_dict()).encode()}
-        pq.write_table(self.table.replace_schema_metadata(meta), path)
+        meta = {PLAN_METADATA: json.dumps(self.summary.to_dict()).encode()}
+        table = self.table.replace_schema_metadata(meta)
+        storage.atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 def load_plan(path: str) -> Plan:
     table = pq.read_table(path)
-    summary = PlanSummary(**json.loads(table.schema.metadata[b"uft_ray.plan"]))
+    summary = PlanSummary(**json.loads(table.schema.metadata[PLAN_METADATA]))
     return Plan(table.replace_schema_metadata(None), summary)
+
+
+def read_plan_summary(path: str) -> PlanSummary:
+    """A saved plan's summary alone (from the parquet footer: no rows read)."""
+    return PlanSummary(**json.loads((pq.read_schema(path).metadata or {})[PLAN_METADATA]))
 
 
 def make_plan(
@@ -114,30 +123,13 @@ def make_plan(
 
     `lengths` are the padded lengths a row costs (for pairs, the longer of chosen and rejected). The result
     depends only on the rows (as a set: their input order does not matter), the seed and the batch shape.
+    Phases: check the inputs and count the steps; put the rows in canonical order; lay out each epoch (steps
+    1-4 of the module docstring); build the table and its summary.
     """
-    row_ids = np.asarray(row_ids, dtype=object)
-    sources = np.asarray(sources, dtype=object)
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if not (len(row_ids) == len(sources) == len(lengths)):
-        raise ValueError("row_ids, sources and lengths must have the same length")
-    if len(set(row_ids.tolist())) != len(row_ids):
-        raise ValueError("row_ids must be unique (upsampled copies carry a '#k' suffix)")
-    for name, v in (("num_workers", num_workers), ("micro_batch_size", micro_batch_size), ("grad_accum", grad_accum)):
-        if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+    row_ids, sources, lengths = _checked(row_ids, sources, lengths, num_workers, micro_batch_size, grad_accum)
     g = num_workers * micro_batch_size * grad_accum
-    n = len(row_ids)
-    steps_per_epoch = n // g
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"{n} trainable rows cannot fill one global batch of {g} rows "
-            f"(num_workers {num_workers} x micro_batch_size {micro_batch_size} x grad_accum {grad_accum})"
-        )
-    if max_steps is not None:
-        epochs = math.ceil(max_steps / steps_per_epoch)
-        total_steps = max_steps
-    else:
-        total_steps = epochs * steps_per_epoch
+    steps_per_epoch, epochs, total_steps = _step_counts(len(row_ids), g, epochs, max_steps, num_workers,
+                                                         micro_batch_size, grad_accum)  # fmt: skip
 
     # Canonical input order (sorted ids) so that the plan does not depend on how the files were read.
     canon = np.argsort(row_ids.astype(str), kind="stable")
@@ -148,41 +140,22 @@ def make_plan(
     columns: dict[str, list[np.ndarray]] = {k: [] for k in ("idx", "epoch", "step", "rank", "micro", "slot")}
     tail_by_source = dict.fromkeys(names, 0)
     for epoch in range(epochs):
-        rng = np.random.default_rng([seed, epoch])
-        seq = _interleave(by_source, rng)
         first_step = epoch * steps_per_epoch
         n_steps = min(steps_per_epoch, total_steps - first_step)
-        if n_steps == steps_per_epoch:  # an epoch cut short by max_steps has unreached rows, not a tail
+        rng = np.random.default_rng([seed, epoch])
+        seq = _interleave(by_source, rng)  # 1. shuffle each source, interleave evenly
+        if n_steps == steps_per_epoch:  # 2. the tail; an epoch cut short by max_steps has unreached rows instead
             for i in seq[steps_per_epoch * g :]:
                 tail_by_source[sources[i]] += 1
         batches = seq[: steps_per_epoch * g].reshape(steps_per_epoch, g)
-        if group_by_length:
+        if group_by_length:  # 3. same-source swaps between the batches of a window
             batches = _group_by_length(batches, sources, lengths, rng, megabatch_steps)
-        for b in range(n_steps):
-            rows = batches[b]
-            if group_by_length:
-                rows = rows[np.argsort(-lengths[rows], kind="stable")]
-            j = np.arange(g) // micro_batch_size  # micro-batch index within the global batch
-            columns["idx"].append(rows)
-            columns["epoch"].append(np.full(g, epoch))
-            columns["step"].append(np.full(g, first_step + b))
-            columns["rank"].append(j % num_workers)
-            columns["micro"].append(j // num_workers)
-            columns["slot"].append(np.arange(g) % micro_batch_size)
-    cat = {k: np.concatenate(v).astype(np.int64) for k, v in columns.items()}
-    order = np.lexsort((cat["slot"], cat["micro"], cat["rank"], cat["step"]))
-    cat = {k: v[order] for k, v in cat.items()}
-    idx = cat.pop("idx")
-    table = pa.table(
-        {
-            "row_id": pa.array(row_ids[idx].tolist(), pa.string()),
-            "source": pa.array(sources[idx].tolist(), pa.string()),
-            "length": pa.array(lengths[idx], pa.int32()),
-            **{k: pa.array(v, pa.int32()) for k, v in cat.items()},
-        },
-        schema=PLAN_SCHEMA,
-    )
-    rows_by_source = {s: int(np.sum(sources[idx] == s)) for s in names}
+        for b in range(n_steps):  # 4. micro-batches to ranks
+            _deal(columns, batches[b], lengths if group_by_length else None, epoch, first_step + b,
+                  num_workers, micro_batch_size)  # fmt: skip
+
+    table = _plan_table(columns, row_ids, sources, lengths)
+    planned_sources = table.column("source").to_numpy(zero_copy_only=False)
     summary = PlanSummary(
         global_batch_size=g,
         num_workers=num_workers,
@@ -191,18 +164,90 @@ def make_plan(
         steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         epochs=epochs,
-        rows_per_epoch=n,
-        rows_planned=len(idx),
+        rows_per_epoch=len(row_ids),
+        rows_planned=table.num_rows,
         tail_dropped=sum(tail_by_source.values()),
         tail_dropped_by_source=tail_by_source,
-        rows_by_source=rows_by_source,
-        target_fraction={s: len(ix) / n for s, ix in zip(names, by_source, strict=True)},
+        rows_by_source={s: int(np.sum(planned_sources == s)) for s in names},
+        target_fraction={s: len(ix) / len(row_ids) for s, ix in zip(names, by_source, strict=True)},
         padding_frac=padding_frac(table),
         seed=seed,
         group_by_length=group_by_length,
     )
     summary.fingerprint = fingerprint(table)
     return Plan(table, summary)
+
+
+def _checked(
+    row_ids: Any, sources: Any, lengths: Any, num_workers: int, micro_batch_size: int, grad_accum: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    row_ids = np.asarray(row_ids, dtype=object)
+    sources = np.asarray(sources, dtype=object)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not (len(row_ids) == len(sources) == len(lengths)):
+        raise ValueError("row_ids, sources and lengths must have the same length")
+    if len(set(row_ids.tolist())) != len(row_ids):
+        raise ValueError("row_ids must be unique (upsampled copies carry a '#k' suffix)")
+    for name, v in (("num_workers", num_workers), ("micro_batch_size", micro_batch_size), ("grad_accum", grad_accum)):
+        if v < 1:
+            raise ValueError(f"{name} must be >= 1, got {v}")
+    return row_ids, sources, lengths
+
+
+def _step_counts(
+    n: int, g: int, epochs: int, max_steps: int | None, num_workers: int, micro_batch_size: int, grad_accum: int
+) -> tuple[int, int, int]:
+    """(steps per epoch, epochs touched, total steps); `max_steps` overrides `epochs` (Hugging Face's rule)."""
+    steps_per_epoch = n // g
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{n} trainable rows cannot fill one global batch of {g} rows "
+            f"(num_workers {num_workers} x micro_batch_size {micro_batch_size} x grad_accum {grad_accum})"
+        )
+    if max_steps is not None:
+        return steps_per_epoch, math.ceil(max_steps / steps_per_epoch), max_steps
+    return steps_per_epoch, epochs, epochs * steps_per_epoch
+
+
+def _deal(
+    columns: dict[str, list[np.ndarray]],
+    rows: np.ndarray,
+    lengths: np.ndarray | None,
+    epoch: int,
+    step: int,
+    num_workers: int,
+    micro_batch_size: int,
+) -> None:
+    """One global batch into micro-batches: longest first (when grouping by length), micro j -> rank j % W."""
+    g = len(rows)
+    if lengths is not None:
+        rows = rows[np.argsort(-lengths[rows], kind="stable")]
+    j = np.arange(g) // micro_batch_size  # micro-batch index within the global batch
+    columns["idx"].append(rows)
+    columns["epoch"].append(np.full(g, epoch))
+    columns["step"].append(np.full(g, step))
+    columns["rank"].append(j % num_workers)
+    columns["micro"].append(j // num_workers)
+    columns["slot"].append(np.arange(g) % micro_batch_size)
+
+
+def _plan_table(
+    columns: dict[str, list[np.ndarray]], row_ids: np.ndarray, sources: np.ndarray, lengths: np.ndarray
+) -> pa.Table:
+    """PLAN_SCHEMA rows sorted by (step, rank, micro, slot)."""
+    cat = {k: np.concatenate(v).astype(np.int64) for k, v in columns.items()}
+    order = np.lexsort((cat["slot"], cat["micro"], cat["rank"], cat["step"]))
+    cat = {k: v[order] for k, v in cat.items()}
+    idx = cat.pop("idx")
+    return pa.table(
+        {
+            "row_id": pa.array(row_ids[idx].tolist(), pa.string()),
+            "source": pa.array(sources[idx].tolist(), pa.string()),
+            "length": pa.array(lengths[idx], pa.int32()),
+            **{k: pa.array(v, pa.int32()) for k, v in cat.items()},
+        },
+        schema=PLAN_SCHEMA,
+    )
 
 
 def _interleave(by_source: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:

@@ -1,6 +1,6 @@
 """A tiny, local, deterministic chat model: what tests and the demo train when there is no GPU and no network.
 
-:func:`make_tiny_model` trains a byte-level BPE tokenizer (``tokenizers``) on text from :mod:`uft_ray.samples`,
+:func:`make_tiny_model` trains a byte-level BPE tokenizer (``tokenizers``) on text from :mod:`uft_ray.demo.samples`,
 so sample rows tokenize to about one token per word, wraps it as a ``transformers`` fast tokenizer with ChatML
 special tokens and chat template (Qwen2 style), and saves a randomly initialised ``Qwen2ForCausalLM`` next to it::
 
@@ -15,8 +15,7 @@ The model's ``vocab_size`` is the tokenizer's length rounded up to a multiple of
 
 Tokenizer variants for the tokenization edge cases (no template, a template without a system role, BOS doubling)
 come from :func:`make_tokenizer` / :func:`make_tokenizer_without_template`.
-:func:`ensure_tiny_assets` makes the samples and the model under one root, idempotently and safely when several
-processes call it at once.
+:func:`uft_ray.demo.ensure_demo_assets` makes the samples and the model under one root.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from uft_ray import samples as _samples
+from uft_ray.demo import samples as _samples
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -272,64 +271,3 @@ def make_tiny_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
-
-
-# --- samples + model under one root --------------------------------------------------------------------------
-
-
-def _samples_stamp_ok(out: Path, params: dict[str, int]) -> bool:
-    try:
-        found = json.loads((out / "uft_samples.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        found.get("format_version") == _samples.SAMPLES_FORMAT_VERSION
-        and found.get("params") == params
-        and (out / "bad" / "expected.json").is_file()
-    )
-
-
-def _ensure_samples(out: Path, seed: int) -> None:
-    params = _samples._sample_params(64, 48, 32, 32, seed, 1)
-    if _samples_stamp_ok(out, params):
-        return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _samples.write_samples(tmp, seed=seed)
-        _samples.write_bad_samples(tmp, seed=seed)
-        try:
-            os.rename(tmp, out)  # atomic; fails when `out` exists
-            return
-        except OSError:
-            pass
-        if _samples_stamp_ok(out, params):  # another process won the race
-            return
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, trash / "old")  # stale or different samples: swap them out
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def ensure_tiny_assets(root: str | os.PathLike[str], *, seed: int = 0) -> dict[str, str]:
-    """Make the sample data (``root/samples``, with ``bad/``) and the tiny model (``root/tiny-model``) if missing.
-
-    Returns paths by name: ``root``, ``samples``, ``model``, ``bad``, ``bad_manifest`` and every
-    :func:`uft_ray.samples.sample_paths` entry (``root`` there renamed ``samples``).
-    """
-    base = Path(root)
-    samples_dir, model_dir = base / "samples", base / "tiny-model"
-    _ensure_samples(samples_dir, seed)
-    make_tiny_model(model_dir, seed=seed)
-    paths = {k: v for k, v in _samples.sample_paths(samples_dir).items() if k != "root"}
-    bad = _samples.bad_sample_paths(samples_dir)
-    return {
-        "root": str(base),
-        "samples": str(samples_dir),
-        "model": str(model_dir),
-        "bad": bad["root"],
-        "bad_manifest": bad["manifest"],
-        **paths,
-    }

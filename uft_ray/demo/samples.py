@@ -22,9 +22,8 @@ With ``scale`` > 1 the UltraChat sources are split into shards of at most ``SHAR
 (``train_sft-00000-of-00004.parquet`` ..., ``train_0.jsonl``, ``train_1.jsonl`` ...); use the globs from
 :func:`sample_paths`. Everything is written streaming (parquet row groups, jsonl line by line).
 
-:func:`write_bad_samples` writes the same layouts under ``out/bad/`` mixing good rows with malformed ones, and a
-manifest ``out/bad/expected.json`` naming each malformed row and the quarantine reason the data plane must give.
-Row keys: a parquet row's ``prompt_id``; a jsonl row's ``"{basename}:{1-based line}"``.
+Malformed-row fixtures in the same layouts, with the quarantine reason each must get, are test fixtures:
+``tests/fixtures/bad_samples.py``.
 """
 
 from __future__ import annotations
@@ -43,22 +42,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-# --- shared vocabulary with the data plane -------------------------------------------------------------------
-
-REASONS: tuple[str, ...] = (
-    "json_parse_error",
-    "missing_field",
-    "wrong_type",
-    "roles_not_alternating",
-    "empty_response",
-    "empty_prompt",
-    "rating_out_of_range",
-    "bad_role",
-    "no_assistant_turn",
-    "too_long",
-    "tie",
-    "zero_preference",
-)
+# --- the sources' own vocabulary -------------------------------------------------------------------
 
 # HelpSteer2 multi-turn prompts: earlier turns are joined with these markers, no marker before the first user turn
 # (dataset card of nvidia/HelpSteer2, "For multi-turn prompts, the structure of prompts look like below").
@@ -530,307 +514,22 @@ def write_samples(
 
     stamp = {
         "format_version": SAMPLES_FORMAT_VERSION,
-        "params": _sample_params(n_ultrachat, n_helpsteer_prompts, n_preference, n_trl, seed, scale),
+        "params": sample_params(n_ultrachat, n_helpsteer_prompts, n_preference, n_trl, seed, scale),
         "rows": counts,
     }
     (out / "uft_samples.json").write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n")
     return sample_paths(out)
 
 
-def _sample_params(n_ultrachat: int, n_hs: int, n_pref: int, n_trl: int, seed: int, scale: int) -> dict[str, int]:
+def sample_params(
+    n_ultrachat: int, n_helpsteer_prompts: int, n_preference: int, n_trl: int, seed: int, scale: int
+) -> dict[str, int]:
+    """The parameters `write_samples` stamps into `uft_samples.json` (a rerun with the same ones is a no-op)."""
     return {
         "n_ultrachat": n_ultrachat,
-        "n_helpsteer_prompts": n_hs,
-        "n_preference": n_pref,
+        "n_helpsteer_prompts": n_helpsteer_prompts,
+        "n_preference": n_preference,
         "n_trl": n_trl,
         "seed": seed,
         "scale": scale,
     }
-
-
-# --- malformed rows ------------------------------------------------------------------------------------------
-
-
-class _Manifest:
-    def __init__(self) -> None:
-        self.entries: list[dict[str, Any]] = []
-        self.edge_cases: list[dict[str, Any]] = []
-        self.good_rows: dict[str, int] = {}
-
-    def bad(self, source_file: str, fmt: str, key: str, reason: str, kinds: list[str] | None = None) -> None:
-        assert reason in REASONS, reason
-        self.entries.append({"source_file": source_file, "format": fmt, "key": key, "reason": reason, "kinds": kinds})
-
-    def edge(self, source_file: str, key: str, note: str) -> None:
-        self.edge_cases.append({"source_file": source_file, "key": key, "note": note})
-
-
-def _jsonl_file(
-    m: _Manifest, out: Path, rel: str, fmt: str, lines: list[tuple[Any, str | None]], kinds: list[str] | None = None
-) -> None:
-    """Write (row, reason) lines; reason None is a good row, "edge:<note>" a valid edge case."""
-    base = Path(rel).name
-    good = 0
-    for i, (_, reason) in enumerate(lines, 1):
-        key = f"{base}:{i}"
-        if reason is None:
-            good += 1
-        elif reason.startswith("edge:"):
-            good += 1
-            m.edge(rel, key, reason[5:])
-        else:
-            m.bad(rel, fmt, key, reason, kinds)
-    m.good_rows[rel] = good
-    _write_jsonl(out / rel, iter(row for row, _ in lines))
-
-
-def _long_text(gen: TextGen, min_words: int) -> str:
-    parts: list[str] = []
-    words = 0
-    while words < min_words:
-        s = gen.sentence()
-        parts.append(s)
-        words += s.count(" ") + 1
-    return " ".join(parts)
-
-
-def bad_sample_paths(out_dir: str | os.PathLike[str]) -> dict[str, str]:
-    """Where :func:`write_bad_samples` puts each file (under ``out_dir/bad``)."""
-    bad = Path(out_dir) / "bad"
-    paths = {
-        "root": str(bad),
-        "manifest": str(bad / "expected.json"),
-        "ultrachat_200k_train": str(bad / "ultrachat_200k/data/train_sft-*.parquet"),
-        # outside the train_sft-* glob on purpose: its `messages` column is a string, another parquet schema
-        "ultrachat_200k_wrong_type": str(bad / "ultrachat_200k/data/train_sft_wrong_type-00000-of-00001.parquet"),
-        "ultrachat_raw": str(bad / "ultrachat_raw/train_0.jsonl"),
-        "helpsteer2_train": str(bad / "helpsteer2/train.jsonl.gz"),
-        "helpsteer2_validation": str(bad / "helpsteer2/validation.jsonl.gz"),
-        "helpsteer2_preference": str(bad / "helpsteer2/preference/preference.jsonl.gz"),
-    }
-    for fmt in TRL_FORMATS:
-        paths[f"trl_{fmt}"] = str(bad / f"trl/{fmt}.jsonl")
-    return paths
-
-
-def write_bad_samples(out_dir: str | os.PathLike[str], *, seed: int = 0) -> dict[str, Any]:
-    """Write files mixing good and malformed rows under ``out_dir/bad`` and return their manifest.
-
-    The manifest (also written to ``out_dir/bad/expected.json``) holds:
-
-    - ``expected``: row key -> reason, the quarantine reason the data plane must report for that raw row;
-    - ``entries``: the same as ``{"source_file", "format", "key", "reason", "kinds"}`` records, where
-      ``source_file`` is relative to ``bad/``, ``format`` the config format name, and ``kinds`` the source kinds
-      under which the expectation holds (None: any kind the format allows);
-    - ``good_rows``: per file, how many raw rows must pass normalization (for HelpSteer2 ``train.jsonl.gz``:
-      under kind ``score``; for ``validation.jsonl.gz``: under ``binary`` / ``pair``, where ties are dropped);
-    - ``edge_cases``: valid rows that look odd (kept, not quarantined), with a note;
-    - ``paths``: absolute paths by name (as :func:`bad_sample_paths`).
-
-    Row keys: the ``prompt_id`` for parquet rows, ``"{basename}:{line}"`` (1-based) for jsonl rows; basenames are
-    unique within ``bad/``. Decisions: an UltraChat raw ``data`` of odd length is valid (the trailing user turn is
-    simply not a target); a HelpSteer2 row whose pair partner is malformed stays valid under kind ``score``; both
-    rows of a tied pair are keyed ``tie``; ``too_long`` assumes the default ``tokenize.max_len`` (2048) and the
-    tiny tokenizer.
-    """
-    out = Path(out_dir) / "bad"
-    gen = TextGen(f"{seed}:bad")
-    m = _Manifest()
-
-    def q() -> tuple[str, str]:
-        return gen.question()
-
-    # ultrachat_200k parquet: keyed by prompt_id
-    rel_uc = "ultrachat_200k/data/train_sft-00000-of-00001.parquet"
-    uc_rows: list[dict[str, Any]] = []
-
-    def uc(messages: list[dict[str, str]] | None, reason: str | None, prompt: str | None = None) -> None:
-        p = prompt if prompt is not None else (messages[0]["content"] if messages else gen.question()[0])
-        pid = _prompt_id(seed, "bad", len(uc_rows), p)
-        uc_rows.append({"prompt": p, "prompt_id": pid, "messages": messages})
-        if reason is None:
-            m.good_rows[rel_uc] = m.good_rows.get(rel_uc, 0) + 1
-        else:
-            m.bad(rel_uc, "ultrachat_200k", pid, reason)
-
-    def conv(n_turns: int) -> list[dict[str, str]]:
-        return _messages(gen.conversation(n_turns, long=False))
-
-    uc(conv(2), None)
-    u, topic = q()
-    uc([{"content": u, "role": "user"}, {"content": gen.followup(topic), "role": "user"},
-        {"content": gen.response(topic, long=False), "role": "assistant"}], "roles_not_alternating")  # fmt: skip
-    uc(conv(1), None)
-    u, topic = q()
-    uc([{"content": u, "role": "user"}, {"content": "", "role": "assistant"}], "empty_response")
-    u, topic = q()
-    uc([{"content": u, "role": "user"}, {"content": gen.response(topic, long=False), "role": "tool"}], "bad_role")
-    uc(None, "missing_field", prompt=q()[0])
-    uc([{"content": q()[0], "role": "user"}], "no_assistant_turn")
-    uc([{"content": "", "role": "user"}, {"content": gen.response("garden", long=False), "role": "assistant"}],
-       "empty_prompt", prompt="")  # fmt: skip
-    u, topic = q()
-    uc([{"content": u, "role": "user"}, {"content": _long_text(gen, 6000), "role": "assistant"}], "too_long")
-    uc(conv(3), None)
-    _write_parquet(out / rel_uc, iter(uc_rows))
-
-    # a shard whose `messages` is a JSON string, not a list: every row is wrong_type
-    rel_wt = "ultrachat_200k/data/train_sft_wrong_type-00000-of-00001.parquet"
-    wt_schema = pa.schema([("prompt", pa.string()), ("prompt_id", pa.string()), ("messages", pa.string())])
-    wt_rows = []
-    for i in range(2):
-        turns = gen.conversation(1, long=False)
-        pid = _prompt_id(seed, "bad_wrong_type", i, turns[0])
-        wt_rows.append({"prompt": turns[0], "prompt_id": pid, "messages": json.dumps(_messages(turns))})
-        m.bad(rel_wt, "ultrachat_200k", pid, "wrong_type")
-    m.good_rows[rel_wt] = 0
-    _write_parquet(out / rel_wt, iter(wt_rows), schema=wt_schema)
-
-    # ultrachat raw jsonl
-    def raw(i: int, data: Any) -> dict[str, Any]:
-        return {"id": str(i), "data": data}
-
-    _jsonl_file(m, out, "ultrachat_raw/train_0.jsonl", "ultrachat_raw", [
-        (raw(0, gen.conversation(2, long=False)), None),
-        ('{"id": "1", "data": ["an unterminated line', "json_parse_error"),
-        (raw(2, gen.conversation(2, long=False)[:3]), "edge:odd-length data: the trailing user turn is no target"),
-        ({"id": "3"}, "missing_field"),
-        (raw(4, "a string instead of a list of turns"), "wrong_type"),
-        (raw(5, [q()[0]]), "no_assistant_turn"),
-        (raw(6, [q()[0], ""]), "empty_response"),
-        (raw(7, [q()[0], 5]), "wrong_type"),
-        (raw(8, gen.conversation(1, long=False)), None),
-        (raw(9, ["", gen.response("river", long=False)]), "empty_prompt"),
-    ])  # fmt: skip
-
-    # helpsteer2 train: malformed rows each paired with a good partner (expectations under kind `score`)
-    def hs_pair(tie: bool = False, multi: bool = False) -> list[dict[str, Any]]:
-        if multi:
-            u1, topic = gen.question()
-            prompt = (
-                u1 + HS2_ASSISTANT_MARKER + gen.response(topic, long=False) + HS2_USER_MARKER + gen.followup(topic)
-            )
-        else:
-            prompt, topic = _hs2_prompt(gen)
-        return _hs2_pair(gen, prompt, topic, tie=tie)
-
-    def with_(row: dict[str, Any], **kw: Any) -> dict[str, Any]:
-        r = dict(row)
-        for k, v in kw.items():
-            if v is _DROP:
-                r.pop(k)
-            else:
-                r[k] = v
-        return r
-
-    p1, p2, p3, p4, p5, p6, p7, p8, p9 = (hs_pair() for _ in range(9))
-    empty = hs_pair()
-    u1, topic = gen.question()
-    not_alt = u1 + HS2_USER_MARKER + gen.followup(topic)  # two user turns in a row
-    na = [dict(r, prompt=not_alt) for r in hs_pair()]
-    _jsonl_file(m, out, "helpsteer2/train.jsonl.gz", "helpsteer2", [
-        (p1[0], None), (p1[1], None),
-        (with_(p2[0], helpfulness=5), "rating_out_of_range"), (p2[1], None),
-        (p3[0], None), (with_(p3[1], correctness=-1), "rating_out_of_range"),
-        (with_(p4[0], helpfulness="3"), "wrong_type"), (p4[1], None),
-        ('{"prompt": "truncated", "response": ', "json_parse_error"), (p5[1], None),
-        (with_(p6[0], response=_DROP), "missing_field"), (p6[1], None),
-        (with_(p7[0], response=""), "empty_response"), (p7[1], None),
-        (with_(empty[0], prompt=""), "empty_prompt"), (with_(empty[1], prompt=""), "empty_prompt"),
-        (na[0], "roles_not_alternating"), (na[1], "roles_not_alternating"),
-        *((r, None) for r in hs_pair(multi=True)),
-        (p8[0], None), (p8[1], None),
-        (p9[0], None), (p9[1], None),
-    ], kinds=["score"])  # fmt: skip
-
-    # helpsteer2 validation: good pairs and tied pairs (expectations under kinds binary / pair)
-    val_lines: list[tuple[Any, str | None]] = []
-    for tie in (False, True, False, True, False):
-        val_lines += [(r, "tie" if tie else None) for r in hs_pair(tie=tie)]
-    _jsonl_file(m, out, "helpsteer2/validation.jsonl.gz", "helpsteer2", val_lines, kinds=["binary", "pair"])
-
-    # helpsteer2 preference
-    pref = list(_preference_rows(seed + 1000, 12))
-    nonzero = [r for r in pref if r["preference_strength"] != 0]
-    zero = next(r for r in pref if r["preference_strength"] == 0)
-    _jsonl_file(m, out, "helpsteer2/preference/preference.jsonl.gz", "helpsteer2_preference", [
-        (nonzero[0], None),
-        (zero, "zero_preference"),
-        (nonzero[1], None),
-        (with_(nonzero[2], preference_strength=5), "rating_out_of_range"),
-        (with_(nonzero[3], preference_strength="1"), "wrong_type"),
-        (with_(nonzero[4], response_2=_DROP), "missing_field"),
-        (with_(nonzero[5], response_1=""), "empty_response"),
-        ('{"split": "train", "prompt": ', "json_parse_error"),
-        (nonzero[6], None),
-    ])  # fmt: skip
-
-    # TRL generic formats
-    def trl(fmt: str) -> list[dict[str, Any]]:
-        return list(_trl_rows(seed + 1000, fmt, 8))
-
-    pr = trl("preference")
-    _jsonl_file(m, out, "trl/preference.jsonl", "preference", [
-        (pr[0], None),
-        (with_(pr[1], chosen=""), "empty_response"),
-        (pr[2], None),
-        (with_(pr[3], rejected=_DROP), "missing_field"),
-        ('{"prompt": "x", "chosen": "y", ', "json_parse_error"),
-        (pr[4], None),
-        (with_(pr[5], prompt=""), "empty_prompt"),
-    ])  # fmt: skip
-    u, topic = q()
-    ans = gen.response(topic, long=False)
-    _jsonl_file(m, out, "trl/messages.jsonl", "messages", [
-        ({"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": ans}]}, None),
-        ({"messages": [{"role": "user", "content": u}, {"role": "tool", "content": ans}]}, "bad_role"),
-        ({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": u},
-                       {"role": "assistant", "content": ans}]}, "edge:a system turn first is valid"),
-        ({"messages": [{"role": "user", "content": u}, {"role": "user", "content": u},
-                       {"role": "assistant", "content": ans}]}, "roles_not_alternating"),
-        ({"messages": [{"role": "user", "content": u}]}, "no_assistant_turn"),
-        ({"messages": "hello"}, "wrong_type"),
-        (trl("messages")[1], None),
-    ])  # fmt: skip
-    up = trl("unpaired")
-    _jsonl_file(m, out, "trl/unpaired.jsonl", "unpaired", [
-        (up[0], None),
-        (with_(up[1], label="yes"), "wrong_type"),
-        (up[2], None),
-        (with_(up[3], completion=""), "empty_response"),
-    ])  # fmt: skip
-    sc = trl("scored")
-    _jsonl_file(m, out, "trl/scored.jsonl", "scored", [
-        (sc[0], None),
-        (with_(sc[1], score=1.5), "rating_out_of_range"),
-        (with_(sc[2], score="0.5"), "wrong_type"),
-        (sc[3], None),
-        (with_(sc[4], score=_DROP), "missing_field"),
-    ])  # fmt: skip
-    pc = trl("prompt_completion")
-    _jsonl_file(m, out, "trl/prompt_completion.jsonl", "prompt_completion", [
-        (pc[0], None),
-        (with_(pc[1], prompt=""), "empty_prompt"),
-        (pc[2], None),
-        (with_(pc[3], completion=7), "wrong_type"),
-    ])  # fmt: skip
-
-    expected = {e["key"]: e["reason"] for e in m.entries}
-    assert len(expected) == len(m.entries), "row keys must be unique"
-    manifest = {
-        "format_version": SAMPLES_FORMAT_VERSION,
-        "reasons": list(REASONS),
-        "expected": expected,
-        "entries": m.entries,
-        "good_rows": m.good_rows,
-        "edge_cases": m.edge_cases,
-    }
-    (out / "expected.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-    return {**manifest, "paths": bad_sample_paths(out_dir)}
-
-
-class _Drop:
-    """Marker: remove the field from a row."""
-
-
-_DROP: Any = _Drop()

@@ -1,0 +1,242 @@
+"""The reference scorer: the frozen model, loaded once per Ray actor, scoring batches of prepared rows.
+
+    logp_ref(y|x) = sum_{t in response} log pi_ref(y_t | x, y_<t)       (DESIGN.md "The math")
+
+`ReferenceScorer` is a callable class for `ds.map_batches` (an actor pool; uft_ray.reference.service builds
+the stage). It loads the base weights (safetensors only) plus an optional peft adapter merged in, sorts each
+batch's sequences by length into token-budgeted sub-batches, and scores them through
+`uft_ray.logprobs.model_sequence_logprobs`, the same function the policy uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from uft_ray import schema
+from uft_ray.config import Config, compute_dtype
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# Padded tokens per forward: 8 x 2048 keeps the logits of a 152k-vocab bf16 model near 5 GB.
+DEFAULT_MAX_TOKENS_PER_FORWARD = 16_384
+_PAIR_COLUMNS = ("rejected_input_ids", "rejected_response_start")
+SCORER_INPUT_COLUMNS = ("row_id", "input_ids", "response_start", *_PAIR_COLUMNS)
+
+
+def actor_gpus(cfg: Config) -> float:
+    """GPUs per scorer actor. A CPU-only run (train.use_gpu false: tests, the demo) scores on CPU whatever
+    `reference.gpus_per_actor` says."""
+    return cfg.reference.gpus_per_actor if cfg.train.use_gpu else 0.0
+
+
+def length_groups(lengths: list[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
+    """Indices grouped by similar length: sorted by length, cut so that rows x longest <= max_tokens.
+
+    A sequence longer than `max_tokens` gets a group of its own. Sorting first keeps the padding in a group small.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = lengths[i]  # ascending order: the newcomer is the longest
+        if current and ((len(current) + 1) * longest > max_tokens or (max_rows and len(current) >= max_rows)):
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def load_reference_model(
+    model_path: str,
+    *,
+    revision: str | None = None,
+    adapter: str | None = None,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    trust_remote_code: bool = False,
+    gpus: float = 0.0,
+) -> torch.nn.Module:
+    """The frozen reference: base weights (safetensors only), plus an optional peft adapter merged in, eval mode.
+
+    `gpus > 1` spreads the layers over the actor's GPUs with `device_map="auto"` (a model one GPU cannot hold).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    on_gpu = gpus > 0 and torch.cuda.is_available()
+    if gpus > 0 and not on_gpu:
+        logger.warning("reference actor was given %s GPUs but sees no CUDA device: scoring on CPU", gpus)
+    device_map: Any = None
+    if on_gpu:
+        device_map = "auto" if gpus > 1 else {"": torch.cuda.current_device()}
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.expanduser(model_path),
+        revision=revision,
+        dtype=_torch_dtype(dtype),
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+        device_map=device_map,
+    )
+    if adapter:
+        from peft import PeftModel
+
+        # Merged: one matmul per layer instead of base + LoRA, and the same frozen function either way.
+        model = PeftModel.from_pretrained(model, os.path.expanduser(adapter)).merge_and_unload()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+class ReferenceScorer:
+    """Ray Data callable class: adds `ref_logp` (and `ref_logp_rejected` for pairs, null otherwise) per row.
+
+    Use through `ds.map_batches(ReferenceScorer, fn_constructor_kwargs=scorer_kwargs(cfg), ...)` (see
+    `stream_stage`). Input batches (pyarrow, or numpy dicts) hold `row_id`, `input_ids`, `response_start` and,
+    for pairs, `rejected_input_ids` / `rejected_response_start`. Each batch's sequences (chosen and rejected
+    alike) are sorted by length and scored in sub-batches of at most `max_tokens_per_forward` padded tokens.
+
+    With a `collector` (see `new_collector`), every batch's results and its forward count are sent to it before
+    the batch returns: the driver's proof of what was computed (a cache hit shows 0 forwards) and the stream
+    mode's cache feed. `output_columns` limits what the stage emits (precompute needs only `row_id`).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        revision: str | None = None,
+        adapter: str | None = None,
+        dtype: str = "float32",
+        attn_implementation: str = "sdpa",
+        trust_remote_code: bool = False,
+        gpus: float = 0.0,
+        max_tokens_per_forward: int = DEFAULT_MAX_TOKENS_PER_FORWARD,
+        output_columns: list[str] | None = None,
+        collector: Any = None,
+    ):
+        import torch
+
+        self.model = load_reference_model(
+            model_path,
+            revision=revision,
+            adapter=adapter,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            gpus=gpus,
+        )
+        self.device = self.model.get_input_embeddings().weight.device
+        self.max_tokens = max_tokens_per_forward
+        self.output_columns = output_columns
+        self.collector = collector
+        self.pid = os.getpid()
+        self.host = socket.gethostname()
+        self._torch = torch
+        if collector is not None:
+            import ray
+
+            ray.get(collector.hello.remote(self.host, self.pid))
+
+    def score(self, sequences: list[np.ndarray], starts: list[int]) -> tuple[np.ndarray, int]:
+        """Summed response log-probs of each sequence (float64), and the number of model forwards."""
+        from uft_ray.logprobs import model_sequence_logprobs
+
+        torch = self._torch
+        out = np.zeros(len(sequences), dtype=np.float64)
+        groups = length_groups([len(s) for s in sequences], self.max_tokens)
+        with torch.inference_mode():
+            for group in groups:
+                width = max(len(sequences[i]) for i in group)
+                ids = torch.zeros(len(group), width, dtype=torch.long)
+                attn = torch.zeros(len(group), width, dtype=torch.long)
+                loss = torch.zeros(len(group), width, dtype=torch.long)
+                for r, i in enumerate(group):
+                    n = len(sequences[i])
+                    ids[r, :n] = torch.from_numpy(np.asarray(sequences[i], dtype=np.int64))
+                    attn[r, :n] = 1
+                    loss[r, int(starts[i]) : n] = 1
+                logp, _ = model_sequence_logprobs(
+                    self.model, ids.to(self.device), attn.to(self.device), loss.to(self.device), use_cache=False
+                )
+                out[group] = logp.double().cpu().numpy()
+        return out, len(groups)
+
+    def __call__(self, batch: pa.Table | dict[str, np.ndarray]) -> pa.Table | dict[str, np.ndarray]:
+        is_arrow = isinstance(batch, pa.Table)
+
+        def col(name: str) -> list[Any]:
+            if is_arrow:
+                return batch.column(name).to_numpy(zero_copy_only=False) if name in batch.column_names else None
+            return batch.get(name)
+
+        row_ids = [str(r) for r in col("row_id")]
+        n = len(row_ids)
+        chosen, chosen_start = col("input_ids"), col("response_start")
+        rejected, rejected_start = col("rejected_input_ids"), col("rejected_response_start")
+        sequences, starts, slots = [], [], []  # slot: (row, 0 chosen | 1 rejected)
+        for i in range(n):
+            sequences.append(chosen[i])
+            starts.append(chosen_start[i])
+            slots.append((i, 0))
+            if rejected is not None and rejected[i] is not None:
+                sequences.append(rejected[i])
+                starts.append(rejected_start[i])
+                slots.append((i, 1))
+        values, forwards = self.score(sequences, starts)
+        logp = np.full(n, np.nan)
+        logp_rej: list[float | None] = [None] * n
+        for (i, side), v in zip(slots, values, strict=True):
+            if side == 0:
+                logp[i] = v
+            else:
+                logp_rej[i] = float(v)
+        if self.collector is not None:
+            import ray
+
+            tokens = int(sum(len(s) for s in sequences))
+            ray.get(self.collector.add.remote(self.host, self.pid, row_ids, logp, logp_rej, forwards, tokens))
+
+        if is_arrow:
+            out = batch if self.output_columns is None else batch.select(self.output_columns)
+            out = out.drop_columns([c for c in (schema.REF_LOGP, schema.REF_LOGP_REJECTED) if c in out.column_names])
+            out = out.append_column(pa.field(schema.REF_LOGP, pa.float64()), pa.array(logp, pa.float64()))
+            return out.append_column(
+                pa.field(schema.REF_LOGP_REJECTED, pa.float64()), pa.array(logp_rej, pa.float64())
+            )
+        keep = batch.keys() if self.output_columns is None else self.output_columns
+        result = {k: batch[k] for k in keep}
+        result[schema.REF_LOGP] = logp
+        result[schema.REF_LOGP_REJECTED] = np.array([np.nan if v is None else v for v in logp_rej])
+        return result
+
+
+def scorer_kwargs(cfg: Config) -> dict[str, Any]:
+    """`fn_constructor_kwargs` for `ReferenceScorer` from the config."""
+    ref_path = cfg.reference.model_path or cfg.model.path
+    return {
+        "model_path": ref_path,
+        "revision": cfg.model.revision if ref_path == cfg.model.path else None,
+        "adapter": cfg.reference.adapter,
+        "dtype": compute_dtype(cfg),
+        "attn_implementation": cfg.model.attn_implementation,
+        "trust_remote_code": cfg.model.trust_remote_code,
+        "gpus": actor_gpus(cfg),
+    }

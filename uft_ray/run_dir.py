@@ -1,0 +1,158 @@
+"""The run directory: `{output.storage_path}/{output.run_name}/`, its file names, and its metrics file.
+
+The one module that knows what a run writes and where (DESIGN.md "A run's outputs"):
+
+    config.yaml          the resolved config, as run
+    prepared/            the data plane's rows (when the run prepared them itself) + prepared.key.json
+    plan.parquet         the seeded training plan (uft_ray.train.plan)
+    checkpoints/         Ray Train's run folder: checkpoint_{step:06d}/ with adapter/, ds/, state.json
+    adapter/             the final LoRA adapter (peft format) with the tokenizer
+    metrics.jsonl        one JSON object per optimizer step, appended by rank 0
+    quarantine/          rejected rows (copied from the prepared directory) + counts.json
+    report.html, plots/  the report (uft_ray.report)
+
+`metrics.jsonl` has one appender (`append_metrics`, rank 0 of the worker loop), one truncation on resume
+(`truncate_metrics`: lines after the checkpoint we resume from were written by a failed attempt), and one
+reader (`read_metrics`), which every consumer uses: the driver, the CLI's progress lines, the report, the tests.
+Importable without Ray, torch or DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from uft_ray import storage
+
+CONFIG = "config.yaml"
+PREPARED = "prepared"
+PREPARED_KEY = "prepared.key.json"
+PLAN = "plan.parquet"
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+METRICS = "metrics.jsonl"
+QUARANTINE = "quarantine"
+QUARANTINE_COUNTS = "counts.json"
+REPORT = "report.html"
+PLOTS = "plots"
+
+# Inside one checkpoint directory.
+STATE = "state.json"  # step, rows consumed per source, seeds, plan fingerprint
+CHECKPOINT_ADAPTER = "adapter"  # peft format, gathered LoRA weights only
+CHECKPOINT_DEEPSPEED = "ds"  # DeepSpeed's optimizer/scheduler state, one partition per rank
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name Ray Train gives the checkpoint reported after optimizer step `step`."""
+    return f"checkpoint_{step:06d}"
+
+
+class RunDir:
+    """Paths inside one run directory, and its metrics file. `RunDir(path)` touches nothing on disk."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.path!r})"
+
+    def _p(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def config(self) -> str:
+        return self._p(CONFIG)
+
+    @property
+    def prepared(self) -> str:
+        return self._p(PREPARED)
+
+    @property
+    def prepared_key(self) -> str:
+        return self._p(PREPARED_KEY)
+
+    @property
+    def plan(self) -> str:
+        return self._p(PLAN)
+
+    @property
+    def checkpoints(self) -> str:
+        return self._p(CHECKPOINTS)
+
+    def checkpoint(self, step: int) -> str:
+        return os.path.join(self.checkpoints, checkpoint_name(step))
+
+    @property
+    def adapter(self) -> str:
+        return self._p(ADAPTER)
+
+    @property
+    def metrics(self) -> str:
+        return self._p(METRICS)
+
+    @property
+    def quarantine(self) -> str:
+        return self._p(QUARANTINE)
+
+    @property
+    def report(self) -> str:
+        return self._p(REPORT)
+
+    @property
+    def plots(self) -> str:
+        return self._p(PLOTS)
+
+    # metrics.jsonl -------------------------------------------------------------------------------------
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.metrics)
+
+    def last_metrics(self) -> dict[str, Any]:
+        rows = self.read_metrics()
+        return rows[-1] if rows else {}
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one step's line (rank 0 only). One write call per line, so a reader sees whole lines."""
+        os.makedirs(self.path, exist_ok=True)
+        with open(self.metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, keep_through: int) -> None:
+        """Drop the lines of steps after `keep_through`: a failed attempt wrote them after our checkpoint."""
+        if not os.path.exists(self.metrics):
+            return
+        kept = [r for r in _parse_lines(self.metrics) if r.get("step", 0) <= keep_through]
+        storage.atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+
+def _parse_lines(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError:  # a torn last line: a run killed mid-write, or a line being written now
+                continue
+    return rows
+
+
+def read_metrics(path: str) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl in step order, the last record of each step; torn lines are skipped."""
+    if not os.path.exists(path):
+        return []
+    by_step = {r.get("step"): r for r in _parse_lines(path)}
+    return [by_step[k] for k in sorted(by_step, key=lambda s: (s is None, s))]
+
+
+def read_state(checkpoint_dir: str) -> dict[str, Any]:
+    """A checkpoint's driver state (`state.json`)."""
+    with open(os.path.join(checkpoint_dir, STATE)) as f:
+        return json.load(f)
+
+
+def write_state(checkpoint_dir: str, state: dict[str, Any]) -> None:
+    storage.write_json(os.path.join(checkpoint_dir, STATE), state)

@@ -1,0 +1,157 @@
+"""Where files live: local paths and URIs (s3://, gs://, hf://, ...) behind one interface, and whole-file writes
+that a reader never sees half done.
+
+Every module that writes a file whole (a summary, a manifest, a report, a state file, a quarantine part) goes
+through `atomic_write`: locally the bytes go to a dot-named temporary beside the target, are flushed and
+fsynced, then renamed over it, so a crash leaves the old file or the new one; on object stores a single put is
+already atomic. Listings skip dot files, so temporaries are never read as data.
+
+Importable without pyarrow's filesystems loaded: they are imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pyarrow.fs as pafs
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+class StorageError(RuntimeError):
+    """A path or URI that cannot be opened at all (no filesystem for its scheme). The message names it."""
+
+
+def is_remote(path: str) -> bool:
+    """Whether `path` is a URI for a non-local filesystem (any `scheme://` but `file://`)."""
+    return bool(_URI.match(path)) and not path.lower().startswith("file://")
+
+
+def join(base: str, *parts: str) -> str:
+    """`base/part/...` for local paths and URIs alike (URIs always use '/')."""
+    return "/".join([str(base).rstrip("/"), *parts])
+
+
+@functools.lru_cache(maxsize=32)
+def _remote_filesystem(scheme: str, authority: str) -> tuple[pafs.FileSystem, bool]:
+    """A filesystem for `scheme://authority/...`; the bool says whether it is fsspec-backed."""
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    uri = f"{scheme}://{authority}/"
+    if scheme in ("s3", "gs", "gcs"):
+        try:
+            fs, _ = pafs.FileSystem.from_uri(uri)
+            return fs, False
+        except (pa.ArrowException, ValueError, OSError):
+            pass  # pyarrow built without this filesystem: fall back to fsspec
+    try:
+        import fsspec
+    except ImportError as e:  # pragma: no cover - fsspec is a dependency
+        raise StorageError(f"{uri}: no filesystem for {scheme}:// (install fsspec)") from e
+    try:
+        fs = fsspec.filesystem(scheme)
+    except (ImportError, ValueError) as e:
+        raise StorageError(
+            f"{uri}: no filesystem for {scheme}://: {e}; install its fsspec package "
+            "(pip install 'uft-ray[cloud]' gives s3fs, gcsfs and huggingface_hub)"
+        ) from e
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), True
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path (`~` expanded, made absolute) or a URI."""
+    import pyarrow.fs as pafs
+
+    if not is_remote(uri):
+        if uri.startswith("file://"):
+            uri = uri[len("file://") :]
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    scheme, rest = uri.split("://", 1)
+    authority = rest.split("/", 1)[0]
+    fs, is_fsspec = _remote_filesystem(scheme.lower(), authority)
+    if is_fsspec and scheme.lower() in ("http", "https"):
+        return fs, uri  # fsspec's http filesystem wants whole URLs
+    return fs, rest
+
+
+def as_uri(original: str, path: str) -> str:
+    """A path listed by the filesystem of `original` back as what readers take (URIs keep their scheme)."""
+    if not is_remote(original) or "://" in path:
+        return path
+    return f"{original.split('://', 1)[0].lower()}://{path}"
+
+
+def list_files(directory: str, suffix: str = "", *, recursive: bool = True) -> tuple[pafs.FileSystem, list[str]]:
+    """Files under `directory` ending with `suffix`, sorted by path, dot files (temporaries) left out.
+
+    Returns the filesystem and paths inside it; an absent directory lists nothing.
+    """
+    import pyarrow.fs as pafs
+
+    fs, base = filesystem_for(directory)
+    if fs.get_file_info(base).type != pafs.FileType.Directory:
+        return fs, []
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=recursive))
+    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix)]
+    return fs, sorted(f for f in files if not f.rsplit("/", 1)[-1].startswith("."))
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def atomic_write(uri: str, data: bytes | Callable[[Any], None]) -> None:
+    """Write a whole file so that readers see the old content or the new, never a part.
+
+    `data` is the bytes, or a function that writes into the binary stream it is given (e.g. a parquet writer).
+    """
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(uri)
+    head, name = path.rsplit("/", 1) if "/" in path else (".", path)
+    fs.create_dir(head, recursive=True)
+    if not isinstance(fs, pafs.LocalFileSystem):  # an object store's put is atomic already
+        with fs.open_output_stream(path) as out:
+            out.write(data) if isinstance(data, bytes) else data(out)
+        return
+    tmp = os.path.join(head, f".{name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data) if isinstance(data, bytes) else data(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(uri: str, obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> None:
+    """`obj` as a JSON file (one trailing newline), atomically."""
+    atomic_write(uri, (json.dumps(obj, indent=indent, sort_keys=sort_keys, default=str) + "\n").encode())
+
+
+def read_json(uri: str, default: Any = None) -> Any:
+    """A JSON file's content, or `default` when it is absent or unreadable (a torn or foreign file)."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(uri)
+    try:
+        if fs.get_file_info(path).type != pafs.FileType.File:
+            return default
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read().decode())
+    except (OSError, ValueError):
+        return default
