@@ -384,7 +384,8 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--zero-stage", type=int, default=3, help="uft-ray's ZeRO stage (2 isolates ZeRO-3's cost)")
+    p.add_argument("--zero-stage", type=lambda v: v if v == "auto" else int(v), default=3,
+                   help="uft-ray's ZeRO stage: 0-3 or auto (default 3: the sharded path; 0 isolates ZeRO-3's cost)")  # fmt: skip
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--runs", default="grouped,ungrouped", help="uft-ray runs, a comma list of grouped, ungrouped")

@@ -203,8 +203,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(
         f"  ready in {time.monotonic() - t0:.0f} s.\n"
         f"uft-ray demo: a real UFT run on a local Ray cluster: {_summary_line(cfg)}\n"
-        f"  reference log-probs by a Ray actor pool, then {cfg.train.num_workers} DeepSpeed "
-        f"ZeRO-{cfg.train.deepspeed.zero_stage} workers with LoRA train on the mixed UltraChat + HelpSteer2 rows.\n"
+        f"  reference log-probs by a Ray actor pool, then {cfg.train.num_workers} DeepSpeed workers "
+        f"(ZeRO stage {cfg.train.deepspeed.zero_stage}) with LoRA train on the mixed UltraChat + HelpSteer2 rows.\n"
         "  The first run on a machine JIT-builds a DeepSpeed op (about 100 s).",
         flush=True,
     )

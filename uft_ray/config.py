@@ -142,7 +142,10 @@ class ReferenceConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: int = 3
+    # auto: no parameter sharding at world size 1 or when the frozen base fits one device with room for
+    # activations (ZeRO-0: with LoRA the optimizer state is tiny), ZeRO-3 with a sharded load when it does not
+    # (uft_ray.train.engine.choose_zero_stage); 0-3 is honoured as given.
+    zero_stage: int | str = "auto"
     offload_optimizer: bool = False
     offload_params: bool = False
 
@@ -151,7 +154,9 @@ class DeepSpeedConfig:
 class TrainConfig:
     num_workers: int = 8
     use_gpu: bool = True
-    cpus_per_worker: float = 1.0
+    # auto: on a local cluster (a laptop, the demo) every core the workers can share, cores // num_workers;
+    # on a running cluster 1. A CPU worker runs torch with this many threads.
+    cpus_per_worker: float | str = "auto"
     gpus_per_worker: float = 1.0
     micro_batch_size: int = 1
     grad_accum: int = 1
@@ -616,14 +621,18 @@ def _check_reference(e: _Problems, r: ReferenceConfig, check_paths: bool) -> Non
 def _check_train(e: _Problems, tr: TrainConfig) -> None:
     for name in ("num_workers", "micro_batch_size", "grad_accum", "lr", "epochs", "max_steps", "checkpoint_every"):
         e.positive(f"train.{name}", getattr(tr, name))
-    for name in ("cpus_per_worker", "gpus_per_worker", "weight_decay", "max_grad_norm", "max_failures"):
+    for name in ("gpus_per_worker", "weight_decay", "max_grad_norm", "max_failures"):
         e.positive(f"train.{name}", getattr(tr, name), zero_ok=True)
+    if isinstance(tr.cpus_per_worker, str):
+        e.one_of("train.cpus_per_worker", tr.cpus_per_worker, ("auto",))
+    else:
+        e.positive("train.cpus_per_worker", tr.cpus_per_worker, zero_ok=True)
     if not 0 <= tr.warmup_ratio < 1:
         e.append(f"train.warmup_ratio: must be in [0, 1), got {tr.warmup_ratio!r}")
-    if tr.deepspeed.zero_stage not in (0, 1, 2, 3):
-        e.append(f"train.deepspeed.zero_stage: {tr.deepspeed.zero_stage!r} is not allowed; use 0, 1, 2 or 3")
-    if tr.deepspeed.offload_params and tr.deepspeed.zero_stage != 3:
-        e.append("train.deepspeed.offload_params: needs train.deepspeed.zero_stage=3")
+    if tr.deepspeed.zero_stage not in (0, 1, 2, 3, "auto"):
+        e.append(f"train.deepspeed.zero_stage: {tr.deepspeed.zero_stage!r} is not allowed; use auto, 0, 1, 2 or 3")
+    if tr.deepspeed.offload_params and tr.deepspeed.zero_stage not in (3, "auto"):
+        e.append("train.deepspeed.offload_params: needs train.deepspeed.zero_stage=3 (or auto)")
 
 
 def _check_output(e: _Problems, out: OutputConfig) -> None:

@@ -20,7 +20,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_config(assets: dict[str, str], root: Path, run_name: str, **sections: dict[str, Any]) -> Config:
-    """UFT on UltraChat + HelpSteer2 samples, 20 + 20 rows, 2 CPU workers, global batch 4, 2 epochs = 20 steps.
+    """UFT on UltraChat + HelpSteer2 samples, 20 + 20 rows, 2 CPU workers (ZeRO-3), global batch 4, 2 epochs =
+    20 steps.
 
     Tiny sequences (max_len 128) and LoRA dropout 0, so that runs that should agree agree exactly. `sections`
     are merged into these defaults, except `data` and `mixture`, which replace them.
@@ -56,6 +57,10 @@ def train_config(assets: dict[str, str], root: Path, run_name: str, **sections: 
             "checkpoint_every": 5,
             "max_failures": 0,
             "seed": 0,
+            # Explicit, not auto: these runs test the sharded (ZeRO-3) path, and their workers must leave CPUs
+            # to the data tasks when two runs share the 4 logical CPUs (the sweep test).
+            "cpus_per_worker": 1,
+            "deepspeed": {"zero_stage": 3},
         },
         "output": {"storage_path": str(root / "runs"), "run_name": run_name},
     }

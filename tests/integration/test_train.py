@@ -140,6 +140,13 @@ def one_worker(make_config, uft_prepared) -> RunResult:
 
 
 @pytest.fixture(scope="module")
+def zero0(make_config, uft_prepared) -> RunResult:
+    """uft20's first step with ZeRO-0 (no parameter sharding), what `zero_stage: auto` picks for a small base."""
+    cfg = make_config("zero0", train={"max_steps": 1, "deepspeed": {"zero_stage": 0}})
+    return driver.run(cfg, prepared_dir=uft_prepared, hooks=Recorder(cfg.output.run_dir))
+
+
+@pytest.fixture(scope="module")
 def accumulated(make_config, uft_prepared) -> RunResult:
     cfg = make_config(
         "w1-mb1-ga4",
@@ -367,6 +374,19 @@ def test_first_step_loss_same_for_one_and_two_workers(one_worker, uft20):
     assert w1["loss"] == pytest.approx(w2["loss"], rel=1e-6, abs=1e-7)
     # The same gradient too: DeepSpeed averages ranks' gradients into the global-batch gradient.
     assert w1["grad_norm"] == pytest.approx(w2["grad_norm"], rel=1e-4)
+
+
+def test_zero3_is_exact_against_zero0_on_the_first_step(zero0, uft20):
+    """The same 2 workers and rows: ZeRO-3 (sharded base, gathered per layer) and ZeRO-0 (every rank holds it)
+    give the same loss and gradient; ZeRO-0 does not shard at load."""
+    a, b = metrics(zero0.run_dir)[0], metrics(uft20.run_dir)[0]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    start = json.loads((Path(zero0.run_dir) / "debug" / "digests_start.json").read_text())
+    assert not start["sharded_at_load"]
+    assert (
+        start["digests"] == json.loads((Path(uft20.run_dir) / "debug" / "digests_start.json").read_text())["digests"]
+    )
 
 
 def test_adapter_off_reference_trains_the_same_first_step_as_the_actor_cache(adapter_off, one_worker):

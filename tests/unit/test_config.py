@@ -242,5 +242,5 @@ def test_policy_and_reference_compute_in_one_dtype(tmp_path: Path, dtype: str, u
     c = load_config(cfg)
     assert scorer_kwargs(c)["dtype"] == expected
     assert resolve_dtype(c, use_gpu) == getattr(torch, expected)
-    ds = deepspeed_config(c, use_gpu)
+    ds = deepspeed_config(c, use_gpu, zero_stage=3)
     assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (expected == "bfloat16", expected == "float16")

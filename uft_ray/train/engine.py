@@ -24,7 +24,9 @@ state go through DeepSpeed's own checkpoint (each rank writes its partition; the
 
 from __future__ import annotations
 
+import glob
 import hashlib
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -51,11 +53,67 @@ def resolve_dtype(cfg: Config, use_gpu: bool) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def deepspeed_config(cfg: Config, use_gpu: bool) -> dict[str, Any]:
+# The frozen base "fits" a device when its weights take at most this share of the device's memory: the rest is
+# for activations, logits, LoRA state and the allocator (a 7B bf16 base on an 80 GB GPU fits; a 32B one does not).
+FIT_FRACTION = 0.5
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def base_model_bytes(cfg: Config) -> int | None:
+    """The frozen base's weights in the compute dtype, from the safetensors headers (no tensor is read);
+    None for a model that is not a local directory (a hub id, a URI)."""
+    from safetensors import safe_open
+
+    path = os.path.expanduser(cfg.model.path)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else []
+    if not files:
+        return None
+    numel = 0
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                numel += math.prod(st.get_slice(key).get_shape())
+    return numel * _DTYPE_BYTES[compute_dtype(cfg)]
+
+
+def choose_zero_stage(
+    cfg: Config, world_size: int, device_bytes: int | None, base_bytes: int | None
+) -> tuple[int, str]:
+    """The ZeRO stage for this job, and why (`train.deepspeed.zero_stage: auto`; an explicit stage is honoured).
+
+    ZeRO-3 shards the frozen base: worth it only when the base does not fit one device, otherwise its per-layer
+    gathers are pure overhead (at world size 1 there is nothing to shard at all). With LoRA the optimizer state
+    is a few MB, so the stages that shard only it (1, 2) buy nothing either: the choice is 0 or 3.
+    """
+    stage = cfg.train.deepspeed.zero_stage
+    if stage != "auto":
+        return int(stage), "set by train.deepspeed.zero_stage"
+    if cfg.train.deepspeed.offload_params:
+        return 3, "train.deepspeed.offload_params needs ZeRO-3"
+    if world_size == 1:
+        return 0, "one worker: nothing to shard"
+    if base_bytes is None or device_bytes is None:
+        return 3, "the base model's size or the device memory is unknown: sharding it is the safe choice"
+    gib = f"base {base_bytes / 2**30:.2f} GiB, device {device_bytes / 2**30:.1f} GiB"
+    if base_bytes <= FIT_FRACTION * device_bytes:
+        return 0, f"the frozen base fits one device ({gib}): no parameter sharding"
+    return 3, f"the frozen base does not fit one device with room for activations ({gib}): ZeRO-3, sharded load"
+
+
+def device_memory_bytes(use_gpu: bool, local_workers: int) -> int | None:
+    """Memory one worker can count on: its GPU's, or on CPU this node's RAM shared by its workers."""
+    if use_gpu:
+        return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+    import psutil
+
+    return int(psutil.virtual_memory().total // max(1, local_workers))
+
+
+def deepspeed_config(cfg: Config, use_gpu: bool, zero_stage: int) -> dict[str, Any]:
     """DeepSpeed's config from ours: batch shape, clipping, ZeRO stage and offload, mixed precision, AdamW."""
     tr, ds = cfg.train, cfg.train.deepspeed
     dtype = resolve_dtype(cfg, use_gpu)
-    zero: dict[str, Any] = {"stage": ds.zero_stage, "contiguous_gradients": True, "overlap_comm": use_gpu}
+    zero: dict[str, Any] = {"stage": zero_stage, "contiguous_gradients": True, "overlap_comm": use_gpu}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params:
@@ -91,6 +149,8 @@ class Engine:
     ds: Any  # deepspeed.DeepSpeedEngine
     hf_ds_config: Any  # HfDeepSpeedConfig: must stay referenced for ZeRO-3 (transformers keeps a weakref)
     sharded_at_load: bool  # every base parameter was partitioned as it loaded (ZeRO-3)
+    zero_stage: int
+    _grad_norm: float | None = None  # ZeRO-0's, taken in `step` (DeepSpeed's own is None there)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -111,6 +171,11 @@ class Engine:
     def step(self) -> bool:
         """Call after every micro-batch; returns True when this one completed an optimizer step."""
         boundary = self.ds.is_gradient_accumulation_boundary()
+        if boundary and self.zero_stage == 0:
+            # DeepSpeed records no gradient norm for a plain fp32 optimizer (ZeRO-0): take it here, before the
+            # step clips, from the gradients its backward already averaged over the ranks (LoRA-sized: cheap).
+            grads = [p.grad.detach().float() for p in self.lora_parameters() if p.grad is not None]
+            self._grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
         self.ds.step()
         return boundary
 
@@ -120,7 +185,10 @@ class Engine:
 
     @property
     def grad_norm(self) -> float:
+        """The global gradient norm of the last optimizer step, before clipping."""
         norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            norm = self._grad_norm
         return float(norm) if norm is not None else float("nan")
 
     def lora_parameters(self) -> list[torch.nn.Parameter]:
@@ -182,17 +250,18 @@ def build_engine(
     *,
     total_steps: int,
     use_gpu: bool,
+    zero_stage: int,
     adapter: str | None = None,
 ) -> Engine:
-    """The policy under DeepSpeed: base model sharded while loading, LoRA (fresh, or `adapter` to continue)."""
+    """The policy under DeepSpeed: base model sharded while loading (ZeRO-3), LoRA (fresh, or `adapter` to continue)."""
     # DeepSpeed's comm layer wraps the process group Ray Train already set up (zero.Init reads its world size).
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
-    ds_config = deepspeed_config(cfg, use_gpu)
+    ds_config = deepspeed_config(cfg, use_gpu, zero_stage)
     dtype = resolve_dtype(cfg, use_gpu)
     # Created before from_pretrained and kept alive (on the Engine): transformers checks it through a weakref
     # to decide whether to load under zero.Init.
     hf_ds_config = None
-    if cfg.train.deepspeed.zero_stage == 3:
+    if zero_stage == 3:
         hf_ds_config = HfDeepSpeedConfig(ds_config)
     else:
         unset_hf_deepspeed_config()  # an earlier ZeRO-3 engine in this process must not shard this load
@@ -234,4 +303,4 @@ def build_engine(
         lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps),
         dist_init_required=False,  # Ray Train's process group is already up
     )
-    return Engine(ds=engine, hf_ds_config=hf_ds_config, sharded_at_load=sharded)
+    return Engine(ds=engine, hf_ds_config=hf_ds_config, sharded_at_load=sharded, zero_stage=zero_stage)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -36,7 +37,7 @@ from uft_ray.losses import dpo_loss, kto_loss, per_source_metrics, rank_scale, s
 from uft_ray.reference.adapter_off import adapter_off_logprobs
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir, checkpoint_name, read_state, write_state
 from uft_ray.schema import REF_LOGP, REF_LOGP_REJECTED
-from uft_ray.train.engine import Engine, build_engine
+from uft_ray.train.engine import Engine, base_model_bytes, build_engine, choose_zero_stage, device_memory_bytes
 from uft_ray.train.hooks import TrainHooks
 
 
@@ -51,26 +52,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
     if world != cfg.train.num_workers:  # the plan dealt micro-batches to num_workers ranks
         raise RuntimeError(f"world size {world} != train.num_workers {cfg.train.num_workers}")
+    if not use_gpu:  # a CPU worker computes with the CPUs Ray gave it (Ray's default for a worker is 1 thread)
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    zero_stage = _zero_stage(cfg, world, ctx.get_local_world_size(), use_gpu, rank)
 
     # 1. Where to start: the last checkpoint's driver state (step, rows consumed per source, seeds), or step 0.
     with _checkpoint_dir(ray.train.get_checkpoint()) as ckpt:
         state = read_state(ckpt) if ckpt else _initial_state(cfg, sources)
-        # 2. The policy under DeepSpeed; on resume its adapter, optimizer and scheduler come back as saved.
+        start = int(state["step"])
+        # 2. This rank's planned micro-batches, in plan order, from step `start` on; the first one is fetched in
+        # the background from now on, so that the data pipeline starts while the model loads.
+        batches = _FirstAhead(_planned_micro_batches(ray.train.get_dataset_shard(f"train_{rank}"), start, mb))
+        # 3. The policy under DeepSpeed; on resume its adapter, optimizer and scheduler come back as saved.
         engine = build_engine(
             cfg,
             total_steps=total_steps,
             use_gpu=use_gpu,
+            zero_stage=zero_stage,
             adapter=os.path.join(ckpt, CHECKPOINT_ADAPTER) if ckpt else None,
         )
         if ckpt:
             engine.load(ckpt)
-    start = int(state["step"])
     if rank == 0:
         run.truncate_metrics(keep_through=start)
     hooks.on_start(engine, rank=rank, start_step=start)
 
-    # 3. This rank's planned micro-batches, in plan order, from step `start` on.
-    batches = _planned_micro_batches(ray.train.get_dataset_shard(f"train_{rank}"), start, mb)
     engine.train()
     for step in range(start, total_steps):
         # Dropout masks depend on (seed, step, rank) only: a resumed run draws the same ones.
@@ -112,8 +118,58 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     hooks.on_end(engine, rank=rank, cfg=cfg, pad_id=config["pad_id"], device=device)
 
 
+def _zero_stage(cfg: Config, world: int, local_world: int, use_gpu: bool, rank: int) -> int:
+    """`choose_zero_stage` on every rank, agreed on by all (the largest wins: one rank that cannot hold the base
+    makes every rank shard it; ranks disagreeing on the stage would hang in the first collective)."""
+    device_bytes = device_memory_bytes(use_gpu, local_world)
+    stage, why = choose_zero_stage(cfg, world, device_bytes, base_model_bytes(cfg))
+    agreed = torch.tensor([stage], dtype=torch.int64, device=ray.train.torch.get_device())
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    if int(agreed) != stage:
+        why = "another rank cannot hold the frozen base: every rank shards it"
+    if rank == 0:
+        threads = "" if use_gpu else f", {torch.get_num_threads()} CPU threads per worker"
+        print(f"[uft-ray] DeepSpeed ZeRO-{int(agreed)}: {why}{threads}", flush=True)
+    return int(agreed)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data: the planned micro-batches of this rank, padded per micro-batch.
+
+
+class _FirstAhead:
+    """An iterator whose first item is fetched by a background thread from construction on.
+
+    The first `next` of a rank's dataset starts its whole pipeline (read, plan join, sort); started before
+    the model is built, that wait overlaps the model load instead of adding to it. Later items come straight
+    from the wrapped iterator, in the caller's thread.
+    """
+
+    def __init__(self, it: Iterator[Any]) -> None:
+        self._it = it
+        self._first: Any = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = threading.Thread(target=self._fetch, name="uft-ray-first-batch")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _fetch(self) -> None:
+        try:
+            self._first = next(self._it)
+        except BaseException as e:  # StopIteration included: re-raised in the caller's thread
+            self._error = e
+
+    def __iter__(self) -> _FirstAhead:
+        return self
+
+    def __next__(self) -> Any:
+        if self._thread is None:
+            return next(self._it)
+        self._thread.join()
+        self._thread = None
+        if self._error is not None:
+            raise self._error
+        return self._first
 
 
 def _planned_micro_batches(shard: Any, start: int, micro_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
