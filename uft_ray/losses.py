@@ -287,3 +287,102 @@ def per_source_metrics(per_row_values: dict[str, torch.Tensor], sources: list[st
         for source, index in groups.items():
             out[f"{name}/{source}"] = float(values[index].mean())
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hint-guided RFT (Liu et al., arXiv 2505.16984; DESIGN.md "Hint-guided RFT"): GRPO + a hint log-likelihood.
+# Token-level tensors [rows, tokens] over the response; `mask` marks generated tokens. Token means are
+# sum / n_tokens, where `n_tokens` defaults to this batch's count: pass the global batch's token count (all
+# ranks and micro-batches) for a rank-invariant objective, as `rank_scale` does for rows.
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: A_i = (r_i - mean(group)) / (std(group) + eps), rows ordered group by group (n rollouts of a prompt).
+
+    The std is the unbiased one (the authors' veRL). A group whose rewards are all equal gets A = 0: no signal.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} rows")
+    groups = rewards.double().view(-1, group_size)
+    std = groups.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(groups[:, :1])
+    return ((groups - groups.mean(dim=1, keepdim=True)) / (std + eps)).view(-1).to(rewards.dtype)
+
+
+def _token_mean(x: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | float | None) -> torch.Tensor:
+    total = (x * mask).sum()
+    count = mask.sum() if n_tokens is None else torch.as_tensor(n_tokens, dtype=x.dtype, device=x.device)
+    return total / count.clamp(min=1)
+
+
+def clipped_pg_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    n_tokens: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped surrogate per token, the row's advantage on every token (GRPO):
+
+        ratio = exp(logp - old_logp);  l = max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps))
+
+    Returns (token mean of l, the fraction of tokens where the clip was active).
+    """
+    ratio = torch.exp(logp - old_logp.detach())
+    a = advantages.detach()[:, None]
+    unclipped = -a * ratio
+    clipped = -a * ratio.clamp(1 - clip, 1 + clip)
+    losses = torch.maximum(unclipped, clipped)
+    return _token_mean(losses, mask, n_tokens), _token_mean((clipped > unclipped).to(logp.dtype), mask, None)
+
+
+def k3_kl(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, n_tokens: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(policy || reference) per token, clamped to [-10, 10] (the authors' veRL):
+
+    exp(l_ref - l) - (l_ref - l) - 1, non-negative, 0 where policy == reference."""
+    d = ref_logp.detach() - logp
+    return _token_mean((torch.exp(d) - d - 1).clamp(-10, 10), mask, n_tokens)
+
+
+def hint_rft_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    entropy: torch.Tensor,
+    hint_logp: torch.Tensor | None = None,
+    hint_mask: torch.Tensor | None = None,
+    *,
+    clip: float = 0.2,
+    kl_coef: float = 0.001,
+    entropy_coef: float = 0.001,
+    hint_coef: float = 0.001,
+    n_tokens: torch.Tensor | float | None = None,
+    n_hint_tokens: torch.Tensor | float | None = None,
+) -> tuple[torch.Tensor, Metrics]:
+    """The UFT (Liu et al.) objective: loss = pg - c_ent entropy + c_hint hint_nll + c_kl kl.
+
+    pg, kl and entropy are token means over generated tokens (`mask`); the hint sits in the prompt, so it gets
+    no policy gradient, KL or entropy, only its mean NLL (`hint_logp` per token over `hint_mask`). Without a
+    hint (no revealed chunk, `r3`, evaluation) the hint term is 0. Coefficients default to the authors'.
+    """
+    pg, clip_frac = clipped_pg_loss(logp, old_logp, advantages, mask, clip, n_tokens)
+    kl = k3_kl(logp, ref_logp, mask, n_tokens)
+    ent = _token_mean(entropy, mask, n_tokens)
+    if hint_logp is not None and hint_mask is not None and bool(hint_mask.any()):
+        hint_nll = _token_mean(-hint_logp, hint_mask, n_hint_tokens)
+    else:
+        hint_nll = logp.new_zeros(())
+    loss = pg - entropy_coef * ent + hint_coef * hint_nll + kl_coef * kl
+    metrics = {
+        "loss": loss.detach(),
+        "pg_loss": pg.detach(),
+        "kl": kl.detach(),
+        "entropy": ent.detach(),
+        "hint_nll": hint_nll.detach(),
+        "clip_frac": clip_frac.detach(),
+    }
+    return loss, metrics
