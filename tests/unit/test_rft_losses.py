@@ -81,9 +81,11 @@ def test_hint_rft_loss_combines_the_terms_and_drops_the_hint_term_without_hint_t
     loss, m = hint_rft_loss(logp, logp.detach(), ref, adv, torch.ones(2, 2), entropy, hint, hint_mask)
     assert float(m["pg_loss"]) == 0.0 and float(m["hint_nll"]) == pytest.approx(2.0)
     assert float(m["kl"]) == pytest.approx((math.e - 2) / 2, abs=1e-6)
-    assert float(loss) == pytest.approx(-0.002 + 0.002 + 0.001 * (math.e - 2) / 2, abs=1e-7)
+    assert float(loss.detach()) == pytest.approx(-0.002 + 0.002 + 0.001 * (math.e - 2) / 2, abs=1e-7)
     no_hint, m0 = hint_rft_loss(logp, logp.detach(), ref, adv, torch.ones(2, 2), entropy, hint, torch.zeros(2, 2))
-    assert float(m0["hint_nll"]) == 0.0 and float(no_hint) == pytest.approx(float(loss) - 0.002, abs=1e-7)
+    assert float(m0["hint_nll"]) == 0.0 and float(no_hint.detach()) == pytest.approx(
+        float(loss.detach()) - 0.002, abs=1e-7
+    )
 
 
 def test_global_token_count_makes_the_split_over_ranks_exact():
