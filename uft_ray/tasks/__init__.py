@@ -8,6 +8,8 @@ wrong, 0.0 no answer. Model output is never passed to `eval`.
 
 - `countdown`: generated, verified exactly (uft_ray.tasks.arith);
 - `knights_knaves`: generated with a unique solution, verified exactly;
+- `math_answers`: MATH-lighteval rows, `\\boxed{}` answers compared after Hendrycks-style normalization;
+- `generic`: a user's task (`prompt`, `hint` or `solution`, `answer`) and verifiers named `module:function`;
 - `hints`: the hint schedule, a pure function of (seed, step, row_id);
 - `verify`: the answer extraction shared by the tasks and a verifier runner with a time limit.
 """
