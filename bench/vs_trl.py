@@ -37,16 +37,10 @@ from typing import Any
 
 VARIANTS = ("trl_sft", "uft_sft", "uft_uft", "trl_dpo", "trl_dpo_precompute", "uft_dpo")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-SHAPES = {"small": (256, 4, 8, 4, 704, None), "0.5b": (896, 24, 14, 2, 4864, 151936)}
 
 
-def make_model(name: str, root: Path) -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from train_throughput import MODELS
-    from train_throughput import make_model as make
-
-    MODELS.setdefault(name, SHAPES[name])
-    return make(name, root)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import MODELS, make_model  # noqa: E402  (the Qwen2 shapes every CPU/GPU bench shares)
 
 
 def uft_config(args: argparse.Namespace, root: Path, model: str, loss: str, run_name: str) -> Any:
@@ -223,7 +217,7 @@ def run_trl(args: argparse.Namespace, root: Path, model: str, variant: str) -> d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS))
-    p.add_argument("--model", choices=sorted(SHAPES), default="small")
+    p.add_argument("--model", choices=sorted(MODELS), default="small")
     p.add_argument("--rows", type=int, default=48)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)

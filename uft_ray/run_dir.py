@@ -113,17 +113,27 @@ class RunDir:
         return rows[-1] if rows else {}
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        """Append one step's line (rank 0 only). One write call per line, so a reader sees whole lines."""
-        os.makedirs(self.path, exist_ok=True)
-        with open(self.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        """Append one step's line (rank 0 only)."""
+        append_jsonl(self.metrics, row)
 
     def truncate_metrics(self, keep_through: int) -> None:
         """Drop the lines of steps after `keep_through`: a failed attempt wrote them after our checkpoint."""
-        if not os.path.exists(self.metrics):
-            return
-        kept = [r for r in _parse_lines(self.metrics) if r.get("step", 0) <= keep_through]
-        storage.atomic_write(self.metrics, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        truncate_jsonl(self.metrics, keep_through)
+
+
+def append_jsonl(path: str, row: dict[str, Any]) -> None:
+    """Append one JSON line. One write call per line, so a reader sees whole lines."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_jsonl(path: str, keep_through: int) -> None:
+    """Keep the lines whose `step` is at most `keep_through` (torn lines dropped), atomically."""
+    if not os.path.exists(path):
+        return
+    kept = [r for r in _parse_lines(path) if r.get("step", 0) <= keep_through]
+    storage.atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
 
 def _parse_lines(path: str) -> list[dict[str, Any]]:

@@ -104,13 +104,6 @@ def list_files(directory: str, suffix: str = "", *, recursive: bool = True) -> t
     return fs, sorted(f for f in files if not f.rsplit("/", 1)[-1].startswith("."))
 
 
-def exists(uri: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem_for(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def atomic_write(uri: str, data: bytes | Callable[[Any], None]) -> None:
     """Write a whole file so that readers see the old content or the new, never a part.
 
