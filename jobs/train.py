@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
+
 from uft_ray.cli import main
 from uft_ray.demo import DEMO_ROOT, demo_overrides
 
@@ -35,5 +37,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     args = parse()
-    overrides = (demo_overrides(args.demo_root) if args.demo_assets else []) + args.overrides
+    method = (yaml.safe_load(open(args.config)) or {}).get("method", "uft") if args.demo_assets else "uft"
+    overrides = (demo_overrides(args.demo_root, method) if args.demo_assets else []) + args.overrides
     sys.exit(main(["train", args.config, *overrides]))

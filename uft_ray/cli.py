@@ -7,6 +7,7 @@
     uft-ray submit CONFIG --address URL [k=v ...]       run as a Ray job on a cluster
     uft-ray status|logs|stop JOB_ID --address URL       follow a submitted job
     uft-ray report RUN_DIR                              rebuild report.html from metrics.jsonl
+    uft-ray eval RUN_DIR|ADAPTER --tasks T[,T...]       benchmarks with lm-evaluation-harness (or --preset uft-paper)
 
 Exit codes: 0 success; 1 the run or job failed (or the cluster could not be reached); 2 bad usage or config.
 """
@@ -28,6 +29,7 @@ import yaml
 
 from uft_ray.config import Config, ConfigError, load_config
 from uft_ray.demo import DEMO_ROOT, demo_config_text, demo_overrides
+from uft_ray.evaluation.presets import PRESETS
 from uft_ray.run_dir import RunDir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,6 +63,13 @@ def _load(args: argparse.Namespace, *, check_paths: bool = True) -> Config:
 
 
 def _summary_line(cfg: Config) -> str:
+    if cfg.method == "hint_rft":
+        r = cfg.rft
+        return (
+            f"model {cfg.model.path}; hint_rft on {r.task} (hints {r.hint.mode}, T_hint {r.hint.t_hint}); "
+            f"{r.prompts_per_step} prompts x {r.n} rollouts a step; {cfg.train.num_workers} "
+            f"{'GPU' if cfg.train.use_gpu else 'CPU'} workers; run dir {cfg.output.run_dir}"
+        )
     m = cfg.mixture.counts or {k: f"{v:g}x{cfg.mixture.total}" for k, v in (cfg.mixture.ratios or {}).items()}
     mix = ", ".join(f"{k} {v}" for k, v in m.items())
     beta = f" (beta {cfg.loss.beta:g})" if cfg.needs_reference else ""
@@ -133,6 +142,15 @@ class _Progress:
             if f"mixture/{s}/cumulative" in m:
                 bits.append(f"share {m[f'mixture/{s}/cumulative']:.2f} (target {m.get(f'mixture/{s}/target', 0):.2f})")
             parts.append(" ".join(bits))
+        if "reward/mean" in m:  # hint_rft
+            parts.append(
+                f"reward {m['reward/mean']:.3f} acc {m['reward/accuracy']:.3f} format {m['reward/format']:.3f}"
+            )
+            nll = f" nll {m['hint_nll']:.3f}" if "hint_nll" in m else ""
+            parts.append(f"hint {m['hint/share']:.2f}{nll} | kl {m['kl']:.4f}")
+            parts.append(f"generate {m['time/generate_frac']:.0%}")
+            if "eval/accuracy" in m:
+                parts.append(f"eval/accuracy {m['eval/accuracy']:.3f}")
         if "tokens_per_s" in m:
             parts.append(f"{m['tokens_per_s']:.0f} tok/s")
         return "[uft-ray] " + " | ".join(parts)
@@ -186,7 +204,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    raw = yaml.safe_load(demo_config_text())
+    raw = yaml.safe_load(demo_config_text(args.method))
     root = args.out or DEMO_ROOT
     extra = [f"output.storage_path={os.path.join(os.path.expanduser(args.out), 'runs')}"] if args.out else []
     try:
@@ -195,16 +213,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return _config_error(e, "demo config")
     t0 = time.monotonic()
     print(f"uft-ray demo: making the tiny model and sample shards under {os.path.expanduser(root)} ...", flush=True)
-    overrides = demo_overrides(root) + extra + list(args.overrides)
+    overrides = demo_overrides(root, args.method) + extra + list(args.overrides)
     try:
         cfg = load_config(raw, overrides)
     except ConfigError as e:
         return _config_error(e, "demo config")
+    what = (
+        f"  a rollout actor pool samples {cfg.rft.n} continuations of each prompt + hint, a verifier scores them, "
+        f"and {cfg.train.num_workers} DeepSpeed workers with LoRA train GRPO + the hint NLL."
+        if cfg.method == "hint_rft"
+        else f"  reference log-probs by a Ray actor pool, then {cfg.train.num_workers} DeepSpeed workers "
+        f"(ZeRO stage {cfg.train.deepspeed.zero_stage}) with LoRA train on the mixed UltraChat + HelpSteer2 rows."
+    )
     print(
         f"  ready in {time.monotonic() - t0:.0f} s.\n"
-        f"uft-ray demo: a real UFT run on a local Ray cluster: {_summary_line(cfg)}\n"
-        f"  reference log-probs by a Ray actor pool, then {cfg.train.num_workers} DeepSpeed workers "
-        f"(ZeRO stage {cfg.train.deepspeed.zero_stage}) with LoRA train on the mixed UltraChat + HelpSteer2 rows.\n"
+        f"uft-ray demo: a real {cfg.method} run on a local Ray cluster: {_summary_line(cfg)}\n{what}\n"
         "  The first run on a machine JIT-builds a DeepSpeed op (about 100 s).",
         flush=True,
     )
@@ -254,6 +277,90 @@ def cmd_report(args: argparse.Namespace) -> int:
         _err(f"warning: {args.run_dir} has no metrics yet; the report will have empty plots")
     print(write_report(args.run_dir))
     return EXIT_OK
+
+
+def _eval_specs(args: argparse.Namespace) -> tuple[list[Any], str | None]:
+    """The tasks to run with their shots, from --tasks / --preset / --num-fewshot; EvalError on a bad mix."""
+    from uft_ray.evaluation.harness import EvalError, TaskSpec
+
+    names = list(dict.fromkeys(t.strip() for t in (args.tasks or "").split(",") if t.strip()))
+    if not args.preset:
+        if not names:
+            raise EvalError("give --tasks NAME[,NAME...] or --preset NAME")
+        return [TaskSpec(n, args.num_fewshot) for n in names], None
+    if args.num_fewshot is not None:
+        raise EvalError(f"--num-fewshot: preset {args.preset} fixes the shots of each task")
+    preset = PRESETS[args.preset]
+    outside = [n for n in names if preset.task(n) is None]
+    if outside:
+        raise EvalError(
+            f"not in preset {args.preset}: {', '.join(outside)} (its tasks: {', '.join(t.task for t in preset.tasks)})"
+        )
+    chosen = [t for t in preset.tasks if not names or t.task in names]  # --tasks with --preset: a subset of it
+    return [TaskSpec(t.task, t.num_fewshot) for t in chosen], preset.name
+
+
+def _eval_line(outcome: dict[str, Any]) -> None:
+    if not outcome["ok"]:
+        _err(f"[uft-ray] eval failed: {outcome['error']}")
+        return
+    metrics = outcome["results"].get("results", {}).get(outcome["task"], {})
+    shown = "  ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "," in k and "_stderr" not in k
+    )
+    print(f"[uft-ray] eval {outcome['task']}: {shown or '(see its JSON)'} ({outcome['seconds']:.1f} s)", flush=True)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from uft_ray.evaluation import harness
+
+    try:
+        target = harness.resolve_target(args.target, base=args.base, out_dir=args.out)
+        specs, preset = _eval_specs(args)
+        include = os.path.abspath(os.path.expanduser(args.include_path)) if args.include_path else None
+        harness.check_tasks([s.task for s in specs], harness.task_manager(include, [s.task for s in specs]))
+        if args.limit is not None and args.limit <= 0:
+            raise harness.EvalError(f"--limit {args.limit:g}: give a count (N >= 1) or a fraction (0 < f < 1)")
+    except harness.EvalError as e:
+        _err(f"eval: {e}")
+        return EXIT_USAGE
+    from uft_ray.config import RayConfig
+    from uft_ray.evaluation.worker import run_eval
+    from uft_ray.ray_utils import init_ray
+
+    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+    adapter = target.adapter or "(none)"
+    print(f"uft-ray eval: {len(specs)} task(s) on {target.base} + adapter {adapter}; results in {target.out_dir}")
+    try:
+        init_ray(RayConfig(address=args.address))
+        report = run_eval(
+            target,
+            specs,
+            include_path=include,
+            limit=limit,
+            log_samples=args.log_samples,
+            apply_chat_template=PRESETS[preset].apply_chat_template if preset else False,
+            backend=args.backend,
+            gpus=args.gpus,
+            offline=True if args.offline else None,
+            batch_size=int(args.batch_size) if (args.batch_size or "").isdigit() else args.batch_size,
+            preset=preset,
+            on_result=_eval_line,
+        )
+    except harness.EvalError as e:
+        _err(f"eval: {e}")
+        return EXIT_USAGE
+    except Exception as e:  # the cluster could not be reached, an actor could not be placed
+        _err(f"eval failed: {type(e).__name__}: {harness.one_line(e)}")
+        return EXIT_FAILED
+    if report.fatal:
+        _err(f"eval failed: {report.fatal}")
+        return EXIT_FAILED
+    for name, d in report.summary.get("derived", {}).items():
+        print(f"  {name} {d['value']:.4f} (mean of {', '.join(d['mean_of'])})")
+    n_failed = len(report.failed)
+    print(f"eval done: {len(specs) - n_failed} of {len(specs)} task(s); summary in {target.out_dir}/summary.json")
+    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 def _cluster_call(fn) -> int:
@@ -415,8 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("demo", "the embedded default: tiny model + sample shards, local Ray, a real UFT run on CPU",
             "  uft-ray demo\n"
             "  uft-ray demo --out /tmp/uft-demo train.max_steps=4\n"
-            "  uft-ray demo loss.type=una_bce output.run_name=demo-una")  # fmt: skip
+            "  uft-ray demo loss.type=una_bce output.run_name=demo-una\n"
+            "  uft-ray demo --method hint_rft train.max_steps=4")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the demo config")
+    p.add_argument("--method", choices=("uft", "hint_rft"), default="uft",
+                   help="uft: the offline UFT run (default); hint_rft: hint-guided SFT + RFT on Countdown")  # fmt: skip
     p.add_argument("--out", metavar="DIR", help=f"where the tiny assets and runs/ go (default: assets in {DEMO_ROOT}, "
                    "the run in ./runs/demo)")  # fmt: skip
     p.set_defaults(fn=cmd_demo)
@@ -460,6 +570,34 @@ def build_parser() -> argparse.ArgumentParser:
             "  uft-ray report runs/demo")  # fmt: skip
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(fn=cmd_report)
+
+    p = add("eval", "benchmarks with lm-evaluation-harness on base + adapter, in Ray actors (one per GPU)",
+            "  uft-ray eval runs/demo --tasks my_task --include-path tasks/ --limit 8\n"
+            "  uft-ray eval /shared/runs/mistral7b-uft --preset uft-paper --address auto\n"
+            "  uft-ray eval runs/x/checkpoints/checkpoint_000100/adapter --tasks gsm8k,arc_challenge --num-fewshot 5\n"
+            "  (results: RUN_DIR/eval/, or ADAPTER/eval/: lm_eval's JSON per task and summary.json)")  # fmt: skip
+    p.add_argument(
+        "target", metavar="RUN_DIR|ADAPTER", help="a run directory (config.yaml + adapter/) or a peft adapter"
+    )
+    p.add_argument("--tasks", metavar="NAME[,NAME...]", help="lm_eval tasks, groups or tags, comma-separated")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named protocol: its tasks with their shots "
+                   "(uft-paper: the paper's, no chat template); with --tasks, only those of its tasks")  # fmt: skip
+    p.add_argument("--include-path", metavar="DIR", help="a folder of lm_eval task YAMLs (as lm_eval's CLI calls it)")
+    p.add_argument("--limit", type=float, metavar="N", help="at most N docs per task (a fraction if < 1); for checks")
+    p.add_argument("--num-fewshot", type=int, metavar="N", help="shots for every task (default: each task's own)")
+    p.add_argument("--backend", choices=("auto", "hf", "vllm"), default="auto",
+                   help="lm_eval model: hf (transformers + peft) or vllm; auto: vllm on GPU where installed")  # fmt: skip
+    p.add_argument("--gpus", type=int, metavar="N", help="GPU actors (default: the cluster's GPUs, at most one per "
+                   "task; 0: one CPU actor)")  # fmt: skip
+    p.add_argument("--batch-size", metavar="B", help="lm_eval batch size (default: auto on GPU, 8 on CPU)")
+    p.add_argument("--base", metavar="PATH", help="base model, instead of the one the run or adapter names")
+    p.add_argument("--out", metavar="DIR", help="results folder (default: RUN_DIR/eval or ADAPTER/eval)")
+    p.add_argument("--log-samples", action="store_true", help="also write samples_{task}.jsonl (per-doc records)")
+    p.add_argument("--offline", action="store_true", help="no hub access (default: offline when the hub is "
+                   "unreachable or HF_HUB_OFFLINE is set); missing datasets then fail at once")  # fmt: skip
+    p.add_argument("--address", help="Ray cluster to run in, as ray.init takes it (auto, HOST:6379, ray://HOST:10001;"
+                   " default: RAY_ADDRESS, else a local Ray)")  # fmt: skip
+    p.set_defaults(fn=cmd_eval)
     return parser
 
 

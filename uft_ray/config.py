@@ -42,6 +42,7 @@ FORMAT_KINDS: dict[str, tuple[str, ...]] = {
     "preference": ("pair",),
     "scored": ("score",),
 }
+METHODS = ("uft", "hint_rft")  # the offline implicit-reward UFT (Wang et al.); hint-guided RFT (Liu et al.)
 LOSS_TYPES = ("uft", "una_bce", "dpo", "kto", "sft")
 # Row kinds each loss can train on (DESIGN.md "The math").
 LOSS_KINDS: dict[str, tuple[str, ...]] = {
@@ -178,6 +179,56 @@ class TrainConfig:
 
 
 @dataclass
+class HintConfig:
+    # The hint schedule of uft_ray.tasks.hints (the authors' numbers): cosine | rft | r3 | staged.
+    mode: str = "cosine"
+    p_low: float = 0.05
+    p_high: float = 0.95
+    t_hint: int = 300  # steps with hints; none after, and never at evaluation
+    max_buckets: int = 5
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "auto"  # auto: vllm on GPU where it is installed, else hf (transformers generate) | hf | vllm
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0  # used when train.use_gpu
+    batch_size: int = 64  # requests per generate call of the hf backend
+    gpu_memory_utilization: float = 0.4  # vllm: the rollout engine shares its GPU with nothing else by default
+
+
+@dataclass
+class RftConfig:
+    """`method: hint_rft` (DESIGN.md "Hint-guided RFT"): prompts, rollouts, rewards and the loss's coefficients."""
+
+    task: str = "countdown"  # countdown | knights_knaves | math | a generic task's verifier as module:function
+    path: str | None = None  # math / generic: training rows (file, directory or glob); generated tasks: None
+    eval_path: str | None = None  # math / generic: held-out rows; generated tasks draw them with another seed
+    n_train: int = 10000  # generated tasks: instances to train on
+    prompts_per_step: int = 256
+    n: int = 4  # rollouts per prompt (the GRPO group)
+    updates_per_step: int = 1  # optimizer steps per rollout batch; > 1 recomputes old log-probs first
+    max_prompt_len: int = 256  # prompt + revealed hint, tokens
+    max_response_len: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip: float = 0.2
+    kl_coef: float = 0.001
+    entropy_coef: float = 0.001
+    hint_coef: float = 0.001
+    verifier_timeout_s: float = 2.0
+    hint: HintConfig = field(default_factory=HintConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+@dataclass
+class EvalConfig:
+    every: int | None = None  # steps between held-out evaluations (and one at the end); None: at the end only
+    max_rows: int | None = 256  # held-out rows per evaluation
+
+
+@dataclass
 class OutputConfig:
     storage_path: str = "./runs"
     run_name: str = "uft-run"
@@ -195,6 +246,7 @@ class RayConfig:
 
 @dataclass
 class Config:
+    method: str = "uft"  # uft (offline: data.sources, loss.type) | hint_rft (online: rft)
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -203,12 +255,15 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rft: RftConfig = field(default_factory=RftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
     @property
     def needs_reference(self) -> bool:
-        return self.loss.type != "sft"
+        """A reference pass over prepared rows (hint_rft scores its rollouts with the adapter off instead)."""
+        return self.method == "uft" and self.loss.type != "sft"
 
     def source(self, name: str) -> SourceConfig:
         for s in self.data.sources:
@@ -488,14 +543,19 @@ def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
     `check_paths` off skips the existence of local paths (a config whose paths are a cluster's).
     """
     e = _Problems()
+    e.one_of("method", cfg.method, METHODS)
     _check_model(e, cfg, check_paths)
     _check_lora(e, cfg.lora)
-    _check_sources(e, cfg.data.sources, check_paths)
-    _check_mixture(e, cfg.mixture, [s.name for s in cfg.data.sources])
-    _check_tokenize(e, cfg.tokenize)
-    _check_loss(e, cfg)
-    _check_reference(e, cfg.reference, check_paths)
+    if cfg.method == "hint_rft":  # prompts come from rft.task, not data.sources; the reference is adapter-off
+        _check_rft(e, cfg, check_paths)
+    else:
+        _check_sources(e, cfg.data.sources, check_paths)
+        _check_mixture(e, cfg.mixture, [s.name for s in cfg.data.sources])
+        _check_tokenize(e, cfg.tokenize)
+        _check_loss(e, cfg)
+        _check_reference(e, cfg.reference, check_paths)
     _check_train(e, cfg.train)
+    _check_eval(e, cfg.eval)
     _check_output(e, cfg.output)
     return list(e)
 
@@ -640,3 +700,63 @@ def _check_output(e: _Problems, out: OutputConfig) -> None:
         e.append(f"output.run_name: a non-empty name without '/', got {out.run_name!r}")
     if not out.storage_path:
         e.append("output.storage_path: required (a local dir or shared storage URI)")
+
+
+GENERATED_TASKS = ("countdown", "knights_knaves")
+FILE_TASKS = ("math",)
+ROLLOUT_BACKENDS = ("auto", "hf", "vllm")
+
+
+def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
+    r, tr = cfg.rft, cfg.train
+    if r.task not in GENERATED_TASKS + FILE_TASKS and ":" not in r.task:
+        e.append(f"rft.task: {r.task!r} is not allowed; use one of: {', '.join(GENERATED_TASKS + FILE_TASKS)}, "
+                 "or a generic task's verifier as module:function")  # fmt: skip
+    if r.task in GENERATED_TASKS:
+        e.positive("rft.n_train", r.n_train)
+        for name in ("path", "eval_path"):
+            if getattr(r, name):
+                e.append(f"rft.{name}: {r.task} instances are generated; leave rft.{name} unset")
+    elif not r.path:
+        e.append(f"rft.path: required for task {r.task!r} (a file, directory or glob of its rows)")
+    for name in ("path", "eval_path"):
+        value = getattr(r, name)
+        if check_paths and value and not is_remote(value) and not _path_exists(value):
+            e.append(f"rft.{name}: {value!r} does not exist")
+    for name in ("prompts_per_step", "n", "updates_per_step", "max_prompt_len", "max_response_len",
+                 "verifier_timeout_s", "temperature"):  # fmt: skip
+        e.positive(f"rft.{name}", getattr(r, name))
+    for name in ("kl_coef", "entropy_coef", "hint_coef", "clip"):
+        e.positive(f"rft.{name}", getattr(r, name), zero_ok=True)
+    if not 0 < r.top_p <= 1:
+        e.append(f"rft.top_p: must be in (0, 1], got {r.top_p!r}")
+    h = r.hint
+    e.one_of("rft.hint.mode", h.mode, ("cosine", "rft", "r3", "staged"))
+    if not 0 <= h.p_low <= h.p_high <= 1:
+        e.append(f"rft.hint: need 0 <= p_low <= p_high <= 1, got p_low={h.p_low!r} p_high={h.p_high!r}")
+    e.positive("rft.hint.t_hint", h.t_hint)
+    e.positive("rft.hint.max_buckets", h.max_buckets)
+    ro = r.rollout
+    e.one_of("rft.rollout.backend", ro.backend, ROLLOUT_BACKENDS)
+    for name in ("actors", "batch_size"):
+        e.positive(f"rft.rollout.{name}", getattr(ro, name))
+    for name in ("cpus_per_actor", "gpus_per_actor"):
+        e.positive(f"rft.rollout.{name}", getattr(ro, name), zero_ok=True)
+    if ro.backend == "vllm" and not tr.use_gpu:
+        e.append("rft.rollout.backend: vllm needs train.use_gpu=true (use hf on CPU)")
+    # Every rank trains whole GRPO groups, and its rollouts fill its micro-batches exactly.
+    if tr.num_workers > 0 and r.prompts_per_step % tr.num_workers:
+        e.append(f"rft.prompts_per_step: {r.prompts_per_step} must be a multiple of train.num_workers "
+                 f"({tr.num_workers}): every rank takes whole groups")  # fmt: skip
+    elif tr.num_workers > 0:
+        per_rank = r.prompts_per_step // tr.num_workers * r.n
+        per_update = r.updates_per_step * tr.grad_accum * tr.micro_batch_size
+        if per_rank != per_update:
+            e.append(f"rft: each rank generates prompts_per_step / num_workers * n = {per_rank} rollouts a step, "
+                     f"but rft.updates_per_step * train.grad_accum * train.micro_batch_size = {per_update}; "
+                     "make them equal")  # fmt: skip
+
+
+def _check_eval(e: _Problems, ev: EvalConfig) -> None:
+    e.positive("eval.every", ev.every)
+    e.positive("eval.max_rows", ev.max_rows)

@@ -77,6 +77,10 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
     By default the rows are prepared into `{run_dir}/prepared` (reused by a rerun with the same data config).
     `hooks`: callbacks every worker makes (uft_ray.train.hooks; the tests record and steer runs with them).
     """
+    if cfg.method == "hint_rft":  # the online method: prompts, rollout actors, GRPO + hint NLL
+        from uft_ray.rft.driver import run as run_hint_rft
+
+        return run_hint_rft(cfg, hooks=hooks)
     from transformers import AutoTokenizer
 
     run_dir = RunDir(cfg.output.run_dir)
@@ -172,9 +176,12 @@ def _auto_cpus_per_worker(num_workers: int) -> int:
 def _local_cpus(cfg: Config) -> int:
     """Logical CPUs for a local cluster: workers + reference actors + data tasks must be schedulable at once."""
     r, tr = cfg.reference, cfg.train
-    actors = max(r.actors) if isinstance(r.actors, list) else r.actors
+    if cfg.method == "hint_rft":  # rollout actors instead of reference actors
+        actors, per_actor = cfg.rft.rollout.actors, cfg.rft.rollout.cpus_per_actor
+    else:
+        actors, per_actor = (max(r.actors) if isinstance(r.actors, list) else r.actors), r.cpus_per_actor
     per_worker = _auto_cpus_per_worker(tr.num_workers) if tr.cpus_per_worker == "auto" else tr.cpus_per_worker
-    needed = tr.num_workers * per_worker + actors * r.cpus_per_actor + 2
+    needed = tr.num_workers * per_worker + actors * per_actor + 2
     return max(os.cpu_count() or 1, int(needed + 0.999))
 
 

@@ -165,3 +165,113 @@ def model_sequence_logprobs(
     out = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     logits = out if isinstance(out, torch.Tensor) else out.logits
     return sequence_logprobs(logits, input_ids, loss_mask, chunk_size=chunk_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-token log-probs and entropies (hint-guided RFT): the same chunked selection, with the entropy's gradient.
+
+
+class _TargetLogProbEntropy(torch.autograd.Function):
+    """Per selected position: log_softmax(logits)[target] and the entropy H = -sum_v p_v log p_v.
+
+    Gradients, chunk by chunk from the saved logsumexp:
+        d logp / d z = onehot(target) - p
+        d H / d z_v  = -p_v (log p_v + H)
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor, chunk_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = _compute_dtype(logits.dtype)
+        n = rows.numel()
+        token_logp = torch.empty(n, dtype=dtype, device=logits.device)
+        entropy = torch.empty(n, dtype=dtype, device=logits.device)
+        lse = torch.empty(n, dtype=dtype, device=logits.device)
+        for start in range(0, n, chunk_size):
+            end = min(start + chunk_size, n)
+            z = logits[rows[start:end], cols[start:end]].to(dtype)  # [c, V], a copy of c rows only
+            target_logit = z.gather(1, targets[start:end, None]).squeeze(1)
+            shift = z.amax(dim=-1, keepdim=True)
+            shift.masked_fill_(~torch.isfinite(shift), 0)
+            p = (z - shift).exp_()
+            total = p.sum(dim=-1, keepdim=True)
+            lse[start:end] = total.log().add_(shift).squeeze(1)
+            p.div_(total)
+            # H = lse - sum_v p_v z_v; -inf logits (masked vocab) have p = 0 and contribute nothing
+            entropy[start:end] = lse[start:end] - (p * z.nan_to_num(neginf=0.0)).sum(dim=-1)
+            token_logp[start:end] = target_logit - lse[start:end]
+            del z, p
+        ctx.save_for_backward(logits, rows, cols, targets, lse, entropy)
+        ctx.chunk_size = chunk_size
+        return token_logp, entropy
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_logp: torch.Tensor, grad_entropy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, rows, cols, targets, lse, entropy = ctx.saved_tensors
+        dtype = lse.dtype
+        grad_logits = torch.zeros_like(logits)
+        for start in range(0, rows.numel(), ctx.chunk_size):
+            end = min(start + ctx.chunk_size, rows.numel())
+            r, c = rows[start:end], cols[start:end]
+            logp_v = logits[r, c].to(dtype).sub_(lse[start:end, None])  # log p_v
+            p = logp_v.exp()
+            # -p (log p + H) * g_H  - p * g_logp, then + g_logp at the target
+            g_h, g_l = grad_entropy[start:end, None].to(dtype), grad_logp[start:end, None].to(dtype)
+            grad = logp_v.add_(entropy[start:end, None]).nan_to_num_(neginf=0.0).mul_(p).mul_(-g_h)
+            grad.sub_(p.mul_(g_l))
+            grad.scatter_add_(1, targets[start:end, None], g_l)
+            grad_logits[r, c] = grad.to(logits.dtype)
+            del logp_v, p, grad
+        return grad_logits, None, None, None, None
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probabilities (and entropies) of the masked tokens, [B, T] each, 0 where the mask is 0.
+
+    Indexing as in `sequence_logprobs` (mask[b, t] scores `labels[b, t]` under the prediction at t - 1).
+    The entropy is that of the predictive distribution at the same position. Only masked positions are
+    upcast, `chunk_size` at a time: no full-vocabulary fp32 softmax.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2] or loss_mask.shape != logits.shape[:2]:
+        raise ValueError(
+            f"need logits [B, T, V] and labels, loss_mask [B, T]; got {tuple(logits.shape)}, "
+            f"{tuple(labels.shape)}, {tuple(loss_mask.shape)}"
+        )
+    device = logits.device
+    scored = loss_mask[:, 1:].to(device) != 0
+    rows, label_pos = scored.nonzero(as_tuple=True)
+    label_pos = label_pos + 1
+    targets = labels.to(device)[rows, label_pos].long()
+    dtype = _compute_dtype(logits.dtype)
+    out_logp = torch.zeros(labels.shape, dtype=dtype, device=device)
+    if with_entropy:
+        logp, ent = _TargetLogProbEntropy.apply(logits, rows, label_pos - 1, targets, chunk_size)
+        out_ent = torch.zeros(labels.shape, dtype=dtype, device=device).index_put((rows, label_pos), ent)
+    else:
+        logp, out_ent = _TargetLogProb.apply(logits, rows, label_pos - 1, targets, chunk_size), None
+    return out_logp.index_put((rows, label_pos), logp), out_ent
+
+
+def model_token_logprobs(
+    model: Callable[..., Any],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    with_entropy: bool = True,
+    **model_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run a causal LM on a right-padded batch and return `token_logprobs` of the masked tokens ([B, T])."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    return token_logprobs(logits, input_ids, loss_mask, chunk_size, with_entropy=with_entropy)

@@ -28,6 +28,31 @@ from uft_ray.data.prepared import SUMMARY, summary_path
 from uft_ray.run_dir import METRICS, RunDir
 
 PLOTS = ("loss", "reward", "mixture", "throughput", "optimization", "quarantine")
+# method: hint_rft (its metrics: uft_ray.rft.loop)
+RFT_PLOTS = ("loss", "rollouts", "hints", "policy", "rollout_time", "throughput", "optimization", "quarantine")
+_RFT_PANELS: dict[str, list[tuple[str, list[tuple[str, str, str]]]]] = {
+    "rollouts": [
+        ("Rollout rewards (training, with hints)",
+         [("reward/mean", "mean reward", "black"), ("reward/accuracy", "correct", "#2ca02c"),
+          ("reward/format", "formatted", "#1f77b4")]),
+        ("Held-out accuracy (greedy, no hints)", [("eval/accuracy", "eval/accuracy", "#d62728")]),
+        ("Response length (generated tokens)", [("response/length", "mean length", "#9467bd")]),
+    ],
+    "hints": [
+        ("Revealed share of the hint", [("hint/share", "hint/share", "#ff7f0e")]),
+        ("Hint NLL (per hint token)", [("hint_nll", "hint_nll", "#8c564b")]),
+    ],
+    "policy": [
+        ("KL to the reference (k3, per token)", [("kl", "kl", "#d62728")]),
+        ("Entropy (per response token)", [("entropy", "entropy", "#1f77b4")]),
+        ("Clipped share of tokens", [("clip_frac", "clip_frac", "#7f7f7f")]),
+    ],
+    "rollout_time": [
+        ("Generation share of step time", [("time/generate_frac", "generate", "#17becf")]),
+        ("Adapter sync to the rollout actors (s)", [("sync/adapter_s", "sync/adapter_s", "#bcbd22")]),
+        ("Rollout tokens per second (actor pool)", [("rollout/tokens_per_s", "tokens/s", "#e377c2")]),
+    ],
+}  # fmt: skip
 
 # Fixed colours per source so a source keeps its colour across every plot.
 _PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
@@ -290,6 +315,24 @@ def plot_optimization(rows, sources, colors) -> bytes:
     return _png(fig)
 
 
+def plot_panels(rows, panels: list[tuple[str, list[tuple[str, str, str]]]]) -> bytes:
+    """One row of panels, each a few metrics by key (hint_rft's plots)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.4), squeeze=False)
+    for ax, (title, lines) in zip(axes[0], panels, strict=True):
+        drawn = False
+        for key, label, color in lines:
+            drawn |= _line(ax, rows, key, label=label, color=color)
+        if drawn:
+            ax.set_title(title)
+            ax.set_xlabel("step")
+            if len(lines) > 1:
+                ax.legend(loc="best")
+        else:
+            _empty(ax, f"no {lines[0][0]} recorded")
+    return _png(fig)
+
+
 def plot_quarantine(counts: dict[tuple[str, str], int], colors) -> bytes:
     plt = _plt()
     reasons = sorted({r for r, _ in counts}, key=lambda r: -sum(n for (rr, _), n in counts.items() if rr == r))
@@ -366,6 +409,14 @@ def _config_rows(cfg: dict[str, Any]) -> list[tuple[str, str]]:
         ("training", f"{tr.get('num_workers', '-')} workers ({'GPU' if tr.get('use_gpu') else 'CPU'}), ZeRO-{ds.get('zero_stage', '-')}, micro-batch {tr.get('micro_batch_size', '-')} x accum {tr.get('grad_accum', '-')}, lr {_fmt(tr.get('lr'))}, epochs {tr.get('epochs', '-')}"
          + (f", max steps {tr.get('max_steps')}" if tr.get("max_steps") else "")),
     ]  # fmt: skip
+    if g("method") == "hint_rft":
+        r, h = g("rft") or {}, g("rft", "hint") or {}
+        rows = [rows[0], rows[2], rows[-1]] + [
+            ("method", f"hint_rft on {r.get('task', '-')}: {r.get('prompts_per_step', '-')} prompts x {r.get('n', '-')} rollouts a step, "
+             f"responses <= {r.get('max_response_len', '-')} tokens, temperature {_fmt(r.get('temperature'))}"),
+            ("hints", f"{h.get('mode', '-')}, p {_fmt(h.get('p_high'))} \u2192 {_fmt(h.get('p_low'))} over T_hint {h.get('t_hint', '-')} steps"),
+            ("loss", f"clip {_fmt(r.get('clip'))}, kl {_fmt(r.get('kl_coef'))}, entropy {_fmt(r.get('entropy_coef'))}, hint {_fmt(r.get('hint_coef'))}"),
+        ]  # fmt: skip
     return rows
 
 
@@ -389,6 +440,12 @@ def _final_rows(rows: list[dict[str, Any]], sources: list[str]) -> list[tuple[st
         return f"{_fmt(first)} \u2192 {_fmt(end)}" if first is not None and len(rows) > 1 else _fmt(end)
 
     out.append(("loss (first step \u2192 last 10%)", span("loss") or "-"))
+    for key in ("reward/mean", "reward/accuracy", "hint_nll", "kl"):  # hint_rft
+        if key in last:
+            out.append((f"{key} (first step \u2192 last 10%)", span(key) or "-"))
+    evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+    if evals:
+        out.append(("eval/accuracy (first \u2192 last evaluation)", f"{_fmt(evals[0])} \u2192 {_fmt(evals[-1])}"))
     for s in sources:
         parts = []
         for key, name in (("loss", "loss"), ("reward", "reward"), ("score_pred", "sigmoid(r)")):
@@ -451,6 +508,14 @@ _NOTES = {
     "waiting for data (both should stay low).",
     "optimization": "Learning-rate schedule, gradient norm, and the per-token divergence from the reference.",
     "quarantine": "Rows the data plane rejected, by reason (kept with their raw text under quarantine/).",
+    "rollouts": "Rewards of the training rollouts (1.0 correct, 0.1 formatted but wrong, 0 no answer), computed on "
+    "hint + response; held-out accuracy of greedy rollouts without hints; mean generated length.",
+    "hints": "The share of each reference solution revealed in the prompt (the cosine schedule, 0 after T_hint) "
+    "and the NLL of the revealed hint tokens, which the hint term trains down.",
+    "policy": "KL to the reference (the same model with the adapter off), entropy of the policy on its own "
+    "responses, and the share of tokens where PPO's ratio clip was active.",
+    "rollout_time": "How much of each step the rollout actors take, the adapter sync after each optimizer step "
+    "(only the LoRA tensors travel), and the actor pool's generation throughput.",
 }
 
 
@@ -472,6 +537,9 @@ def write_report(run_dir: str | os.PathLike) -> str:
     colors = {s: _PALETTE[i % len(_PALETTE)] for i, s in enumerate(sources)}
     qcounts = _quarantine_counts(run, summary)
 
+    rft = cfg.get("method") == "hint_rft"
+    if rft:
+        sources = []  # one task, no mixture: the loss plot shows the total
     pngs = {
         "loss": plot_loss(rows, sources, colors),
         "reward": plot_reward(rows, sources, colors),
@@ -480,6 +548,9 @@ def write_report(run_dir: str | os.PathLike) -> str:
         "optimization": plot_optimization(rows, sources, colors),
         "quarantine": plot_quarantine(qcounts, colors),
     }
+    if rft:
+        pngs |= {name: plot_panels(rows, panels) for name, panels in _RFT_PANELS.items()}
+        del pngs["reward"], pngs["mixture"]
     for name, data in pngs.items():
         storage.atomic_write(os.path.join(run.plots, f"{name}.png"), data)
 
@@ -490,6 +561,10 @@ def write_report(run_dir: str | os.PathLike) -> str:
         "throughput": "Throughput",
         "optimization": "Optimization",
         "quarantine": "Quarantine",
+        "rollouts": "Rollouts and held-out accuracy",
+        "hints": "Hints",
+        "policy": "Policy",
+        "rollout_time": "Generation and adapter sync",
     }
     run_name = (cfg.get("output") or {}).get("run_name") or os.path.basename(run_dir)
     paths = [("run directory", run_dir), ("metrics", run.metrics)]
@@ -509,7 +584,7 @@ def write_report(run_dir: str | os.PathLike) -> str:
         "</div></div>",
         _table(paths),
     ]
-    for name in PLOTS:
+    for name in RFT_PLOTS if rft else PLOTS:
         b64 = base64.b64encode(pngs[name]).decode("ascii")
         parts.append(f"<h2 id='{name}'>{titles[name]}</h2><p class='note'>{html.escape(_NOTES[name])}</p>")
         parts.append(f"<img alt='{name}' src='data:image/png;base64,{b64}'>")

@@ -10,6 +10,7 @@ The one module that knows what a run writes and where (DESIGN.md "A run's output
     metrics.jsonl        one JSON object per optimizer step, appended by rank 0
     quarantine/          rejected rows (copied from the prepared directory) + counts.json
     report.html, plots/  the report (uft_ray.report)
+    eval/                benchmark results (uft_ray.evaluation): lm_eval's JSON per task + summary.json
 
 `metrics.jsonl` has one appender (`append_metrics`, rank 0 of the worker loop), one truncation on resume
 (`truncate_metrics`: lines after the checkpoint we resume from were written by a failed attempt), and one
@@ -27,6 +28,7 @@ from uft_ray import storage
 
 CONFIG = "config.yaml"
 PREPARED = "prepared"
+PROMPTS = "prompts"  # hint_rft: the task rows, train.parquet and eval.parquet
 PREPARED_KEY = "prepared.key.json"
 PLAN = "plan.parquet"
 CHECKPOINTS = "checkpoints"
@@ -36,6 +38,8 @@ QUARANTINE = "quarantine"
 QUARANTINE_COUNTS = "counts.json"
 REPORT = "report.html"
 PLOTS = "plots"
+EVAL = "eval"
+EVAL_SUMMARY = "summary.json"  # inside eval/
 
 # Inside one checkpoint directory.
 STATE = "state.json"  # step, rows consumed per source, seeds, plan fingerprint
@@ -67,6 +71,10 @@ class RunDir:
     @property
     def prepared(self) -> str:
         return self._p(PREPARED)
+
+    @property
+    def prompts(self) -> str:
+        return self._p(PROMPTS)
 
     @property
     def prepared_key(self) -> str:
@@ -102,6 +110,14 @@ class RunDir:
     @property
     def plots(self) -> str:
         return self._p(PLOTS)
+
+    @property
+    def eval(self) -> str:
+        return self._p(EVAL)
+
+    @property
+    def eval_summary(self) -> str:
+        return os.path.join(self.eval, EVAL_SUMMARY)
 
     # metrics.jsonl -------------------------------------------------------------------------------------
 

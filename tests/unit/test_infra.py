@@ -102,6 +102,35 @@ def test_demo_config_is_one_file_in_two_places():
     shipped = ROOT / "uft_ray/demo/demo.yaml"
     assert (ROOT / "jobs/configs/demo.yaml").read_bytes() == shipped.read_bytes()
     assert demo_config_text() == shipped.read_text()
+    rft = ROOT / "uft_ray/demo/demo_hint_rft.yaml"
+    assert (ROOT / "jobs/configs/demo_hint_rft.yaml").read_bytes() == rft.read_bytes()
+    assert demo_config_text("hint_rft") == rft.read_text()
+
+
+def test_hint_rft_recipes_have_the_papers_settings():
+    for size in ("0_5b", "1_5b", "3b"):
+        cfg = load_config(ROOT / f"jobs/configs/hint_rft_countdown_qwen25_{size}.yaml", check_paths=False)
+        r = cfg.rft
+        assert (cfg.method, r.task, r.prompts_per_step, r.n, cfg.train.max_steps) == (
+            "hint_rft",
+            "countdown",
+            256,
+            4,
+            500,
+        )
+        assert (r.hint.mode, r.hint.t_hint, r.hint.p_low, r.hint.p_high, r.temperature) == (
+            "cosine",
+            300,
+            0.05,
+            0.95,
+            1.0,
+        )
+        assert (r.max_prompt_len, r.max_response_len, cfg.eval.every) == (256, 1024, 25)
+        assert (r.clip, r.kl_coef, r.entropy_coef, r.hint_coef) == (0.2, 0.001, 0.001, 0.001)
+    rft = load_config(ROOT / "jobs/configs/rft_countdown_qwen25_0_5b.yaml", check_paths=False)
+    assert rft.rft.hint.mode == "rft"
+    math = load_config(ROOT / "jobs/configs/hint_rft_math_qwen25_0_5b.yaml", check_paths=False)
+    assert (math.rft.task, math.rft.max_prompt_len, math.rft.max_response_len) == ("math", 1024, 1024)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """The demo's home: the embedded config, the tiny model, and sample shards in the real datasets' layouts.
 
     demo.yaml        the embedded default config (`uft-ray demo`; the same file as jobs/configs/demo.yaml)
+    demo_hint_rft.yaml  `uft-ray demo --method hint_rft`: hint-guided RFT on generated Countdown (the same file
+                     as jobs/configs/demo_hint_rft.yaml)
     tiny_model.py    a tiny random-init Qwen2 with a locally trained BPE tokenizer (no network)
     samples.py       UltraChat / HelpSteer2 / TRL-format sample shards in the published layouts
 
@@ -19,15 +21,18 @@ from pathlib import Path
 
 DEMO_ROOT = "~/.cache/uft-ray/demo"
 CONFIG = Path(__file__).resolve().parent / "demo.yaml"
+CONFIGS = {"uft": CONFIG, "hint_rft": CONFIG.with_name("demo_hint_rft.yaml")}  # by `method`
 # UltraChat conversations, HelpSteer2 prompts (two rows each), preference rows, rows per TRL format.
 SAMPLE_COUNTS = {"n_ultrachat": 64, "n_helpsteer_prompts": 48, "n_preference": 32, "n_trl": 32}
 
 
-def demo_config_text() -> str:
-    """The embedded demo config (YAML text)."""
+def demo_config_text(method: str = "uft") -> str:
+    """The embedded demo config of `method` (YAML text)."""
     # Beside this module rather than importlib.resources: that fails when an editable install left uft_ray
     # registered as a namespace package.
-    return CONFIG.read_text()
+    if method not in CONFIGS:
+        raise ValueError(f"demo method {method!r}: use one of {', '.join(CONFIGS)}")
+    return CONFIGS[method].read_text()
 
 
 def _samples_stamp_ok(out: Path, params: dict[str, int]) -> bool:
@@ -81,9 +86,12 @@ def ensure_demo_assets(root: str | os.PathLike[str] = DEMO_ROOT, *, seed: int = 
     return {"root": str(base), "samples": str(samples_dir), "model": str(model_dir), **paths}
 
 
-def demo_overrides(root: str | os.PathLike[str] | None = None) -> list[str]:
-    """Make the demo assets under `root` (idempotent) and point the demo config at them."""
+def demo_overrides(root: str | os.PathLike[str] | None = None, method: str = "uft") -> list[str]:
+    """Make the demo assets under `root` (idempotent) and point the demo config of `method` at them (hint_rft
+    generates its Countdown prompts: only the model)."""
     assets = ensure_demo_assets(root or DEMO_ROOT)
+    if method == "hint_rft":
+        return [f"model.path={assets['model']}"]
     return [
         f"model.path={assets['model']}",
         f"data.sources.0.path={assets['ultrachat_200k_train']}",

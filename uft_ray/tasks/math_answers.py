@@ -99,8 +99,11 @@ def split_solution(solution: str, max_chunks: int = 20) -> list[str]:
     return parts
 
 
-def rows(records: Iterable[dict[str, Any]], levels: tuple[int, ...] = LEVELS) -> list[dict[str, Any]]:
-    """Task rows from MATH-lighteval records of the given levels (the paper trains on 3-5)."""
+def rows(
+    records: Iterable[dict[str, Any]], levels: tuple[int, ...] = LEVELS, *, split: str = ""
+) -> list[dict[str, Any]]:
+    """Task rows from MATH-lighteval records of the given levels (the paper trains on 3-5); `split` goes into
+    the row ids, so the train and test files of one layout never share one."""
     out = []
     for i, rec in enumerate(records):
         m = re.search(r"(\d+)", str(rec.get("level", "")))
@@ -110,7 +113,7 @@ def rows(records: Iterable[dict[str, Any]], levels: tuple[int, ...] = LEVELS) ->
         hint = split_solution(rec["solution"])
         out.append(
             {
-                "row_id": f"{NAME}-{i}",
+                "row_id": f"{NAME}-{split}-{i}" if split else f"{NAME}-{i}",
                 "task": NAME,
                 "prompt": PROMPT.format(problem=rec["problem"]),
                 "hint": hint,

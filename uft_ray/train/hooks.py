@@ -9,7 +9,7 @@ Hooks observe: they never change what is trained.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -33,3 +33,12 @@ class TrainHooks:
 
     def on_end(self, engine: Engine, *, rank: int, cfg: Config, pad_id: int, device: torch.device) -> None:
         """After the last step."""
+
+    # hint_rft (uft_ray.rft.loop) only.
+
+    def on_rollouts(self, *, rank: int, step: int, rollouts: list[dict[str, Any]]) -> None:
+        """After this rank's rollouts of step `step` (0-based) are scored: one dict per rollout with `row_id`,
+        `k`, `revealed`, `prompt_ids` (prompt + hint), `response_ids` and `reward`."""
+
+    def on_adapter_sync(self, *, rank: int, step: int, trainer_digest: str, actor_digests: list[str]) -> None:
+        """After the adapter of step `step` (0: the initial one) reached the rollout actors (rank 0's digests)."""

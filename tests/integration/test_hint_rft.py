@@ -1,0 +1,187 @@
+"""`method: hint_rft` end to end on a local Ray cluster: the tiny model, generated Countdown, 2 DeepSpeed workers,
+one transformers rollout actor (tests/fixtures/recorder.py records rollouts and adapter syncs).
+
+Three runs of one config (6 steps, hints on a cosine schedule over 4 steps, checkpoints every 2):
+uninterrupted, a worker SIGKILLed after step 3 (FailureConfig restarts it from step 2), and a run stopped after
+step 3 then rerun under the same name. Both must continue at step 2 with the same hints and the same rollouts.
+One more run reveals the full hint at every step (p = 1): its hint NLL must fall.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures.recorder import RftRecorder
+from safetensors.torch import load_file
+
+from uft_ray import driver
+from uft_ray.config import Config, load_config
+from uft_ray.rft.rollout import adapter_digest
+from uft_ray.run_dir import RunDir, read_metrics
+
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
+
+STEPS = 6
+
+
+def rft_config(assets: dict[str, str], root: Path, name: str, *overrides: str) -> Config:
+    return load_config(
+        "jobs/configs/demo_hint_rft.yaml",
+        [
+            f"model.path={assets['model']}",
+            f"output.storage_path={root}",
+            f"output.run_name={name}",
+            "rft.n_train=64",
+            "rft.max_response_len=12",
+            "rft.hint.t_hint=4",
+            "eval.every=3",
+            "eval.max_rows=4",
+            f"train.max_steps={STEPS}",
+            "train.checkpoint_every=2",
+            "train.lr=2e-2",
+            "train.cpus_per_worker=1",  # leave CPUs for the rollout actor and the data tasks
+            *overrides,
+        ],
+    )
+
+
+def rollouts(run_dir: str) -> dict[int, list[dict[str, Any]]]:
+    """step -> both ranks' rollouts, rank 0 first."""
+    out: dict[int, list[dict[str, Any]]] = {}
+    for rank in (0, 1):
+        for line in (Path(run_dir) / "debug" / f"rollouts_rank{rank}.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            out.setdefault(row["step"], []).extend(row["rollouts"])
+    return out
+
+
+def attempts(run_dir: str, rank: int) -> list[int]:
+    path = Path(run_dir) / "debug" / f"attempts_rank{rank}.jsonl"
+    return [json.loads(line)["start_step"] for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("hint-rft")
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_assets, root) -> Any:
+    cfg = rft_config(tiny_assets, root, "straight")
+    return driver.run(cfg, hooks=RftRecorder(cfg.output.run_dir))
+
+
+@pytest.fixture(scope="module")
+def killed(tiny_assets, root) -> tuple[Any, dict[str, Any]]:
+    """Rank 1 parks after step 3; this test kills it once the step-2 checkpoint is registered."""
+    cfg = rft_config(tiny_assets, root, "killed", "train.max_failures=1")
+    run = Path(cfg.output.run_dir)
+    seen: dict[str, Any] = {}
+
+    def kill_when_paused() -> None:
+        deadline = time.time() + 600
+        snapshot = run / "checkpoints" / "checkpoint_manager_snapshot.json"
+        while time.time() < deadline:
+            paused = run / "debug" / "paused_rank1.json"
+            if paused.exists() and snapshot.exists() and "checkpoint_000002" in snapshot.read_text():
+                seen.update(json.loads(paused.read_text()))
+                os.kill(seen["pid"], signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_when_paused, daemon=True)
+    killer.start()
+    result = driver.run(cfg, hooks=RftRecorder(cfg.output.run_dir, pause={"rank": 1, "step": 3}))
+    killer.join(timeout=5)
+    return result, seen
+
+
+@pytest.fixture(scope="module")
+def rerun(tiny_assets, root) -> Any:
+    cfg = rft_config(tiny_assets, root, "rerun")
+    with pytest.raises(Exception, match="stopping after step 3"):
+        driver.run(cfg, hooks=RftRecorder(cfg.output.run_dir, stop_after_step=3))
+    return driver.run(cfg, hooks=RftRecorder(cfg.output.run_dir))
+
+
+def test_run_writes_every_metric_and_the_run_directory(straight):
+    rows = read_metrics(straight.metrics_path)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    names = {"reward/mean", "reward/accuracy", "reward/format", "hint/share", "response/length", "kl", "entropy",
+             "clip_frac", "time/generate_frac", "sync/adapter_s", "sync/adapter_bytes", "loss", "lr", "grad_norm"}  # fmt: skip
+    for r in rows:
+        assert names <= set(r), names - set(r)
+        assert 0 <= r["reward/accuracy"] <= r["reward/format"] <= 1
+        assert 0 < r["time/generate_frac"] < 1 and 1 <= r["response/length"] <= 12
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [3, 6]  # eval.every and the end
+    # Only the LoRA tensors travel: r 8 on the tiny model's 7 projections x 2 layers, fp32.
+    state = load_file(os.path.join(straight.adapter_dir, "adapter_model.safetensors"))
+    assert rows[0]["sync/adapter_bytes"] == sum(t.numel() * 4 for t in state.values())
+    assert os.path.isfile(RunDir(straight.run_dir).report)
+    assert (Path(straight.run_dir) / "prompts" / "train.parquet").is_file()
+
+
+def test_hints_follow_the_schedule_and_vanish_after_t_hint(straight):
+    rows = read_metrics(straight.metrics_path)
+    shares = [r["hint/share"] for r in rows]
+    assert shares[0] > 0.5 and all(s == 0.0 for s in shares[4:])  # t_hint 4: no hint from step 5
+    # No hint token anywhere: no hint term. The loss is pg - 0.001 entropy + 0.001 kl (fp32 terms; a hint term
+    # would add 0.001 * hint_nll, about 7e-3 here).
+    for r in rows[4:]:
+        assert "hint_nll" not in r
+        assert r["loss"] == pytest.approx(r["pg_loss"] - 0.001 * r["entropy"] + 0.001 * r["kl"], rel=1e-6)
+    assert "hint_nll" in rows[0]
+    # Every rollout of a prompt shares its hint; prompt + hint is the rollout's input.
+    for step_rollouts in rollouts(straight.run_dir).values():
+        by_row: dict[str, set] = {}
+        for x in step_rollouts:
+            by_row.setdefault(x["row_id"], set()).add((x["revealed"], tuple(x["input"])))
+        assert all(len(v) == 1 for v in by_row.values())
+
+
+def test_actors_generate_with_exactly_the_trainers_adapter(straight):
+    syncs = [json.loads(line) for line in (Path(straight.run_dir) / "debug" / "sync.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in syncs] == list(range(STEPS + 1))  # the initial adapter, then one per step
+    for s in syncs:
+        assert s["actors"] == [s["trainer"]]
+    # A step changes the adapter exactly when its learning rate is not 0 (the first is warmup's 0).
+    lrs = [r["lr"] for r in read_metrics(straight.metrics_path)]
+    changed = [syncs[i + 1]["trainer"] != syncs[i]["trainer"] for i in range(STEPS)]
+    assert changed == [lr > 0 for lr in lrs] and sum(changed) >= STEPS - 1
+    # The digest of what the checkpoint saved at step 4 is what the actors held for step 5's rollouts.
+    saved = load_file(os.path.join(straight.run_dir, "checkpoints", "checkpoint_000004", "adapter",
+                                   "adapter_model.safetensors"))  # fmt: skip
+    assert adapter_digest(saved) == syncs[4]["trainer"]
+
+
+def test_killed_worker_resumes_at_its_checkpoint_with_the_same_hints_and_rollouts(straight, killed):
+    result, seen = killed
+    assert seen, "the paused worker was never killed"
+    assert attempts(result.run_dir, 1) == [0, 2]  # restarted from the step-2 checkpoint
+    assert rollouts(result.run_dir) == rollouts(straight.run_dir)
+    assert [r["step"] for r in read_metrics(result.metrics_path)] == list(range(1, STEPS + 1))
+
+
+def test_rerun_of_the_same_run_name_continues_with_the_same_rollouts(straight, rerun):
+    assert attempts(rerun.run_dir, 0) == [0, 2]
+    assert rollouts(rerun.run_dir) == rollouts(straight.run_dir)
+    a, b = read_metrics(straight.metrics_path), read_metrics(rerun.metrics_path)
+    assert [r["reward/mean"] for r in a] == [r["reward/mean"] for r in b]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6, abs=1e-9)
+
+
+def test_full_hints_hint_nll_falls(tiny_assets, root):
+    """p = 1 at every step (the whole reference solution in the prompt): the hint term is SFT on it."""
+    cfg = rft_config(tiny_assets, root, "full-hints", "rft.hint.p_low=1.0", "rft.hint.p_high=1.0",
+                     "rft.hint.t_hint=100", "rft.hint_coef=1.0", "train.max_steps=5", "eval.every=null")  # fmt: skip
+    rows = read_metrics(driver.run(cfg).metrics_path)
+    assert all(r["hint/share"] == 1.0 for r in rows)
+    nll = [r["hint_nll"] for r in rows]
+    assert nll[-1] < nll[0] - 0.05, nll

@@ -1,0 +1,434 @@
+"""The per-worker loop of `method: hint_rft`, run by Ray Train's `TorchTrainer` on every rank.
+
+Reads top to bottom: restore the last checkpoint (or start at step 0), build the same DeepSpeed + LoRA engine
+as the offline method, send its adapter to the rollout actors; then for every step:
+1. take this rank's prompts of the step from its feed (whole GRPO groups, hints already drawn by the plan);
+2. ask the rollout actors for `rft.n` seeded continuations of each prompt + hint;
+3. score hint + response with the task's verifier (a child process, a time limit per rollout);
+4. group-normalized advantages, then `rft.updates_per_step` optimizer steps over the rollouts, grouped by
+   length into micro-batches: policy per-token log-probs and entropies in one forward, the reference's with
+   the adapter off (no second model), the loss of `uft_ray.losses.hint_rft_loss` as a global token mean;
+5. send the new adapter to the actors (only the LoRA tensors; their digests must equal the trainer's);
+6. every `eval.every` steps and at the end, greedy rollouts without hints on the held-out prompts;
+7. the step's metrics over all ranks; rank 0 appends them to `metrics.jsonl`; checkpoint through Ray Train.
+
+Determinism: hints are a pure function of (seed, step, row_id), and each rollout's sampling seed of (seed,
+step, row_id, k); after a restart the restored adapter is sent to the actors before the first rollout, so a
+resumed run regenerates (on CPU) exactly the rollouts of an uninterrupted one.
+
+`config` (built by `uft_ray.rft.driver`): `cfg`, `run_dir`, `steps`, `actors` (rollout actor handles),
+`eval_rows`, `pad_id`, `hooks`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from uft_ray.config import Config, load_config
+from uft_ray.logprobs import model_token_logprobs
+from uft_ray.losses import group_advantages, hint_rft_loss
+from uft_ray.rft.rollout import RolloutPool, adapter_bytes, adapter_digest, request_seed
+from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir, read_state
+from uft_ray.tasks.generic import load_verifier
+from uft_ray.tasks.hints import with_hint
+from uft_ray.tasks.verify import CORRECT, FORMATTED, VerifierProcess
+from uft_ray.train.engine import Engine, build_engine
+from uft_ray.train.hooks import TrainHooks
+from uft_ray.train.loop import _checkpoint_dir, _FirstAhead, _save_checkpoint, _zero_stage
+
+
+def rft_loop_per_worker(config: dict[str, Any]) -> None:
+    import os
+
+    from transformers import AutoTokenizer
+
+    cfg = load_config(config["cfg"], check_paths=False, resolve_paths=False)
+    r = cfg.rft
+    run, total_steps = RunDir(config["run_dir"]), int(config["steps"])
+    hooks: TrainHooks = config.get("hooks") or TrainHooks()
+    pool = RolloutPool(config["actors"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
+    if world != cfg.train.num_workers:
+        raise RuntimeError(f"world size {world} != train.num_workers {cfg.train.num_workers}")
+    if not use_gpu:
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    zero_stage = _zero_stage(cfg, world, ctx.get_local_world_size(), use_gpu, rank)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision)
+    verifier = VerifierProcess(load_verifier(r.task), r.verifier_timeout_s)
+    eval_rows = config["eval_rows"][rank::world]  # this rank's share of the held-out prompts
+    per_rank = r.prompts_per_step // world
+
+    # 1. Where to start, this rank's prompts from there on, and the policy (restored on resume).
+    with _checkpoint_dir(ray.train.get_checkpoint()) as ckpt:
+        state = read_state(ckpt) if ckpt else {"step": 0, "seeds": {"data": cfg.data.seed, "train": cfg.train.seed}}
+        start = int(state["step"])
+        prompts_iter = _FirstAhead(_planned_steps(ray.train.get_dataset_shard(f"train_{rank}"), start, per_rank))
+        engine = build_engine(
+            cfg,
+            total_steps=total_steps * r.updates_per_step,  # the scheduler moves once per optimizer step
+            use_gpu=use_gpu,
+            zero_stage=zero_stage,
+            adapter=os.path.join(ckpt, CHECKPOINT_ADAPTER) if ckpt else None,
+        )
+        if ckpt:
+            engine.load(ckpt)
+    if rank == 0:
+        run.truncate_metrics(keep_through=start)
+    # The actors generate with exactly this adapter from here on (after a restart: the restored one).
+    _sync_adapter(engine, pool, hooks, rank, version=start)
+    hooks.on_start(engine, rank=rank, start_step=start)
+
+    engine.train()
+    for step in range(start, total_steps):
+        torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, step, rank]).generate_state(1)[0]))
+        t_step = time.perf_counter()
+        times: dict[str, float] = {}
+
+        # 2. This rank's prompts of the step, with their hints.
+        t0 = time.perf_counter()
+        batch = next(prompts_iter)
+        times["wait"] = time.perf_counter() - t0
+        _check_step(batch, step, rank)
+        prompts = prompts_with_hints(batch, tokenizer, r.max_prompt_len)
+
+        # 3. Rollouts from the actor pool, scored by the verifier.
+        t0 = time.perf_counter()
+        rollouts = _rollouts(pool, prompts, r.n, cfg.train.seed, step, expected_version=step)
+        times["generate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _score(rollouts, verifier, tokenizer)
+        times["verify"] = time.perf_counter() - t0
+        hooks.on_rollouts(rank=rank, step=step, rollouts=rollouts)
+
+        # 4. GRPO + hint NLL updates on this rank's rollouts (every rank takes part in every collective).
+        t0 = time.perf_counter()
+        train = _train_on(engine, cfg, rollouts, config["pad_id"], world)
+        times["train"] = time.perf_counter() - t0
+
+        # 5. Only the adapter goes to the actors.
+        sync_s, sync_bytes = _sync_adapter(engine, pool, hooks, rank, version=step + 1)
+
+        # 6. Greedy, hint-free validation.
+        every = cfg.eval.every
+        accuracy = None
+        if (every and (step + 1) % every == 0) or step + 1 == total_steps:
+            accuracy = evaluate(pool, eval_rows, verifier, tokenizer, expected_version=step + 1)
+
+        # 7. Metrics over all ranks, then the checkpoint.
+        step_time = time.perf_counter() - t_step
+        row = _metrics_row(step, prompts, rollouts, train, times, step_time, sync_s, sync_bytes, accuracy, engine)
+        state["step"] = step + 1
+        state["prompts_consumed"] = (step + 1) * r.prompts_per_step
+        if rank == 0:
+            run.append_metrics(row)  # `uft-ray train/demo` print one line per step from this file
+        if state["step"] % cfg.train.checkpoint_every == 0 or state["step"] == total_steps:
+            _save_checkpoint(engine, state, row, rank)
+        hooks.on_step_end(rank=rank, step=step + 1)
+
+    verifier.close()
+    hooks.on_end(engine, rank=rank, cfg=cfg, pad_id=config["pad_id"], device=ray.train.torch.get_device())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts and rollouts.
+
+
+def _planned_steps(shard: Any, start: int, per_rank: int) -> Any:
+    """This rank's prompts one step at a time; steps before `start` (a restarted attempt) skipped."""
+    for batch in shard.iter_batches(batch_size=per_rank, batch_format="numpy", prefetch_batches=1):
+        if int(batch["step"][0]) >= start:
+            yield batch
+
+
+def _check_step(batch: dict[str, np.ndarray], step: int, rank: int) -> None:
+    steps, slots = batch["step"], batch["slot"]
+    if not ((steps == step).all() and (slots == np.arange(len(slots))).all()):
+        raise RuntimeError(
+            f"rank {rank}: expected the prompts of plan step {step}, got steps {steps.tolist()} slots "
+            f"{slots.tolist()}: the prompts did not arrive in plan order"
+        )
+
+
+def prompts_with_hints(batch: dict[str, np.ndarray], tokenizer: Any, max_prompt_len: int) -> list[dict[str, Any]]:
+    """Each prompt with its revealed hint as token ids; a hint that would pass `max_prompt_len` reveals fewer
+    chunks (the prompt alone always fits: longer ones were quarantined)."""
+    out = []
+    for i in range(len(batch["row_id"])):
+        prompt_ids = [int(t) for t in batch["prompt_ids"][i]]
+        chunks = [str(c) for c in batch["hint"][i]]
+        revealed = int(batch["revealed"][i])
+        hint_ids: list[int] = []
+        while revealed:
+            hint_text = with_hint("", chunks, revealed)
+            hint_ids = tokenizer(hint_text, add_special_tokens=False)["input_ids"]
+            if len(prompt_ids) + len(hint_ids) <= max_prompt_len:
+                break
+            revealed -= 1
+            hint_ids = []
+        out.append(
+            {
+                "row_id": str(batch["row_id"][i]),
+                "row": json.loads(str(batch["row_json"][i])),
+                "prompt_ids": prompt_ids,
+                "hint_ids": hint_ids,
+                "hint_text": with_hint("", chunks, revealed),
+                "revealed": revealed,
+                "n_chunks": len(chunks),
+            }
+        )
+    return out
+
+
+def _rollouts(
+    pool: RolloutPool, prompts: list[dict[str, Any]], n: int, seed: int, step: int, *, expected_version: int
+) -> list[dict[str, Any]]:
+    """n rollouts per prompt, group by group, each sampled with its own seed (seed, step, row_id, k)."""
+    requests = [
+        {"prompt_ids": p["prompt_ids"] + p["hint_ids"], "seed": request_seed(seed, step + 1, p["row_id"], k)}
+        for p in prompts
+        for k in range(n)
+    ]
+    out = pool.generate(requests)
+    if out["versions"] != {expected_version}:  # an actor behind the trainer would make the ratios off-policy
+        raise RuntimeError(f"rollouts used adapter versions {sorted(out['versions'])}, expected {expected_version}")
+    rollouts = []
+    for i, response in enumerate(out["responses"]):
+        p = prompts[i // n]
+        rollouts.append({**p, "k": i % n, "group": i // n, "response_ids": [int(t) for t in response]})
+    return rollouts
+
+
+def _score(rollouts: list[dict[str, Any]], verifier: VerifierProcess, tokenizer: Any) -> None:
+    """reward = verifier(row, hint + response): what follows the prompt, as the policy sees it."""
+    texts = [r["hint_text"] + tokenizer.decode(r["response_ids"], skip_special_tokens=True) for r in rollouts]
+    for r, reward in zip(rollouts, verifier.score([r["row"] for r in rollouts], texts), strict=True):
+        r["reward"] = float(reward)
+
+
+def evaluate(
+    pool: RolloutPool, rows: list[dict[str, Any]], verifier: VerifierProcess, tokenizer: Any, *, expected_version: int
+) -> float:
+    """Greedy rollouts without hints on this rank's held-out prompts: the share answered correctly, over all
+    ranks (a collective)."""
+    correct = 0
+    if rows:
+        out = pool.generate([{"prompt_ids": list(r["prompt_ids"]), "seed": 0, "greedy": True} for r in rows])
+        if out["versions"] != {expected_version}:
+            raise RuntimeError(f"evaluation used adapter versions {sorted(out['versions'])}")
+        texts = [tokenizer.decode(resp, skip_special_tokens=True) for resp in out["responses"]]
+        rewards = verifier.score([json.loads(r["row_json"]) for r in rows], texts)
+        correct = sum(1 for x in rewards if x == CORRECT)
+    totals = torch.tensor([float(correct), float(len(rows))], dtype=torch.float64, device=ray.train.torch.get_device())
+    dist.all_reduce(totals)
+    return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
+
+
+def _sync_adapter(
+    engine: Engine, pool: RolloutPool, hooks: TrainHooks, rank: int, *, version: int
+) -> tuple[float, int]:
+    """Gather the LoRA tensors (a collective), rank 0 sends them to every actor and checks their digests;
+    every rank waits for it, so no rank generates with an older adapter. Returns (seconds, bytes)."""
+    t0 = time.perf_counter()
+    state = engine.adapter_state_dict()
+    if rank == 0:
+        digest = adapter_digest(state)
+        digests = pool.load_adapter(state, version)
+        if any(d != digest for d in digests):
+            raise RuntimeError(f"rollout actors hold adapter digests {digests}, the trainer {digest}")
+        hooks.on_adapter_sync(rank=rank, step=version, trainer_digest=digest, actor_digests=digests)
+    dist.barrier()
+    return time.perf_counter() - t0, adapter_bytes(state)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The updates.
+
+
+def _pad(rollouts: list[dict[str, Any]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """prompt + hint + response, right-padded; masks of the response tokens and of the hint tokens."""
+    seqs = [r["prompt_ids"] + r["hint_ids"] + r["response_ids"] for r in rollouts]
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    response = torch.zeros_like(ids)
+    hint = torch.zeros_like(ids)
+    for i, (s, r) in enumerate(zip(seqs, rollouts, strict=True)):
+        p, h = len(r["prompt_ids"]), len(r["hint_ids"])
+        ids[i, : len(s)] = torch.as_tensor(s)
+        attention[i, : len(s)] = 1
+        hint[i, p : p + h] = 1
+        response[i, p + h : len(s)] = 1
+    return {k: v.to(device) for k, v in dict(ids=ids, attention=attention, response=response, hint=hint).items()}
+
+
+def _forward(engine: Engine, t: dict[str, torch.Tensor], *, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Policy per-token log-probs over hint and response tokens (and entropies, when training)."""
+    scored = t["response"] | t["hint"]
+    with torch.set_grad_enabled(grad):
+        return model_token_logprobs(engine.module, t["ids"], t["attention"], scored, with_entropy=grad)
+
+
+def _reference(engine: Engine, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference's per-token log-probs: the same model with the adapter off, no grad."""
+    with torch.no_grad(), engine.peft_model.disable_adapter():
+        logp, _ = model_token_logprobs(engine.peft_model, t["ids"], t["attention"], t["response"], with_entropy=False)
+    return logp
+
+
+def _train_on(
+    engine: Engine, cfg: Config, rollouts: list[dict[str, Any]], pad_id: int, world: int
+) -> dict[str, float]:
+    """`rft.updates_per_step` optimizer steps over this rank's rollouts; the loss terms' global means."""
+    r, mb, ga = cfg.rft, cfg.train.micro_batch_size, cfg.train.grad_accum
+    device = ray.train.torch.get_device()
+    rewards = torch.tensor([x["reward"] for x in rollouts], dtype=torch.float64)
+    advantages = group_advantages(rewards, r.n)  # rollouts arrive group by group
+    for x, a in zip(rollouts, advantages.tolist(), strict=True):
+        x["advantage"] = a
+    hint_loss = r.hint.mode != "r3" and r.hint_coef > 0  # R3 reveals hints but does not train on them
+    per_update = mb * ga
+    updates = []
+    for u in range(r.updates_per_step):
+        chunk = rollouts[u * per_update : (u + 1) * per_update]
+        # Grouped by length: the advantages are already fixed, so the order inside an update is free.
+        chunk = sorted(chunk, key=lambda x: len(x["prompt_ids"]) + len(x["hint_ids"]) + len(x["response_ids"]))
+        updates.append(
+            [_pad(chunk[i : i + mb], pad_id, device) | {"rows": chunk[i : i + mb]} for i in range(0, len(chunk), mb)]
+        )
+    # Old log-probs, recomputed just before the updates; with one update they equal the training forward's.
+    old: list[list[torch.Tensor | None]] = [[None] * len(micros) for micros in updates]
+    if r.updates_per_step > 1:
+        for u, micros in enumerate(updates):
+            for j, t in enumerate(micros):
+                old[u][j] = _forward(engine, t, grad=False)[0]
+
+    sums = dict.fromkeys(("loss", "pg_loss", "kl", "entropy", "hint_nll", "clip_frac"), 0.0)
+    tokens = 0
+    lr = engine.lr  # the rate the first update uses (the scheduler moves on at each optimizer step)
+    for u, micros in enumerate(updates):
+        # The update's global token counts: each micro-batch's loss is its token sum over them (rank-invariant).
+        counts = torch.tensor(
+            [float(sum(int(t["response"].sum()) for t in micros)), float(sum(int(t["hint"].sum()) for t in micros))],
+            dtype=torch.float64,
+            device=device,
+        )
+        dist.all_reduce(counts)
+        n_resp, n_hint = float(counts[0]), float(counts[1])
+        use_hint = hint_loss and n_hint > 0
+        for j, t in enumerate(micros):
+            logp, entropy = _forward(engine, t, grad=True)
+            ref = _reference(engine, t)
+            adv = torch.tensor([x["advantage"] for x in t["rows"]], dtype=logp.dtype, device=logp.device)
+            loss, m = hint_rft_loss(
+                logp, old[u][j] if old[u][j] is not None else logp.detach(), ref, adv, t["response"], entropy,
+                hint_logp=logp if use_hint else None, hint_mask=t["hint"] if use_hint else None,
+                clip=r.clip, kl_coef=r.kl_coef, entropy_coef=r.entropy_coef, hint_coef=r.hint_coef,
+                n_tokens=n_resp, n_hint_tokens=n_hint,
+            )  # fmt: skip
+            # DeepSpeed divides by grad_accum and averages over ranks: scaling by both leaves the global mean.
+            engine.backward(loss * world * ga)
+            engine.step()
+            local = float(t["response"].sum())
+            for k in sums:
+                # clip_frac is the micro-batch's own fraction: weigh it by its share of the update's tokens
+                sums[k] += float(m[k]) * (local / max(n_resp, 1.0) if k == "clip_frac" else 1.0)
+            tokens += int(t["attention"].sum())
+    return {**{k: v / r.updates_per_step for k, v in sums.items()}, "train_tokens": float(tokens), "lr": lr}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics.
+
+_SUMMED = (
+    "reward",
+    "correct",
+    "formatted",
+    "rollouts",
+    "hint_share",
+    "hint_tokens",
+    "prompts",
+    "response_tokens",
+    "train_tokens",
+    "loss",
+    "pg_loss",
+    "kl",
+    "entropy",
+    "hint_nll",
+    "clip_frac",
+)
+
+
+def _metrics_row(
+    step: int,
+    prompts: list[dict[str, Any]],
+    rollouts: list[dict[str, Any]],
+    train: dict[str, float],
+    times: dict[str, float],
+    step_time: float,
+    sync_s: float,
+    sync_bytes: int,
+    accuracy: float | None,
+    engine: Engine,
+) -> dict[str, Any]:
+    """One metrics.jsonl line (names of issue 11 / docs/internals.md); sums over ranks in one all-reduce."""
+    rewards = [x["reward"] for x in rollouts]
+    local = {
+        "reward": sum(rewards),
+        "correct": sum(1 for x in rewards if x == CORRECT),
+        "formatted": sum(1 for x in rewards if x >= FORMATTED),
+        "rollouts": len(rollouts),
+        "hint_share": sum(p["revealed"] / p["n_chunks"] if p["n_chunks"] else 0.0 for p in prompts),
+        "prompts": len(prompts),
+        "hint_tokens": sum(len(x["hint_ids"]) for x in rollouts),
+        "response_tokens": sum(len(x["response_ids"]) for x in rollouts),
+        "train_tokens": train["train_tokens"],
+        # the loss terms are already global means (each rank holds its share of the sum)
+        **{k: train[k] for k in ("loss", "pg_loss", "kl", "entropy", "hint_nll", "clip_frac")},
+    }
+    device = ray.train.torch.get_device()
+    summed = torch.tensor([float(local[k]) for k in _SUMMED], dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    g = dict(zip(_SUMMED, summed.tolist(), strict=True))
+    slowest = torch.tensor(
+        [times["generate"], times["train"], times["wait"], step_time], dtype=torch.float64, device=device
+    )
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    gen_s, train_s, wait_s, step_s = slowest.tolist()
+    row: dict[str, Any] = {
+        "step": step + 1,
+        "time": time.time(),
+        "loss": g["loss"],
+        "pg_loss": g["pg_loss"],
+        "reward/mean": g["reward"] / g["rollouts"],
+        "reward/accuracy": g["correct"] / g["rollouts"],
+        "reward/format": g["formatted"] / g["rollouts"],
+        "hint/share": g["hint_share"] / g["prompts"],
+        "response/length": g["response_tokens"] / g["rollouts"],
+        "kl": g["kl"],
+        "entropy": g["entropy"],
+        "clip_frac": g["clip_frac"],
+        "time/generate_frac": min(gen_s / step_s, 1.0),
+        "rollout/tokens_per_s": g["response_tokens"] / gen_s if gen_s > 0 else 0.0,
+        "tokens_per_s": g["train_tokens"] / train_s if train_s > 0 else 0.0,
+        "sync/adapter_s": sync_s,
+        "sync/adapter_bytes": sync_bytes,
+        "data_wait_frac": min(wait_s / step_s, 1.0),
+        "step_time_s": step_s,
+        "lr": train["lr"],
+        "grad_norm": engine.grad_norm,
+    }
+    if g["hint_tokens"] > 0:  # no hint revealed anywhere: no hint term, and no number to log
+        row["hint_nll"] = g["hint_nll"]
+    if accuracy is not None:
+        row["eval/accuracy"] = accuracy
+    return row

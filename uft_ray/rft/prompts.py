@@ -1,0 +1,265 @@
+"""The prompts of a hint_rft run: task rows, the step plan, and each rank's feed with its hints attached.
+
+Task rows (`uft_ray.tasks`): Countdown and Knights and Knaves are generated (training rows from `data.seed`,
+held-out rows from another seed, any prompt that is also a training prompt dropped); MATH is read from files
+in the MATH-lighteval layout (parquet or JSON lines with `problem`, `level`, `type`, `solution`); a generic
+task from JSON lines / parquet records (`prompt`, `hint` or `solution`, `answer`) with the verifier named by
+`rft.task` (`module:function`). A record that cannot be a row (malformed, or a prompt longer than
+`rft.max_prompt_len` tokens) is quarantined with its reason, never dropped silently.
+
+The plan: step t trains `rft.prompts_per_step` prompts, a slice of epoch e's permutation (seeded by
+(data.seed, e)); rank r takes the r-th contiguous share, so each rank holds whole GRPO groups. It is saved as
+`plan.parquet` in the offline plan's schema (`micro` 0), and each rank's feed is the prompt table tagged with
+its share (`uft_ray.train.plan.tag_rows`), the step's revealed hint count joined (a pure function of (seed,
+step, row_id): `uft_ray.tasks.hints`), sorted in plan order: a Ray Data pipeline, as the offline feeds are.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from uft_ray import storage
+from uft_ray.config import GENERATED_TASKS, Config
+from uft_ray.run_dir import RunDir
+from uft_ray.tasks.hints import HintSchedule
+from uft_ray.train.plan import PLAN_SCHEMA, Plan, PlanSummary, fingerprint
+
+EVAL_SEED_OFFSET = 1_000_003  # held-out generated instances come from another seed
+PROMPT_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("task", pa.string()),
+        ("prompt", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("hint", pa.list_(pa.string())),
+        ("row_json", pa.string()),  # the whole row, for its verifier (task fields differ per task)
+    ]
+)
+TOO_LONG, MALFORMED, UNREADABLE, OUT_OF_SCOPE = "too_long", "malformed", "unreadable_file", "out_of_scope"
+
+
+def schedule(cfg: Config) -> HintSchedule:
+    h = cfg.rft.hint
+    return HintSchedule(h.mode, h.p_low, h.p_high, h.t_hint, h.max_buckets, seed=cfg.train.seed)
+
+
+def verifier_spec(cfg: Config) -> str:
+    """A built-in task's name, or the generic task's `module:function`."""
+    return cfg.rft.task
+
+
+def _files(path: str) -> list[str]:
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        return sorted(
+            os.path.join(d, f)
+            for d, _, fs in os.walk(path)
+            for f in fs
+            if f.endswith((".parquet", ".jsonl", ".json", ".jsonl.gz"))
+        )
+    return sorted(glob.glob(path))
+
+
+def _records(path: str, quarantined: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    import gzip
+
+    out: list[dict[str, Any]] = []
+    for f in _files(path):
+        try:
+            if f.endswith(".parquet"):
+                out += pq.read_table(f).to_pylist()
+                continue
+            opener = gzip.open if f.endswith(".gz") else open
+            with opener(f, "rt", encoding="utf-8") as fh:
+                for n, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except ValueError as e:
+                        quarantined.append({"file": f, "line": n + 1, "reason": MALFORMED, "detail": str(e)[:200]})
+                        continue
+                    if isinstance(rec, dict):
+                        out.append(rec)
+                    else:
+                        quarantined.append({"file": f, "line": n + 1, "reason": MALFORMED, "detail": "not an object"})
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
+            quarantined.append({"file": f, "reason": UNREADABLE, "detail": str(e)[:200]})
+    return out
+
+
+def task_rows(cfg: Config, split: str, quarantined: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The task's rows of `split` ("train" or "eval"); unusable records appended to `quarantined`."""
+    from uft_ray.tasks import countdown, generic, knights_knaves, math_answers
+
+    r = cfg.rft
+    if r.task in GENERATED_TASKS:
+        module = countdown if r.task == countdown.NAME else knights_knaves
+        if split == "train":
+            return module.generate(r.n_train, seed=cfg.data.seed)
+        seen = {row["prompt"] for row in module.generate(r.n_train, seed=cfg.data.seed)}
+        n_eval = cfg.eval.max_rows or 256
+        rows = module.generate(n_eval + n_eval // 4 + 8, seed=cfg.data.seed + EVAL_SEED_OFFSET)
+        return [row for row in rows if row["prompt"] not in seen][:n_eval]
+    path = r.path if split == "train" else r.eval_path
+    if not path:
+        return []
+    records = _records(path, quarantined)
+    if r.task == math_answers.NAME:
+        rows = math_answers.rows(records, split=split)
+        if len(rows) < len(records):  # MATH rows the paper leaves out: levels 1-2, or no boxed answer
+            left_out = len(records) - len(rows)
+            quarantined.append({"reason": OUT_OF_SCOPE, "rows": left_out, "detail": "not level 3-5, or no \\boxed{}"})
+        return rows
+    out = []
+    for i, rec in enumerate(records):
+        try:
+            out.append(generic.task_row(rec, i, name=f"task-{split}"))
+        except ValueError as e:
+            quarantined.append({"index": i, "reason": MALFORMED, "detail": str(e)})
+    return out
+
+
+def _table(rows: list[dict[str, Any]], tokenizer: Any, max_len: int, quarantined: list[dict[str, Any]]) -> pa.Table:
+    keep, ids = [], []
+    encoded = tokenizer([row["prompt"] for row in rows])["input_ids"] if rows else []
+    for row, prompt_ids in zip(rows, encoded, strict=True):
+        if len(prompt_ids) > max_len:
+            quarantined.append(
+                {"row_id": row["row_id"], "reason": TOO_LONG, "detail": f"{len(prompt_ids)} > {max_len} tokens"}
+            )
+            continue
+        keep.append(row)
+        ids.append(prompt_ids)
+    return pa.table(
+        {
+            "row_id": [str(r["row_id"]) for r in keep],
+            "task": [str(r.get("task", "")) for r in keep],
+            "prompt": [r["prompt"] for r in keep],
+            "prompt_ids": ids,
+            "hint": [list(r["hint"]) for r in keep],
+            "row_json": [json.dumps(r, default=str) for r in keep],
+        },
+        schema=PROMPT_SCHEMA,
+    )
+
+
+def write_prompts(cfg: Config, run_dir: RunDir, tokenizer: Any) -> dict[str, Any]:
+    """Build `{run_dir}/prompts/{train,eval}.parquet` and the quarantine file; returns the counts."""
+    os.makedirs(run_dir.prompts, exist_ok=True)
+    os.makedirs(run_dir.quarantine, exist_ok=True)
+    counts: dict[str, Any] = {}
+    quarantined: list[dict[str, Any]] = []
+    for split in ("train", "eval"):
+        found: list[dict[str, Any]] = []
+        table = _table(task_rows(cfg, split, found), tokenizer, cfg.rft.max_prompt_len, found)
+        storage.atomic_write(
+            os.path.join(run_dir.prompts, f"{split}.parquet"), lambda f, t=table: pq.write_table(t, f)
+        )
+        counts[split] = table.num_rows
+        quarantined += [{"split": split, **q} for q in found]
+    lines = "".join(json.dumps(q) + "\n" for q in quarantined)
+    storage.atomic_write(os.path.join(run_dir.quarantine, "prompts.jsonl"), lines.encode())
+    by_reason: dict[str, int] = {}
+    for q in quarantined:
+        by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + int(q.get("rows", 1))
+    counts["quarantine"] = by_reason
+    storage.write_json(os.path.join(run_dir.quarantine, "counts.json"), by_reason, sort_keys=True)
+    if counts["train"] < cfg.rft.prompts_per_step:
+        raise ValueError(
+            f"rft: {counts['train']} usable training prompts, fewer than rft.prompts_per_step "
+            f"({cfg.rft.prompts_per_step}); quarantined {by_reason}, see {run_dir.quarantine}/prompts.jsonl"
+        )
+    return counts
+
+
+def read_prompts(run_dir: RunDir, split: str) -> pa.Table:
+    return pq.read_table(os.path.join(run_dir.prompts, f"{split}.parquet"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan: which prompts each rank takes at each step.
+
+
+def steps_per_epoch(n_rows: int, prompts_per_step: int) -> int:
+    return n_rows // prompts_per_step
+
+
+def make_rft_plan(table: pa.Table, cfg: Config) -> Plan:
+    """Step t: `prompts_per_step` prompts of epoch t // steps_per_epoch's seeded permutation, cut per rank."""
+    r, tr = cfg.rft, cfg.train
+    n, pps, world = table.num_rows, r.prompts_per_step, tr.num_workers
+    spe = steps_per_epoch(n, pps)
+    steps = tr.max_steps if tr.max_steps is not None else tr.epochs * spe
+    per_rank = pps // world
+    row_ids = np.asarray(table.column("row_id").to_pylist(), dtype=object)
+    lengths = np.asarray([len(x) for x in table.column("prompt_ids").to_pylist()], dtype=np.int32)
+    cols: dict[str, list] = {k: [] for k in ("row_id", "source", "length", "epoch", "step", "rank", "micro", "slot")}
+    perm: np.ndarray | None = None
+    for step in range(steps):
+        epoch, i = divmod(step, spe)
+        if i == 0 or perm is None:
+            perm = np.random.default_rng([cfg.data.seed, epoch]).permutation(n)
+        idx = perm[i * pps : (i + 1) * pps]
+        cols["row_id"] += row_ids[idx].tolist()
+        cols["source"] += [r.task] * pps
+        cols["length"] += lengths[idx].tolist()
+        cols["epoch"] += [epoch] * pps
+        cols["step"] += [step] * pps
+        cols["rank"] += [j // per_rank for j in range(pps)]
+        cols["micro"] += [0] * pps
+        cols["slot"] += [j % per_rank for j in range(pps)]
+    plan_table = pa.table(cols, schema=PLAN_SCHEMA)
+    summary = PlanSummary(
+        global_batch_size=pps,
+        num_workers=world,
+        micro_batch_size=per_rank,
+        grad_accum=1,
+        steps=steps,
+        steps_per_epoch=spe,
+        epochs=-(-steps // spe) if spe else 0,
+        rows_per_epoch=spe * pps,
+        rows_planned=steps * pps,
+        tail_dropped=n - spe * pps,
+        rows_by_source={r.task: steps * pps},
+        target_fraction={r.task: 1.0},
+        seed=cfg.data.seed,
+        group_by_length=False,
+        fingerprint=fingerprint(plan_table),
+    )
+    return Plan(plan_table, summary)
+
+
+def attach_hints(batch: pa.Table, schedule: HintSchedule) -> pa.Table:
+    """A `map_batches` stage: how many hint chunks each planned (row, step) reveals (steps 1-based)."""
+    steps = batch.column("step").to_pylist()
+    hints = batch.column("hint").to_pylist()
+    ids = batch.column("row_id").to_pylist()
+    revealed = [schedule.revealed(s + 1, rid, len(h)) for s, rid, h in zip(steps, ids, hints, strict=True)]
+    return batch.append_column("revealed", pa.array(revealed, pa.int32()))
+
+
+def rank_feeds(run_dir: RunDir, plan: Plan, cfg: Config, start: int) -> dict[str, Any]:
+    """Per rank: its prompts from step `start` on, tagged with (step, slot) and their hints, in plan order."""
+    import ray.data
+
+    from uft_ray.train.plan import rank_assignment, tag_rows
+
+    base = ray.data.read_parquet(os.path.join(run_dir.prompts, "train.parquet"))
+    feeds = {}
+    for rank in range(cfg.train.num_workers):
+        ds = base.map_batches(
+            tag_rows,
+            fn_kwargs={"assignment": rank_assignment(plan.table, rank, start)},
+            batch_format="pyarrow",
+            batch_size=None,
+        ).map_batches(attach_hints, fn_kwargs={"schedule": schedule(cfg)}, batch_format="pyarrow", batch_size=None)
+        feeds[f"train_{rank}"] = ds.sort(["step", "slot"])
+    return feeds

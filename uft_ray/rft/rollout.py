@@ -1,0 +1,300 @@
+"""The rollout actor pool: n continuations of prompt + hint per prompt, with the trainer's current adapter.
+
+Each actor holds the frozen base once and a LoRA adapter that the trainer replaces after every optimizer step
+(`load_adapter`): only the adapter's tensors travel (megabytes), through the object store, never the base. Two
+backends behind one interface:
+
+- `hf`: transformers `generate` (CPU tests and the demo; works on a GPU too). Sampling is per request, seeded
+  by the request's own seed (`request_seed(seed, step, row_id, k)`): a logits processor draws each row's next
+  token with that row's generator and hands `generate` a one-hot score, so the draw does not depend on what
+  else is in the batch and a resumed run regenerates the same rollouts.
+- `vllm`: vLLM with `enable_lora`, the adapter written as a peft directory and loaded through a new
+  `LoRARequest` per version; `SamplingParams(seed=...)` per request. An optional extra (`uft-ray[vllm]`).
+
+A request is `{"prompt_ids": [...], "seed": int, "greedy": bool}`; the answer is the generated token ids, cut
+after the first end-of-sequence token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+MAX_SEED = 2**63 - 1
+
+
+def request_seed(seed: int, step: int, row_id: str, k: int) -> int:
+    """The sampling seed of rollout k of a row at a step: the same in every process and on every rerun."""
+    digest = hashlib.sha256(f"{seed}\x1f{step}\x1f{row_id}\x1f{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & MAX_SEED
+
+
+def adapter_digest(state: dict[str, Any]) -> str:
+    """sha1 over the adapter's tensors (names sorted): the trainer's and each actor's must agree."""
+    h = hashlib.sha1()
+    for name in sorted(state):
+        t = state[name]
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def adapter_bytes(state: dict[str, Any]) -> int:
+    return int(sum(t.numel() * t.element_size() for t in state.values()))
+
+
+def _lora_config(lora: dict[str, Any]) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=0.0,  # generation never drops out
+        target_modules=list(lora["target_modules"]),
+        task_type="CAUSAL_LM",
+    )
+
+
+class _PerRowSampler:
+    """A transformers logits processor that samples each row with its own generator.
+
+    It returns 0 at the drawn token and -inf elsewhere, so `generate`'s greedy step picks exactly the draw.
+    Temperature and top-p as vLLM applies them; ids at or beyond `vocab_limit` (the padded part of the
+    embedding, no token of the tokenizer) are never drawn.
+    """
+
+    def __init__(
+        self, seeds: list[int], greedy: list[bool], temperature: float, top_p: float, vocab_limit: int
+    ) -> None:
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+        self.greedy = greedy
+        self.temperature, self.top_p, self.vocab_limit = temperature, top_p, vocab_limit
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        scores = scores.float()
+        scores[:, self.vocab_limit :] = -float("inf")
+        out = torch.full_like(scores, -float("inf"))
+        for i, gen in enumerate(self.generators):
+            if self.greedy[i]:
+                token = int(scores[i].argmax())
+            else:
+                probs = torch.softmax(scores[i] / self.temperature, dim=-1).cpu()
+                if self.top_p < 1.0:
+                    sorted_p, order = probs.sort(descending=True)
+                    keep = sorted_p.cumsum(0) - sorted_p < self.top_p  # the smallest set with mass >= top_p
+                    probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+                token = int(torch.multinomial(probs, 1, generator=gen))
+            out[i, token] = 0.0
+        return out
+
+
+class RolloutActor:
+    """One rollout engine (a Ray actor: `ray.remote(RolloutActor)`), the base loaded once, the adapter per step."""
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        lora: dict[str, Any],
+        backend: str,
+        dtype: str,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        vocab_limit: int,
+        batch_size: int = 64,
+        threads: int = 1,
+        revision: str | None = None,
+        trust_remote_code: bool = False,
+        gpu_memory_utilization: float = 0.4,
+        max_model_len: int | None = None,
+    ) -> None:
+        import torch
+
+        self.backend = backend
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.eos = set(eos_token_ids)
+        self.pad_token_id, self.vocab_limit, self.batch_size = pad_token_id, vocab_limit, batch_size
+        self.lora = lora
+        self.version = -1
+        self._state: dict[str, Any] = {}
+        self._dir = tempfile.mkdtemp(prefix="uft-rollout-")
+        if backend == "vllm":
+            from vllm import LLM
+
+            self.llm = LLM(
+                model=model_path,
+                revision=revision,
+                dtype=dtype,
+                enable_lora=True,
+                max_lora_rank=max(16, int(lora["r"])),  # vLLM's default 16 rejects a larger r
+                max_loras=1,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                trust_remote_code=trust_remote_code,
+                enable_prefix_caching=True,  # n rollouts of a prompt share its prefix
+            )
+            return
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+        base = AutoModelForCausalLM.from_pretrained(
+            model_path, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        )
+        self.model = get_peft_model(base, _lora_config(lora)).to(self.device).eval()
+
+    # -- the adapter ---------------------------------------------------------------------------------------
+
+    def load_adapter(self, state: dict[str, Any], version: int) -> str:
+        """Replace the adapter with the trainer's (peft state dict, full tensors); returns its digest."""
+        self._state = {k: v.detach().cpu() for k, v in state.items()}
+        self.version = version
+        if self.backend == "vllm":
+            from safetensors.torch import save_file
+
+            path = os.path.join(self._dir, f"v{version}")
+            os.makedirs(path, exist_ok=True)
+            save_file(self._state, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+            _lora_config(self.lora).save_pretrained(path)
+            self._lora_path = path
+        else:
+            from peft import set_peft_model_state_dict
+
+            result = set_peft_model_state_dict(self.model, self._state)
+            missing = [k for k in getattr(result, "unexpected_keys", []) or [] if "lora_" in k]
+            if missing:
+                raise RuntimeError(f"adapter tensors not in the rollout model: {missing[:3]}")
+        return self.digest()
+
+    def digest(self) -> str:
+        """The digest of the adapter generation uses (the model's own tensors for hf, the loaded file's for vllm)."""
+        if self.backend == "vllm":
+            return adapter_digest(self._state)
+        from peft import get_peft_model_state_dict
+
+        return adapter_digest(get_peft_model_state_dict(self.model))
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    def generate(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        """Token ids generated for each request, in order, and the seconds it took."""
+        t0 = time.perf_counter()
+        if self.backend == "vllm":
+            out = self._generate_vllm(requests)
+        else:
+            out = []
+            for i in range(0, len(requests), self.batch_size):
+                out += self._generate_hf(requests[i : i + self.batch_size])
+        return {"responses": out, "seconds": time.perf_counter() - t0, "version": self.version}
+
+    def _cut(self, ids: list[int]) -> list[int]:
+        for i, t in enumerate(ids):
+            if t in self.eos:
+                return ids[: i + 1]
+        return ids
+
+    def _generate_hf(self, requests: list[dict[str, Any]]) -> list[list[int]]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        longest = max(len(r["prompt_ids"]) for r in requests)
+        ids = torch.full((len(requests), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(requests):  # left padding: every prompt ends where generation starts
+            p = r["prompt_ids"]
+            ids[i, longest - len(p) :] = torch.as_tensor(p)
+            mask[i, longest - len(p) :] = 1
+        sampler = _PerRowSampler(
+            [int(r["seed"]) for r in requests],
+            [bool(r.get("greedy")) for r in requests],
+            self.temperature,
+            self.top_p,
+            self.vocab_limit,
+        )
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,  # the sampler above draws; greedy takes its one-hot choice
+                logits_processor=LogitsProcessorList([sampler]),
+                eos_token_id=sorted(self.eos),
+                pad_token_id=self.pad_token_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        return [self._cut(row[longest:].tolist()) for row in out.cpu()]
+
+    def _generate_vllm(self, requests: list[dict[str, Any]]) -> list[list[int]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        params = [
+            SamplingParams(
+                temperature=0.0 if r.get("greedy") else self.temperature,
+                top_p=1.0 if r.get("greedy") else self.top_p,
+                max_tokens=self.max_new_tokens,
+                seed=int(r["seed"]),
+                stop_token_ids=sorted(self.eos),
+            )
+            for r in requests
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(r["prompt_ids"])) for r in requests]
+        lora = LoRARequest(f"uft-v{self.version}", self.version + 2, self._lora_path) if self._state else None
+        outs = self.llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+        return [self._cut(list(o.outputs[0].token_ids)) for o in outs]
+
+
+class RolloutPool:
+    """The actors of a run: requests split into one contiguous slice per actor; the adapter sent to all."""
+
+    def __init__(self, actors: list[Any]) -> None:
+        self.actors = list(actors)
+
+    def generate(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        """`responses` in request order, `seconds` (the slowest actor's), `versions` (adapter versions used)."""
+        import ray
+
+        if not requests:
+            return {"responses": [], "seconds": 0.0, "versions": set()}
+        n = len(self.actors)
+        bounds = np.linspace(0, len(requests), n + 1).round().astype(int)
+        calls = [
+            self.actors[i].generate.remote(requests[bounds[i] : bounds[i + 1]])
+            for i in range(n)
+            if bounds[i + 1] > bounds[i]
+        ]
+        results = ray.get(calls)
+        return {
+            "responses": [resp for r in results for resp in r["responses"]],
+            "seconds": max(r["seconds"] for r in results),
+            "versions": {r["version"] for r in results},
+        }
+
+    def load_adapter(self, state: dict[str, Any], version: int) -> list[str]:
+        """Send the adapter once through the object store to every actor; their digests after loading."""
+        import ray
+
+        ref = ray.put(state)
+        return ray.get([a.load_adapter.remote(ref, version) for a in self.actors])
+
+    def digests(self) -> list[str]:
+        import ray
+
+        return ray.get([a.digest.remote() for a in self.actors])
