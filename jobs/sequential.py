@@ -1,5 +1,7 @@
 """Ray job entrypoint for the paper's sequential baselines: stage 1 SFT, then stage 2 (DPO / KTO / UNA / UFT)
-starting from the stage-1 model, whose reference is the stage-1 model too (base + stage-1 adapter).
+starting from the stage-1 model, whose reference is the stage-1 model too (base + stage-1 adapter). With
+`method: hint_rft` it is SFT-then-RFT: stage 1 `rft.objective: sft`, stage 2 an RFT run from its adapter
+(jobs/configs/sft_then_rft_stage1_countdown_qwen25_0_5b.yaml, then rft_countdown_qwen25_0_5b.yaml).
 
     ray job submit --runtime-env infra/runtime_env.yaml -- python jobs/sequential.py \
         --stage1 jobs/configs/seq_stage1_sft.yaml --stage2 jobs/configs/seq_stage2_dpo.yaml
@@ -51,7 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         return 2
     c1, c2 = cfgs
-    if c1.loss.type != "sft":
+    if c1.method != c2.method:
+        print(f"the stages must share a method, got {c1.method} then {c2.method}", file=sys.stderr)
+        return 2
+    if c1.method == "hint_rft" and c1.rft.objective != "sft":
+        print(f"stage 1 config {args.stage1}: rft.objective must be sft, got {c1.rft.objective}", file=sys.stderr)
+        return 2
+    if c1.method == "uft" and c1.loss.type != "sft":
         print(f"stage 1 config {args.stage1}: loss.type must be sft, got {c1.loss.type}", file=sys.stderr)
         return 2
     if c1.output.run_dir == c2.output.run_dir:

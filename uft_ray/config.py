@@ -207,7 +207,10 @@ class RftConfig:
     eval_path: str | None = None  # math / generic: held-out rows; generated tasks draw them with another seed
     n_train: int = 10000  # generated tasks: instances to train on
     prompts_per_step: int = 256
-    n: int = 4  # rollouts per prompt (the GRPO group)
+    # grpo: rollouts + GRPO + hint NLL (UFT, RFT, R3, staged); sft: no rollouts, the NLL of each prompt's whole
+    # reference answer (the paper's SFT baseline, and stage 1 of SFT-then-RFT)
+    objective: str = "grpo"
+    n: int = 4  # rollouts per prompt (the GRPO group); sft trains one sequence per prompt
     updates_per_step: int = 1  # optimizer steps per rollout batch; > 1 recomputes old log-probs first
     max_prompt_len: int = 256  # prompt + revealed hint, tokens
     max_response_len: int = 1024
@@ -731,6 +734,7 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
     if not 0 < r.top_p <= 1:
         e.append(f"rft.top_p: must be in (0, 1], got {r.top_p!r}")
     h = r.hint
+    e.one_of("rft.objective", r.objective, ("grpo", "sft"))
     e.one_of("rft.hint.mode", h.mode, ("cosine", "rft", "r3", "staged"))
     if not 0 <= h.p_low <= h.p_high <= 1:
         e.append(f"rft.hint: need 0 <= p_low <= p_high <= 1, got p_low={h.p_low!r} p_high={h.p_high!r}")
@@ -749,10 +753,17 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
         e.append(f"rft.prompts_per_step: {r.prompts_per_step} must be a multiple of train.num_workers "
                  f"({tr.num_workers}): every rank takes whole groups")  # fmt: skip
     elif tr.num_workers > 0:
-        per_rank = r.prompts_per_step // tr.num_workers * r.n
+        n = 1 if r.objective == "sft" else r.n
+        per_rank = r.prompts_per_step // tr.num_workers * n
         per_update = r.updates_per_step * tr.grad_accum * tr.micro_batch_size
         if per_rank != per_update:
-            e.append(f"rft: each rank generates prompts_per_step / num_workers * n = {per_rank} rollouts a step, "
+            sft = r.objective == "sft"
+            what = (
+                "prompts_per_step / num_workers (sft: one sequence per prompt)"
+                if sft
+                else ("prompts_per_step / num_workers * n")
+            )
+            e.append(f"rft: each rank trains {what} = {per_rank} sequences a step, "
                      f"but rft.updates_per_step * train.grad_accum * train.micro_batch_size = {per_update}; "
                      "make them equal")  # fmt: skip
 

@@ -185,3 +185,23 @@ def test_full_hints_hint_nll_falls(tiny_assets, root):
     assert all(r["hint/share"] == 1.0 for r in rows)
     nll = [r["hint_nll"] for r in rows]
     assert nll[-1] < nll[0] - 0.05, nll
+
+
+def test_sft_then_rft_continues_from_the_sft_adapter(tiny_assets, root):
+    """Stage 1 `rft.objective: sft` (the NLL of whole reference answers, no rollouts), stage 2 RFT from its adapter."""
+    common = ("eval.every=null", "train.lr=5e-2")
+    sft = rft_config(tiny_assets, root, "sft", "rft.objective=sft", "train.grad_accum=1", "train.micro_batch_size=2",
+                     "train.max_steps=4", *common)  # fmt: skip
+    rl = rft_config(tiny_assets, root, "sft-rft", "rft.hint.mode=rft", "train.max_steps=2", *common)
+    first, second = driver.run_sequential(sft, rl, hooks=RftRecorder(rl.output.run_dir))
+    rows = read_metrics(first.metrics_path)
+    assert all("reward/mean" not in r and r["hint/share"] == 1.0 for r in rows)  # nothing sampled in SFT
+    assert rows[-1]["hint_nll"] < rows[0]["hint_nll"] - 0.05
+    assert rows[0]["loss"] == pytest.approx(rows[0]["hint_nll"], rel=1e-6)  # SFT's loss is the answer's NLL
+    # Stage 2's actors start with exactly the SFT adapter, and its rollouts never see a hint. (The hooks go to
+    # both stages and write into one file: stage 2's initial sync is the last one at step 0.)
+    syncs = [json.loads(line) for line in (Path(second.run_dir) / "debug" / "sync.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in syncs] == [0, 1, 2, 3, 4, 0, 1, 2]
+    sync0 = syncs[5]
+    assert sync0["trainer"] == adapter_digest(load_file(os.path.join(first.adapter_dir, "adapter_model.safetensors")))
+    assert all(r["hint/share"] == 0.0 and "hint_nll" not in r for r in read_metrics(second.metrics_path))

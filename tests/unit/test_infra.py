@@ -129,6 +129,9 @@ def test_hint_rft_recipes_have_the_papers_settings():
         assert (r.clip, r.kl_coef, r.entropy_coef, r.hint_coef) == (0.2, 0.001, 0.001, 0.001)
     rft = load_config(ROOT / "jobs/configs/rft_countdown_qwen25_0_5b.yaml", check_paths=False)
     assert rft.rft.hint.mode == "rft"
+    sft = load_config(ROOT / "jobs/configs/sft_then_rft_stage1_countdown_qwen25_0_5b.yaml", check_paths=False)
+    assert (sft.method, sft.rft.objective) == ("hint_rft", "sft")
+    assert sft.output.run_name not in (rft.output.run_name, "sft-rft-countdown-qwen25-0.5b")  # stage 2's name
     math = load_config(ROOT / "jobs/configs/hint_rft_math_qwen25_0_5b.yaml", check_paths=False)
     assert (math.rft.task, math.rft.max_prompt_len, math.rft.max_response_len) == ("math", 1024, 1024)
 

@@ -198,3 +198,9 @@ def test_rft_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="rft.path: required for task 'math'"):
         _cfg("rft.task=math")
     assert _cfg().method == "hint_rft"
+    with pytest.raises(ConfigError, match="rft.objective: 'dpo'"):
+        _cfg("rft.objective=dpo")
+    # sft trains one sequence per prompt: 2 prompts a rank fill 2 x 1 micro-batch slots, not 4 x 2
+    with pytest.raises(ConfigError, match="sft: one sequence per prompt"):
+        _cfg("rft.objective=sft")
+    assert _cfg("rft.objective=sft", "train.micro_batch_size=2", "train.grad_accum=1").rft.objective == "sft"

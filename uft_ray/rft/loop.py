@@ -99,16 +99,19 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
         batch = next(prompts_iter)
         times["wait"] = time.perf_counter() - t0
         _check_step(batch, step, rank)
-        prompts = prompts_with_hints(batch, tokenizer, r.max_prompt_len)
+        t0 = time.perf_counter()
+        if r.objective == "sft":  # the reference answer is the target: no rollouts, no rewards
+            prompts = sft_targets(batch, tokenizer)
+            rollouts = [{**p, "k": 0, "group": i, "response_ids": [], "reward": 0.0} for i, p in enumerate(prompts)]
+            times["generate"] = 0.0
+        else:
+            prompts = prompts_with_hints(batch, tokenizer, r.max_prompt_len)
 
-        # 3. Rollouts from the actor pool, scored by the verifier.
-        t0 = time.perf_counter()
-        rollouts = _rollouts(pool, prompts, r.n, cfg.train.seed, step, expected_version=step)
-        times["generate"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _score(rollouts, verifier, tokenizer)
-        times["verify"] = time.perf_counter() - t0
-        hooks.on_rollouts(rank=rank, step=step, rollouts=rollouts)
+            # 3. Rollouts from the actor pool, scored by the verifier.
+            rollouts = _rollouts(pool, prompts, r.n, cfg.train.seed, step, expected_version=step)
+            times["generate"] = time.perf_counter() - t0
+            _score(rollouts, verifier, tokenizer)
+            hooks.on_rollouts(rank=rank, step=step, rollouts=rollouts)
 
         # 4. GRPO + hint NLL updates on this rank's rollouts (every rank takes part in every collective).
         t0 = time.perf_counter()
@@ -127,6 +130,8 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
         # 7. Metrics over all ranks, then the checkpoint.
         step_time = time.perf_counter() - t_step
         row = _metrics_row(step, prompts, rollouts, train, times, step_time, sync_s, sync_bytes, accuracy, engine)
+        if r.objective == "sft":  # no rollouts: nothing sampled, rewarded or clipped to report
+            row = {k: v for k, v in row.items() if k not in _ROLLOUT_ONLY}
         state["step"] = step + 1
         state["prompts_consumed"] = (step + 1) * r.prompts_per_step
         if rank == 0:
@@ -184,6 +189,30 @@ def prompts_with_hints(batch: dict[str, np.ndarray], tokenizer: Any, max_prompt_
                 "hint_text": with_hint("", chunks, revealed),
                 "revealed": revealed,
                 "n_chunks": len(chunks),
+            }
+        )
+    return out
+
+
+def sft_targets(batch: dict[str, np.ndarray], tokenizer: Any) -> list[dict[str, Any]]:
+    """`rft.objective: sft`: each prompt with its whole reference answer (steps and the closing answer tag, then
+    EOS) in the hint's place, so the hint term is plain SFT on it."""
+    out = []
+    for i in range(len(batch["row_id"])):
+        row = json.loads(str(batch["row_json"][i]))
+        target = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            target = target + [tokenizer.eos_token_id]
+        n_chunks = len(batch["hint"][i])
+        out.append(
+            {
+                "row_id": str(batch["row_id"][i]),
+                "row": row,
+                "prompt_ids": [int(t) for t in batch["prompt_ids"][i]],
+                "hint_ids": target,
+                "hint_text": row["answer"],
+                "revealed": n_chunks,
+                "n_chunks": n_chunks,
             }
         )
     return out
@@ -291,11 +320,13 @@ def _train_on(
     """`rft.updates_per_step` optimizer steps over this rank's rollouts; the loss terms' global means."""
     r, mb, ga = cfg.rft, cfg.train.micro_batch_size, cfg.train.grad_accum
     device = ray.train.torch.get_device()
+    sft = r.objective == "sft"
     rewards = torch.tensor([x["reward"] for x in rollouts], dtype=torch.float64)
-    advantages = group_advantages(rewards, r.n)  # rollouts arrive group by group
+    advantages = group_advantages(rewards, 1 if sft else r.n)  # rollouts arrive group by group
     for x, a in zip(rollouts, advantages.tolist(), strict=True):
         x["advantage"] = a
-    hint_loss = r.hint.mode != "r3" and r.hint_coef > 0  # R3 reveals hints but does not train on them
+    hint_loss = sft or (r.hint.mode != "r3" and r.hint_coef > 0)  # R3 reveals hints but does not train on them
+    hint_coef = 1.0 if sft else r.hint_coef  # sft: the answer's NLL is the whole loss
     per_update = mb * ga
     updates = []
     for u in range(r.updates_per_step):
@@ -332,7 +363,7 @@ def _train_on(
             loss, m = hint_rft_loss(
                 logp, old[u][j] if old[u][j] is not None else logp.detach(), ref, adv, t["response"], entropy,
                 hint_logp=logp if use_hint else None, hint_mask=t["hint"] if use_hint else None,
-                clip=r.clip, kl_coef=r.kl_coef, entropy_coef=r.entropy_coef, hint_coef=r.hint_coef,
+                clip=r.clip, kl_coef=r.kl_coef, entropy_coef=r.entropy_coef, hint_coef=hint_coef,
                 n_tokens=n_resp, n_hint_tokens=n_hint,
             )  # fmt: skip
             # DeepSpeed divides by grad_accum and averages over ranks: scaling by both leaves the global mean.
@@ -349,6 +380,8 @@ def _train_on(
 # ---------------------------------------------------------------------------------------------------------
 # Metrics.
 
+_ROLLOUT_ONLY = ("pg_loss", "reward/mean", "reward/accuracy", "reward/format", "response/length", "kl", "entropy",
+                 "clip_frac", "time/generate_frac", "rollout/tokens_per_s")  # fmt: skip
 _SUMMED = (
     "reward",
     "correct",
