@@ -31,6 +31,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--demo-root", default=DEMO_ROOT, metavar="DIR", help=f"where --demo-assets puts them ({DEMO_ROOT})"
     )
+    p.add_argument("--verbose", action="store_true", help="keep Ray's own output (Ray Data's progress bars)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-5")
     return p.parse_args(argv)
 
@@ -39,4 +40,4 @@ if __name__ == "__main__":
     args = parse()
     method = (yaml.safe_load(open(args.config)) or {}).get("method", "uft") if args.demo_assets else "uft"
     overrides = (demo_overrides(args.demo_root, method) if args.demo_assets else []) + args.overrides
-    sys.exit(main(["train", args.config, *overrides]))
+    sys.exit(main(["train", args.config, *(["--verbose"] if args.verbose else []), *overrides]))

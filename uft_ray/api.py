@@ -316,6 +316,7 @@ def submit(
     excludes: Sequence[str] = (),
     submission_id: str | None = None,
     headers: dict[str, str] | None = None,
+    verbose: bool = False,
 ) -> JobHandle:
     """Submit a config as a Ray job; returns a `JobHandle` at once (call `.wait()` to block).
 
@@ -330,6 +331,7 @@ def submit(
         env: names of environment variables to copy from this process into the job (e.g. HF_TOKEN).
         runtime_env: a dict or YAML file (e.g. infra/runtime_env.yaml) merged under the above.
         excludes: more gitignore-style patterns to leave out of the working dir.
+        verbose: the job keeps Ray's own output (Ray Data's progress bars), as `uft-ray train --verbose`.
     """
     cfg, text = _job_config_yaml(config, overrides)
     renv = _load_runtime_env(runtime_env)
@@ -345,6 +347,10 @@ def submit(
     if missing:
         raise ValueError(f"not set in this environment, so not passed to the job: {', '.join(missing)}")
     env_vars.update({n: os.environ[n] for n in env})
+    if verbose:
+        from uft_ray.ray_utils import VERBOSE_ENV
+
+        env_vars[VERBOSE_ENV] = "1"
     pats = list(renv.get("excludes") or []) + list(excludes)
     sp = cfg.output.storage_path
     if "://" not in sp and not os.path.isabs(os.path.expanduser(sp)):

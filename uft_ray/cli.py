@@ -8,6 +8,7 @@
     uft-ray status|logs|stop JOB_ID --address URL       follow a submitted job
     uft-ray report RUN_DIR                              rebuild report.html from metrics.jsonl
     uft-ray eval RUN_DIR|ADAPTER --tasks T[,T...]       benchmarks with lm-evaluation-harness (or --preset uft-paper)
+    uft-ray compare RECIPE.yaml [k=v ...]               run every arm of a comparison, then its table
 
 Exit codes: 0 success; 1 the run or job failed (or the cluster could not be reached); 2 bad usage or config.
 """
@@ -15,6 +16,7 @@ Exit codes: 0 success; 1 the run or job failed (or the cluster could not be reac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -22,7 +24,8 @@ import threading
 import time
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -112,6 +115,7 @@ class _Progress:
         self.sources, self.poll_s = sources, poll_s
         self.last = self._steps_in_file()  # a resumed run prints only its new steps
         self.total: int | None = None
+        self._first: tuple[int, float] | None = None  # (step, when) of the first step line: the pace for the ETA
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="uft-ray-progress", daemon=True)
 
@@ -155,11 +159,22 @@ class _Progress:
             parts.append(f"{m['tokens_per_s']:.0f} tok/s")
         return "[uft-ray] " + " | ".join(parts)
 
+    def eta(self, step: int, now: float) -> str | None:
+        """Time left at this run's pace so far, e.g. `eta 3m05s`; None before a second step or a known total."""
+        if self._first is None:
+            self._first = (step, now)
+        total, (s0, t0) = self._total(), self._first
+        if not total or step <= s0:
+            return None
+        left = (now - t0) / (step - s0) * max(0, total - step)
+        return f"eta {int(left // 60)}m{int(left % 60):02d}s"
+
     def _emit(self) -> None:
         for m in self.run.read_metrics():
             if m.get("step", 0) > self.last:
                 self.last = m["step"]
-                print(self.line(m), flush=True)
+                eta = self.eta(m["step"], time.monotonic())
+                print(self.line(m) + (f" | {eta}" if eta else ""), flush=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -175,11 +190,28 @@ class _Progress:
         self._emit()
 
 
-def _run(cfg: Config) -> int:
+@contextlib.contextmanager
+def _verbose(on: bool) -> Iterator[None]:
+    """`--verbose`: Ray's own output (progress bars, Ray Data's banners) stays, for this command only."""
+    from uft_ray.ray_utils import VERBOSE_ENV
+
+    before = os.environ.get(VERBOSE_ENV)
+    if on:
+        os.environ[VERBOSE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(VERBOSE_ENV, None)
+        else:
+            os.environ[VERBOSE_ENV] = before
+
+
+def _run(cfg: Config, verbose: bool = False) -> int:
     from uft_ray import driver
 
     try:
-        with _Progress(cfg.output.run_dir, [src.name for src in cfg.data.sources]):
+        with _verbose(verbose), _Progress(cfg.output.run_dir, [src.name for src in cfg.data.sources]):
             result = driver.run(cfg)
     except KeyboardInterrupt:
         _err("interrupted; rerun the same command to resume from the last checkpoint")
@@ -200,7 +232,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return _config_error(e, args.config)
     print(f"uft-ray train: {_summary_line(cfg)}", flush=True)
-    return _run(cfg)
+    return _run(cfg, args.verbose)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -231,7 +263,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "  The first run on a machine JIT-builds a DeepSpeed op (about 100 s).",
         flush=True,
     )
-    rc = _run(cfg)
+    rc = _run(cfg, args.verbose)
     if rc == EXIT_OK:
         print(f"demo done in {time.monotonic() - t0:.0f} s. Open the report in a browser; rerun with "
               "`uft-ray demo train.max_steps=...` or any other key=value override.")  # fmt: skip
@@ -264,6 +296,42 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     print(json.dumps(summary, indent=2, default=str))
     print(f"prepared rows in {out}/rows, quarantine in {out}/quarantine, summary in {out}/summary.json")
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from uft_ray import compare
+
+    try:
+        recipe = compare.load_recipe(args.recipe, list(args.overrides), check_paths=not args.demo_assets)
+    except ConfigError as e:
+        return _config_error(e, args.recipe)
+    if args.demo_assets:  # the demo recipe points at the demo's tiny model and shards: make them first
+        from uft_ray.demo import ensure_demo_assets
+
+        ensure_demo_assets()
+        try:
+            recipe = compare.load_recipe(args.recipe, list(args.overrides))
+        except ConfigError as e:
+            return _config_error(e, args.recipe)
+    only = [a.strip() for a in (args.only or "").split(",") if a.strip()]
+    unknown = [a for a in only if a not in {arm.name for arm in recipe.arms}]
+    if unknown:
+        _err(f"--only: no arm named {', '.join(unknown)} (arms: {', '.join(a.name for a in recipe.arms)})")
+        return EXIT_USAGE
+    print(f"uft-ray compare {recipe.name}: {len(recipe.arms)} arms ({', '.join(a.name for a in recipe.arms)}); "
+          f"runs and tables in {recipe.out_dir}", flush=True)  # fmt: skip
+    try:
+        compare.run_arms(recipe, only or None)
+        paths = compare.write_tables(recipe)
+    except ConfigError as e:
+        return _config_error(e, args.recipe)
+    except Exception as e:
+        traceback.print_exc()
+        _err(f"compare failed: {type(e).__name__}: {e} (rerun: finished arms are not run again)")
+        return EXIT_FAILED
+    print(Path(paths["md"]).read_text(), flush=True)
+    print(f"tables: {paths['md']}, {paths['html']}")
     return EXIT_OK
 
 
@@ -406,6 +474,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 runtime_env=args.runtime_env,
                 excludes=args.exclude,
                 submission_id=args.submission_id,
+                verbose=args.verbose,
             )
         for w in caught:
             if issubclass(w.category, UserWarning):
@@ -474,6 +543,12 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-4")
 
 
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="keep Ray's own output (Ray Data progress bars and banners); default: uft-ray's lines, "
+                   "warnings and errors")  # fmt: skip
+
+
 def _add_address(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--address",
@@ -501,6 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  RAY_ADDRESS=auto uft-ray train jobs/configs/mistral7b_uft.yaml output.run_name=try2\n"
             "  (rerunning the same config and run_name resumes from the last checkpoint)")  # fmt: skip
     _add_config(p)
+    _add_verbose(p)
     p.set_defaults(fn=cmd_train)
 
     p = add("prepare", "data plane only: read, normalize, mix, tokenize (+ reference log-probs) into DIR",
@@ -529,6 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="uft: the offline UFT run (default); hint_rft: hint-guided SFT + RFT on Countdown")  # fmt: skip
     p.add_argument("--out", metavar="DIR", help=f"where the tiny assets and runs/ go (default: assets in {DEMO_ROOT}, "
                    "the run in ./runs/demo)")  # fmt: skip
+    _add_verbose(p)
     p.set_defaults(fn=cmd_demo)
 
     p = add("submit", "submit a config as a Ray job (validated here first); follows its logs unless --no-wait",
@@ -545,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gitignore-style pattern left out of the upload; repeatable")  # fmt: skip
     p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
+    _add_verbose(p)
     p.set_defaults(fn=cmd_submit)
 
     p = add("status", "print a job's status", "  uft-ray status raysubmit_XYZ --address http://head:8265")
@@ -570,6 +648,15 @@ def build_parser() -> argparse.ArgumentParser:
             "  uft-ray report runs/demo")  # fmt: skip
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(fn=cmd_report)
+
+    p = add("compare", "the paper's comparison in one command: every arm of a recipe, evaluated the same way, tabled",
+            "  uft-ray compare jobs/configs/compare_demo.yaml --demo-assets\n"
+            "  uft-ray compare jobs/configs/compare_paper.yaml --only sft,uft")  # fmt: skip
+    p.add_argument("recipe", metavar="RECIPE.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides for every config of every arm")
+    p.add_argument("--only", metavar="ARM[,ARM...]", help="run only these arms (the table still has every arm)")
+    p.add_argument("--demo-assets", action="store_true", help="first make the demo's tiny model and shards")
+    p.set_defaults(fn=cmd_compare)
 
     p = add("eval", "benchmarks with lm-evaluation-harness on base + adapter, in Ray actors (one per GPU)",
             "  uft-ray eval runs/demo --tasks my_task --include-path tasks/ --limit 8\n"

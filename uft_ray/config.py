@@ -110,6 +110,7 @@ class MixtureConfig:
     ratios: dict[str, float] | None = None  # or relative ratios, with `total`
     total: int | None = None
     allow_upsample: bool = False  # a source smaller than its quota repeats rows instead of failing
+    at_most: bool = False  # counts are caps: a smaller source gives every row it has (held-out splits)
 
 
 @dataclass
@@ -227,8 +228,22 @@ class RftConfig:
 
 @dataclass
 class EvalConfig:
-    every: int | None = None  # steps between held-out evaluations (and one at the end); None: at the end only
-    max_rows: int | None = 256  # held-out rows per evaluation
+    """Held-out evaluation (uft_ray.evaluation.heldout) and benchmarks after training (uft_ray.evaluation)."""
+
+    # Held-out rows, one of: each training source's own split (entries like data.sources, named as they are),
+    # or a seeded fraction of every training source kept out of training. Neither: no held-out metrics (uft).
+    sources: list[SourceConfig] = field(default_factory=list)
+    holdout: float | None = None
+    every: int | None = None  # steps between held-out evaluations (plus one before the first and one at the end)
+    max_rows: int | None = 256  # held-out rows per source (hint_rft: held-out prompts)
+    tasks: list[str] = field(default_factory=list)  # lm_eval tasks run on the final adapter (`uft-ray eval`)
+    preset: str | None = None  # or a named protocol (uft-paper: the paper's tasks, shots and scoring)
+    include_path: str | None = None  # a folder of lm_eval task YAMLs for `tasks`
+    limit: float | None = None  # lm_eval's limit per task (N rows, or a fraction)
+
+    @property
+    def heldout(self) -> bool:
+        return bool(self.sources) or self.holdout is not None
 
 
 @dataclass
@@ -248,6 +263,20 @@ class RayConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Experiment trackers (uft_ray.trackers), fed by the driver from metrics.jsonl: the same keys, by step.
+
+    Credentials come from the environment only (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...), never from here.
+    """
+
+    trackers: list[str] = field(default_factory=list)  # any of wandb, mlflow, tensorboard (`uft-ray[trackers]`)
+    project: str = "uft-ray"  # the W&B project and the MLflow experiment; the run is output.run_name
+    mlflow_tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's default (./mlruns)
+    wandb_mode: str | None = None  # online | offline | disabled; None: WANDB_MODE, else online
+    tensorboard_dir: str | None = None  # None: {run_dir}/tensorboard; else {tensorboard_dir}/{output.run_name}
+
+
+@dataclass
 class Config:
     method: str = "uft"  # uft (offline: data.sources, loss.type) | hint_rft (online: rft)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -262,6 +291,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def needs_reference(self) -> bool:
@@ -503,6 +533,9 @@ def resolve_config_paths(cfg: Config, base: Path | None = None) -> None:
     cfg.model.adapter = _resolve_input(cfg.model.adapter, base)
     cfg.reference.model_path = _resolve_input(cfg.reference.model_path, base)
     cfg.reference.adapter = _resolve_input(cfg.reference.adapter, base)
+    for s in cfg.eval.sources:
+        s.path = _resolve_input(s.path, base) or s.path
+    cfg.eval.include_path = _resolve_input(cfg.eval.include_path, base)
     for holder, name in ((cfg.output, "storage_path"), (cfg.reference, "cache_dir")):
         value = getattr(holder, name)
         if value and not is_remote(value):
@@ -558,8 +591,9 @@ def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
         _check_loss(e, cfg)
         _check_reference(e, cfg.reference, check_paths)
     _check_train(e, cfg.train)
-    _check_eval(e, cfg.eval)
+    _check_eval(e, cfg, check_paths)
     _check_output(e, cfg.output)
+    _check_logging(e, cfg.logging, check_paths)
     return list(e)
 
 
@@ -698,6 +732,20 @@ def _check_train(e: _Problems, tr: TrainConfig) -> None:
         e.append("train.deepspeed.offload_params: needs train.deepspeed.zero_stage=3 (or auto)")
 
 
+def _check_logging(e: _Problems, lg: LoggingConfig, check_packages: bool) -> None:
+    from uft_ray.trackers import TRACKERS, missing_packages
+
+    for i, name in enumerate(lg.trackers):
+        e.one_of(f"logging.trackers.{i}", name, TRACKERS)
+    if lg.wandb_mode is not None:
+        e.one_of("logging.wandb_mode", lg.wandb_mode, ("online", "offline", "disabled"))
+    if not lg.project:
+        e.append("logging.project: required (the W&B project / MLflow experiment name)")
+    # Like the paths, checked where the run runs (a submitter needs none of them installed).
+    if check_packages and (missing := missing_packages([t for t in lg.trackers if t in TRACKERS])):
+        e.append(f"logging.trackers: {', '.join(missing)} not installed here; pip install 'uft-ray[trackers]'")
+
+
 def _check_output(e: _Problems, out: OutputConfig) -> None:
     if not out.run_name or "/" in out.run_name:
         e.append(f"output.run_name: a non-empty name without '/', got {out.run_name!r}")
@@ -768,6 +816,32 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
                      "make them equal")  # fmt: skip
 
 
-def _check_eval(e: _Problems, ev: EvalConfig) -> None:
+def _check_eval(e: _Problems, cfg: Config, check_paths: bool) -> None:
+    ev = cfg.eval
     e.positive("eval.every", ev.every)
     e.positive("eval.max_rows", ev.max_rows)
+    if ev.limit is not None:
+        e.positive("eval.limit", ev.limit)
+    e.local_path("eval.include_path", ev.include_path, "a folder of lm_eval task YAMLs", check_paths)
+    if ev.preset is not None:
+        e.one_of("eval.preset", ev.preset, ("uft-paper",))
+    if cfg.method == "hint_rft":
+        if ev.heldout:
+            e.append("eval.sources / eval.holdout: hint_rft holds out prompts itself (rft.eval_path, or generated)")
+        return
+    stream = cfg.needs_reference and cfg.reference.mode == "actor" and cfg.reference.run == "stream"
+    if ev.heldout and stream:
+        e.append("eval: held-out metrics need the held-out rows' reference log-probs: reference.run precompute "
+                 "(stream scores only the rows that are trained) or reference.mode adapter_off")  # fmt: skip
+    if ev.sources and ev.holdout is not None:
+        e.append("eval: give eval.sources (each source's own split) or eval.holdout (a fraction), not both")
+    if ev.holdout is not None and not 0 < ev.holdout <= 0.5:
+        e.append(f"eval.holdout: a fraction of each training source in (0, 0.5], got {ev.holdout!r}")
+    # A held-out split is named as the source it holds out; it may also be one the run does not train on (an
+    # SFT-only arm of `uft-ray compare` is still measured on the HelpSteer2 pairs).
+    if ev.sources:
+        sub = _Problems()
+        _check_sources(sub, ev.sources, check_paths)
+        e.extend(m.replace("data.sources", "eval.sources", 1) for m in sub)
+        # Any kind can be held out under any loss: pairs give pair accuracy and margin, SFT rows their NLL,
+        # scored rows their score MSE; eval/loss/{source} only where the run's loss applies to the rows.

@@ -34,8 +34,9 @@ from typing import Any
 from uft_ray import storage
 from uft_ray.config import Config, ConfigError, validate
 from uft_ray.data import prepared as prep
-from uft_ray.ray_utils import init_ray
+from uft_ray.ray_utils import init_ray, train_logging
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, QUARANTINE_COUNTS, RunDir, read_state
+from uft_ray.trackers import open_trackers
 from uft_ray.train.hooks import TrainHooks
 from uft_ray.train.plan import Plan, load_plan, make_plan, rank_assignment, tag_rows
 
@@ -87,33 +88,45 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
     os.makedirs(run_dir.path, exist_ok=True)
     storage.atomic_write(run_dir.config, cfg.to_yaml().encode())
     logger.info("uft-ray run %s, resolved config:\n%s", run_dir.path, cfg.to_yaml())
+    from uft_ray.evaluation.heldout import check_benchmarks, run_benchmarks
+
+    check_benchmarks(cfg)  # an unknown eval.tasks name fails now, not after training
     init_ray(cfg.ray, num_cpus=_local_cpus(cfg))
     cfg = _with_worker_cpus(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision)
 
     # 1. Data plane (reused when already prepared for this data config).
     prepared = prepared_dir or _prepare(cfg, run_dir)
+    summary, why = prep.read_summary(prepared), ""
+    quarantined = summary.get("quarantine") or {}
+    if quarantined:
+        why = " (" + ", ".join(f"{reason} {n}" for reason, n in quarantined.items()) + ")"
+    _say(f"data: {summary.get('rows_out')} rows in {prepared}; quarantined {sum(quarantined.values())}{why}")
 
     # 2. The plan, and where a rerun resumes.
     plan = _plan(cfg, prepared, run_dir)
     last = _last_checkpoint(run_dir)
     start = int(read_state(last)["step"]) if last else 0
-    logger.info(
-        "plan: %d steps of %d rows; starting at step %d", plan.summary.steps, plan.summary.global_batch_size, start
-    )
+    _say(f"plan: {plan.summary.steps} steps of {plan.summary.global_batch_size} rows; starting at step {start}")
 
     # 3. Each rank's rows in plan order, built on the cluster while the reference log-probs are looked up or
     # scored, and ready before the workers start: the first step waits for neither.
     todo = start < plan.summary.steps
     building = _Materialize(_rank_feeds(cfg, prepared, plan, start)) if todo else None
     reference, collector = _reference(cfg, prepared)
+    if reference is not None:
+        ref = prep.read_summary(prepared).get("reference") or {}
+        _say(f"reference log-probs: cache {ref.get('cache')}, {ref.get('rows_scored', 0)} rows scored")
     feeds = building.result() if building is not None else {}
 
-    # 4. Train (a run already trained to its end has nothing to do).
+    # 4. Train (a run already trained to its end has nothing to do); the trackers follow metrics.jsonl.
     checkpoint = last
     if todo:
         datasets = _with_reference(cfg, feeds, plan, start, reference, collector)
-        checkpoint = _fit(cfg, run_dir, plan, datasets, tokenizer, hooks or TrainHooks())
+        datasets |= _heldout_feeds(cfg, run_dir, prepared, reference)  # held-out rows, evaluated every eval.every
+        with open_trackers(cfg, run_dir, start) as tracked:
+            checkpoint = _fit(cfg, run_dir, plan, datasets, tokenizer, hooks or TrainHooks())
+            tracked.adapter = os.path.join(checkpoint, CHECKPOINT_ADAPTER) if checkpoint else None
 
     # 5. Outputs: stream cache, quarantine, final adapter with tokenizer, report.
     if collector is not None:
@@ -125,6 +138,7 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
         shutil.rmtree(run_dir.adapter, ignore_errors=True)
         shutil.copytree(os.path.join(checkpoint, CHECKPOINT_ADAPTER), run_dir.adapter)
         tokenizer.save_pretrained(run_dir.adapter)
+        run_benchmarks(cfg, run_dir.path)  # eval.tasks with lm_eval, into {run_dir}/eval (the report shows them)
     return RunResult(
         run_dir=run_dir.path,
         adapter_dir=run_dir.adapter,
@@ -166,6 +180,11 @@ def target_fraction(cfg: Config, plan: Plan | None = None) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------------------
 # Steps of `run`.
+
+
+def _say(msg: str) -> None:
+    """One line per phase on stdout (a job's log), beside the CLI's one line per step."""
+    print(f"[uft-ray] {msg}", flush=True)
 
 
 def _auto_cpus_per_worker(num_workers: int) -> int:
@@ -213,16 +232,20 @@ def _prepare_key(cfg: Config) -> str:
 
 
 def _prepare(cfg: Config, run_dir: RunDir) -> str:
+    return _prepare_into(cfg, run_dir.prepared, run_dir.prepared_key)
+
+
+def _prepare_into(cfg: Config, out: str, key_path: str) -> str:
     from uft_ray.data.pipeline import prepare
 
     key = _prepare_key(cfg)
-    if prep.is_prepared(run_dir.prepared) and (storage.read_json(run_dir.prepared_key) or {}).get("key") == key:
-        logger.info("reusing prepared rows in %s", run_dir.prepared)
-        return run_dir.prepared
-    shutil.rmtree(run_dir.prepared, ignore_errors=True)
-    prepare(cfg, run_dir.prepared)
-    storage.write_json(run_dir.prepared_key, {"key": key})
-    return run_dir.prepared
+    if prep.is_prepared(out) and (storage.read_json(key_path) or {}).get("key") == key:
+        logger.info("reusing prepared rows in %s", out)
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    prepare(cfg, out)
+    storage.write_json(key_path, {"key": key})
+    return out
 
 
 def _reference(cfg: Config, prepared: str) -> tuple[dict[str, tuple] | None, Any]:
@@ -243,6 +266,11 @@ def _reference(cfg: Config, prepared: str) -> tuple[dict[str, tuple] | None, Any
 def _plan(cfg: Config, prepared: str, run_dir: RunDir) -> Plan:
     """Make the plan; a rerun must find the same one (else the checkpoints belong to another plan)."""
     rows = prep.read_rows(prepared, ["row_id", "source", "length", "rejected_length"])
+    if cfg.eval.holdout is not None:  # held-out rows never reach the plan (uft_ray.evaluation.heldout)
+        from uft_ray.evaluation.heldout import is_heldout
+
+        keep = [not is_heldout(r, cfg.eval.holdout, cfg.data.seed) for r in rows["row_id"].to_pylist()]
+        rows = rows.filter(keep)
     lengths = rows["length"].to_numpy(zero_copy_only=False)
     if "rejected_length" in rows.column_names and cfg.loss.type == "dpo":
         rejected = rows["rejected_length"].fill_null(0).to_numpy(zero_copy_only=False)
@@ -294,6 +322,7 @@ def _fit(
             "target_fraction": target_fraction(cfg, plan),
             "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             "hooks": hooks,
+            "heldout": any(name.startswith("eval_") for name in datasets),
         },
         scaling_config=ScalingConfig(
             num_workers=tr.num_workers,
@@ -305,6 +334,7 @@ def _fit(
             storage_path=run_dir.path,  # so checkpoints land in {run_dir}/checkpoints/checkpoint_{step}
             failure_config=FailureConfig(max_failures=tr.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            logging_config=train_logging(),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
@@ -366,6 +396,46 @@ def _with_reference(
             ds = stream_stage(ds, cfg, collector=collector)
         datasets[f"train_{rank}"] = ds
     return datasets
+
+
+def _heldout_feeds(cfg: Config, run_dir: RunDir, prepared: str, reference: dict[str, tuple] | None) -> dict[str, Any]:
+    """`eval_{rank}`: each rank's share of the held-out rows (uft_ray.evaluation.heldout), with their reference
+    log-probs from the same cache as the training rows; none without `eval.sources` / `eval.holdout`."""
+    if not cfg.eval.heldout:
+        return {}
+    from uft_ray.evaluation import heldout
+
+    if cfg.eval.sources:  # each source's own split, prepared like the training rows
+        eval_cfg = heldout.eval_prepare_config(cfg)
+        source_dir = _prepare_into(eval_cfg, run_dir.prepared_eval, run_dir.prepared_eval_key)
+        reference, _ = _reference(eval_cfg, source_dir)
+        row_ids = prep.read_rows(source_dir, ["row_id"]).column("row_id").to_pylist()
+    else:  # the seeded fraction the plan left out
+        source_dir = prepared
+        rows = prep.read_rows(prepared, ["row_id", "source"])
+        row_ids = heldout.holdout_rows(
+            rows["row_id"].to_pylist(), rows["source"].to_pylist(), cfg.eval.holdout, cfg.data.seed, cfg.eval.max_rows
+        )
+    logger.info("held-out rows: %d, evaluated every %s steps", len(row_ids), cfg.eval.every or "(end only)")
+    base = prep.rows_dataset(source_dir, list(TRAIN_COLUMNS))
+    feeds = {}
+    for rank in range(cfg.train.num_workers):
+        share = heldout.rank_share(row_ids, rank, cfg.train.num_workers)
+        ds = base.map_batches(
+            tag_rows,
+            fn_kwargs={"assignment": {rid: [(0, 0, 0, k)] for k, rid in enumerate(share)}},
+            batch_format="pyarrow",
+            batch_size=None,
+        )
+        if reference is not None:
+            ds = ds.map_batches(
+                join_reference,
+                fn_kwargs={"values": {rid: reference[rid] for rid in share}},
+                batch_format="pyarrow",
+                batch_size=None,
+            )
+        feeds[f"eval_{rank}"] = ds.materialize()
+    return feeds
 
 
 class _Materialize:

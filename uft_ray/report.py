@@ -27,7 +27,7 @@ from uft_ray import storage
 from uft_ray.data.prepared import SUMMARY, summary_path
 from uft_ray.run_dir import METRICS, RunDir
 
-PLOTS = ("loss", "reward", "mixture", "throughput", "optimization", "quarantine")
+PLOTS = ("loss", "reward", "mixture", "throughput", "optimization", "quarantine")  # + "heldout" after "reward"
 # method: hint_rft (its metrics: uft_ray.rft.loop)
 RFT_PLOTS = ("loss", "rollouts", "hints", "policy", "rollout_time", "throughput", "optimization", "quarantine")
 _RFT_PANELS: dict[str, list[tuple[str, list[tuple[str, str, str]]]]] = {
@@ -333,6 +333,38 @@ def plot_panels(rows, panels: list[tuple[str, list[tuple[str, str, str]]]]) -> b
     return _png(fig)
 
 
+def _heldout_panels(sources, colors) -> list[tuple[str, list[tuple[str, str, str]]]]:
+    def per(prefix: str) -> list[tuple[str, str, str]]:
+        return [(f"eval/{prefix}/{s}", s, colors[s]) for s in sources]
+
+    return [
+        ("Held-out loss", per("loss")),
+        ("Held-out reward r", per("reward")),
+        ("Held-out NLL per token (SFT rows)", per("nll")),
+        ("Held-out score MSE / pair accuracy",
+         [(f"eval/score_mse/{s}", f"{s} MSE", colors[s]) for s in sources]
+         + [(f"eval/pair_accuracy/{s}", f"{s} pair acc", colors[s]) for s in sources]),
+    ]  # fmt: skip
+
+
+def _benchmarks_table(run: RunDir) -> str:
+    """lm_eval results of `uft-ray eval` / `eval.tasks` (eval/summary.json), metric names as lm_eval reports them."""
+    summary = storage.read_json(run.eval_summary) or {}
+    tasks, failed = summary.get("tasks") or {}, summary.get("failed") or {}
+    if not tasks and not failed:
+        return ""
+    body = "".join(
+        f"<tr><td>{html.escape(t)}</td><td>{html.escape(m)}</td><td>{_fmt(v)}</td></tr>"
+        for t, ms in sorted(tasks.items())
+        for m, v in sorted(ms.items())
+    )
+    body += "".join(
+        f"<tr><td>{html.escape(t)}</td><td>failed</td><td>{html.escape(str(why))}</td></tr>"
+        for t, why in failed.items()
+    )
+    return f"<h2 id='benchmarks'>Benchmarks (lm_eval)</h2><table class='grid'><tr><th>task</th><th>metric</th><th>value</th></tr>{body}</table>"
+
+
 def plot_quarantine(counts: dict[tuple[str, str], int], colors) -> bytes:
     plt = _plt()
     reasons = sorted({r for r, _ in counts}, key=lambda r: -sum(n for (rr, _), n in counts.items() if rr == r))
@@ -508,6 +540,9 @@ _NOTES = {
     "waiting for data (both should stay low).",
     "optimization": "Learning-rate schedule, gradient norm, and the per-token divergence from the reference.",
     "quarantine": "Rows the data plane rejected, by reason (kept with their raw text under quarantine/).",
+    "heldout": "The run's loss, the implicit reward and the per-token NLL of SFT responses on rows no step "
+    "trains (eval.sources or eval.holdout), before the first step (step 0), every eval.every steps and at the end; "
+    "score MSE of sigmoid(r) against the target, and for pairs the share with r_chosen > r_rejected.",
     "rollouts": "Rewards of the training rollouts (1.0 correct, 0.1 formatted but wrong, 0 no answer), computed on "
     "hint + response; held-out accuracy of greedy rollouts without hints; mean generated length.",
     "hints": "The share of each reference solution revealed in the prompt (the cosine schedule, 0 after T_hint) "
@@ -551,6 +586,8 @@ def write_report(run_dir: str | os.PathLike) -> str:
     if rft:
         pngs |= {name: plot_panels(rows, panels) for name, panels in _RFT_PANELS.items()}
         del pngs["reward"], pngs["mixture"]
+    elif any(k.startswith("eval/") for r in rows for k in r):  # held-out metrics (uft_ray.evaluation.heldout)
+        pngs["heldout"] = plot_panels(rows, _heldout_panels(sources, colors))
     for name, data in pngs.items():
         storage.atomic_write(os.path.join(run.plots, f"{name}.png"), data)
 
@@ -561,6 +598,7 @@ def write_report(run_dir: str | os.PathLike) -> str:
         "throughput": "Throughput",
         "optimization": "Optimization",
         "quarantine": "Quarantine",
+        "heldout": "Held-out rows",
         "rollouts": "Rollouts and held-out accuracy",
         "hints": "Hints",
         "policy": "Policy",
@@ -584,12 +622,14 @@ def write_report(run_dir: str | os.PathLike) -> str:
         "</div></div>",
         _table(paths),
     ]
-    for name in RFT_PLOTS if rft else PLOTS:
+    order = RFT_PLOTS if rft else PLOTS[:2] + ("heldout",) * ("heldout" in pngs) + PLOTS[2:]
+    for name in order:
         b64 = base64.b64encode(pngs[name]).decode("ascii")
         parts.append(f"<h2 id='{name}'>{titles[name]}</h2><p class='note'>{html.escape(_NOTES[name])}</p>")
         parts.append(f"<img alt='{name}' src='data:image/png;base64,{b64}'>")
         if name == "quarantine":
             parts.append(_data_table(summary))
+    parts.append(_benchmarks_table(run))
     parts.append("</body></html>")
     storage.atomic_write(run.report, "\n".join(parts).encode())  # a reader never sees a half-written report
     return run.report

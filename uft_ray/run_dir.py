@@ -30,6 +30,8 @@ CONFIG = "config.yaml"
 PREPARED = "prepared"
 PROMPTS = "prompts"  # hint_rft: the task rows, train.parquet and eval.parquet
 PREPARED_KEY = "prepared.key.json"
+PREPARED_EVAL = "prepared_eval"  # eval.sources: the held-out splits, prepared like the training rows
+PREPARED_EVAL_KEY = "prepared_eval.key.json"
 PLAN = "plan.parquet"
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
@@ -79,6 +81,14 @@ class RunDir:
     @property
     def prepared_key(self) -> str:
         return self._p(PREPARED_KEY)
+
+    @property
+    def prepared_eval(self) -> str:
+        return self._p(PREPARED_EVAL)
+
+    @property
+    def prepared_eval_key(self) -> str:
+        return self._p(PREPARED_EVAL_KEY)
 
     @property
     def plan(self) -> str:

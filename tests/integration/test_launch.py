@@ -27,6 +27,7 @@ import pytest
 
 from uft_ray import api, cli
 from uft_ray.report import PLOTS
+from uft_ray.run_dir import RunDir
 
 pytestmark = pytest.mark.integration
 
@@ -144,8 +145,11 @@ def assert_adapter(run_dir: Path) -> None:
 
 
 def test_uft_ray_submit_cli_runs_the_demo(token_env: Head, tiny_assets: dict[str, str], tmp_path: Path) -> None:
+    """...with a readable log (no Ray Data progress bars: the demo's log was 140k lines of them) and TensorBoard
+    fed from the job's driver."""
     cmd = [sys.executable, "-m", "uft_ray", "submit", DEMO, "--address", token_env.address,
-           *demo_overrides(tiny_assets, tmp_path), "output.run_name=cli-demo", *SHORT]  # fmt: skip
+           *demo_overrides(tiny_assets, tmp_path), "output.run_name=cli-demo", *SHORT,
+           "logging.trackers=[tensorboard]"]  # fmt: skip
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT, env=os.environ.copy())
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
@@ -154,6 +158,18 @@ def test_uft_ray_submit_cli_runs_the_demo(token_env: Head, tiny_assets: dict[str
     assert "[uft-ray] step 1/" in r.stdout  # the per-step progress line, streamed from the job
     assert_adapter(tmp_path / "cli-demo")
     assert api.job(job_id, token_env.address).status() == "SUCCEEDED"
+    logs = api.job(job_id, token_env.address).logs()  # what `uft-ray logs JOB_ID` prints
+    assert len(logs.encode()) < 100_000, f"{len(logs.encode())} bytes, {logs.count(chr(10))} lines: {logs[-3000:]}"
+    assert all(f"[uft-ray] step {s}/3 " in logs for s in (1, 2, 3)), logs[-3000:]
+    assert "Running Dataset" not in logs and "row/s]" not in logs  # Ray Data's bars, driver- or worker-side
+    assert "[uft-ray] trackers: tensorboard" in logs
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "cli-demo" / "tensorboard"))
+    events.Reload()
+    rows = RunDir(tmp_path / "cli-demo").read_metrics()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(m["step"], pytest.approx(m["loss"])) for m in rows]
+    print(f"job log: {len(logs.encode())} bytes, {logs.count(chr(10))} lines")
     print(f"uft-ray submit demo: {time.monotonic() - t0:.0f} s")
 
 

@@ -32,12 +32,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from fixtures.eval_tasks import MC, write_local_tasks
 from fixtures.recorder import Recorder
 from safetensors.torch import load_file
 
 from uft_ray import driver
+from uft_ray.config import SourceConfig
+from uft_ray.data import prepared as prep
 from uft_ray.driver import RunResult
 from uft_ray.run_dir import read_metrics
+from uft_ray.train.plan import load_plan
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +57,8 @@ PER_SOURCE += ["mixture/{}/target", "mixture/{}/step", "mixture/{}/cumulative"]
 
 
 def metrics(run_dir: str) -> list[dict[str, Any]]:
-    return read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    """The optimizer steps' rows (a run with held-out rows also logs its baseline evaluation as step 0)."""
+    return [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["step"] > 0]
 
 
 def consumed(run_dir: str, rank: int) -> list[tuple[int, int, list[str]]]:
@@ -86,8 +91,14 @@ def planned(run_dir: str, rank: int) -> list[tuple[int, int, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def uft20(make_config, uft_prepared) -> RunResult:
-    cfg = make_config("uft20")
+def uft20(make_config, uft_prepared, tiny_assets) -> RunResult:
+    # Held-out rows from each source's own split, evaluated before the first step and every 10 (ZeRO-3: the
+    # evaluation's forwards are collectives too).
+    held_out = [
+        {"name": "ultrachat", "format": "ultrachat_200k", "path": tiny_assets["ultrachat_200k_test"]},
+        {"name": "helpsteer2", "format": "helpsteer2", "path": tiny_assets["helpsteer2_validation"]},
+    ]
+    cfg = make_config("uft20", eval={"sources": held_out, "every": 10, "max_rows": 5})
     return driver.run(cfg, prepared_dir=uft_prepared, hooks=Recorder(cfg.output.run_dir))
 
 
@@ -200,7 +211,13 @@ def _helpsteer2_run(make_config, tiny_assets, name: str, loss: str, kind: str, *
 
 @pytest.fixture(scope="module")
 def dpo(make_config, tiny_assets) -> RunResult:
-    return driver.run(_helpsteer2_run(make_config, tiny_assets, "dpo", "dpo", "pair"))
+    cfg = _helpsteer2_run(make_config, tiny_assets, "dpo", "dpo", "pair")
+    cfg.eval.sources = [SourceConfig("helpsteer2", "helpsteer2", tiny_assets["helpsteer2_validation"], kind="pair")]
+    cfg.eval.max_rows = 4
+    # and a benchmark after training: a local lm_eval task (tests/fixtures/eval_tasks.py), 4 docs
+    cfg.eval.tasks, cfg.eval.limit = [MC], 4
+    cfg.eval.include_path = str(write_local_tasks(Path(cfg.output.run_dir).parent / "lm-eval-tasks"))
+    return driver.run(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +228,10 @@ def dpo_accumulated(make_config, tiny_assets, dpo) -> RunResult:
 
 @pytest.fixture(scope="module")
 def una_bce(make_config, tiny_assets) -> RunResult:
-    return driver.run(_helpsteer2_run(make_config, tiny_assets, "una_bce", "una_bce", "score"))
+    cfg = _helpsteer2_run(make_config, tiny_assets, "una_bce", "una_bce", "score")
+    cfg.mixture.counts = {"helpsteer2": 12}
+    cfg.eval.holdout, cfg.eval.every = 0.25, 1  # a seeded share of the training source, evaluated every step
+    return driver.run(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -545,3 +565,58 @@ def test_sweep_runs_share_a_prepared_directory_at_once_with_the_numbers_of_runs_
     low, high = metrics(runs["sweep-0.1"].run_dir), metrics(runs["sweep-0.5"].run_dir)
     assert low[0]["loss"] == pytest.approx(high[0]["loss"], rel=1e-6)  # r == 0 at step 1: beta does not matter
     assert abs(low[-1]["loss"] - high[-1]["loss"]) > 1e-4  # and then it does: two different runs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Held-out metrics (uft_ray.evaluation.heldout)
+
+
+def test_heldout_metrics_start_at_zero_reward_and_the_sft_nll_falls(uft20):
+    rows = read_metrics(uft20.metrics_path)
+    evals = {r["step"]: r for r in rows if any(k.startswith("eval/") for k in r)}
+    assert sorted(evals) == [0, 10, 20]  # the baseline, every eval.every steps, the end
+    base = evals[0]
+    # policy == reference: r = 0 up to fp32 rounding between the cached reference forward and this one
+    assert abs(base["eval/reward/ultrachat"]) < 1e-6 and abs(base["eval/reward/helpsteer2"]) < 1e-6
+    # score_mse before the first update is mean((0.5 - s)^2) over the held-out HelpSteer2 rows (sigmoid(0) = 0.5)
+    held = prep.read_rows(os.path.join(uft20.run_dir, "prepared_eval"), ["source", "score", "row_id"]).to_pylist()
+    scores = [r["score"] for r in held if r["source"] == "helpsteer2"]
+    assert 0 < len(scores) <= 5
+    assert base["eval/score_mse/helpsteer2"] == pytest.approx(np.mean([(0.5 - s) ** 2 for s in scores]), rel=1e-5)
+    assert "eval/score_spearman/helpsteer2" not in base  # every prediction is 0.5: undefined, not logged
+    assert evals[20]["eval/nll/ultrachat"] < base["eval/nll/ultrachat"]
+    assert evals[20]["eval/reward/ultrachat"] > 0  # instruction rows' reward climbs on held-out rows too
+    assert {"eval/loss/ultrachat", "eval/loss/helpsteer2", "eval/score_spearman/helpsteer2"} <= set(evals[20])
+    planned = set(load_plan(uft20.plan_path).table.column("row_id").to_pylist())
+    assert not planned & {r["row_id"] for r in held}
+
+
+def test_heldout_pairs_start_with_no_wins(dpo):
+    base = read_metrics(dpo.metrics_path)[0]
+    assert base["step"] == 0
+    assert base["eval/pair_accuracy/helpsteer2"] == 0.0  # r_chosen == r_rejected == 0: a tie is not a win
+    assert abs(base["eval/margin/helpsteer2"]) < 1e-6 and abs(base["eval/reward/helpsteer2"]) < 1e-6
+    assert base["eval/loss/helpsteer2"] == pytest.approx(np.log(2), abs=1e-6)
+    assert "eval/pair_accuracy/helpsteer2" in read_metrics(dpo.metrics_path)[-1]
+
+
+def test_eval_tasks_run_on_the_final_adapter_and_reach_the_report(dpo):
+    summary = json.loads(Path(dpo.run_dir, "eval", "summary.json").read_text())
+    acc = summary["tasks"][MC]["acc,none"]
+    assert 0.0 <= acc <= 1.0 and summary["adapter"].startswith(dpo.run_dir)
+    report = Path(dpo.report_path).read_text()
+    assert "Benchmarks (lm_eval)" in report and MC in report
+    assert "alt='heldout'" in report  # the held-out plot
+
+
+def test_holdout_rows_never_reach_the_plan(una_bce):
+    from uft_ray.evaluation.heldout import holdout_rows
+
+    rows = prep.read_rows(os.path.join(una_bce.run_dir, "prepared"), ["row_id", "source", "score"]).to_pylist()
+    held = set(holdout_rows([r["row_id"] for r in rows], [r["source"] for r in rows], 0.25, 0, 256))
+    planned = set(load_plan(una_bce.plan_path).table.column("row_id").to_pylist())
+    assert held and planned and not held & planned
+    base = read_metrics(una_bce.metrics_path)[0]
+    scores = [r["score"] for r in rows if r["row_id"] in held]
+    assert base["eval/score_mse/helpsteer2"] == pytest.approx(np.mean([(0.5 - s) ** 2 for s in scores]), rel=1e-5)
+    assert [r["step"] for r in read_metrics(una_bce.metrics_path)] == [0, 1, 2]

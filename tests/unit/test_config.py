@@ -43,7 +43,7 @@ def test_base_is_valid(tmp_path: Path) -> None:
     ("overrides", "expected"),
     [
         # unknown key, with the allowed ones
-        (["modell.path=x"], "modell: unknown key; allowed: data, eval, lora, loss, method"),
+        (["modell.path=x"], "modell: unknown key; allowed: data, eval, logging, lora, loss, method"),
         (["train.learning_rate=1.0"], "train.learning_rate: unknown key; allowed:"),
         # wrong type
         (["lora.r=sixteen"], "lora.r: expected int, got 'sixteen'"),

@@ -18,7 +18,8 @@ from uft_ray.config import load_config
 from uft_ray.demo import demo_config_text
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "jobs" / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "jobs" / "configs").glob("*.yaml") if not p.name.startswith("compare_"))
+RECIPES = sorted((ROOT / "jobs" / "configs").glob("compare_*.yaml"))  # `uft-ray compare` recipes, not run configs
 # KubeRay's RayJob CRD schema, vendored with its source and license (tests/fixtures/kuberay/README.md).
 RAYJOB_SCHEMA = ROOT / "tests" / "fixtures" / "kuberay" / "ray.io_rayjobs.v1.schema.json"
 IMAGE_APP_DIR = "/home/ray/uft-ray"  # infra/Dockerfile's WORKDIR: where the repo sits in the image
@@ -258,3 +259,19 @@ def test_images_agree():
         images |= {c["image"] for c in g["template"]["spec"]["containers"]}
     assert images == {image}
     assert f"docker build -t {image} -f infra/Dockerfile ." in (ROOT / "infra/Dockerfile").read_text()
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_compare_recipes_load_with_every_arm_on_the_same_heldout_rows(path):
+    from uft_ray.compare import load_recipe
+
+    recipe = load_recipe(path, check_paths=False)
+    assert path.read_text().startswith("#") and f"uft-ray compare jobs/configs/{path.name}" in path.read_text()
+    arms = {a.name: a for a in recipe.arms}
+    assert set(arms) == {"sft", "uft", "sft-dpo", "sft-kto", "sft-una", "sft-uft"}
+    losses = {name: [c.loss.type for c in a.stages] for name, a in arms.items()}
+    assert losses["uft"] == ["uft"] and losses["sft-dpo"] == ["sft", "dpo"] and losses["sft-una"] == ["sft", "una_bce"]
+    # one SFT run shared by the SFT arm and every stage 1; the same held-out rows everywhere
+    assert {a.stages[0].output.run_name for n, a in arms.items() if n != "uft"} == {"sft"}
+    heldout = {repr(c.eval.sources) for a in recipe.arms for c in a.stages}
+    assert len(heldout) == 1 and len(recipe.arms[0].stages[0].eval.sources) == 3

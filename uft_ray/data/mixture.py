@@ -106,10 +106,13 @@ class Take:
         return self.cutoff is None or r <= self.cutoff
 
 
-def plan_take(source: str, ranks: np.ndarray, quota: int, *, complete: bool, allow_upsample: bool) -> Take | None:
+def plan_take(
+    source: str, ranks: np.ndarray, quota: int, *, complete: bool, allow_upsample: bool, at_most: bool = False
+) -> Take | None:
     """The selection for one source, from the (unique) ranks of its valid rows found so far.
 
     `complete`: the ranks cover the whole source. Returns None when more of the source must be tokenized.
+    `at_most`: the quota is a cap; a source with fewer valid rows gives them all.
     """
     ranks = np.asarray(ranks, dtype=np.uint64)
     n = len(ranks)
@@ -119,6 +122,8 @@ def plan_take(source: str, ranks: np.ndarray, quota: int, *, complete: bool, all
         return Take(cutoff=int(np.partition(ranks, quota - 1)[quota - 1]))
     if not complete:
         return None
+    if at_most:
+        return Take(cutoff=int(ranks.max()) if n else -1)
     if not allow_upsample:
         raise MixtureError(shortfall_message(source, n, quota))
     if n == 0:

@@ -461,7 +461,7 @@ def _normalize_pass(
         counts["normalized"][st["source"]] += st["normalized"]
     for s in active:
         n = counts["normalized"][s.name]
-        if n < quota[s.name] and not cfg.mixture.allow_upsample:
+        if n < quota[s.name] and not (cfg.mixture.allow_upsample or cfg.mixture.at_most):
             stage = "(after normalization; tokenization can only drop more)"
             raise MixtureError(mixture.shortfall_message(s.name, n, quota[s.name], stage=stage))
     return counts
@@ -517,6 +517,7 @@ def _band_passes(
                 quota[s],
                 complete=ends[s] >= RANK_SPACE,
                 allow_upsample=cfg.mixture.allow_upsample,
+                at_most=cfg.mixture.at_most,
             )
             if take is not None:
                 found.takes[s] = take

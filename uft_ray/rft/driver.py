@@ -17,7 +17,7 @@ from typing import Any
 
 from uft_ray import storage
 from uft_ray.config import Config
-from uft_ray.ray_utils import init_ray
+from uft_ray.ray_utils import init_ray, train_logging
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, RunDir, read_state
 from uft_ray.train.hooks import TrainHooks
 from uft_ray.train.plan import Plan, read_plan_summary
@@ -31,11 +31,15 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> Any:
 
     from uft_ray.driver import RunResult, _last_checkpoint, _local_cpus, _Materialize, _with_worker_cpus, _write_report
     from uft_ray.rft.prompts import make_rft_plan, rank_feeds, read_prompts, write_prompts
+    from uft_ray.trackers import open_trackers
 
     run_dir = RunDir(cfg.output.run_dir)
     os.makedirs(run_dir.path, exist_ok=True)
     storage.atomic_write(run_dir.config, cfg.to_yaml().encode())
     logger.info("uft-ray hint_rft run %s, resolved config:\n%s", run_dir.path, cfg.to_yaml())
+    from uft_ray.evaluation.heldout import check_benchmarks, run_benchmarks
+
+    check_benchmarks(cfg)  # an unknown eval.tasks name fails now, not after training
     init_ray(cfg.ray, num_cpus=_local_cpus(cfg))
     cfg = _with_worker_cpus(cfg)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision)
@@ -60,7 +64,9 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> Any:
         actors = start_rollout_actors(cfg, tokenizer)
         feeds = building.result()
         try:
-            checkpoint = _fit(cfg, run_dir, plan, feeds, actors, tokenizer, hooks or TrainHooks())
+            with open_trackers(cfg, run_dir, start) as tracked:  # fed from metrics.jsonl while training
+                checkpoint = _fit(cfg, run_dir, plan, feeds, actors, tokenizer, hooks or TrainHooks())
+                tracked.adapter = os.path.join(checkpoint, CHECKPOINT_ADAPTER) if checkpoint else None
         finally:
             import ray
 
@@ -72,6 +78,7 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> Any:
         shutil.rmtree(run_dir.adapter, ignore_errors=True)
         shutil.copytree(os.path.join(checkpoint, CHECKPOINT_ADAPTER), run_dir.adapter)
         tokenizer.save_pretrained(run_dir.adapter)
+        run_benchmarks(cfg, run_dir.path)  # eval.tasks with lm_eval, into {run_dir}/eval
     return RunResult(
         run_dir=run_dir.path,
         adapter_dir=run_dir.adapter,
@@ -189,6 +196,7 @@ def _fit(
             storage_path=run_dir.path,
             failure_config=FailureConfig(max_failures=tr.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            logging_config=train_logging(),
         ),
         datasets=feeds,
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),

@@ -75,6 +75,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.load(ckpt)
     if rank == 0:
         run.truncate_metrics(keep_through=start)
+    heldout = ray.train.get_dataset_shard(f"eval_{rank}") if config.get("heldout") else None
+    if heldout is not None and start == 0:  # the baseline: the policy is still the reference (r = 0)
+        baseline = {"step": 0, "time": time.time(), **evaluate_heldout(engine, cfg, heldout, config["pad_id"], world)}
+        if rank == 0:
+            run.append_metrics(baseline)
     hooks.on_start(engine, rank=rank, start_step=start)
 
     engine.train()
@@ -107,6 +112,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["consumed"][source] = state["consumed"].get(source, 0) + n
         state["step"] = step + 1
         row = _metrics_row(record, state, config, step, step_time, world * ga, engine.grad_norm)
+        every = cfg.eval.every
+        if heldout is not None and ((every and (step + 1) % every == 0) or step + 1 == total_steps):
+            row.update(evaluate_heldout(engine, cfg, heldout, config["pad_id"], world))
         if rank == 0:
             run.append_metrics(row)
 
@@ -295,6 +303,66 @@ def micro_batch_loss(
         )  # fmt: skip
     loss_fn = uft_loss if loss_type == "uft" else una_bce_loss
     return loss_fn(policy, ref, score, beta, weight=weight, n_tokens=n_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Held-out evaluation (uft_ray.evaluation.heldout).
+
+
+def evaluate_heldout(engine: Engine, cfg: Config, shard: Any, pad_id: int, world: int) -> dict[str, float]:
+    """The held-out metrics of every rank's share (no grad, dropout off), whatever the run's loss: pair rows are
+    scored as pairs, the others as single responses. The reference is the cache's (joined into the rows) when
+    the run has one, else the policy with its adapter off (an `sft` run: r against the base). Every rank runs
+    the same number of forwards (a ZeRO-3 forward gathers parameters from all ranks): fewer rows, empty ones."""
+    from uft_ray.evaluation import heldout
+
+    device = ray.train.torch.get_device()
+    cached = cfg.needs_reference and cfg.reference.mode == "actor"
+    parts = []  # (rows of one kind, whether they are pairs)
+    for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
+        is_pair = np.asarray([str(k) == "pair" for k in batch["kind"]])
+        for flag in (False, True):
+            if is_pair[is_pair == flag].size:
+                parts.append(({k: v[is_pair == flag] for k, v in batch.items()}, flag))
+    count = torch.tensor([len(parts)], dtype=torch.int64, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    records: list[dict[str, Any]] = []
+    engine.train(False)
+    with torch.no_grad():
+        for i in range(int(count)):
+            if i >= len(parts):  # an empty forward (and reference forward), to keep the collectives in step
+                ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
+                model_sequence_logprobs(engine.module, ids, torch.ones_like(ids), torch.zeros_like(ids))
+                if not cached:
+                    adapter_off_logprobs(engine.peft_model, ids, torch.ones_like(ids), torch.zeros_like(ids))
+                continue
+            batch, pairs = parts[i]
+            t = collate(batch, pad_id, device, pairs=pairs)
+            ids, attention, mask = t["input_ids"], t["attention_mask"], t["loss_mask"]
+            policy, n_tokens = model_sequence_logprobs(engine.module, ids, attention, mask)
+            if cached:
+                columns = [REF_LOGP, REF_LOGP_REJECTED] if pairs else [REF_LOGP]
+                ref = torch.as_tensor(np.concatenate([batch[c] for c in columns]).astype(np.float64))
+            else:
+                ref, _ = adapter_off_logprobs(engine.peft_model, ids, attention, mask)
+            n = len(batch["row_id"])
+            for j in range(n):
+                rec = {
+                    "source": str(batch["source"][j]),
+                    "kind": str(batch["kind"][j]),
+                    "score": float(batch["score"][j]),
+                    "policy": float(policy[j]),
+                    "ref": float(ref[j]),
+                    "n_tokens": int(n_tokens[j]),
+                }
+                if pairs:
+                    rec |= {"policy_rejected": float(policy[n + j]), "ref_rejected": float(ref[n + j]),
+                            "n_tokens_rejected": int(n_tokens[n + j])}  # fmt: skip
+                records.append(rec)
+    engine.train(True)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, records)
+    return heldout.metrics([r for g in gathered for r in g], cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
