@@ -114,7 +114,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         row = _metrics_row(record, state, config, step, step_time, world * ga, engine.grad_norm)
         every = cfg.eval.every
         if heldout is not None and ((every and (step + 1) % every == 0) or step + 1 == total_steps):
+            t_eval = time.perf_counter()
             row.update(evaluate_heldout(engine, cfg, heldout, config["pad_id"], world))
+            row["time/eval_s"] = time.perf_counter() - t_eval  # not part of step_time_s
         if rank == 0:
             run.append_metrics(row)
 
