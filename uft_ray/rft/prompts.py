@@ -50,11 +50,6 @@ def schedule(cfg: Config) -> HintSchedule:
     return HintSchedule(h.mode, h.p_low, h.p_high, h.t_hint, h.max_buckets, seed=cfg.train.seed)
 
 
-def verifier_spec(cfg: Config) -> str:
-    """A built-in task's name, or the generic task's `module:function`."""
-    return cfg.rft.task
-
-
 def _files(path: str) -> list[str]:
     path = os.path.expanduser(path)
     if os.path.isdir(path):

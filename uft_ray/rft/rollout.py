@@ -293,8 +293,3 @@ class RolloutPool:
 
         ref = ray.put(state)
         return ray.get([a.load_adapter.remote(ref, version) for a in self.actors])
-
-    def digests(self) -> list[str]:
-        import ray
-
-        return ray.get([a.digest.remote() for a in self.actors])
