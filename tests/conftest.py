@@ -6,6 +6,9 @@
   UFT_TEST_ASSETS to put them elsewhere.
 - `ray_local`: `ray.init(num_cpus=4)` once per session (reused if a test module started Ray already), shut down
   at the end. Integration tests use it and are marked `pytest.mark.integration`.
+- `s3_server`: a real S3 API server on 127.0.0.1 (moto, tests/fixtures/s3_server.py) for the session, its
+  endpoint and keys in the environment before Ray starts (so Ray's workers see them too); `s3_bucket`: a fresh
+  bucket on it per test, as `s3://name`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,23 @@ def tiny_assets(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 
 @pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    from fixtures.s3_server import S3Server, apply_env, restore_env
+
+    server = S3Server(str(tmp_path_factory.mktemp("moto") / "moto.log"))
+    old = apply_env(server.env)
+    yield server
+    restore_env(old)
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: object) -> str:
+    return s3_server.new_bucket()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server: object) -> Iterator[None]:
     """A local Ray with 4 logical CPUs for the whole session (small: the test machine has 2 cores)."""
     import ray
     from ray.data import DataContext

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from uft_ray import storage
 from uft_ray.config import Config, ConfigError, load_config
 from uft_ray.demo import DEMO_ROOT, demo_config_text, demo_overrides
 from uft_ray.evaluation.presets import PRESETS
@@ -123,7 +124,7 @@ class _Progress:
         return max((m.get("step", 0) for m in self.run.read_metrics()), default=0)
 
     def _total(self) -> int | None:
-        if self.total is None and os.path.exists(self.run.plan):
+        if self.total is None and storage.is_file(self.run.plan):
             try:
                 from uft_ray.train.plan import read_plan_summary
 
@@ -279,7 +280,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from uft_ray.data.prepared import read_summary
     from uft_ray.ray_utils import init_ray
 
-    out = os.path.abspath(os.path.expanduser(args.out))
+    out = args.out if storage.is_remote(args.out) else os.path.abspath(os.path.expanduser(args.out))
     try:
         init_ray(cfg.ray)
         summary = prepare(cfg, out)
@@ -338,10 +339,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from uft_ray.report import write_report
 
-    if not os.path.isdir(args.run_dir):
+    if not storage.is_dir(args.run_dir):
         _err(f"{args.run_dir}: not a directory (give a run directory: {{output.storage_path}}/{{output.run_name}})")
         return EXIT_USAGE
-    if not os.path.isfile(RunDir(args.run_dir).metrics):
+    if not storage.is_file(RunDir(args.run_dir).metrics):
         _err(f"warning: {args.run_dir} has no metrics yet; the report will have empty plots")
     print(write_report(args.run_dir))
     return EXIT_OK

@@ -253,6 +253,9 @@ class OutputConfig:
 
     @property
     def run_dir(self) -> str:
+        """`{storage_path}/{run_name}`: a URI as given for object storage, else an absolute local path."""
+        if is_remote(self.storage_path):
+            return self.storage_path.rstrip("/") + "/" + self.run_name
         return os.path.join(os.path.abspath(os.path.expanduser(self.storage_path)), self.run_name)
 
 

@@ -22,19 +22,21 @@ appends the scorer after the sort, so reference forwards run only for rows that 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from typing import Any
 
 from uft_ray import storage
 from uft_ray.config import Config, ConfigError, validate
 from uft_ray.data import prepared as prep
+from uft_ray.model_store import local_model
 from uft_ray.ray_utils import init_ray, train_logging
+from uft_ray.resources import check_cluster
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, QUARANTINE_COUNTS, RunDir, read_state
 from uft_ray.trackers import open_trackers
 from uft_ray.train.hooks import TrainHooks
@@ -85,7 +87,7 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
     from transformers import AutoTokenizer
 
     run_dir = RunDir(cfg.output.run_dir)
-    os.makedirs(run_dir.path, exist_ok=True)
+    storage.makedirs(run_dir.path)
     storage.atomic_write(run_dir.config, cfg.to_yaml().encode())
     logger.info("uft-ray run %s, resolved config:\n%s", run_dir.path, cfg.to_yaml())
     from uft_ray.evaluation.heldout import check_benchmarks, run_benchmarks
@@ -93,7 +95,8 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
     check_benchmarks(cfg)  # an unknown eval.tasks name fails now, not after training
     init_ray(cfg.ray, num_cpus=_local_cpus(cfg))
     cfg = _with_worker_cpus(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision)
+    check_cluster(cfg)  # a cluster that can never hold the run fails now, not in a silent hang
+    tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
 
     # 1. Data plane (reused when already prepared for this data config).
     prepared = prepared_dir or _prepare(cfg, run_dir)
@@ -119,26 +122,27 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
         _say(f"reference log-probs: cache {ref.get('cache')}, {ref.get('rows_scored', 0)} rows scored")
     feeds = building.result() if building is not None else {}
 
-    # 4. Train (a run already trained to its end has nothing to do); the trackers follow metrics.jsonl.
+    # 4. Train (a run already trained to its end has nothing to do), then the final adapter with its tokenizer and
+    # the benchmarks (eval.tasks with lm_eval, into {run_dir}/eval); the trackers follow metrics.jsonl and get the
+    # benchmark results and the adapter before they close.
     checkpoint = last
-    if todo:
-        datasets = _with_reference(cfg, feeds, plan, start, reference, collector)
-        datasets |= _heldout_feeds(cfg, run_dir, prepared, reference)  # held-out rows, evaluated every eval.every
-        with open_trackers(cfg, run_dir, start) as tracked:
+    with open_trackers(cfg, run_dir, start) if todo else contextlib.nullcontext() as tracked:
+        if todo:
+            datasets = _with_reference(cfg, feeds, plan, start, reference, collector)
+            datasets |= _heldout_feeds(cfg, run_dir, prepared, reference)  # held-out rows, every eval.every steps
             checkpoint = _fit(cfg, run_dir, plan, datasets, tokenizer, hooks or TrainHooks())
-            tracked.adapter = os.path.join(checkpoint, CHECKPOINT_ADAPTER) if checkpoint else None
+        if checkpoint:
+            write_adapter(checkpoint, run_dir, tokenizer)
+            run_benchmarks(cfg, run_dir.path)
+            if tracked is not None:
+                tracked.adapter = run_dir.adapter
 
-    # 5. Outputs: stream cache, quarantine, final adapter with tokenizer, report.
+    # 5. Outputs: stream cache, quarantine, report.
     if collector is not None:
         from uft_ray.reference.service import publish_stream_cache
 
         publish_stream_cache(cfg, prepared, collector)
     _copy_quarantine(prepared, run_dir)
-    if checkpoint:
-        shutil.rmtree(run_dir.adapter, ignore_errors=True)
-        shutil.copytree(os.path.join(checkpoint, CHECKPOINT_ADAPTER), run_dir.adapter)
-        tokenizer.save_pretrained(run_dir.adapter)
-        run_benchmarks(cfg, run_dir.path)  # eval.tasks with lm_eval, into {run_dir}/eval (the report shows them)
     return RunResult(
         run_dir=run_dir.path,
         adapter_dir=run_dir.adapter,
@@ -242,7 +246,7 @@ def _prepare_into(cfg: Config, out: str, key_path: str) -> str:
     if prep.is_prepared(out) and (storage.read_json(key_path) or {}).get("key") == key:
         logger.info("reusing prepared rows in %s", out)
         return out
-    shutil.rmtree(out, ignore_errors=True)
+    storage.remove_tree(out)
     prepare(cfg, out)
     storage.write_json(key_path, {"key": key})
     return out
@@ -288,7 +292,7 @@ def _plan(cfg: Config, prepared: str, run_dir: RunDir) -> Plan:
         max_steps=tr.max_steps,
         group_by_length=tr.group_by_length,
     )
-    if os.path.exists(run_dir.plan) and _last_checkpoint(run_dir):
+    if storage.is_file(run_dir.plan) and _last_checkpoint(run_dir):
         saved = load_plan(run_dir.plan)
         if saved.summary.fingerprint != plan.summary.fingerprint:
             raise ConfigError(
@@ -331,7 +335,9 @@ def _fit(
         ),
         run_config=RunConfig(
             name=CHECKPOINTS,
-            storage_path=run_dir.path,  # so checkpoints land in {run_dir}/checkpoints/checkpoint_{step}
+            # Checkpoints land in {run_dir}/checkpoints/checkpoint_{step}; Ray Train uploads them when the run
+            # directory is in object storage (the workers' nodes share no disk).
+            storage_path=run_dir.path,
             failure_config=FailureConfig(max_failures=tr.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=None),
             logging_config=train_logging(),
@@ -340,7 +346,7 @@ def _fit(
         dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
-    return result.checkpoint.path if result.checkpoint is not None else None
+    return storage.as_uri(run_dir.path, result.checkpoint.path) if result.checkpoint is not None else None
 
 
 def _rank_feeds(cfg: Config, prepared: str, plan: Plan, start: int) -> dict[str, Any]:
@@ -471,9 +477,8 @@ class _Materialize:
 
 def _last_checkpoint(run_dir: RunDir) -> str | None:
     """The last checkpoint Ray Train committed for this run (what a rerun resumes from), or None."""
-    import glob
-
-    if not glob.glob(os.path.join(run_dir.checkpoints, "checkpoint_*")):
+    _, files = storage.list_files(run_dir.checkpoints)
+    if not any("/checkpoint_" in f for f in files):
         return None
     from ray.train import Result
 
@@ -482,16 +487,23 @@ def _last_checkpoint(run_dir: RunDir) -> str | None:
     except Exception as e:  # no snapshot yet: Ray Train would start from scratch too
         logger.info("no committed checkpoint in %s (%s)", run_dir.checkpoints, e)
         return None
-    return result.checkpoint.path if result.checkpoint is not None else None
+    return storage.as_uri(run_dir.path, result.checkpoint.path) if result.checkpoint is not None else None
+
+
+def write_adapter(checkpoint: str, run_dir: RunDir, tokenizer: Any) -> None:
+    """`{run_dir}/adapter`: the checkpoint's LoRA adapter with the tokenizer (peft's loadable layout)."""
+    with storage.local_dir(run_dir.adapter) as out:
+        storage.copy_tree(storage.join(checkpoint, CHECKPOINT_ADAPTER), out)
+        tokenizer.save_pretrained(out)
 
 
 def _copy_quarantine(prepared: str, run_dir: RunDir) -> None:
     src = prep.quarantine_dir(prepared)
-    shutil.rmtree(run_dir.quarantine, ignore_errors=True)
-    if os.path.isdir(src):
-        shutil.copytree(src, run_dir.quarantine)
+    if storage.is_dir(src):
+        storage.copy_tree(src, run_dir.quarantine)
     else:
-        os.makedirs(run_dir.quarantine)
+        storage.remove_tree(run_dir.quarantine)
+        storage.makedirs(run_dir.quarantine)
     counts = (storage.read_json(prep.summary_path(prepared)) or {}).get("quarantine", {})
     storage.write_json(os.path.join(run_dir.quarantine, QUARANTINE_COUNTS), counts, sort_keys=True)
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import glob
 import html
 import io
 import math
@@ -93,7 +92,7 @@ def _ema(ys: list[float], n: int) -> list[float]:
 
 def _load_summary(run: RunDir) -> dict[str, Any] | None:
     """The data plane's summary: beside the run's files, else its own prepared directory's."""
-    for path in (os.path.join(run.path, SUMMARY), summary_path(run.prepared)):
+    for path in (storage.join(run.path, SUMMARY), summary_path(run.prepared)):
         summary = storage.read_json(path)
         if summary is not None:
             return summary
@@ -102,7 +101,7 @@ def _load_summary(run: RunDir) -> dict[str, Any] | None:
 
 def _quarantine_counts(run: RunDir, summary: dict[str, Any] | None) -> dict[tuple[str, str], int]:
     """Counts by (reason, source): from the run's quarantine parquet files when present, else the summary."""
-    files = sorted(glob.glob(os.path.join(run.quarantine, "*.parquet")))
+    files = [storage.as_uri(run.quarantine, f) for f in storage.list_files(run.quarantine, ".parquet")[1]]
     counts: dict[tuple[str, str], int] = defaultdict(int)
     if files:
         try:
@@ -121,12 +120,8 @@ def _quarantine_counts(run: RunDir, summary: dict[str, Any] | None) -> dict[tupl
 
 
 def _load_config(run: RunDir) -> dict[str, Any]:
-    p = run.config
-    if not os.path.isfile(p):
-        return {}
     try:
-        with open(p) as f:
-            return yaml.safe_load(f) or {}
+        return yaml.safe_load(storage.read_bytes(run.config)) or {}
     except (OSError, yaml.YAMLError):
         return {}
 
@@ -556,8 +551,9 @@ _NOTES = {
 
 def write_report(run_dir: str | os.PathLike) -> str:
     """Build `{run_dir}/report.html` (and `plots/*.png`) from the run's files; returns the HTML path."""
-    run_dir = os.path.abspath(os.fspath(run_dir))
-    if not os.path.isdir(run_dir):
+    run_dir = os.fspath(run_dir)
+    run_dir = run_dir if storage.is_remote(run_dir) else os.path.abspath(run_dir)
+    if not storage.is_dir(run_dir):
         raise FileNotFoundError(f"run directory {run_dir!r} does not exist")
     run = RunDir(run_dir)
     rows = run.read_metrics()
@@ -589,7 +585,7 @@ def write_report(run_dir: str | os.PathLike) -> str:
     elif any(k.startswith("eval/") for r in rows for k in r):  # held-out metrics (uft_ray.evaluation.heldout)
         pngs["heldout"] = plot_panels(rows, _heldout_panels(sources, colors))
     for name, data in pngs.items():
-        storage.atomic_write(os.path.join(run.plots, f"{name}.png"), data)
+        storage.atomic_write(storage.join(run.plots, f"{name}.png"), data)
 
     titles = {
         "loss": "Loss",
@@ -606,7 +602,7 @@ def write_report(run_dir: str | os.PathLike) -> str:
     }
     run_name = (cfg.get("output") or {}).get("run_name") or os.path.basename(run_dir)
     paths = [("run directory", run_dir), ("metrics", run.metrics)]
-    if os.path.isdir(run.adapter):
+    if storage.is_dir(run.adapter):
         paths.insert(1, ("adapter (peft)", run.adapter))
     built = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [

@@ -12,6 +12,10 @@ The one module that knows what a run writes and where (DESIGN.md "A run's output
     report.html, plots/  the report (uft_ray.report)
     eval/                benchmark results (uft_ray.evaluation): lm_eval's JSON per task + summary.json
 
+The run directory is a local path or an object-store URI (`output.storage_path: s3://bucket/runs`); every path
+here is built with `storage.join` and every read and write goes through `uft_ray.storage`, so one code path
+serves both. An object store has no append: `append_jsonl` rewrites the whole (small) file there.
+
 `metrics.jsonl` has one appender (`append_metrics`, rank 0 of the worker loop), one truncation on resume
 (`truncate_metrics`: lines after the checkpoint we resume from were written by a failed attempt), and one
 reader (`read_metrics`), which every consumer uses: the driver, the CLI's progress lines, the report, the tests.
@@ -64,7 +68,7 @@ class RunDir:
         return f"RunDir({self.path!r})"
 
     def _p(self, name: str) -> str:
-        return os.path.join(self.path, name)
+        return storage.join(self.path, name)
 
     @property
     def config(self) -> str:
@@ -99,7 +103,7 @@ class RunDir:
         return self._p(CHECKPOINTS)
 
     def checkpoint(self, step: int) -> str:
-        return os.path.join(self.checkpoints, checkpoint_name(step))
+        return storage.join(self.checkpoints, checkpoint_name(step))
 
     @property
     def adapter(self) -> str:
@@ -127,7 +131,7 @@ class RunDir:
 
     @property
     def eval_summary(self) -> str:
-        return os.path.join(self.eval, EVAL_SUMMARY)
+        return storage.join(self.eval, EVAL_SUMMARY)
 
     # metrics.jsonl -------------------------------------------------------------------------------------
 
@@ -148,15 +152,23 @@ class RunDir:
 
 
 def append_jsonl(path: str, row: dict[str, Any]) -> None:
-    """Append one JSON line. One write call per line, so a reader sees whole lines."""
+    """Append one JSON line. Locally one write call per line, so a reader sees whole lines; on an object store
+    the file is rewritten whole (one put: a reader sees the old file or the new)."""
+    line = json.dumps(row) + "\n"
+    if storage.is_remote(path):
+        old = storage.read_bytes(path) if storage.is_file(path) else b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+        storage.atomic_write(path, old + line.encode())
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(line)
 
 
 def truncate_jsonl(path: str, keep_through: int) -> None:
     """Keep the lines whose `step` is at most `keep_through` (torn lines dropped), atomically."""
-    if not os.path.exists(path):
+    if not storage.is_file(path):
         return
     kept = [r for r in _parse_lines(path) if r.get("step", 0) <= keep_through]
     storage.atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
@@ -164,31 +176,34 @@ def truncate_jsonl(path: str, keep_through: int) -> None:
 
 def _parse_lines(path: str) -> list[dict[str, Any]]:
     rows = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a torn last line: a run killed mid-write, or a line being written now
-                continue
+    for line in storage.read_bytes(path).decode(errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a torn last line: a run killed mid-write, or a line being written now
+            continue
     return rows
 
 
 def read_metrics(path: str) -> list[dict[str, Any]]:
     """The rows of a metrics.jsonl in step order, the last record of each step; torn lines are skipped."""
-    if not os.path.exists(path):
+    try:
+        rows = _parse_lines(path)
+    except (FileNotFoundError, OSError):  # absent (not started yet), or being replaced
         return []
-    by_step = {r.get("step"): r for r in _parse_lines(path)}
+    by_step = {r.get("step"): r for r in rows}
     return [by_step[k] for k in sorted(by_step, key=lambda s: (s is None, s))]
 
 
 def read_state(checkpoint_dir: str) -> dict[str, Any]:
     """A checkpoint's driver state (`state.json`)."""
-    with open(os.path.join(checkpoint_dir, STATE)) as f:
-        return json.load(f)
+    state = storage.read_json(storage.join(checkpoint_dir, STATE))
+    if state is None:
+        raise FileNotFoundError(f"{checkpoint_dir}: no readable {STATE}")
+    return state
 
 
 def write_state(checkpoint_dir: str, state: dict[str, Any]) -> None:
-    storage.write_json(os.path.join(checkpoint_dir, STATE), state)
+    storage.write_json(storage.join(checkpoint_dir, STATE), state)

@@ -6,17 +6,26 @@ through `atomic_write`: locally the bytes go to a dot-named temporary beside the
 fsynced, then renamed over it, so a crash leaves the old file or the new one; on object stores a single put is
 already atomic. Listings skip dot files, so temporaries are never read as data.
 
+Object stores have no rename and no append. Directories are trees copied whole (`copy_tree`, `upload_dir`,
+`download_dir`); a directory a reader must trust whole (the reference cache) is published by writing its parts
+and then a manifest last (uft_ray.reference.cache); an appended file (metrics.jsonl) is rewritten whole on each
+append (uft_ray.run_dir). Endpoint and credentials come from the standard environment (`AWS_ENDPOINT_URL`,
+`AWS_ACCESS_KEY_ID`, ..., or the node's role), never from configs.
+
 Importable without pyarrow's filesystems loaded: they are imported on first use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
+import shutil
+import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -148,3 +157,91 @@ def read_json(uri: str, default: Any = None) -> Any:
             return json.loads(f.read().decode())
     except (OSError, ValueError):
         return default
+
+
+def exists(uri: str) -> bool:
+    """Whether a file or a directory (on object stores: any key under the prefix) is at `uri`."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_file(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
+def is_dir(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem_for(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem_for(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def remove_tree(uri: str) -> None:
+    """Delete the directory (or file) at `uri` and everything under it; nothing there is not an error."""
+    import pyarrow.fs as pafs
+
+    fs, path = filesystem_for(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def copy_tree(src: str, dst: str) -> None:
+    """Copy the directory `src` to `dst` (either side local or a URI), replacing what was at `dst`."""
+    import pyarrow.fs as pafs
+
+    remove_tree(dst)
+    src_fs, src_path = filesystem_for(src)
+    dst_fs, dst_path = filesystem_for(dst)
+    dst_fs.create_dir(dst_path, recursive=True)
+    if isinstance(src_fs, pafs.LocalFileSystem) and isinstance(dst_fs, pafs.LocalFileSystem):
+        shutil.copytree(src_path, dst_path, dirs_exist_ok=True)
+        return
+    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+@contextlib.contextmanager
+def local_dir(uri: str) -> Iterator[str]:
+    """A local directory to write the tree that belongs at `uri`: `uri` itself when it is local (emptied first),
+    else a temporary directory uploaded to `uri` (replacing what was there) when the block ends without error.
+
+    For writers that only know local paths (`save_pretrained`, lm_eval's output, matplotlib).
+    """
+    if not is_remote(uri):
+        path = filesystem_for(uri)[1]
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="uft-ray-upload-") as tmp:
+        yield tmp
+        copy_tree(tmp, uri)
+
+
+@contextlib.contextmanager
+def local_copy(uri: str) -> Iterator[str]:
+    """The directory at `uri` as a local path for the block: itself when local, else a temporary download."""
+    if not is_remote(uri):
+        yield filesystem_for(uri)[1]
+        return
+    with tempfile.TemporaryDirectory(prefix="uft-ray-download-") as tmp:
+        copy_tree(uri, tmp)
+        yield tmp

@@ -31,11 +31,14 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from uft_ray import storage
 from uft_ray.run_dir import RunDir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -179,11 +182,14 @@ class _TensorBoard:
         from torch.utils.tensorboard import SummaryWriter
 
         d = cfg.logging.tensorboard_dir
-        self.dir = (
-            os.path.join(os.path.expanduser(d), cfg.output.run_name)
-            if d
-            else os.path.join(run_dir.path, "tensorboard")
-        )
+        self.upload_to = None
+        if d:
+            self.dir = os.path.join(os.path.expanduser(d), cfg.output.run_name)
+        elif storage.is_remote(run_dir.path):  # the writer writes local files: staged here, uploaded at close
+            self.upload_to = storage.join(run_dir.path, "tensorboard")
+            self.dir = tempfile.mkdtemp(prefix="uft-ray-tensorboard-")
+        else:
+            self.dir = os.path.join(run_dir.path, "tensorboard")
         # purge_step=1: this run writes the whole history again, so TensorBoard hides the events of older files.
         self.writer = SummaryWriter(self.dir, purge_step=1)
         text = cfg.to_yaml()
@@ -200,6 +206,9 @@ class _TensorBoard:
 
     def close(self, ok: bool) -> None:
         self.writer.close()
+        if self.upload_to:
+            storage.copy_tree(self.dir, self.upload_to)
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 _CLASSES = {"wandb": _Wandb, "mlflow": _Mlflow, "tensorboard": _TensorBoard}
@@ -255,16 +264,16 @@ class Tracked:
         self._stop.set()
         self._thread.join(timeout=60)
         self.feed()
-        summary = self.run.eval_summary
-        if os.path.isfile(summary):
-            with open(summary) as f:
-                values = eval_metrics(json.load(f))
+        summary = storage.read_json(self.run.eval_summary)
+        if summary is not None:
+            values = eval_metrics(summary)
             for t in list(self.trackers):
                 if values:
                     self._call(t, "log", values, max(self.last, 0), None)
-        if ok and self.adapter and os.path.isdir(self.adapter):
-            for t in list(self.trackers):
-                self._call(t, "log_adapter", self.adapter)
+        if ok and self.adapter and storage.is_dir(self.adapter):
+            with storage.local_copy(self.adapter) as adapter:  # trackers upload local files
+                for t in list(self.trackers):
+                    self._call(t, "log_adapter", adapter)
         for t in list(self.trackers):
             self._call(t, "close", ok)
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from uft_ray import schema
+from uft_ray import schema, storage
 from uft_ray.config import Config, load_config
 from uft_ray.data.prepared import join_columns, merge_summary
 from uft_ray.reference import fingerprint as fp_module
@@ -205,7 +205,7 @@ def test_cache_dir_expands_user(base, tmp_path, monkeypatch):
     _, cfg, _ = base
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg.reference.cache_dir = "~/.cache/uft-ray"
-    assert cache_root(cfg) == tmp_path / "home" / ".cache" / "uft-ray" / "ref_logp"
+    assert cache_root(cfg) == str(tmp_path / "home" / ".cache" / "uft-ray" / "ref_logp")
 
 
 def ref_table(ids: list[str]) -> pa.Table:
@@ -219,17 +219,31 @@ def ref_table(ids: list[str]) -> pa.Table:
     )
 
 
-def test_write_then_load_cache(tmp_path):
+@pytest.fixture(params=["local", "s3"])
+def cache_home(request, tmp_path) -> str:
+    """Where a cache is published: a local directory, or a bucket on the real S3 API server (no rename there)."""
+    return str(tmp_path) if request.param == "local" else request.getfixturevalue("s3_bucket") + "/ref"
+
+
+def _names(directory: str) -> list[str]:
+    return [f.rsplit("/", 1)[-1] for f in storage.list_files(directory)[1]]
+
+
+def _delete(uri: str) -> None:
+    fs, path = storage.filesystem_for(uri)
+    fs.delete_file(path)
+
+
+def test_write_then_load_cache(cache_home):
     ids = [f"r{i}" for i in range(7)]
-    final = write_cache(tmp_path, "f" * 32, ref_table(ids), {"x": 1}, rows_per_file=3)
-    assert sorted(p.name for p in final.iterdir()) == [
-        "manifest.json",
-        "part-00000.parquet",
-        "part-00001.parquet",
-        "part-00002.parquet",
-    ]
-    assert not list(tmp_path.glob(".*partial*"))  # published by rename, nothing left behind
-    manifest = json.loads((final / "manifest.json").read_text())
+    final = write_cache(cache_home, "f" * 32, ref_table(ids), {"x": 1}, rows_per_file=3)
+    assert final == storage.join(cache_home, "f" * 32)
+    manifest = storage.read_json(storage.join(final, "manifest.json"))
+    parts = [f["name"] for f in manifest["files"]]
+    # the parts carry their writer's id, so two publishers never write one name; nothing else is left behind
+    assert [p.rsplit("-", 1)[0] for p in parts] == ["part-00000", "part-00001", "part-00002"]
+    assert {p.rsplit("-", 1)[1] for p in parts} == {manifest["writer"] + ".parquet"}
+    assert sorted(_names(final)) == sorted(["manifest.json", *parts])
     assert manifest["rows"] == 7 and [f["rows"] for f in manifest["files"]] == [3, 3, 1]
     assert manifest["inputs"] == {"x": 1} and manifest["fingerprint"] == "f" * 32
     table, why = load_cache(final, reversed(ids))
@@ -237,36 +251,52 @@ def test_write_then_load_cache(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["manifest", "part", "extra_expected", "fewer_expected", "truncated", "other_fp"])
-def test_an_untrustworthy_cache_is_a_miss(tmp_path, damage):
+def test_an_untrustworthy_cache_is_a_miss(cache_home, damage):
     ids = [f"r{i}" for i in range(7)]
-    final = write_cache(tmp_path, "a" * 32, ref_table(ids), {}, rows_per_file=3)
+    final = write_cache(cache_home, "a" * 32, ref_table(ids), {}, rows_per_file=3)
+    parts = [f["name"] for f in storage.read_json(storage.join(final, "manifest.json"))["files"]]
     expected = ids
-    if damage == "manifest":
-        (final / "manifest.json").unlink()
+    if damage == "manifest":  # a writer killed before its last write
+        _delete(storage.join(final, "manifest.json"))
     elif damage == "part":
-        (final / "part-00001.parquet").unlink()
+        _delete(storage.join(final, parts[1]))
     elif damage == "extra_expected":
         expected = ids + ["r7"]
     elif damage == "fewer_expected":
         expected = ids[:-1]
     elif damage == "truncated":
-        pq.write_table(ref_table(ids[:2]), final / "part-00000.parquet")
-    elif damage == "other_fp":
-        os.rename(final, tmp_path / ("b" * 32))
-        final = tmp_path / ("b" * 32)
+        storage.atomic_write(storage.join(final, parts[0]), lambda out: pq.write_table(ref_table(ids[:2]), out))
+    elif damage == "other_fp":  # copied under another fingerprint's name
+        other = storage.join(cache_home, "b" * 32)
+        storage.copy_tree(final, other)
+        final = other
     table, why = load_cache(final, expected)
     assert table is None and why != "ok"
 
 
-def test_a_damaged_cache_is_replaced_and_a_valid_one_kept(tmp_path):
+def test_a_damaged_cache_is_replaced_and_a_valid_one_kept(cache_home):
     ids = [f"r{i}" for i in range(4)]
-    final = write_cache(tmp_path, "c" * 32, ref_table(ids), {}, rows_per_file=2)
-    (final / "manifest.json").unlink()
-    write_cache(tmp_path, "c" * 32, ref_table(ids), {"second": True}, rows_per_file=2)
+    final = write_cache(cache_home, "c" * 32, ref_table(ids), {}, rows_per_file=2)
+    _delete(storage.join(final, "manifest.json"))
+    assert load_cache(final, ids)[0] is None
+    write_cache(cache_home, "c" * 32, ref_table(ids), {"second": True}, rows_per_file=2)
     assert load_cache(final, ids)[1] == "ok"
-    assert json.loads((final / "manifest.json").read_text())["inputs"] == {"second": True}
-    write_cache(tmp_path, "c" * 32, ref_table(ids), {"third": True}, rows_per_file=2)  # a racer: first one wins
-    assert json.loads((final / "manifest.json").read_text())["inputs"] == {"second": True}
+    second = storage.read_json(storage.join(final, "manifest.json"))
+    assert second["inputs"] == {"second": True}
+    write_cache(cache_home, "c" * 32, ref_table(ids), {"third": True}, rows_per_file=2)  # a racer: first one wins
+    assert storage.read_json(storage.join(final, "manifest.json")) == second
+
+
+def test_unlisted_parts_are_removed_only_when_stale(tmp_path):
+    ids = [f"r{i}" for i in range(4)]
+    final = write_cache(str(tmp_path), "d" * 32, ref_table(ids), {}, rows_per_file=2)
+    os.unlink(os.path.join(final, "manifest.json"))  # the first writer's parts are now unlisted
+    old = sorted(n for n in os.listdir(final) if n.endswith(".parquet"))
+    os.utime(os.path.join(final, old[0]), (1, 1))  # an hour old and more: a dead writer's leftover
+    write_cache(str(tmp_path), "d" * 32, ref_table(ids), {"again": True}, rows_per_file=2)
+    left = set(os.listdir(final))
+    assert old[0] not in left and old[1] in left  # the young one may belong to a live writer: kept
+    assert load_cache(final, ids)[1] == "ok"
 
 
 def test_ref_columns_join_by_row_id_and_keep_row_order():

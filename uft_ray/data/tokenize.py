@@ -60,7 +60,9 @@ def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer, checked. Remote code runs only when `model.trust_remote_code` says so."""
     from transformers import AutoTokenizer
 
-    path = os.path.expanduser(model.path)
+    from uft_ray.model_store import local_model
+
+    path = os.path.expanduser(local_model(model.path, weights=False))
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except Exception as e:

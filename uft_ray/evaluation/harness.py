@@ -83,11 +83,11 @@ class TaskSpec:
 
 
 def _is_adapter(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, _ADAPTER_CONFIG))
+    return storage.is_file(storage.join(path, _ADAPTER_CONFIG))
 
 
 def _adapter_rank(adapter: str) -> int | None:
-    cfg = _read_json_file(os.path.join(adapter, _ADAPTER_CONFIG))
+    cfg = _read_json_file(storage.join(adapter, _ADAPTER_CONFIG))
     ranks = [cfg.get("r")] + list((cfg.get("rank_pattern") or {}).values())
     ranks = [int(r) for r in ranks if isinstance(r, int | float)]
     return max(ranks) if ranks else None
@@ -95,8 +95,7 @@ def _adapter_rank(adapter: str) -> int | None:
 
 def _read_json_file(path: str) -> dict[str, Any]:
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(storage.read_bytes(path))
     except (OSError, ValueError) as e:
         raise EvalError(f"{path}: unreadable ({e})") from e
     if not isinstance(data, dict):
@@ -108,8 +107,7 @@ def _run_model(run_dir: str) -> dict[str, Any]:
     """The `model:` section of a run's config.yaml, read as written (the config it ran with, not today's schema)."""
     path = RunDir(run_dir).config
     try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
+        cfg = yaml.safe_load(storage.read_bytes(path)) or {}
     except (OSError, yaml.YAMLError) as e:
         raise EvalError(f"{path}: unreadable ({e})") from e
     model = cfg.get("model") if isinstance(cfg, dict) else None
@@ -120,10 +118,10 @@ def _run_model(run_dir: str) -> dict[str, Any]:
 
 def _check_base(base: str, where: str) -> str:
     """`base` as lm_eval takes it: a local directory (made absolute) or a hub id (`org/name`)."""
-    if storage.is_remote(base):
-        raise EvalError(
-            f"base model {base} ({where}) is in object storage; lm_eval loads a local dir: pass --base PATH"
-        )
+    if storage.is_remote(base):  # each eval worker downloads it to its node (uft_ray.model_store)
+        if not storage.is_dir(base):
+            raise EvalError(f"base model {base} ({where}) is not there; pass --base PATH")
+        return base
     local = os.path.expanduser(base)
     if os.path.isdir(local):
         return os.path.abspath(local)
@@ -138,15 +136,17 @@ def _out_dir(path: str) -> str:
 
 def resolve_target(path: str, *, base: str | None = None, out_dir: str | None = None) -> EvalTarget:
     """RUN_DIR or ADAPTER -> base model, adapter and results folder. Raises `EvalError` for anything else."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
+    # A run directory or adapter in object storage stays a URI: the eval workers download what they load.
+    path = path.rstrip("/") if storage.is_remote(path) else os.path.abspath(os.path.expanduser(path))
+    if not storage.is_dir(path):
         raise EvalError(f"{path}: not a directory (give a run directory or a peft adapter directory)")
     run_dir = None
-    if os.path.isfile(RunDir(path).config):
+    parent, leaf = path.rsplit("/", 1)
+    if storage.is_file(RunDir(path).config):
         run_dir = path
-    elif _is_adapter(path) and os.path.isfile(RunDir(os.path.dirname(path)).config):
-        if os.path.basename(path) == ADAPTER:  # a run's final adapter: results go to the run's eval/
-            run_dir = os.path.dirname(path)
+    elif _is_adapter(path) and storage.is_file(RunDir(parent).config):
+        if leaf == ADAPTER:  # a run's final adapter: results go to the run's eval/
+            run_dir = parent
     if run_dir is not None:
         rd = RunDir(run_dir)
         model = _run_model(run_dir)
@@ -162,14 +162,14 @@ def resolve_target(path: str, *, base: str | None = None, out_dir: str | None = 
         default_out = rd.eval
     elif _is_adapter(path):
         adapter, where = path, f"base_model_name_or_path in {os.path.join(path, _ADAPTER_CONFIG)}"
-        resolved_base = base or _read_json_file(os.path.join(path, _ADAPTER_CONFIG)).get("base_model_name_or_path")
+        resolved_base = base or _read_json_file(storage.join(path, _ADAPTER_CONFIG)).get("base_model_name_or_path")
         if not resolved_base:
             raise EvalError(f"{path}: {_ADAPTER_CONFIG} names no base_model_name_or_path; pass --base PATH")
         dtype, trust, revision = "auto", False, None
-        default_out = os.path.join(path, "eval")
+        default_out = storage.join(path, "eval")
     else:
         raise EvalError(f"{path}: neither a run directory (no config.yaml) nor a peft adapter (no {_ADAPTER_CONFIG})")
-    has_tokenizer = any(os.path.isfile(os.path.join(adapter, f)) for f in _TOKENIZER_FILES)
+    has_tokenizer = any(storage.is_file(storage.join(adapter, f)) for f in _TOKENIZER_FILES)
     return EvalTarget(
         base=_check_base(resolved_base, "--base" if base else where),
         adapter=adapter,
@@ -215,10 +215,13 @@ def vllm_lora_rank(r: int | None) -> int:
 
 
 def model_args(target: EvalTarget, backend: str, device: str) -> dict[str, Any]:
-    """lm_eval's model arguments for `backend` ("hf" or "vllm") on `device` ("cpu", "cuda")."""
-    args: dict[str, Any] = {"pretrained": target.base, "dtype": resolve_dtype(target.dtype, device)}
+    """lm_eval's model arguments for `backend` ("hf" or "vllm") on `device` ("cpu", "cuda"). Called where the model
+    loads (the eval worker): what is in object storage is downloaded to this node first."""
+    from uft_ray.model_store import local_model
+
+    args: dict[str, Any] = {"pretrained": local_model(target.base), "dtype": resolve_dtype(target.dtype, device)}
     if target.tokenizer:
-        args["tokenizer"] = target.tokenizer
+        args["tokenizer"] = local_model(target.tokenizer)
     if target.trust_remote_code:
         args["trust_remote_code"] = True
     if target.revision:
@@ -226,10 +229,10 @@ def model_args(target: EvalTarget, backend: str, device: str) -> dict[str, Any]:
     if backend == "hf":
         args["device"] = device
         if target.adapter:
-            args["peft"] = target.adapter
+            args["peft"] = local_model(target.adapter)
     elif backend == "vllm":
         if target.adapter:
-            args["lora_local_path"] = target.adapter
+            args["lora_local_path"] = local_model(target.adapter)
             args["max_lora_rank"] = vllm_lora_rank(target.lora_r)
     else:
         raise EvalError(f"backend {backend!r}: hf or vllm")

@@ -1,25 +1,26 @@
-"""The reference cache on disk: `{reference.cache_dir}/ref_logp/{fingerprint}/` (docs/internals.md "Reference cache").
+"""The reference cache: `{reference.cache_dir}/ref_logp/{fingerprint}/` (docs/internals.md "Reference cache").
 
-    {cache_dir}/ref_logp/{fingerprint}/part-00000.parquet ...   schema.REFERENCE, each row_id exactly once
-    {cache_dir}/ref_logp/{fingerprint}/manifest.json            written last: rows, files, fingerprint inputs
-    {cache_dir}/ref_logp/file-hashes.json                        sha256 memo of the fingerprint (fingerprint.py)
+    {cache_dir}/ref_logp/{fingerprint}/part-00000-{writer}.parquet ...   schema.REFERENCE, each row_id once
+    {cache_dir}/ref_logp/{fingerprint}/manifest.json    written last: rows, files, fingerprint inputs
+    {cache_dir}/ref_logp/file-hashes.json                sha256 memo of the fingerprint (fingerprint.py)
 
-A cache is published by writing it into a hidden sibling directory and renaming that into place, so a reader
-sees either nothing or a complete directory; a directory without a valid manifest, with a listed file missing
-or with rows that do not match the expected row ids is treated as a miss and replaced. Concurrent publishers
-of one fingerprint (the runs of a sweep) keep the first complete one.
+`cache_dir` is a local directory or an object-store URI (s3://, gs://): one code path through uft_ray.storage.
+Object stores have no rename, so a cache is published the way that works on both: the writer puts its parts
+under names of its own (`-{writer}` suffix), then the manifest naming them, last, in one atomic write (a put;
+locally a rename of a temporary file). A reader trusts only a complete manifest: one naming this fingerprint,
+every listed file present with its listed row count, and the row ids exactly the expected ones; anything else
+is a miss and is replaced. Concurrent publishers of one fingerprint (the runs of a sweep) keep the first
+complete one; parts no manifest lists (a killed writer's, a replaced cache's) are removed once they are an hour
+old, never sooner, so a live writer's parts are not pulled from under it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -32,40 +33,50 @@ from uft_ray.reference.fingerprint import CACHE_VERSION
 MANIFEST = "manifest.json"
 HASH_MEMO = "file-hashes.json"
 DEFAULT_ROWS_PER_FILE = 100_000
+STALE_PART_S = 3600.0  # a live writer finishes far sooner; older unlisted parts are leftovers
 
 
-def cache_root(cfg: Config) -> Path:
-    """`{reference.cache_dir}/ref_logp`, with `~` expanded."""
-    return Path(os.path.expanduser(cfg.reference.cache_dir)) / "ref_logp"
+def cache_root(cfg: Config) -> str:
+    """`{reference.cache_dir}/ref_logp`: a URI as given, or a local path with `~` expanded."""
+    d = cfg.reference.cache_dir
+    return storage.join(d if storage.is_remote(d) else os.path.abspath(os.path.expanduser(d)), "ref_logp")
 
 
-def load_cache(directory: Path, expected_ids: Iterable[str]) -> tuple[pa.Table | None, str]:
+def _name(path: str) -> str:
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
+def load_cache(directory: str | os.PathLike, expected_ids: Iterable[str]) -> tuple[pa.Table | None, str]:
     """Read a published cache directory, or return (None, why) when it cannot be trusted.
 
     Trusted means: a manifest naming this fingerprint, every listed file present with its listed row count,
     and the row ids exactly the expected set, each once.
     """
-    manifest_path = directory / MANIFEST
-    if not directory.is_dir():
+    directory = os.fspath(directory)
+    fs, base = storage.filesystem_for(directory)
+    if not storage.is_dir(directory):
         return None, "absent"
-    if not manifest_path.is_file():
+    if not storage.is_file(storage.join(directory, MANIFEST)):
         return None, "no manifest (an interrupted write)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except ValueError:
+    manifest = storage.read_json(storage.join(directory, MANIFEST))
+    if not isinstance(manifest, dict):
         return None, "unreadable manifest"
-    if manifest.get("fingerprint") != directory.name or manifest.get("version") != CACHE_VERSION:
+    if manifest.get("fingerprint") != _name(directory) or manifest.get("version") != CACHE_VERSION:
         return None, "manifest of another fingerprint or version"
     tables = []
     for entry in manifest.get("files", []):
-        f = directory / entry["name"]
-        if not f.is_file():
-            return None, f"listed file {entry['name']} is missing"
+        f = storage.join(base, entry["name"])
         try:
-            if pq.ParquetFile(f).metadata.num_rows != entry["rows"]:
-                return None, f"{entry['name']} does not hold its {entry['rows']} rows"
-            tables.append(pq.read_table(f, schema=schema.REFERENCE))
-        except (OSError, pa.ArrowException) as e:
+            with fs.open_input_file(f) as handle:
+                pf = pq.ParquetFile(handle)
+                if pf.metadata.num_rows != entry["rows"]:
+                    return None, f"{entry['name']} does not hold its {entry['rows']} rows"
+                tables.append(pf.read().select(schema.REFERENCE.names).cast(schema.REFERENCE))
+        except FileNotFoundError:
+            return None, f"listed file {entry['name']} is missing"
+        except (OSError, pa.ArrowException, KeyError) as e:
+            if not storage.is_file(storage.as_uri(directory, f)):
+                return None, f"listed file {entry['name']} is missing"
             return None, f"{entry['name']} is unreadable: {e}"
     table = pa.concat_tables(tables) if tables else schema.REFERENCE.empty_table()
     expected = set(expected_ids)
@@ -78,59 +89,64 @@ def load_cache(directory: Path, expected_ids: Iterable[str]) -> tuple[pa.Table |
 
 
 def write_cache(
-    root: Path,
+    root: str | os.PathLike,
     fp: str,
     table: pa.Table,
     inputs: dict[str, Any],
     *,
     rows_per_file: int = DEFAULT_ROWS_PER_FILE,
     extra: dict[str, Any] | None = None,
-) -> Path:
-    """Publish `table` (schema.REFERENCE, one row per row_id) as `root/fp`; the manifest is written last.
+) -> str:
+    """Publish `table` (schema.REFERENCE, one row per row_id) as `root/fp`: parts first, the manifest last.
 
-    Written into a hidden sibling directory and renamed into place, so concurrent runs of one fingerprint (a
-    sweep) never see each other's half-written files: the first rename wins and the others discard theirs.
+    A trusted cache already there (an identical run published first) is kept and ours is not written.
     """
-    root.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(root, fp)
-    final = root / fp
-    tmp = root / f".{fp}.partial-{uuid.uuid4().hex}"
-    tmp.mkdir()
+    final = storage.join(os.fspath(root), fp)
+    ids = table.column("row_id").to_pylist()
+    if load_cache(final, ids)[0] is not None:
+        return final
+    fs, base = storage.filesystem_for(final)
+    fs.create_dir(base, recursive=True)
+    writer = uuid.uuid4().hex[:12]
     table = table.select(schema.REFERENCE.names).cast(schema.REFERENCE)
     files = []
     for k, start in enumerate(range(0, max(table.num_rows, 1), rows_per_file)):
         part = table.slice(start, rows_per_file)
-        name = f"part-{k:05d}.parquet"
-        pq.write_table(part, tmp / name)
-        files.append({"name": name, "rows": part.num_rows, "bytes": (tmp / name).stat().st_size})
+        name = f"part-{k:05d}-{writer}.parquet"
+        storage.atomic_write(storage.join(final, name), lambda out, part=part: pq.write_table(part, out))
+        files.append({"name": name, "rows": part.num_rows, "bytes": fs.get_file_info(storage.join(base, name)).size})
     manifest = {
         "version": CACHE_VERSION,
         "fingerprint": fp,
         "rows": table.num_rows,
         "files": files,
+        "writer": writer,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "inputs": inputs,
         **(extra or {}),
     }
-    storage.write_json(str(tmp / MANIFEST), manifest, sort_keys=True)  # last, fsynced: what readers trust
-    if final.exists():
-        if load_cache(final, table.column("row_id").to_pylist())[0] is not None:
-            shutil.rmtree(tmp, ignore_errors=True)  # an identical run published while we scored: keep theirs
-            return final
-        shutil.rmtree(final, ignore_errors=True)  # damaged or partial: replace it
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another run published the same fingerprint first
+    if load_cache(final, ids)[0] is not None:  # a racer published while we scored or wrote: keep theirs
+        for f in files:
+            with contextlib.suppress(OSError):
+                fs.delete_file(storage.join(base, f["name"]))
+        return final
+    storage.write_json(storage.join(final, MANIFEST), manifest, sort_keys=True)  # last: what readers trust
+    _remove_stale_parts(final, {f["name"] for f in files})
     return final
 
 
-def _remove_stale_partials(root: Path, fp: str, max_age_s: float = 3600.0) -> None:
-    # Leftovers of killed runs; a live writer finishes in far less than an hour.
-    for d in root.glob(f".{fp}.partial-*"):
-        with contextlib.suppress(OSError):
-            if time.time() - d.stat().st_mtime > max_age_s:
-                shutil.rmtree(d, ignore_errors=True)
+def _remove_stale_parts(directory: str, listed: set[str], max_age_s: float = STALE_PART_S) -> None:
+    import pyarrow.fs as pafs
+
+    fs, base = storage.filesystem_for(directory)
+    now = time.time()
+    for info in fs.get_file_info(pafs.FileSelector(base)):
+        name = _name(info.path)
+        if info.type != pafs.FileType.File or name == MANIFEST or name in listed or not name.endswith(".parquet"):
+            continue
+        if info.mtime is not None and now - info.mtime.timestamp() > max_age_s:
+            with contextlib.suppress(OSError):
+                fs.delete_file(info.path)
 
 
 def in_order(table: pa.Table, row_ids: list[str]) -> pa.Table:

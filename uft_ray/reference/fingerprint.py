@@ -13,6 +13,7 @@ Files are hashed with sha256, remembered by (path, size, mtime) in `{cache root}
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import glob
 import hashlib
 import json
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from uft_ray import storage
+from uft_ray import model_store, storage
 from uft_ray.config import Config, compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -62,13 +63,13 @@ def _sha256_file(path: Path) -> str:
 class _HashMemo:
     """sha256 of files, remembered by (realpath, size, mtime_ns): a 64 GB checkpoint is hashed once, not per run."""
 
-    def __init__(self, path: Path | None):
-        self.path = path
+    def __init__(self, path: str | None):
+        self.path = path  # a local path or a URI (the cache dir may be in object storage)
         self.table: dict[str, dict[str, Any]] = {}
         self.dirty = False
-        if path is not None and path.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                self.table = json.loads(path.read_text())
+        if path is not None:
+            memo = storage.read_json(os.fspath(path))
+            self.table = memo if isinstance(memo, dict) else {}
 
     def digest(self, file: Path) -> str:
         real = os.path.realpath(file)
@@ -96,6 +97,12 @@ def _files_identity(directory: Path, patterns: Iterable[str], memo: _HashMemo) -
 
 
 def _weights_identity(path: str, revision: str | None, memo: _HashMemo) -> dict[str, Any]:
+    if storage.is_remote(path):  # a bucket's model: its files' sizes and modification times (no download)
+        listed = model_store.remote_files(path)
+        files = {rel: f"{size}:{mtime}" for rel, (size, mtime) in listed.items() if _is_weight_file(rel)}
+        if not any(rel.endswith(".safetensors") for rel in files):
+            raise FileNotFoundError(f"reference model {path!r} has no *.safetensors weights")
+        return {"uri": path, "files": files}
     local = Path(os.path.expanduser(path))
     if local.is_dir():
         files = _files_identity(local, WEIGHT_PATTERNS, memo)
@@ -126,7 +133,11 @@ def _chat_template(tokenizer_dir: Path) -> str | None:
     return None
 
 
-def fingerprint_inputs(cfg: Config, rows: pa.Table, *, memo_path: Path | None = None) -> dict[str, Any]:
+def _is_weight_file(rel: str) -> bool:
+    return any(fnmatch.fnmatch(rel.rsplit("/", 1)[-1], p) for p in WEIGHT_PATTERNS)
+
+
+def fingerprint_inputs(cfg: Config, rows: pa.Table, *, memo_path: str | Path | None = None) -> dict[str, Any]:
     """Everything the reference log-probs depend on, as a JSON-able dict (stored in the manifest).
 
     `rows` holds at least `row_id, input_ids, response_start` (+ the rejected columns for pairs). Besides the
@@ -134,10 +145,11 @@ def fingerprint_inputs(cfg: Config, rows: pa.Table, *, memo_path: Path | None = 
     the token ids themselves, order-independently: a change to the tokenization code with the same tokenizer
     files would otherwise reuse stale numbers; and the compute dtype / attention, which move the numbers too.
     """
-    memo = _HashMemo(memo_path)
+    memo = _HashMemo(os.fspath(memo_path) if memo_path is not None else None)
     ref_path = cfg.reference.model_path or cfg.model.path
     revision = cfg.model.revision if ref_path == cfg.model.path else None
-    tok_dir = Path(os.path.expanduser(cfg.model.path))  # the data plane tokenizes with the policy's tokenizer
+    # The data plane tokenizes with the policy's tokenizer (from a bucket: its small files, downloaded here).
+    tok_dir = Path(os.path.expanduser(model_store.local_model(cfg.model.path, weights=False)))
     template = _chat_template(tok_dir) if tok_dir.is_dir() else None
     row_ids = rows.column("row_id").to_pylist()
     if len(set(row_ids)) != len(row_ids):
@@ -162,7 +174,7 @@ def fingerprint_inputs(cfg: Config, rows: pa.Table, *, memo_path: Path | None = 
         "token_ids": _token_digest(rows),
     }
     if cfg.reference.adapter:
-        adapter_dir = Path(os.path.expanduser(cfg.reference.adapter))
+        adapter_dir = Path(os.path.expanduser(model_store.local_model(cfg.reference.adapter)))
         if adapter_dir.is_dir():
             inputs["adapter"] = {"files": _files_identity(adapter_dir, ADAPTER_PATTERNS, memo)}
         else:

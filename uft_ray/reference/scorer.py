@@ -86,8 +86,10 @@ def load_reference_model(
     device_map: Any = None
     if on_gpu:
         device_map = "auto" if gpus > 1 else {"": torch.cuda.current_device()}
+    from uft_ray.model_store import local_model
+
     model = AutoModelForCausalLM.from_pretrained(
-        os.path.expanduser(model_path),
+        os.path.expanduser(local_model(model_path)),  # a bucket's model: downloaded once per node
         revision=revision,
         dtype=_torch_dtype(dtype),
         attn_implementation=attn_implementation,
@@ -99,7 +101,7 @@ def load_reference_model(
         from peft import PeftModel
 
         # Merged: one matmul per layer instead of base + LoRA, and the same frozen function either way.
-        model = PeftModel.from_pretrained(model, os.path.expanduser(adapter)).merge_and_unload()
+        model = PeftModel.from_pretrained(model, os.path.expanduser(local_model(adapter))).merge_and_unload()
     model.eval()
     model.requires_grad_(False)
     return model

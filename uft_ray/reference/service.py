@@ -17,12 +17,11 @@ import logging
 import os
 import time
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from uft_ray import schema
+from uft_ray import schema, storage
 from uft_ray.config import Config
 from uft_ray.data import prepared
 from uft_ray.reference.cache import DEFAULT_ROWS_PER_FILE, HASH_MEMO, cache_root, in_order, load_cache, write_cache
@@ -47,7 +46,7 @@ def read_scoring_columns(prepared_dir: str | os.PathLike) -> pa.Table:
 
 
 def _fingerprint(cfg: Config, rows: pa.Table) -> tuple[dict[str, Any], str]:
-    inputs = fingerprint_inputs(cfg, rows, memo_path=cache_root(cfg) / HASH_MEMO)
+    inputs = fingerprint_inputs(cfg, rows, memo_path=storage.join(cache_root(cfg), HASH_MEMO))
     return inputs, fingerprint(inputs)
 
 
@@ -114,7 +113,7 @@ def publish_stream_cache(
     entry = {
         "cache": "miss",
         "fingerprint": fp,
-        "path": str(cache_root(cfg) / fp),
+        "path": storage.join(cache_root(cfg), fp),
         "run": "stream",
         "complete": complete,
         "rows": len(expected),
@@ -163,8 +162,8 @@ def attach_reference(
     row_ids = rows.column("row_id").to_pylist()
     root = cache_root(cfg)
     inputs, fp = _fingerprint(cfg, rows)
-    table, why = load_cache(root / fp, row_ids)
-    entry: dict[str, Any] = {"fingerprint": fp, "path": str(root / fp), "run": run, "rows": len(row_ids)}
+    table, why = load_cache(storage.join(root, fp), row_ids)
+    entry: dict[str, Any] = {"fingerprint": fp, "path": storage.join(root, fp), "run": run, "rows": len(row_ids)}
     if table is not None:
         entry.update(cache="hit", rows_scored=0, model_forwards=0, tokens_scored=0)
     elif run == "stream":
@@ -194,7 +193,7 @@ def attach_reference(
 
 def read_reference(entry: dict[str, Any], row_ids: list[str]) -> pa.Table:
     """The published values of `attach_reference`'s entry (schema.REFERENCE), in `row_ids` order."""
-    table, why = load_cache(Path(entry["path"]), row_ids)
+    table, why = load_cache(entry["path"], row_ids)
     if table is None:
         raise RuntimeError(f"reference cache {entry['path']} cannot be used ({why}); rerun to rescore")
     return in_order(table, row_ids)

@@ -11,14 +11,14 @@ plan, checkpoints, metrics, the final adapter with its tokenizer, quarantine and
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from typing import Any
 
 from uft_ray import storage
 from uft_ray.config import Config
+from uft_ray.model_store import local_model
 from uft_ray.ray_utils import init_ray, train_logging
-from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, RunDir, read_state
+from uft_ray.resources import check_cluster
+from uft_ray.run_dir import CHECKPOINTS, RunDir, read_state
 from uft_ray.train.hooks import TrainHooks
 from uft_ray.train.plan import Plan, read_plan_summary
 
@@ -29,12 +29,20 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> Any:
     """Train one hint_rft run end to end; rerun the same config and run name to resume."""
     from transformers import AutoTokenizer
 
-    from uft_ray.driver import RunResult, _last_checkpoint, _local_cpus, _Materialize, _with_worker_cpus, _write_report
+    from uft_ray.driver import (
+        RunResult,
+        _last_checkpoint,
+        _local_cpus,
+        _Materialize,
+        _with_worker_cpus,
+        _write_report,
+        write_adapter,
+    )
     from uft_ray.rft.prompts import make_rft_plan, rank_feeds, read_prompts, write_prompts
     from uft_ray.trackers import open_trackers
 
     run_dir = RunDir(cfg.output.run_dir)
-    os.makedirs(run_dir.path, exist_ok=True)
+    storage.makedirs(run_dir.path)
     storage.atomic_write(run_dir.config, cfg.to_yaml().encode())
     logger.info("uft-ray hint_rft run %s, resolved config:\n%s", run_dir.path, cfg.to_yaml())
     from uft_ray.evaluation.heldout import check_benchmarks, run_benchmarks
@@ -42,7 +50,8 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> Any:
     check_benchmarks(cfg)  # an unknown eval.tasks name fails now, not after training
     init_ray(cfg.ray, num_cpus=_local_cpus(cfg))
     cfg = _with_worker_cpus(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision)
+    check_cluster(cfg)  # a cluster that can never hold the run fails now, not in a silent hang
+    tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
 
     # 1. Prompts (deterministic: a rerun writes the same rows) and the plan.
     counts = write_prompts(cfg, run_dir, tokenizer)
@@ -66,19 +75,20 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> Any:
         try:
             with open_trackers(cfg, run_dir, start) as tracked:  # fed from metrics.jsonl while training
                 checkpoint = _fit(cfg, run_dir, plan, feeds, actors, tokenizer, hooks or TrainHooks())
-                tracked.adapter = os.path.join(checkpoint, CHECKPOINT_ADAPTER) if checkpoint else None
+                if checkpoint:  # the final adapter and the benchmarks, before the trackers close
+                    write_adapter(checkpoint, run_dir, tokenizer)
+                    run_benchmarks(cfg, run_dir.path)  # eval.tasks with lm_eval, into {run_dir}/eval
+                    tracked.adapter = run_dir.adapter
         finally:
             import ray
 
             for a in actors:
                 ray.kill(a)
+    elif checkpoint:  # trained to its end already: the outputs again
+        write_adapter(checkpoint, run_dir, tokenizer)
+        run_benchmarks(cfg, run_dir.path)
 
-    # 3. Outputs: the final adapter with its tokenizer, the report.
-    if checkpoint:
-        shutil.rmtree(run_dir.adapter, ignore_errors=True)
-        shutil.copytree(os.path.join(checkpoint, CHECKPOINT_ADAPTER), run_dir.adapter)
-        tokenizer.save_pretrained(run_dir.adapter)
-        run_benchmarks(cfg, run_dir.path)  # eval.tasks with lm_eval, into {run_dir}/eval
+    # 3. Outputs: the report.
     return RunResult(
         run_dir=run_dir.path,
         adapter_dir=run_dir.adapter,
@@ -93,7 +103,7 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> Any:
 
 def _plan(cfg: Config, run_dir: RunDir, plan: Plan) -> Plan:
     """Save the plan; a rerun must make the same one (else its checkpoints belong to another plan)."""
-    if os.path.exists(run_dir.plan) and os.path.isdir(run_dir.checkpoints):
+    if storage.is_file(run_dir.plan) and storage.is_dir(run_dir.checkpoints):
         saved = read_plan_summary(run_dir.plan)
         if saved.fingerprint != plan.summary.fingerprint:
             raise RuntimeError(

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from uft_ray.config import Config, load_config
 from uft_ray.logprobs import model_token_logprobs
 from uft_ray.losses import group_advantages, hint_rft_loss
+from uft_ray.model_store import local_model
 from uft_ray.rft.rollout import RolloutPool, adapter_bytes, adapter_digest, request_seed
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir, read_state
 from uft_ray.tasks.generic import load_verifier
@@ -63,7 +64,7 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
     if not use_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     zero_stage = _zero_stage(cfg, world, ctx.get_local_world_size(), use_gpu, rank)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, revision=cfg.model.revision)
+    tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
     verifier = VerifierProcess(load_verifier(r.task), r.verifier_timeout_s)
     eval_rows = config["eval_rows"][rank::world]  # this rank's share of the held-out prompts
     per_rank = r.prompts_per_step // world

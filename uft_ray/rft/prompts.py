@@ -148,25 +148,25 @@ def _table(rows: list[dict[str, Any]], tokenizer: Any, max_len: int, quarantined
 
 def write_prompts(cfg: Config, run_dir: RunDir, tokenizer: Any) -> dict[str, Any]:
     """Build `{run_dir}/prompts/{train,eval}.parquet` and the quarantine file; returns the counts."""
-    os.makedirs(run_dir.prompts, exist_ok=True)
-    os.makedirs(run_dir.quarantine, exist_ok=True)
+    storage.makedirs(run_dir.prompts)
+    storage.makedirs(run_dir.quarantine)
     counts: dict[str, Any] = {}
     quarantined: list[dict[str, Any]] = []
     for split in ("train", "eval"):
         found: list[dict[str, Any]] = []
         table = _table(task_rows(cfg, split, found), tokenizer, cfg.rft.max_prompt_len, found)
         storage.atomic_write(
-            os.path.join(run_dir.prompts, f"{split}.parquet"), lambda f, t=table: pq.write_table(t, f)
+            storage.join(run_dir.prompts, f"{split}.parquet"), lambda f, t=table: pq.write_table(t, f)
         )
         counts[split] = table.num_rows
         quarantined += [{"split": split, **q} for q in found]
     lines = "".join(json.dumps(q) + "\n" for q in quarantined)
-    storage.atomic_write(os.path.join(run_dir.quarantine, "prompts.jsonl"), lines.encode())
+    storage.atomic_write(storage.join(run_dir.quarantine, "prompts.jsonl"), lines.encode())
     by_reason: dict[str, int] = {}
     for q in quarantined:
         by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + int(q.get("rows", 1))
     counts["quarantine"] = by_reason
-    storage.write_json(os.path.join(run_dir.quarantine, "counts.json"), by_reason, sort_keys=True)
+    storage.write_json(storage.join(run_dir.quarantine, "counts.json"), by_reason, sort_keys=True)
     if counts["train"] < cfg.rft.prompts_per_step:
         raise ValueError(
             f"rft: {counts['train']} usable training prompts, fewer than rft.prompts_per_step "
@@ -176,7 +176,7 @@ def write_prompts(cfg: Config, run_dir: RunDir, tokenizer: Any) -> dict[str, Any
 
 
 def read_prompts(run_dir: RunDir, split: str) -> pa.Table:
-    return pq.read_table(os.path.join(run_dir.prompts, f"{split}.parquet"))
+    return pq.read_table(storage.join(run_dir.prompts, f"{split}.parquet"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def rank_feeds(run_dir: RunDir, plan: Plan, cfg: Config, start: int) -> dict[str
 
     from uft_ray.train.plan import rank_assignment, tag_rows
 
-    base = ray.data.read_parquet(os.path.join(run_dir.prompts, "train.parquet"))
+    base = ray.data.read_parquet(storage.join(run_dir.prompts, "train.parquet"))
     feeds = {}
     for rank in range(cfg.train.num_workers):
         ds = base.map_batches(

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from uft_ray.model_store import local_model
+
 MAX_SEED = 2**63 - 1
 
 
@@ -130,6 +132,7 @@ class RolloutActor:
         self.version = -1
         self._state: dict[str, Any] = {}
         self._dir = tempfile.mkdtemp(prefix="uft-rollout-")
+        model_path = local_model(model_path)  # a bucket's model: downloaded once per node
         if backend == "vllm":
             from vllm import LLM
 

@@ -40,6 +40,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from uft_ray.config import Config, compute_dtype
+from uft_ray.model_store import local_model
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINT_DEEPSPEED
 
 DS_TAG = "state"  # DeepSpeed checkpoint tag inside a checkpoint's ds/ folder
@@ -64,7 +65,7 @@ def base_model_bytes(cfg: Config) -> int | None:
     None for a model that is not a local directory (a hub id, a URI)."""
     from safetensors import safe_open
 
-    path = os.path.expanduser(cfg.model.path)
+    path = os.path.expanduser(local_model(cfg.model.path))
     files = sorted(glob.glob(os.path.join(path, "*.safetensors"))) if os.path.isdir(path) else []
     if not files:
         return None
@@ -266,7 +267,7 @@ def build_engine(
     else:
         unset_hf_deepspeed_config()  # an earlier ZeRO-3 engine in this process must not shard this load
     model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.path,
+        local_model(cfg.model.path),  # a bucket's model: downloaded once per node
         revision=cfg.model.revision,
         dtype=dtype,
         attn_implementation=cfg.model.attn_implementation,
@@ -283,7 +284,7 @@ def build_engine(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         if adapter:
-            model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+            model = PeftModel.from_pretrained(model, local_model(adapter), is_trainable=True)
         else:
             lora = LoraConfig(
                 r=cfg.lora.r,

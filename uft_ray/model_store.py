@@ -1,0 +1,143 @@
+"""Model and adapter directories in object storage, as local directories on this node: `local_model(path)`.
+
+`model.path`, `reference.model_path` and the adapters may be `s3://` / `gs://` prefixes (a directory as
+`save_pretrained` writes it). Every process that loads one (the driver's tokenizer, the data plane's tokenize
+tasks, each training worker, reference and rollout actor, the eval worker) calls `local_model` first: the first
+process on a node downloads the files into `{UFT_RAY_MODEL_CACHE or ~/.cache/uft-ray/models}/{key}/` under a
+file lock, the others wait for it and reuse the copy; every node gets its own copy once, not once per process.
+
+Checked by size and checksum: each file is streamed into a temporary beside its target while its sha256 is
+computed, its size must equal the listing's, and only then is it renamed into place and recorded in
+`.uft-ray-files.json` (remote size and modification time, local sha256, local size and mtime). A later call
+downloads again what changed in the bucket (size or mtime), and re-hashes a local file whose size or mtime no
+longer match the record (a corrupted or edited copy is downloaded again); files gone from the bucket are removed.
+
+Local paths and hub ids pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+from uft_ray import storage
+
+RECORD = ".uft-ray-files.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
+_CHUNK = 1 << 22
+
+
+def cache_dir() -> str:
+    return os.path.expanduser(os.environ.get("UFT_RAY_MODEL_CACHE") or "~/.cache/uft-ray/models")
+
+
+def local_dir_for(uri: str) -> str:
+    """Where `uri` is (or will be) kept on this node: a name people can read, plus a hash that keeps it unique."""
+    tail = uri.rstrip("/").rsplit("/", 1)[-1] or "model"
+    return os.path.join(cache_dir(), f"{tail}-{hashlib.sha256(uri.rstrip('/').encode()).hexdigest()[:12]}")
+
+
+def local_model(path: str | None, *, weights: bool = True) -> str | None:
+    """A local directory holding `path`'s files (downloaded on first use when `path` is a URI), else `path`.
+
+    `weights=False` fetches everything but the weight files (a tokenizer, a config): what the driver needs.
+    """
+    if path is None or not storage.is_remote(path):
+        return path
+    from filelock import FileLock
+
+    dest = local_dir_for(path)
+    os.makedirs(dest, exist_ok=True)
+    with FileLock(dest + ".lock"):
+        remote = remote_files(path)
+        if not remote:
+            raise FileNotFoundError(f"{path}: no files there (model.path / adapter must be a directory of files)")
+        record = _read_record(dest)
+        for rel, (size, mtime) in sorted(remote.items()):
+            if not weights and rel.endswith(WEIGHT_SUFFIXES):
+                continue
+            if not _is_current(dest, rel, size, mtime, record.get(rel)):
+                record[rel] = _download(path, dest, rel, size, mtime)
+                _write_record(dest, record)  # after each file: an interrupted download keeps what it finished
+        for rel in [r for r in record if r not in remote]:  # gone from the bucket
+            record.pop(rel)
+            if os.path.isfile(os.path.join(dest, rel)):
+                os.unlink(os.path.join(dest, rel))
+        _write_record(dest, record)
+    return dest
+
+
+def remote_files(uri: str) -> dict[str, tuple[int, float]]:
+    """{path relative to `uri`: (size, mtime)} for every file under it."""
+    fs, files = storage.list_files(uri)
+    base = storage.filesystem_for(uri)[1].rstrip("/") + "/"
+    out = {}
+    for info in fs.get_file_info(files):
+        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+        out[info.path[len(base) :]] = (int(info.size), mtime)
+    return out
+
+
+def _read_record(dest: str) -> dict[str, dict[str, Any]]:
+    try:
+        with open(os.path.join(dest, RECORD)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(dest: str, record: dict[str, dict[str, Any]]) -> None:
+    storage.write_json(os.path.join(dest, RECORD), record, sort_keys=True)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_current(dest: str, rel: str, size: int, mtime: float, entry: dict[str, Any] | None) -> bool:
+    local = os.path.join(dest, rel)
+    if entry is None or entry.get("remote_size") != size or entry.get("remote_mtime") != mtime:
+        return False  # new, or changed in the bucket
+    if not os.path.isfile(local):
+        return False
+    st = os.stat(local)
+    if st.st_size != size:
+        return False
+    if st.st_mtime_ns == entry.get("local_mtime_ns"):
+        return True
+    return _sha256(local) == entry.get("sha256")  # touched since: trust it only if its bytes are the same
+
+
+def _download(uri: str, dest: str, rel: str, size: int, mtime: float) -> dict[str, Any]:
+    fs, base = storage.filesystem_for(uri)
+    target = os.path.join(dest, rel)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.partial")
+    h, n = hashlib.sha256(), 0
+    try:
+        with fs.open_input_stream(storage.join(base, rel)) as src, open(tmp, "wb") as out:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                h.update(chunk)
+                n += len(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        if n != size:
+            raise OSError(f"{uri}/{rel}: downloaded {n} bytes, the listing says {size}")
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return {
+        "remote_size": size,
+        "remote_mtime": mtime,
+        "sha256": h.hexdigest(),
+        "local_mtime_ns": os.stat(target).st_mtime_ns,
+    }

@@ -1,0 +1,486 @@
+"""What a run needs from the Ray cluster at once, and whether the cluster can ever give it (issue 12).
+
+A run holds, while it trains: the trainer's placement group (`train.num_workers` bundles of `cpus_per_worker`
+CPUs, plus `gpus_per_worker` GPUs on GPU), the actors that live beside it (`reference.run: stream` scorers, or
+hint_rft's rollout actors), and CPUs for Ray Data tasks. Ray Data tasks are not part of the trainer's
+placement group (Ray Train V2 does not capture its workers' child tasks), so a cluster the trainer fills
+leaves them queued forever: the reported hang, `2.0/2.0 CPU used` and pending `{'CPU': 1.0}` tasks.
+
+Data tasks keep a CPU by sizing: `DATA_CPUS` is part of what a run needs, and `check_cluster` refuses to start
+a run the cluster cannot hold with it. Ray 2.60 has no finer reservation to use here: `ExecutionOptions`'
+`exclude_resources` (deprecated) and `resource_limits` only bound Ray Data's own budget and reserve nothing in
+Ray's scheduler, `DataContext.scheduling_strategy` is deprecated, and Train V2 has no `trainer_resources`.
+
+`check_cluster(cfg)` runs in the driver after it connects and before any work. What the cluster can become
+comes from, in order: the GCS cluster config (`ray._private.state.state.get_cluster_config()`: node groups
+with their max counts, what Ray Train and Ray Data read for their own checks, reported by autoscalers that
+publish it); else this cluster's autoscaler process when it runs on this node (a `ray job submit` driver runs
+on the head): the config file it was started with, or no file, which means Ray's read-only monitor of a
+fixed cluster. A cluster that can never fit the run fails at once with `ClusterTooSmall`, naming the numbers
+and the keys to change; one that fits but not yet (an autoscaler to wait for, or other work holding
+resources) gets one line saying what the run waits for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from uft_ray.config import Config, ConfigError
+
+logger = logging.getLogger(__name__)
+
+DATA_CPUS = 1.0  # CPUs left to Ray Data tasks beside the trainer's placement group and the actors
+RESOURCES = ("CPU", "GPU")  # what uft-ray asks for; memory and custom resources are not checked
+_EPS = 1e-9
+
+
+class ClusterTooSmall(ConfigError):
+    """The cluster can never hold what the run needs at once; `messages` name the numbers and the keys."""
+
+    def __init__(self, messages: list[str]):
+        super().__init__(messages)
+        self.args = ("the cluster can never hold this run:\n" + "\n".join(f"  - {m}" for m in self.messages),)
+
+
+@dataclass(frozen=True)
+class Demand:
+    """`count` identical bundles, e.g. 2 training workers of {CPU: 1}."""
+
+    what: str  # plural noun: "training workers"
+    count: int
+    bundle: dict[str, float]  # per unit; CPU / GPU, zero entries left out
+    count_key: str | None = None  # the config field(s) behind `count`
+    per_key: dict[str, str] = field(default_factory=dict)  # resource -> the field behind its amount
+    instead: str | None = None  # another way to do without these, for the message
+
+    def amount(self, resource: str) -> float:
+        return self.count * self.bundle.get(resource, 0.0)
+
+    def keys(self, resource: str) -> list[str]:
+        keys = [self.count_key] if self.count_key else []
+        return keys + ([self.per_key[resource]] if resource in self.per_key else [])
+
+    def term(self, resource: str) -> str:
+        """`2 training workers x 1 CPU (train.num_workers, train.cpus_per_worker)`; `1 for data tasks`."""
+        if not self.count_key and not self.per_key:
+            return f"{_n(self.amount(resource))} for {self.what}"
+        return (
+            f"{self.count} {self.what} x {_amount(self.bundle[resource], resource)} ({', '.join(self.keys(resource))})"
+        )
+
+
+@dataclass(frozen=True)
+class Needs:
+    """Everything one phase of a run holds at once."""
+
+    phase: str  # "while training", "during the reference pass"
+    demands: tuple[Demand, ...]
+
+    def total(self) -> dict[str, float]:
+        out = {r: sum(d.amount(r) for d in self.demands) for r in RESOURCES}
+        return {r: v for r, v in out.items() if v > 0}
+
+    def explain(self, resource: str) -> str:
+        """`3 CPUs: 2 training workers x 1 CPU (train.num_workers, train.cpus_per_worker) + 1 for data tasks`."""
+        terms = [d.term(resource) for d in self.demands if d.amount(resource) > 0]
+        return f"{_amount(self.total()[resource], resource)}: " + " + ".join(terms)
+
+    def summary(self) -> str:
+        """`2 x {CPU: 1} for training workers + 1 CPU for data tasks`."""
+        parts = []
+        for d in self.demands:
+            if d.count_key or d.per_key:
+                parts.append(f"{d.count} x {_bundle(d.bundle)} for {d.what}")
+            else:
+                parts.append(" ".join(_amount(v, r) for r, v in d.bundle.items()) + f" for {d.what}")
+        return " + ".join(parts)
+
+    def keys(self, resource: str) -> list[str]:
+        """The distinct fields behind `resource`'s total ("train.num_workers x reference.actors" counts as two)."""
+        out: list[str] = []
+        for d in self.demands:
+            if d.amount(resource) > 0:
+                out += [f for k in d.keys(resource) for f in k.split(" x ") if f not in out]
+        return out
+
+
+def _bundle_of(cpus: float, gpus: float) -> dict[str, float]:
+    return {r: float(v) for r, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
+
+
+def _min_actors(actors: int | list[int]) -> int:
+    """A reference actor pool `[min, max]` starts, and works, with `min` actors."""
+    return int(actors[0]) if isinstance(actors, list) else int(actors)
+
+
+def _worker_demand(cfg: Config) -> Demand:
+    tr = cfg.train
+    if isinstance(tr.cpus_per_worker, str):
+        raise ValueError(
+            "train.cpus_per_worker is still 'auto': pass the config uft_ray.driver._with_worker_cpus made"
+        )
+    gpus = tr.gpus_per_worker if tr.use_gpu else 0.0
+    return Demand(
+        "training workers",
+        tr.num_workers,
+        _bundle_of(tr.cpus_per_worker, gpus),
+        "train.num_workers",
+        {"CPU": "train.cpus_per_worker", "GPU": "train.gpus_per_worker"},
+    )
+
+
+def _data_demand() -> Demand:
+    return Demand("data tasks", 1, {"CPU": DATA_CPUS})
+
+
+def _reference_bundle(cfg: Config) -> dict[str, float]:
+    r = cfg.reference
+    return _bundle_of(r.cpus_per_actor, r.gpus_per_actor if cfg.train.use_gpu else 0.0)  # = scorer.actor_gpus
+
+
+_REFERENCE_KEYS = {"CPU": "reference.cpus_per_actor", "GPU": "reference.gpus_per_actor"}
+
+
+def _scores_with_actors(cfg: Config) -> bool:
+    return cfg.method == "uft" and cfg.needs_reference and cfg.reference.mode == "actor"
+
+
+def needs(cfg: Config) -> Needs:
+    """What the run holds at once while it trains (`cfg` with `train.cpus_per_worker` resolved).
+
+    The trainer's workers; the reference scorers when they stream beside training (`reference.run: stream`:
+    each rank's dataset has its own pool of `reference.actors`, so num_workers x actors of them; `precompute`
+    ends before training starts); hint_rft's rollout actors; and `DATA_CPUS` for Ray Data tasks.
+    """
+    demands = [_worker_demand(cfg)]
+    if cfg.method == "hint_rft":
+        ro = cfg.rft.rollout
+        demands.append(
+            Demand(
+                "rollout actors",
+                ro.actors,
+                _bundle_of(ro.cpus_per_actor, ro.gpus_per_actor if cfg.train.use_gpu else 0.0),
+                "rft.rollout.actors",
+                {"CPU": "rft.rollout.cpus_per_actor", "GPU": "rft.rollout.gpus_per_actor"},
+            )
+        )
+    elif _scores_with_actors(cfg) and cfg.reference.run == "stream":
+        demands.append(
+            Demand(
+                "reference actors",
+                cfg.train.num_workers * _min_actors(cfg.reference.actors),
+                _reference_bundle(cfg),
+                "train.num_workers x reference.actors",
+                _REFERENCE_KEYS,
+                instead="set reference.run precompute (its actors end before training starts)",
+            )
+        )
+    demands.append(_data_demand())
+    return Needs("while training", tuple(d for d in demands if d.count > 0 and d.bundle))
+
+
+def reference_pass_needs(cfg: Config) -> Needs | None:
+    """What `reference.run: precompute` holds before training (its actor pool and data tasks), or None."""
+    if not (_scores_with_actors(cfg) and cfg.reference.run == "precompute"):
+        return None
+    actors = Demand(
+        "reference actors",
+        _min_actors(cfg.reference.actors),
+        _reference_bundle(cfg),
+        "reference.actors",
+        _REFERENCE_KEYS,
+    )
+    return Needs("during the reference pass", tuple(d for d in (actors, _data_demand()) if d.count > 0 and d.bundle))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cluster: what it has, and what it can become.
+
+
+@dataclass(frozen=True)
+class NodeType:
+    """A node type an autoscaler can start: its resources and how many (None: no limit)."""
+
+    name: str
+    resources: dict[str, float]
+    max_count: int | None
+
+
+@dataclass
+class ClusterView:
+    nodes: list[dict[str, float]]  # each alive node's total CPU / GPU
+    free: dict[str, float]  # available now, cluster-wide
+    # What an autoscaler can add; empty on a fixed cluster. `autoscaler` says where it was read ("gcs",
+    # "config FILE"), or "none" (a fixed cluster: Ray's read-only monitor), or "unknown" (not visible from here).
+    node_types: list[NodeType] = field(default_factory=list)
+    autoscaler: str = "none"
+    max_workers: int | None = None  # cluster-wide cap on the nodes an autoscaler adds
+    max_resources: dict[str, float] = field(default_factory=dict)  # cluster-wide caps (GCS cluster config)
+
+    @property
+    def scales(self) -> bool:
+        return bool(self.node_types)
+
+    def total_now(self) -> dict[str, float]:
+        return {r: sum(n.get(r, 0.0) for n in self.nodes) for r in RESOURCES}
+
+    def max_total(self, resource: str) -> float:
+        """An upper bound on what the cluster can ever hold of `resource`: its nodes plus the most nodes of each
+        type (a type's running nodes counted twice only loosen the bound: it never fails a run wrongly)."""
+        now = sum(n.get(resource, 0.0) for n in self.nodes)
+        types = [t for t in self.node_types if t.resources.get(resource, 0.0) > 0]
+        if any(t.max_count is None for t in types) and self.max_workers is None:
+            return math.inf
+        if any(t.max_count is None for t in types):  # unlimited types under a cluster-wide cap
+            added = [max(t.resources[resource] for t in types)] * (self.max_workers or 0)
+        else:
+            added = sorted((t.resources[resource] for t in types for _ in range(t.max_count or 0)), reverse=True)
+            added = added[: self.max_workers] if self.max_workers is not None else added
+        return min(now + sum(added), self.max_resources.get(resource, math.inf))
+
+    def max_placeable(self, bundle: dict[str, float]) -> float:
+        """How many `bundle`s the cluster can ever hold at once (exact for one bundle shape on these nodes)."""
+        per_node = [_fits(n, bundle) for n in self.nodes]
+        added: list[float] = []
+        for t in self.node_types:
+            k = _fits(t.resources, bundle)
+            if k > 0:
+                if t.max_count is None:
+                    return math.inf
+                added += [k] * t.max_count
+        added = sorted(added, reverse=True)
+        return sum(per_node) + sum(added[: self.max_workers] if self.max_workers is not None else added)
+
+
+def _fits(node: dict[str, float], bundle: dict[str, float]) -> float:
+    """How many `bundle`s one node holds."""
+    return min((math.floor(node.get(r, 0.0) / v + _EPS) for r, v in bundle.items() if v > 0), default=0)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """`check_cluster`'s answer for a run the cluster can hold: `ok` now, or `waiting` (for what: `line`)."""
+
+    status: str  # ok | waiting
+    line: str
+    view: ClusterView
+
+
+def assess(phases: list[Needs], view: ClusterView) -> Fit:
+    """Compare what the phases need with the cluster; raises `ClusterTooSmall` when it can never fit."""
+    problems: list[str] = []
+    if view.autoscaler != "unknown":  # an autoscaler we cannot see may grow the cluster: never fail on a guess
+        for needs in phases:
+            problems += _never_fits(needs, view)
+    if problems:
+        raise ClusterTooSmall(problems)
+    training = phases[0]
+    total, free = training.total(), view.free
+    short = {r: v for r, v in total.items() if v > free.get(r, 0.0) + _EPS}
+    if not short:
+        have = ", ".join(f"{_n(free.get(r, 0.0))} of {_amount(view.total_now()[r], r)} free" for r in total)
+        return Fit("ok", f"cluster: the run needs {training.summary()} {training.phase}; {have}", view)
+    has = _free_line(short, view)
+    if view.scales:
+        types = ", ".join(f"{t.name} {_bundle(t.resources)} x up to {'any' if t.max_count is None else t.max_count}"
+                          for t in view.node_types)  # fmt: skip
+        line = f"waiting for the autoscaler: need {training.summary()}; {has} (it can add: {types})"
+    elif view.autoscaler == "unknown":
+        line = (f"waiting for resources: need {training.summary()}; {has}; uft-ray cannot see whether this cluster "
+                f"autoscales (no GCS cluster config, no autoscaler on this node): if it does not, stop the run and "
+                f"lower {', '.join(_all_keys(training, short))}")  # fmt: skip
+    else:
+        line = f"waiting for other work on the cluster to free resources: need {training.summary()}; {has}"
+    return Fit("waiting", line, view)
+
+
+def _free_line(short: dict[str, float], view: ClusterView) -> str:
+    now = view.total_now()
+    return "the cluster has " + ", ".join(
+        f"{_n(view.free.get(r, 0.0))} of {_amount(now.get(r, 0.0), r)} free" for r in short
+    )
+
+
+def _all_keys(needs: Needs, resources: dict[str, float]) -> list[str]:
+    out: list[str] = []
+    for r in resources:
+        out += [k for k in needs.keys(r) if k not in out]
+    return out
+
+
+def _never_fits(needs: Needs, view: ClusterView) -> list[str]:
+    out, short = [], set()
+    for r, want in needs.total().items():
+        cap = view.max_total(r)
+        if want > cap + _EPS:
+            short.add(r)
+            instead = "".join(f", or {d.instead}" for d in needs.demands if d.instead and d.amount(r) > 0)
+            out.append(f"cluster: {needs.phase} the run needs {needs.explain(r)}; {_has(view, r, cap)}. "
+                       f"Lower {' or '.join(needs.keys(r))}{instead}, or {_grow(view, r)}")  # fmt: skip
+    for d in needs.demands:
+        fit = view.max_placeable(d.bundle)
+        keys = ", ".join(dict.fromkeys(k for r in d.bundle for k in d.keys(r)))
+        each = f"{_bundle(d.bundle)}" + (f" ({keys})" if keys else "")
+        if fit == 0:
+            out.append(
+                f"cluster: no node can ever hold one of the {d.what} {needs.phase}, {each}; {_nodes_line(view)}"
+            )
+        elif fit < d.count and not short & set(d.bundle):  # the totals fit, the bundles do not pack onto nodes
+            out.append(f"cluster: at most {_n(fit)} of the {d.count} {d.what} of {each} fit on its nodes at once "
+                       f"{needs.phase}; {_nodes_line(view)}")  # fmt: skip
+    return out
+
+
+def _has(view: ClusterView, resource: str, cap: float) -> str:
+    now = view.total_now().get(resource, 0.0)
+    if not view.scales:
+        return f"the cluster has {_amount(now, resource)} and no autoscaler to add more"
+    return f"the cluster has {_amount(now, resource)} and its autoscaler can grow it to at most {_n(cap)}"
+
+
+def _grow(view: ClusterView, resource: str) -> str:
+    if view.scales:
+        return f"raise max_workers of a node type with {_unit(resource, 2)} in the autoscaler's config"
+    flag = "--num-cpus" if resource == "CPU" else "--num-gpus"
+    return f"give the cluster more {_unit(resource, 2)} (more nodes, or `ray start {flag}=N` on a node)"
+
+
+def _nodes_line(view: ClusterView) -> str:
+    nodes = ", ".join(_bundle(n) for n in view.nodes) or "none"
+    types = ", ".join(f"{t.name} {_bundle(t.resources)}" for t in view.node_types)
+    return f"its nodes: {nodes}" + (f"; node types it can add: {types}" if types else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading the cluster through Ray.
+
+
+def check_cluster(cfg: Config) -> Fit:
+    """Fail now (`ClusterTooSmall`) when the connected cluster can never hold the run; else print one line:
+    what the run needs and has, or what it waits for. `cfg` with `train.cpus_per_worker` resolved."""
+    phases = [needs(cfg)]
+    if (ref := reference_pass_needs(cfg)) is not None:
+        phases.append(ref)
+    view = cluster_view()
+    fit = assess(phases, view)
+    logger.info("cluster: %s; autoscaler: %s", view, view.autoscaler)
+    _say(fit.line)
+    return fit
+
+
+def _say(msg: str) -> None:
+    print(f"[uft-ray] {msg}", flush=True)  # the driver's phase lines (uft_ray.driver._say)
+
+
+def _cpu_gpu(resources: dict[str, Any]) -> dict[str, float]:
+    return {r: float(resources.get(r, 0.0)) for r in RESOURCES if resources.get(r)}
+
+
+def cluster_view() -> ClusterView:
+    """The connected cluster: its alive nodes, what is free, and what its autoscaler can add."""
+    import ray
+
+    nodes = [_cpu_gpu(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
+    view = ClusterView(nodes=nodes, free=_cpu_gpu(ray.available_resources()))
+    return _with_gcs_config(view) or _with_monitor_config(view) or dataclasses.replace(view, autoscaler="unknown")
+
+
+def _with_gcs_config(view: ClusterView) -> ClusterView | None:
+    """Node groups from the GCS cluster config, where an autoscaler published one (what Ray Train V2's own
+    resource check reads: `ray._private.state.state.get_max_resources_from_cluster_config`)."""
+    import ray._private.state
+
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception as e:  # an older GCS: no such key
+        logger.info("no GCS cluster config: %s", e)
+        return None
+    if config is None or not config.node_group_configs:
+        return None
+    types = [
+        NodeType(g.name, _cpu_gpu(dict(g.resources)), None if g.max_count == -1 else int(g.max_count))
+        for g in config.node_group_configs
+        if g.max_count != 0 and _cpu_gpu(dict(g.resources))
+    ]
+    caps = {r: float(v) for r, v in dict(config.max_resources).items() if r in RESOURCES}
+    return dataclasses.replace(view, node_types=types, autoscaler="gcs", max_resources=caps)
+
+
+def _with_monitor_config(view: ClusterView) -> ClusterView | None:
+    """This cluster's autoscaler process on this node (`ray start --head` runs it; a job's driver runs on the
+    head): the config file it was started with, or none (Ray's read-only monitor of a fixed cluster)."""
+    args = _monitor_args()
+    if args is None:
+        return None
+    path, cwd = args
+    if path is None:
+        return dataclasses.replace(view, autoscaler="none")
+    import yaml
+
+    try:
+        with open(os.path.join(cwd, os.path.expanduser(path))) as f:
+            config = yaml.safe_load(f) or {}
+    except OSError as e:
+        logger.info("cannot read the autoscaler's config %s: %s", path, e)
+        return None
+    head = config.get("head_node_type")
+    cap = config.get("max_workers")
+    types = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        most = spec.get("max_workers", cap)
+        resources = _cpu_gpu(spec.get("resources") or {})
+        if name == head or most == 0 or not resources:
+            continue
+        types.append(NodeType(name, resources, None if most is None else int(most)))
+    return dataclasses.replace(
+        view, node_types=types, autoscaler=f"config {path}", max_workers=None if cap is None else int(cap)
+    )
+
+
+def _monitor_args() -> tuple[str | None, str] | None:
+    """(`--autoscaling-config` or None, its cwd) of the monitor process of the cluster this driver is connected
+    to, matched by its `--gcs-address` port; None when it does not run on this node."""
+    import psutil
+    import ray
+
+    port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[-1]
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        # ray/autoscaler/_private/monitor.py (v1) or ray/autoscaler/v2/monitor.py, not the log monitor
+        if not any(os.path.basename(c) == "monitor.py" and "autoscaler" in c for c in cmd[:3]):
+            continue
+        gcs = next((c.split("=", 1)[1] for c in cmd if c.startswith("--gcs-address=")), "")
+        if gcs.rsplit(":", 1)[-1] != port:
+            continue
+        path = next((c.split("=", 1)[1] for c in cmd if c.startswith("--autoscaling-config=")), None)
+        try:
+            cwd = proc.cwd()
+        except (psutil.Error, OSError):
+            cwd = "/"
+        return path, cwd
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Numbers in messages.
+
+
+def _n(x: float) -> str:
+    return "any" if x == math.inf else f"{x:g}"
+
+
+def _unit(resource: str, x: float) -> str:
+    return resource if x == 1 else f"{resource}s"
+
+
+def _amount(x: float, resource: str) -> str:
+    return f"{_n(x)} {_unit(resource, x)}"
+
+
+def _bundle(bundle: dict[str, float]) -> str:
+    return "{" + (", ".join(f"{r}: {_n(v)}" for r, v in bundle.items()) or "CPU: 0") + "}"
