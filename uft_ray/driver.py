@@ -5,12 +5,11 @@ cluster (or starts a local one), prepares the rows (reused when already prepared
 makes sure the reference cache holds their log-probs, makes the deterministic training plan, trains with
 `TorchTrainer`, and writes the run directory (uft_ray.run_dir names every file in it).
 
-Feeding the workers. Ray Data's `streaming_split` hands blocks to whichever rank asks first, so which rank
-trains which row, and in what order, changes from run to run: no exact resume. Instead every rank gets its own
-dataset `train_{rank}`: the prepared rows, tagged with their plan position by a `map_batches` join against
-this rank's share of the plan (a small dict), with the reference log-probs joined from the cache the same way
-(`uft_ray.data.prepared.join_columns`: the prepared rows are never rewritten, so runs can share them), filtered
-to it, sorted by (step, micro, slot), and read with `preserve_order`. `DataConfig(datasets_to_split=[])` hands each dataset unsplit to every worker (Ray Train V2
+Feeding the workers. Every rank gets its own dataset `train_{rank}`, its plan rows in plan order
+(uft_ray.train.feeds: one pass over the prepared rows for all ranks, one sort, split at the ranks' offsets, so
+each rank holds about 1/W of the rows), with the reference log-probs joined from the cache by row id
+(`uft_ray.data.prepared.join_columns`: the prepared rows are never rewritten, so runs can share them), read with
+`preserve_order`. `DataConfig(datasets_to_split=[])` hands each dataset unsplit to every worker (Ray Train V2
 creates a worker's iterator only for the dataset it asks for, so rank r executes only `train_r`). The loop
 checks every micro-batch's plan position, so an ordering bug fails loudly instead of training wrong rows.
 
@@ -39,11 +38,11 @@ from uft_ray.ray_utils import init_ray, train_logging
 from uft_ray.resources import check_cluster
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, QUARANTINE_COUNTS, RunDir, read_state
 from uft_ray.trackers import open_trackers
+from uft_ray.train.feeds import Background, rank_feeds
 from uft_ray.train.hooks import TrainHooks
 from uft_ray.train.plan import Plan, load_plan, make_plan, rank_assignment, tag_rows
 
 logger = logging.getLogger(__name__)
-SORT_PARTITION_ROWS = 4096  # rows per sorted partition of a rank's dataset
 
 # Columns the workers read from the prepared rows: token ids, offsets and targets, never the text.
 TRAIN_COLUMNS = (
@@ -115,7 +114,8 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
     # 3. Each rank's rows in plan order, built on the cluster while the reference log-probs are looked up or
     # scored, and ready before the workers start: the first step waits for neither.
     todo = start < plan.summary.steps
-    building = _Materialize(_rank_feeds(cfg, prepared, plan, start)) if todo else None
+    rows = prep.rows_dataset(prepared, list(TRAIN_COLUMNS))
+    building = Background(rank_feeds, rows, plan, start) if todo else None
     reference, collector = _reference(cfg, prepared)
     if reference is not None:
         ref = prep.read_summary(prepared).get("reference") or {}
@@ -216,8 +216,16 @@ def _with_worker_cpus(cfg: Config) -> Config:
         return cfg
     import ray
 
+    from uft_ray.resources import DATA_CPUS
+
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    cpus = 1 if cfg.train.use_gpu or len(nodes) > 1 else _auto_cpus_per_worker(cfg.train.num_workers)
+    cpus = 1
+    if not cfg.train.use_gpu and len(nodes) == 1:
+        # The cores' share, but no more than the cluster holds beside the actors that train alongside (hint_rft's
+        # rollout actors) and a CPU for data tasks: a 4-CPU head runs the 2-worker demo at 1 CPU each, not 2.
+        beside = cfg.rft.rollout.actors * cfg.rft.rollout.cpus_per_actor if cfg.method == "hint_rft" else 0
+        fit = int((ray.cluster_resources().get("CPU", 0) - beside - DATA_CPUS) // cfg.train.num_workers)
+        cpus = max(1, min(_auto_cpus_per_worker(cfg.train.num_workers), fit))
     out = copy.deepcopy(cfg)
     out.train.cpus_per_worker = float(cpus)
     logger.info("train.cpus_per_worker auto: %d per worker", cpus)
@@ -349,25 +357,6 @@ def _fit(
     return storage.as_uri(run_dir.path, result.checkpoint.path) if result.checkpoint is not None else None
 
 
-def _rank_feeds(cfg: Config, prepared: str, plan: Plan, start: int) -> dict[str, Any]:
-    """Per rank: the prepared rows tagged with their plan position (others dropped), sorted in plan order."""
-    base = prep.rows_dataset(prepared, list(TRAIN_COLUMNS))
-    # Sort partitions cut at known steps: no sampling pass, and a handful of partitions instead of Ray's 200.
-    per_rank_step = cfg.train.micro_batch_size * cfg.train.grad_accum
-    every = max(1, SORT_PARTITION_ROWS // per_rank_step)
-    boundaries = list(range(start + every, plan.summary.steps, every)) or [plan.summary.steps]
-    feeds = {}
-    for rank in range(cfg.train.num_workers):
-        ds = base.map_batches(
-            tag_rows,
-            fn_kwargs={"assignment": rank_assignment(plan.table, rank, start)},
-            batch_format="pyarrow",
-            batch_size=None,
-        )
-        feeds[f"train_{rank}"] = ds.sort(["step", "micro", "slot"], boundaries=boundaries)
-    return feeds
-
-
 def join_reference(batch: Any, values: dict[str, tuple]) -> Any:
     """A `map_batches` function: the reference log-probs joined into a block of the feed by row_id."""
     from uft_ray.reference.cache import REFERENCE_FIELDS
@@ -442,37 +431,6 @@ def _heldout_feeds(cfg: Config, run_dir: RunDir, prepared: str, reference: dict[
             )
         feeds[f"eval_{rank}"] = ds.materialize()
     return feeds
-
-
-class _Materialize:
-    """Materializes the rank feeds in a background thread (Ray runs the tasks; this thread only waits).
-
-    Measured on the demo (2 cores): the first step's data wait fell from 14 s (the worker starting its own
-    pipeline after the model load) to 0.5 s. The cost: the planned rows' token ids sit in the object store
-    (spilled to disk beyond its size) for the run, instead of streaming.
-    """
-
-    def __init__(self, feeds: dict[str, Any]) -> None:
-        import threading
-
-        self._feeds = feeds
-        self._out: dict[str, Any] = {}
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="uft-ray-feeds", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for name, ds in self._feeds.items():
-                self._out[name] = ds.materialize()
-        except BaseException as e:  # re-raised in the driver's thread
-            self._error = e
-
-    def result(self) -> dict[str, Any]:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._out
 
 
 def _last_checkpoint(run_dir: RunDir) -> str | None:

@@ -19,6 +19,7 @@ from uft_ray.model_store import local_model
 from uft_ray.ray_utils import init_ray, train_logging
 from uft_ray.resources import check_cluster
 from uft_ray.run_dir import CHECKPOINTS, RunDir, read_state
+from uft_ray.train.feeds import Background
 from uft_ray.train.hooks import TrainHooks
 from uft_ray.train.plan import Plan, read_plan_summary
 
@@ -33,7 +34,6 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> Any:
         RunResult,
         _last_checkpoint,
         _local_cpus,
-        _Materialize,
         _with_worker_cpus,
         _write_report,
         write_adapter,
@@ -69,7 +69,7 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> Any:
     # 2. Each rank's prompts, built while the rollout actors load the base model.
     checkpoint = last
     if start < plan.summary.steps:
-        building = _Materialize(rank_feeds(run_dir, plan, cfg, start))
+        building = Background(rank_feeds, run_dir, plan, cfg, start)
         actors = start_rollout_actors(cfg, tokenizer)
         feeds = building.result()
         try:

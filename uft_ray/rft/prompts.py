@@ -242,19 +242,14 @@ def attach_hints(batch: pa.Table, schedule: HintSchedule) -> pa.Table:
 
 
 def rank_feeds(run_dir: RunDir, plan: Plan, cfg: Config, start: int) -> dict[str, Any]:
-    """Per rank: its prompts from step `start` on, tagged with (step, slot) and their hints, in plan order."""
+    """Per rank: its prompts from step `start` on, tagged with (step, slot) and their hints, in plan order
+    (uft_ray.train.feeds: one pass over the prompts for every rank), materialized."""
+    import functools
+
     import ray.data
 
-    from uft_ray.train.plan import rank_assignment, tag_rows
+    from uft_ray.train import feeds
 
-    base = ray.data.read_parquet(storage.join(run_dir.prompts, "train.parquet"))
-    feeds = {}
-    for rank in range(cfg.train.num_workers):
-        ds = base.map_batches(
-            tag_rows,
-            fn_kwargs={"assignment": rank_assignment(plan.table, rank, start)},
-            batch_format="pyarrow",
-            batch_size=None,
-        ).map_batches(attach_hints, fn_kwargs={"schedule": schedule(cfg)}, batch_format="pyarrow", batch_size=None)
-        feeds[f"train_{rank}"] = ds.sort(["step", "slot"])
-    return feeds
+    rows = ray.data.read_parquet(storage.join(run_dir.prompts, "train.parquet"))
+    hints = functools.partial(attach_hints, schedule=schedule(cfg))
+    return feeds.rank_feeds(rows, plan, start, transform=hints)
