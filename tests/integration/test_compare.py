@@ -16,8 +16,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 
 
 def _recipe(make_config, tiny_assets, root: Path) -> Path:
+    # One worker holding the whole tiny base (ZeRO-0) with both cores: what is checked here is the table and the
+    # arms' bookkeeping, and the sharded 2-worker path is test_train's; every fit costs ~30 s.
     base = make_config("base", mixture={"counts": {"ultrachat": 8, "helpsteer2": 8}},
-                       train={"max_steps": 1, "warmup_ratio": 0.0})  # fmt: skip
+                       train={"max_steps": 1, "warmup_ratio": 0.0, "num_workers": 1, "cpus_per_worker": 2,
+                              "deepspeed": {"zero_stage": 0}})  # fmt: skip
     (root / "base.yaml").write_text(base.to_yaml())
     uc = {"name": "ultrachat", "format": "ultrachat_200k", "path": tiny_assets["ultrachat_200k_train"]}
     sft = {"data": {"sources": [uc]}, "mixture": {"counts": {"ultrachat": 8}}, "loss": {"type": "sft"}}

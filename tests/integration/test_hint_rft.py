@@ -1,10 +1,11 @@
 """`method: hint_rft` end to end on a local Ray cluster: the tiny model, generated Countdown, 2 DeepSpeed workers,
 one transformers rollout actor (tests/fixtures/recorder.py records rollouts and adapter syncs).
 
-Three runs of one config (6 steps, hints on a cosine schedule over 4 steps, checkpoints every 2):
-uninterrupted, a worker SIGKILLed after step 3 (FailureConfig restarts it from step 2), and a run stopped after
-step 3 then rerun under the same name. Both must continue at step 2 with the same hints and the same rollouts.
-One more run reveals the full hint at every step (p = 1): its hint NLL must fall.
+Two runs of one config (6 steps, hints on a cosine schedule over 4 steps, checkpoints every 2): uninterrupted,
+and an interrupted one: a worker SIGKILLed after step 3 (FailureConfig restarts the group from step 2), then
+stopped after step 5 and rerun under the same name (it continues at step 4). It must end with the same hints,
+rollouts and losses as the uninterrupted run. One more run reveals the full hint at every step (p = 1): its hint
+NLL must fall.
 """
 
 from __future__ import annotations
@@ -79,9 +80,12 @@ def straight(tiny_assets, root) -> Any:
 
 
 @pytest.fixture(scope="module")
-def killed(tiny_assets, root) -> tuple[Any, dict[str, Any]]:
-    """Rank 1 parks after step 3; this test kills it once the step-2 checkpoint is registered."""
-    cfg = rft_config(tiny_assets, root, "killed", "train.max_failures=1")
+def interrupted(tiny_assets, root) -> tuple[Any, dict[str, Any]]:
+    """Both ways a run is interrupted, in one run (each costs a fit): rank 1 parks after step 3 and this test
+    kills it once the step-2 checkpoint is registered (FailureConfig's one retry restarts from step 2); the
+    restarted run stops after step 5 (a second failure: fit fails), and a rerun under the same name continues
+    from the step-4 checkpoint."""
+    cfg = rft_config(tiny_assets, root, "interrupted", "train.max_failures=1")
     run = Path(cfg.output.run_dir)
     seen: dict[str, Any] = {}
 
@@ -98,17 +102,11 @@ def killed(tiny_assets, root) -> tuple[Any, dict[str, Any]]:
 
     killer = threading.Thread(target=kill_when_paused, daemon=True)
     killer.start()
-    result = driver.run(cfg, hooks=RftRecorder(cfg.output.run_dir, pause={"rank": 1, "step": 3}))
+    hooks = RftRecorder(cfg.output.run_dir, pause={"rank": 1, "step": 3}, stop_after_step=5)
+    with pytest.raises(Exception, match="stopping after step 5"):
+        driver.run(cfg, hooks=hooks)
     killer.join(timeout=5)
-    return result, seen
-
-
-@pytest.fixture(scope="module")
-def rerun(tiny_assets, root) -> Any:
-    cfg = rft_config(tiny_assets, root, "rerun")
-    with pytest.raises(Exception, match="stopping after step 3"):
-        driver.run(cfg, hooks=RftRecorder(cfg.output.run_dir, stop_after_step=3))
-    return driver.run(cfg, hooks=RftRecorder(cfg.output.run_dir))
+    return driver.run(cfg, hooks=RftRecorder(cfg.output.run_dir)), seen
 
 
 def test_run_writes_every_metric_and_the_run_directory(straight):
@@ -161,18 +159,20 @@ def test_actors_generate_with_exactly_the_trainers_adapter(straight):
     assert adapter_digest(saved) == syncs[4]["trainer"]
 
 
-def test_killed_worker_resumes_at_its_checkpoint_with_the_same_hints_and_rollouts(straight, killed):
-    result, seen = killed
+def test_killed_worker_resumes_at_its_checkpoint_with_the_same_hints_and_rollouts(straight, interrupted):
+    result, seen = interrupted
     assert seen, "the paused worker was never killed"
-    assert attempts(result.run_dir, 1) == [0, 2]  # restarted from the step-2 checkpoint
+    # the kill restarted both ranks from the step-2 checkpoint; the rerun started at step 4
+    assert attempts(result.run_dir, 0) == attempts(result.run_dir, 1) == [0, 2, 4]
     assert rollouts(result.run_dir) == rollouts(straight.run_dir)
     assert [r["step"] for r in read_metrics(result.metrics_path)] == list(range(1, STEPS + 1))
 
 
-def test_rerun_of_the_same_run_name_continues_with_the_same_rollouts(straight, rerun):
-    assert attempts(rerun.run_dir, 0) == [0, 2]
-    assert rollouts(rerun.run_dir) == rollouts(straight.run_dir)
-    a, b = read_metrics(straight.metrics_path), read_metrics(rerun.metrics_path)
+def test_rerun_of_the_same_run_name_continues_with_the_same_rollouts(straight, interrupted):
+    result, _ = interrupted
+    assert attempts(result.run_dir, 0)[-1] == 4  # the rerun resumed from the step-4 checkpoint, not from scratch
+    assert rollouts(result.run_dir) == rollouts(straight.run_dir)
+    a, b = read_metrics(straight.metrics_path), read_metrics(result.metrics_path)
     assert [r["reward/mean"] for r in a] == [r["reward/mean"] for r in b]
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6, abs=1e-9)
 

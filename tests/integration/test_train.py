@@ -4,15 +4,16 @@ the tiny model, the project's UltraChat + HelpSteer2 samples through the real da
 Runs are shared between tests through module fixtures (each fit costs ~30 s on 2 cores); the workers record
 what they did through test hooks (tests/fixtures/recorder.py):
 - `uft20`: 20 steps (2 epochs of 40 rows, global batch 4), checkpoints every 5; tests 1, 2, 3 and 5 read it.
-- `resumed`: the same config stopped after its step-5 checkpoint, then rerun to step 10 (test 3).
-- `killed`: a worker killed by its pid after step 4; FailureConfig restarts from checkpoint 3 (test 4).
-- `one_worker` / `accumulated` / `adapter_off`: one step with 1 worker x micro-batch 4; the same with
-  micro-batch 1 x accumulation 4; the same with `reference.mode: adapter_off` (test 5, one change each).
+- `interrupted`: the same config, a worker killed by its pid after step 6 (FailureConfig restarts from
+  checkpoint 5), then stopped after step 10 and rerun to the end (tests 3 and 4).
+- `one_worker` / `accumulated` / `adapter_off`: 2 steps with 1 worker x micro-batch 4, a checkpoint after each
+  (test 5 reads its first step; it is also the sweep's beta-0.1 run in turn); one step with micro-batch 1 x
+  accumulation 4; one step with `reference.mode: adapter_off` (test 5, one change each).
 - `sequential`: sft stage 1 on UltraChat, uft stage 2 on HelpSteer2 against base + stage-1 adapter (test 6).
 - `dpo` / `dpo_accumulated`, `kto` / `kto_accumulated`: 2 steps on HelpSteer2 pairs / binary rows, 2 workers x
   micro-batch 2, and 2 workers x micro-batch 1 x accumulation 2 on the same prepared rows (recipes).
-- `sweep`: two runs with different `loss.beta` sharing one prepared directory, at the same time and then one
-  after the other (test 7).
+- `sweep`: two runs with different `loss.beta` sharing one prepared directory, at the same time, and the same
+  two one after the other (`one_worker` is the first) (test 7).
 
 Run: `pytest tests/integration/test_train.py -q` (several minutes on 2 cores).
 """
@@ -103,20 +104,12 @@ def uft20(make_config, uft_prepared, tiny_assets) -> RunResult:
 
 
 @pytest.fixture(scope="module")
-def resumed(make_config, uft_prepared) -> str:
-    """The uft20 config, stopped after its step-5 checkpoint, rerun with the same name and stopped after 10."""
-    cfg = make_config("resumed")
-    with pytest.raises(Exception, match="stopping after step 5"):
-        driver.run(cfg, prepared_dir=uft_prepared, hooks=Recorder(cfg.output.run_dir, stop_after_step=5))
-    with pytest.raises(Exception, match="stopping after step 10"):
-        driver.run(cfg, prepared_dir=uft_prepared, hooks=Recorder(cfg.output.run_dir, stop_after_step=10))
-    return cfg.output.run_dir
-
-
-@pytest.fixture(scope="module")
-def killed(make_config, uft_prepared) -> tuple[RunResult, dict[str, Any]]:
-    """8 steps, checkpoints every 3; rank 1 parks after step 4 and this test kills it by its pid."""
-    cfg = make_config("killed", train={"max_steps": 8, "checkpoint_every": 3, "max_failures": 1})
+def interrupted(make_config, uft_prepared) -> tuple[RunResult, dict[str, Any]]:
+    """The uft20 config interrupted both ways in one run (each fit costs ~30 s): rank 1 parks after step 6 and
+    this test kills it by its pid; FailureConfig's one retry restarts from checkpoint 5; the restarted run stops
+    after step 10 (a second failure: the fit fails), and a rerun with the same name continues from checkpoint 10
+    to step 20."""
+    cfg = make_config("interrupted", train={"max_failures": 1})
     run = Path(cfg.output.run_dir)
     seen: dict[str, Any] = {}
 
@@ -127,7 +120,7 @@ def killed(make_config, uft_prepared) -> tuple[RunResult, dict[str, Any]]:
         snapshot = run / "checkpoints" / "checkpoint_manager_snapshot.json"
         while time.time() < deadline:
             paused = run / "debug" / "paused_rank1.json"
-            if paused.exists() and snapshot.exists() and "checkpoint_000003" in snapshot.read_text():
+            if paused.exists() and snapshot.exists() and "checkpoint_000005" in snapshot.read_text():
                 seen.update(json.loads(paused.read_text()))
                 os.kill(seen["pid"], signal.SIGKILL)
                 return
@@ -135,19 +128,20 @@ def killed(make_config, uft_prepared) -> tuple[RunResult, dict[str, Any]]:
 
     killer = threading.Thread(target=kill_when_paused, daemon=True)
     killer.start()
-    hooks = Recorder(cfg.output.run_dir, pause={"rank": 1, "step": 4})
-    result = driver.run(cfg, prepared_dir=uft_prepared, hooks=hooks)
+    hooks = Recorder(cfg.output.run_dir, pause={"rank": 1, "step": 6}, stop_after_step=10)
+    with pytest.raises(Exception, match="stopping after step 10"):
+        driver.run(cfg, prepared_dir=uft_prepared, hooks=hooks)
     killer.join(timeout=5)
-    return result, seen
+    return driver.run(cfg, prepared_dir=uft_prepared, hooks=Recorder(cfg.output.run_dir)), seen
+
+
+# 2 steps: the first for the batch-shape tests, the second for the sweep (beta shows after an update).
+ONE_WORKER = {"num_workers": 1, "micro_batch_size": 4, "max_steps": 2, "checkpoint_every": 1, "warmup_ratio": 0.0}
 
 
 @pytest.fixture(scope="module")
 def one_worker(make_config, uft_prepared) -> RunResult:
-    cfg = make_config(
-        "w1-mb4",
-        train={"num_workers": 1, "micro_batch_size": 4, "max_steps": 1, "warmup_ratio": 0.0},
-    )
-    return driver.run(cfg, prepared_dir=uft_prepared)
+    return driver.run(make_config("w1-mb4", train=ONE_WORKER), prepared_dir=uft_prepared)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +162,7 @@ def accumulated(make_config, uft_prepared) -> RunResult:
 
 @pytest.fixture(scope="module")
 def adapter_off(make_config, uft_prepared) -> RunResult:
-    """`one_worker` with the reference as the policy's own forward with LoRA disabled."""
+    """`one_worker`'s first step with the reference as the policy's own forward with LoRA disabled."""
     cfg = make_config(
         "w1-mb4-adapter-off",
         train={"num_workers": 1, "micro_batch_size": 4, "max_steps": 1, "warmup_ratio": 0.0},
@@ -352,18 +346,23 @@ def test_saved_adapter_loads_with_peft_and_gives_the_trained_policy_logprobs(uft
 # 3. Exact resume
 
 
-def test_resume_consumes_the_same_rows_in_order_and_ends_with_the_same_adapter(resumed, uft20):
+def test_resume_consumes_the_same_rows_in_order_and_ends_with_the_same_adapter(interrupted, uft20):
+    result, _ = interrupted
     for rank in (0, 1):
-        assert [a["start_step"] for a in attempts(resumed, rank)] == [0, 5]
-        got = consumed(resumed, rank)
-        assert [(s, m) for s, m, _ in got] == [(s, 0) for s in range(1, 11)]  # nothing twice, nothing skipped
-        assert got == consumed(uft20.run_dir, rank)[:10]
-    a, b = adapter(checkpoint(resumed, 10) + "/adapter"), adapter(checkpoint(uft20.run_dir, 10) + "/adapter")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
-    ra, rb = metrics(resumed), metrics(uft20.run_dir)[:10]
-    assert [r["step"] for r in ra] == list(range(1, 11))
+        assert [a["start_step"] for a in attempts(result.run_dir, rank)] == [0, 5, 10]  # the kill, the rerun
+        got = consumed(result.run_dir, rank)
+        assert [(s, m) for s, m, _ in got] == [(s, 0) for s in range(1, 21)]  # nothing twice, nothing skipped
+        assert got == consumed(uft20.run_dir, rank)
+    for step in (10, 20):  # where the rerun began, and the end
+        a, b = (
+            adapter(checkpoint(result.run_dir, step) + "/adapter"),
+            adapter(checkpoint(uft20.run_dir, step) + "/adapter"),
+        )
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    ra, rb = metrics(result.run_dir), metrics(uft20.run_dir)
+    assert [r["step"] for r in ra] == list(range(1, 21))
     np.testing.assert_allclose([r["loss"] for r in ra], [r["loss"] for r in rb], rtol=1e-5)
 
 
@@ -371,15 +370,15 @@ def test_resume_consumes_the_same_rows_in_order_and_ends_with_the_same_adapter(r
 # 4. A worker killed by its pid
 
 
-def test_killed_worker_run_completes_from_last_checkpoint(killed):
-    result, seen = killed
-    assert seen.get("step") == 4
+def test_killed_worker_run_completes_from_last_checkpoint(interrupted):
+    result, seen = interrupted
+    assert seen.get("step") == 6
     rows = metrics(result.run_dir)
-    assert [r["step"] for r in rows] == list(range(1, 9))  # lines after checkpoint 3 were rewritten once
-    assert result.metrics["step"] == 8
+    assert [r["step"] for r in rows] == list(range(1, 21))  # lines after each restart's checkpoint rewritten once
+    assert result.metrics["step"] == 20
     for rank in (0, 1):
         starts = [a["start_step"] for a in attempts(result.run_dir, rank)]
-        assert starts == [0, 3], starts
+        assert starts == [0, 5, 10], starts
         assert consumed(result.run_dir, rank) == planned(result.run_dir, rank)
     assert attempts(result.run_dir, 1)[0]["pid"] == seen["pid"] != attempts(result.run_dir, 1)[1]["pid"]
     assert os.path.exists(os.path.join(result.adapter_dir, "adapter_model.safetensors"))
@@ -420,11 +419,12 @@ def test_micro_batch_1_x_accumulation_4_equals_micro_batch_4_x_accumulation_1(ac
     a, b = metrics(accumulated.run_dir)[0], metrics(one_worker.run_dir)[0]
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert a["lr"] == b["lr"] > 0  # the first step's rate, whatever the schedule's length
     assert a["padding_frac"] == 0.0  # micro-batch 1 never pads
     # Adam's first step is lr * g / (|g| + eps): about lr * sign(g), so float noise in a near-zero g shows at
     # ~1e-4 * lr, while a dropped or double-counted micro-batch flips signs (2 * lr). Scale errors, which the
     # sign hides, show in grad_norm above.
-    after_a, after_b = adapter(accumulated.adapter_dir), adapter(one_worker.adapter_dir)
+    after_a, after_b = adapter(accumulated.adapter_dir), adapter(checkpoint(one_worker.run_dir, 1) + "/adapter")
     changed = 0
     for k in after_a:
         torch.testing.assert_close(after_a[k], after_b[k], rtol=0, atol=1e-3 * 1e-2)
@@ -515,19 +515,15 @@ def _tree_digest(root: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def sweep(make_config, uft_prepared, train_root) -> dict[str, Any]:
-    """beta 0.1 and 0.5, 4 steps on 1 worker each, from `uft_prepared` with a fresh reference cache: first both at
-    once (both miss the cache and race to publish it), then again one after the other (both hit it)."""
+def sweep(make_config, uft_prepared, train_root, one_worker) -> dict[str, Any]:
+    """beta 0.1 and 0.5, `one_worker`'s 2 steps on 1 worker each, from `uft_prepared` with a fresh reference
+    cache: first both at once (both miss the cache and race to publish it), then again one after the other:
+    beta 0.1 is `one_worker` (the module's cache), beta 0.5 runs now (it hits the fresh cache)."""
     cache = str(train_root / "sweep-cache")
     before = _tree_digest(uft_prepared)
 
     def cfg(name: str, beta: float):
-        return make_config(
-            name,
-            loss={"type": "uft", "beta": beta},
-            reference={"cache_dir": cache},
-            train={"num_workers": 1, "micro_batch_size": 4, "max_steps": 4, "checkpoint_every": 4},
-        )
+        return make_config(name, loss={"type": "uft", "beta": beta}, reference={"cache_dir": cache}, train=ONE_WORKER)
 
     results: dict[str, Any] = {}
     errors: list[BaseException] = []
@@ -545,8 +541,8 @@ def sweep(make_config, uft_prepared, train_root) -> dict[str, Any]:
         t.join(timeout=900)
     if errors:
         raise errors[0]
-    for b in (0.1, 0.5):
-        results[f"after-{b}"] = driver.run(cfg(f"after-{b}", b), prepared_dir=uft_prepared)
+    results["after-0.1"] = one_worker  # the same config but its run name and reference cache
+    results["after-0.5"] = driver.run(cfg("after-0.5", 0.5), prepared_dir=uft_prepared)
     return {"results": results, "before": before, "after": _tree_digest(uft_prepared), "cache": cache}
 
 
@@ -557,7 +553,7 @@ def test_sweep_runs_share_a_prepared_directory_at_once_with_the_numbers_of_runs_
     assert len(published) == 1  # both concurrent runs scored; one cache was kept
     for beta in (0.1, 0.5):
         together, in_turn = metrics(runs[f"sweep-{beta}"].run_dir), metrics(runs[f"after-{beta}"].run_dir)
-        assert [r["step"] for r in together] == [r["step"] for r in in_turn] == [1, 2, 3, 4]
+        assert [r["step"] for r in together] == [r["step"] for r in in_turn] == [1, 2]
         np.testing.assert_allclose([r["loss"] for r in together], [r["loss"] for r in in_turn], rtol=1e-5)
         a, b = adapter(runs[f"sweep-{beta}"].adapter_dir), adapter(runs[f"after-{beta}"].adapter_dir)
         for k in a:
