@@ -256,7 +256,7 @@ def test_one_and_two_actors_give_identical_columns(env):
     finally:
         context.wait_for_min_actors_s = wait
     assert entry["cache"] == "miss" and entry["actors"] == 2
-    manifest = json.loads((cache_root(cfg) / entry["fingerprint"] / "manifest.json").read_text())
+    manifest = json.loads((Path(cache_root(cfg)) / entry["fingerprint"] / "manifest.json").read_text())
     assert [a["batches"] > 0 for a in manifest["actors"]] == [True, True]  # both actors scored
     assert entry["fingerprint"] == env["entry"]["fingerprint"]  # the pool size is not part of the key
     assert ref_columns(entry, prepared) == env["values"]
@@ -326,7 +326,7 @@ def test_a_changed_input_changes_the_fingerprint_and_scores_the_changed_rows(env
     assert entry["fingerprint"] != env["entry"]["fingerprint"]
     expected = pq.read_table(prepared / "rows", columns=["row_id"]).column("row_id").to_pylist()
     assert entry["cache"] == "miss" and entry["model_forwards"] > 0 and entry["rows_scored"] == len(expected)
-    manifest = json.loads((cache_root(cfg) / entry["fingerprint"] / "manifest.json").read_text())
+    manifest = json.loads((Path(cache_root(cfg)) / entry["fingerprint"] / "manifest.json").read_text())
     assert manifest["model_forwards"] == entry["model_forwards"] and manifest["rows"] == len(expected)
     values = ref_columns(entry, prepared)
     assert sorted(values) == sorted(expected)  # the pass scored the changed rows, each once
@@ -359,7 +359,7 @@ def test_a_damaged_cache_is_recomputed(env, split_cache, damage):
     cache_dir = env["root"] / f"cache-{damage}"
     shutil.copytree(split_cache[0], cache_dir)
     cfg = make_cfg(env["model"], cache_dir)
-    cache = cache_root(cfg) / split_cache[1]
+    cache = Path(cache_root(cfg)) / split_cache[1]
     parts = sorted(cache.glob("part-*.parquet"))
     assert len(parts) == 4 and (cache / "manifest.json").is_file()
     if damage == "manifest_removed":
@@ -439,14 +439,14 @@ def test_killing_a_scorer_actor_mid_run_still_scores_every_row_once(env):
     assert killed is not None, "no scorer actor was seen working"
     assert result["cache"] == "miss" and result["rows_scored"] == rows.num_rows
 
-    manifest = json.loads((cache_root(cfg) / result["fingerprint"] / "manifest.json").read_text())
+    manifest = json.loads((Path(cache_root(cfg)) / result["fingerprint"] / "manifest.json").read_text())
     actors = {a["pid"]: a for a in manifest["actors"]}
     assert killed["pid"] in actors and len(actors) >= 2, actors  # the killed one, then its restart
     total_batches = sum(a["batches"] for a in actors.values())
     assert actors[killed["pid"]]["batches"] < total_batches  # it died with work left
 
     ids = pq.read_table(prepared / "rows").column("row_id").to_pylist()
-    cached = pq.read_table(sorted((cache_root(cfg) / result["fingerprint"]).glob("part-*.parquet")))
+    cached = pq.read_table(sorted((Path(cache_root(cfg)) / result["fingerprint"]).glob("part-*.parquet")))
     assert len(ids) == len(set(ids)) == rows.num_rows and cached.column(schema.REF_LOGP).null_count == 0
     assert sorted(cached.column("row_id").to_pylist()) == sorted(ids)  # each row exactly once in the cache
     # Each row got its own value (rows differ by tens of nats); precision is test_ref_logp_matches_...'s job.
