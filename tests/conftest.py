@@ -9,15 +9,58 @@
 - `s3_server`: a real S3 API server on 127.0.0.1 (moto, tests/fixtures/s3_server.py) for the session, its
   endpoint and keys in the environment before Ray starts (so Ray's workers see them too); `s3_bucket`: a fresh
   bucket on it per test, as `s3://name`.
+- `deepspeed_ops`: DeepSpeed's CPU communication op (`deepspeed_shm_comm`), JIT-built once per machine (~2 min on
+  2 cores) before any timed run, so the first run of a fresh machine does not pay for it inside its budget.
+- Nothing is left running: every process the session starts carries `UFT_TEST_SESSION` in its environment
+  (tests/fixtures/procs.py); at the end of the session, what is still alive after a grace period is killed and
+  the session fails naming it. Every fixture that starts a run has a time limit of its own, under pytest-timeout's
+  900 s, that names the fixture it gave up on (tests/integration/conftest.py).
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures import procs
+
+# Before anything starts: every process of this session inherits it (Ray's, moto's, the CLIs the tests run).
+os.environ.setdefault(procs.SESSION, uuid.uuid4().hex)
+STRAY_GRACE_S = 30  # processes still shutting down when the session ends (Ray's raylet after `ray.shutdown`)
+DEEPSPEED_BUILD_S = 600
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_processes() -> Iterator[None]:
+    """Set up first, torn down last: after every other fixture has stopped what it started, nothing of the
+    session may be left (a head, fake node, raylet, job driver or server that outlives its test would slow
+    every test after it)."""
+    yield
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():  # a Ray this process started (`uft-ray demo` in process): it ends with us anyway
+            ray.shutdown()
+    left = procs.wait_gone(procs.SESSION, os.environ[procs.SESSION], STRAY_GRACE_S)
+    if left:
+        listing = procs.describe(left)
+        procs.kill(left)
+        pytest.fail(f"{len(left)} processes of this test session outlived it (now killed):\n{listing}")
+
+
+@pytest.fixture(scope="session")
+def deepspeed_ops() -> None:
+    code = "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=DEEPSPEED_BUILD_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"gave up after {DEEPSPEED_BUILD_S} s waiting for DeepSpeed's shm_comm op to build")
+    assert r.returncode == 0, f"DeepSpeed's shm_comm op did not build:\n{(r.stdout + r.stderr)[-4000:]}"
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +96,7 @@ def s3_bucket(s3_server: object) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server: object) -> Iterator[None]:
+def ray_local(s3_server: object, deepspeed_ops: None) -> Iterator[None]:
     """A local Ray with 4 logical CPUs for the whole session (small: the test machine has 2 cores)."""
     import ray
     from ray.data import DataContext
@@ -68,3 +111,33 @@ def ray_local(s3_server: object) -> Iterator[None]:
     yield
     if started and ray.is_initialized():
         ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Time limits: every fixture's setup gets one of its own, under pytest-timeout's 900 s, that names it.
+
+FIXTURE_LIMIT_S = 480  # the longest fixture (three fits of the interrupted run) takes ~150 s on 2 quiet cores
+FIXTURE_LIMITS_S = {"deepspeed_ops": DEEPSPEED_BUILD_S + 60}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> object:
+    from fixtures.limits import time_limit
+
+    name = fixturedef.argname
+    doc = ((getattr(fixturedef.func, "__doc__", None) or "").strip().splitlines() or [""])[0]
+    what = f"fixture '{name}' to set up" + (f" ({doc})" if doc else "")
+    with time_limit(FIXTURE_LIMITS_S.get(name, FIXTURE_LIMIT_S), what):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> pytest.TestReport:
+    """Marks a test whose setup or call ran out of time (`item.timed_out`): work it started may still run."""
+    from fixtures.limits import WaitTimeout
+
+    report = yield
+    e = call.excinfo
+    if e is not None and (e.errisinstance(WaitTimeout) or str(e.value).startswith("Timeout")):
+        item.timed_out = True  # type: ignore[attr-defined]
+    return report

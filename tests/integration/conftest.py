@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +88,19 @@ def uft_prepared(make_config: Callable[..., Config], train_root: Path, ray_local
     out = str(train_root / "prepared-uft")
     prepare(make_config("prepare"), out)
     return out
+
+
+@pytest.fixture(autouse=True)
+def _fresh_ray_after_a_timeout(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test (or its fixture) that ran out of time may have left a trainer running in the session's local Ray:
+    the next tests would share the 2 cores with it. Restart that Ray (its work dies with it)."""
+    yield
+    if getattr(request.node, "timed_out", False) and "ray_local" in request.fixturenames:
+        import ray
+
+        from uft_ray.config import RayConfig
+        from uft_ray.ray_utils import init_ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        init_ray(RayConfig(), num_cpus=4)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures.ray_head import RayHead
+from fixtures.ray_head import RayHead, fake_autoscaling_config
 
 from uft_ray.driver import _auto_cpus_per_worker
 
@@ -83,7 +83,8 @@ for overrides in json.loads(sys.argv[1]):
 
 
 def test_an_autoscaling_cluster_is_waited_for_or_refused_by_what_its_node_types_can_hold(tmp_path):
-    head = RayHead(tmp_path, num_cpus=0, worker_types={"cpu1": {"resources": {"CPU": 1}, "max_workers": 4}})
+    types = {"cpu1": {"resources": {"CPU": 1}, "max_workers": 4}}
+    head = RayHead(tmp_path, num_cpus=0, autoscaling=lambda gcs: fake_autoscaling_config(gcs, types))
     cases = [
         [],  # the demo: 2 x {CPU: 1} + 1 CPU = 3 <= 4 nodes of 1 CPU
         ["train.num_workers=4", "train.micro_batch_size=1"],  # 4 x 1 + 1 = 5 > 4

@@ -12,10 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +20,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from fixtures.ray_head import RayHead, ray_cli
 
 from uft_ray import api, cli
 from uft_ray.report import PLOTS
@@ -36,76 +33,9 @@ DEMO = "jobs/configs/demo.yaml"
 JOB_TIMEOUT = 900
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray_cli() -> list[str]:
-    exe = Path(sys.executable).parent / "ray"
-    return [str(exe)] if exe.exists() else [shutil.which("ray") or "ray"]
-
-
-class Head:
-    def __init__(self, tmp: Path) -> None:
-        self.token = secrets.token_hex(16)
-        self.port, self.dash = _free_port(), _free_port()
-        self.address = f"http://127.0.0.1:{self.dash}"
-        # Token auth on, with a token of its own: the same check as a default `ray start --head` that found
-        # ~/.ray/auth_token, without touching the user's token.
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
-        # No drain on SIGTERM (it is for Serve behind a load balancer): the jobs' idle workers kept the node from
-        # draining, and stop() sat out Ray's whole 30 s drain timeout.
-        self.env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-        for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-            self.env.pop(k, None)
-        self.temp_dir = tmp / "ray"  # short: Ray's socket paths must stay under 107 characters
-        cmd = [
-            *_ray_cli(), "start", "--head", "--block", "--disable-usage-stats",
-            "--node-ip-address", "127.0.0.1", "--port", str(self.port),
-            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dash),
-            "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-            "--num-cpus", "4", "--object-store-memory", str(500 * 2**20), "--temp-dir", str(self.temp_dir),
-        ]  # fmt: skip
-        self.log = open(tmp / "head.log", "w")  # noqa: SIM115 - closed in stop()
-        # Its own session: the whole tree (raylet, workers, job drivers) can be signalled by its group id.
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"ray start exited {self.proc.returncode}: {self.log.name}")
-            try:
-                api.client(self.address, {"Authorization": f"Bearer {self.token}"}).list_jobs()
-                return
-            except Exception as e:  # dashboard not up yet
-                last = e
-                time.sleep(2)
-        raise TimeoutError(f"head not ready after {timeout} s: {last}")
-
-    def stop(self) -> None:
-        # SIGTERM lets `ray start --block` stop what it started; then make sure nothing of ours is left.
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
-def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
-    h = Head(tmp_path_factory.mktemp("head", numbered=True))
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    h = RayHead(tmp_path_factory.mktemp("head", numbered=True), num_cpus=4, dashboard=True, object_store_mb=500)
     try:
         h.wait_ready()
         yield h
@@ -114,7 +44,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
 
 
 @pytest.fixture
-def token_env(head: Head, monkeypatch: pytest.MonkeyPatch) -> Head:
+def token_env(head: RayHead, monkeypatch: pytest.MonkeyPatch) -> RayHead:
     """This process authenticates the way a user's shell would: RAY_AUTH_TOKEN in the environment."""
     monkeypatch.setenv("RAY_AUTH_TOKEN", head.token)
     for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE"):
@@ -156,7 +86,7 @@ def assert_adapter(run_dir: Path) -> None:
 
 
 def test_uft_ray_submit_cli_runs_the_demo(
-    token_env: Head, tiny_assets: dict[str, str], tmp_path: Path, ref_cache: Path
+    token_env: RayHead, tiny_assets: dict[str, str], tmp_path: Path, ref_cache: Path
 ) -> None:
     """...with a readable log (no Ray Data progress bars: the demo's log was 140k lines of them) and TensorBoard
     fed from the job's driver."""
@@ -187,7 +117,7 @@ def test_uft_ray_submit_cli_runs_the_demo(
 
 
 def test_python_submit_runs_the_demo(
-    token_env: Head, tiny_assets: dict[str, str], tmp_path: Path, ref_cache: Path
+    token_env: RayHead, tiny_assets: dict[str, str], tmp_path: Path, ref_cache: Path
 ) -> None:
     import uft_ray
 
@@ -204,7 +134,7 @@ def test_python_submit_runs_the_demo(
 
 
 def test_stop_stops_a_running_job(
-    token_env: Head, tiny_assets: dict[str, str], tmp_path: Path, ref_cache: Path
+    token_env: RayHead, tiny_assets: dict[str, str], tmp_path: Path, ref_cache: Path
 ) -> None:
     job = api.submit(
         ROOT / DEMO,
@@ -222,12 +152,12 @@ def test_stop_stops_a_running_job(
     assert not (tmp_path / "stopped" / "adapter").exists()
 
 
-def test_bad_config_job_fails_fast_with_the_message(token_env: Head, tmp_path: Path) -> None:
+def test_bad_config_job_fails_fast_with_the_message(token_env: RayHead, tmp_path: Path) -> None:
     """Plain `ray job submit` (no local validation in between): the job itself refuses the config."""
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_API_SERVER_ADDRESS": token_env.address}
     t0 = time.monotonic()
     r = subprocess.run(
-        [*_ray_cli(), "job", "submit", "--working-dir", ".", "--",
+        [*ray_cli(), "job", "submit", "--working-dir", ".", "--",
          "python", "jobs/train.py", "--config", DEMO, "train.num_workers=0", "loss.type=bogus"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
@@ -242,7 +172,7 @@ def test_bad_config_job_fails_fast_with_the_message(token_env: Head, tmp_path: P
     assert elapsed < 120, f"took {elapsed:.0f} s to fail"
 
 
-def test_uft_ray_submit_refuses_a_bad_config_before_the_cluster(token_env: Head, capsys) -> None:
+def test_uft_ray_submit_refuses_a_bad_config_before_the_cluster(token_env: RayHead, capsys) -> None:
     before = len(api.client(token_env.address).list_jobs())
     rc = cli.main(["submit", DEMO, "--address", token_env.address, "loss.type=bogus"])
     assert rc == 2

@@ -1,0 +1,69 @@
+"""The suite's own guards (tests/fixtures/limits.py, tests/fixtures/procs.py): a time limit that names what it
+waited for and leaves pytest-timeout's timer as it found it, and processes found by their environment marker
+even after leaving their parent's process group."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from fixtures import procs
+from fixtures.limits import WaitTimeout, time_limit
+
+
+def test_time_limit_names_what_it_waited_for():
+    t0 = time.monotonic()
+    with pytest.raises(WaitTimeout, match="gave up after 0 s waiting for the kettle"), time_limit(0.3, "the kettle"):
+        time.sleep(5)
+    assert time.monotonic() - t0 < 2
+
+
+def test_time_limit_puts_the_outer_timer_back():
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    old_left, _ = signal.getitimer(signal.ITIMER_REAL)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 1.5)
+        with time_limit(10, "nothing"):
+            time.sleep(0.2)
+        left, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 1.0 < left < 1.31  # the outer timer runs on, less the time spent inside
+        assert signal.getsignal(signal.SIGALRM) is not None and not fired
+        time.sleep(1.5)
+        assert fired == [True]  # and still fires
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, old_left)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_an_outer_limit_that_comes_first_is_left_alone():
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
+    old_left, _ = signal.getitimer(signal.ITIMER_REAL)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with time_limit(10, "nothing"):
+            time.sleep(0.6)
+        assert fired == [True]  # the outer handler, not WaitTimeout
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, old_left)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_marked_processes_are_found_outside_their_group_and_killed():
+    marker = f"guard-{os.getpid()}"
+    env = {**os.environ, procs.HEAD: marker}
+    # A grandchild in a session of its own whose parent exits at once: re-parented, out of our process group,
+    # as Ray Jobs' entrypoints are.
+    code = "import subprocess, sys; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)"
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    deadline = time.monotonic() + 10
+    while not (found := procs.marked(procs.HEAD, marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(found) == 1 and os.getpgid(found[0].pid) != os.getpgid(0)
+    assert procs.kill(found) == []
+    assert procs.marked(procs.HEAD, marker) == []
