@@ -4,11 +4,13 @@ even after leaving their parent's process group."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 from fixtures import procs
@@ -22,36 +24,37 @@ def test_time_limit_names_what_it_waited_for():
     assert time.monotonic() - t0 < 2
 
 
-def test_time_limit_puts_the_outer_timer_back():
-    fired = []
+@contextlib.contextmanager
+def outer_timer(seconds: float) -> Iterator[list[bool]]:
+    """A SIGALRM timer standing in for pytest-timeout's (whose own is saved and put back): the list fills when
+    it fires."""
+    fired: list[bool] = []
     old = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
     old_left, _ = signal.getitimer(signal.ITIMER_REAL)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 1.5)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        yield fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, old_left)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_time_limit_puts_the_outer_timer_back():
+    with outer_timer(1.5) as fired:
         with time_limit(10, "nothing"):
             time.sleep(0.2)
         left, _ = signal.getitimer(signal.ITIMER_REAL)
         assert 1.0 < left < 1.31  # the outer timer runs on, less the time spent inside
-        assert signal.getsignal(signal.SIGALRM) is not None and not fired
+        assert not fired
         time.sleep(1.5)
         assert fired == [True]  # and still fires
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, old_left)
-        signal.signal(signal.SIGALRM, old)
 
 
 def test_an_outer_limit_that_comes_first_is_left_alone():
-    fired = []
-    old = signal.signal(signal.SIGALRM, lambda *_: fired.append(True))
-    old_left, _ = signal.getitimer(signal.ITIMER_REAL)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
+    with outer_timer(0.3) as fired:
         with time_limit(10, "nothing"):
             time.sleep(0.6)
         assert fired == [True]  # the outer handler, not WaitTimeout
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, old_left)
-        signal.signal(signal.SIGALRM, old)
 
 
 def test_marked_processes_are_found_outside_their_group_and_killed():
