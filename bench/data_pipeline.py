@@ -38,8 +38,9 @@ def child(args: argparse.Namespace) -> None:
     from ray.data import DataContext
 
     from uft_ray.config import RayConfig, load_config
-    from uft_ray.data.pipeline import SourceFilesDatasource, _read, _source_parts, tokenize_block
+    from uft_ray.data.pipeline import SourceFilesDatasource, source_parts, to_dataset
     from uft_ray.data.pipeline import prepare as run_prepare
+    from uft_ray.data.staged import tokenize_block
     from uft_ray.data.tokenize import encoder_key
     from uft_ray.ray_utils import init_ray
 
@@ -74,10 +75,10 @@ def child(args: argparse.Namespace) -> None:
     rss_prepare = _rss_mb()
 
     # the pipeline's streaming throughput: every row read, normalized and tokenized, in one job
-    parts = _source_parts(cfg.data.sources)
+    parts = source_parts(cfg.data.sources)
     m_key, t_key = encoder_key(cfg.model, cfg.tokenize)
     t0 = time.time()
-    ds = _read(SourceFilesDatasource(parts, seed=0, mode="rows"))
+    ds = to_dataset(SourceFilesDatasource(parts, seed=0, mode="rows"))
     ds = ds.map_batches(tokenize_block, fn_kwargs={"model_key": m_key, "tokenize_key": t_key}, batch_size=256,
                         batch_format="pyarrow")  # fmt: skip
     ds.write_parquet(str(out / "throughput"))

@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +30,9 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from uft_ray import storage
+from uft_ray.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_error, err
+from uft_ray.cli_eval import cmd_eval
+from uft_ray.cli_jobs import cmd_logs, cmd_status, cmd_stop, cmd_submit
 from uft_ray.config import Config, ConfigError, load_config
 from uft_ray.demo import DEMO_ROOT, demo_config_text, demo_overrides
 from uft_ray.evaluation.presets import PRESETS
@@ -39,27 +41,14 @@ from uft_ray.run_dir import RunDir
 if TYPE_CHECKING:  # pragma: no cover
     from uft_ray.driver import RunResult
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, max_help_position=34)
 
 
-def _err(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def _config_error(e: ConfigError, where: str = "config") -> int:
-    _err(f"{where} is invalid:")
-    for m in e.messages:
-        _err(f"  - {m}")
-    return EXIT_USAGE
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Commands
+# Commands that run here (the job commands are in uft_ray.cli_jobs, eval in uft_ray.cli_eval)
 
 
 def _load(args: argparse.Namespace, *, check_paths: bool = True) -> Config:
@@ -88,7 +77,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args, check_paths=not args.no_check_paths)
     except ConfigError as e:
-        return _config_error(e, args.config)
+        return config_error(e, args.config)
     if args.print:
         print(cfg.to_yaml(), end="")
     else:
@@ -215,13 +204,13 @@ def _run(cfg: Config, verbose: bool = False) -> int:
         with _verbose(verbose), _Progress(cfg.output.run_dir, [src.name for src in cfg.data.sources]):
             result = driver.run(cfg)
     except KeyboardInterrupt:
-        _err("interrupted; rerun the same command to resume from the last checkpoint")
+        err("interrupted; rerun the same command to resume from the last checkpoint")
         return 130
     except ConfigError as e:  # checks the driver can only make once it sees the data or the cluster
-        return _config_error(e)
+        return config_error(e)
     except Exception as e:
         traceback.print_exc()
-        _err(f"run failed: {type(e).__name__}: {e}")
+        err(f"run failed: {type(e).__name__}: {e}")
         return EXIT_FAILED
     _print_result(result)
     return EXIT_OK
@@ -231,7 +220,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args)
     except ConfigError as e:
-        return _config_error(e, args.config)
+        return config_error(e, args.config)
     print(f"uft-ray train: {_summary_line(cfg)}", flush=True)
     return _run(cfg, args.verbose)
 
@@ -243,14 +232,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         load_config(raw, list(args.overrides), check_paths=False)  # a bad override fails before the assets are made
     except ConfigError as e:
-        return _config_error(e, "demo config")
+        return config_error(e, "demo config")
     t0 = time.monotonic()
     print(f"uft-ray demo: making the tiny model and sample shards under {os.path.expanduser(root)} ...", flush=True)
     overrides = demo_overrides(root, args.method) + extra + list(args.overrides)
     try:
         cfg = load_config(raw, overrides)
     except ConfigError as e:
-        return _config_error(e, "demo config")
+        return config_error(e, "demo config")
     what = (
         f"  a rollout actor pool samples {cfg.rft.n} continuations of each prompt + hint, a verifier scores them, "
         f"and {cfg.train.num_workers} DeepSpeed workers with LoRA train GRPO + the hint NLL."
@@ -275,7 +264,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     try:
         cfg = _load(args)
     except ConfigError as e:
-        return _config_error(e, args.config)
+        return config_error(e, args.config)
     from uft_ray.data.pipeline import prepare
     from uft_ray.data.prepared import read_summary
     from uft_ray.ray_utils import init_ray
@@ -290,10 +279,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             attach_reference(cfg, out)
             summary = read_summary(out)
     except ConfigError as e:
-        return _config_error(e, args.config)
+        return config_error(e, args.config)
     except Exception as e:
         traceback.print_exc()
-        _err(f"prepare failed: {type(e).__name__}: {e}")
+        err(f"prepare failed: {type(e).__name__}: {e}")
         return EXIT_FAILED
     print(json.dumps(summary, indent=2, default=str))
     print(f"prepared rows in {out}/rows, quarantine in {out}/quarantine, summary in {out}/summary.json")
@@ -306,7 +295,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         recipe = compare.load_recipe(args.recipe, list(args.overrides), check_paths=not args.demo_assets)
     except ConfigError as e:
-        return _config_error(e, args.recipe)
+        return config_error(e, args.recipe)
     if args.demo_assets:  # the demo recipe points at the demo's tiny model and shards: make them first
         from uft_ray.demo import ensure_demo_assets
 
@@ -314,11 +303,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         try:
             recipe = compare.load_recipe(args.recipe, list(args.overrides))
         except ConfigError as e:
-            return _config_error(e, args.recipe)
+            return config_error(e, args.recipe)
     only = [a.strip() for a in (args.only or "").split(",") if a.strip()]
     unknown = [a for a in only if a not in {arm.name for arm in recipe.arms}]
     if unknown:
-        _err(f"--only: no arm named {', '.join(unknown)} (arms: {', '.join(a.name for a in recipe.arms)})")
+        err(f"--only: no arm named {', '.join(unknown)} (arms: {', '.join(a.name for a in recipe.arms)})")
         return EXIT_USAGE
     print(f"uft-ray compare {recipe.name}: {len(recipe.arms)} arms ({', '.join(a.name for a in recipe.arms)}); "
           f"runs and tables in {recipe.out_dir}", flush=True)  # fmt: skip
@@ -326,10 +315,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         compare.run_arms(recipe, only or None)
         paths = compare.write_tables(recipe)
     except ConfigError as e:
-        return _config_error(e, args.recipe)
+        return config_error(e, args.recipe)
     except Exception as e:
         traceback.print_exc()
-        _err(f"compare failed: {type(e).__name__}: {e} (rerun: finished arms are not run again)")
+        err(f"compare failed: {type(e).__name__}: {e} (rerun: finished arms are not run again)")
         return EXIT_FAILED
     print(Path(paths["md"]).read_text(), flush=True)
     print(f"tables: {paths['md']}, {paths['html']}")
@@ -340,199 +329,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     from uft_ray.report import write_report
 
     if not storage.is_dir(args.run_dir):
-        _err(f"{args.run_dir}: not a directory (give a run directory: {{output.storage_path}}/{{output.run_name}})")
+        err(f"{args.run_dir}: not a directory (give a run directory: {{output.storage_path}}/{{output.run_name}})")
         return EXIT_USAGE
     if not storage.is_file(RunDir(args.run_dir).metrics):
-        _err(f"warning: {args.run_dir} has no metrics yet; the report will have empty plots")
+        err(f"warning: {args.run_dir} has no metrics yet; the report will have empty plots")
     print(write_report(args.run_dir))
     return EXIT_OK
-
-
-def _eval_specs(args: argparse.Namespace) -> tuple[list[Any], str | None]:
-    """The tasks to run with their shots, from --tasks / --preset / --num-fewshot; EvalError on a bad mix."""
-    from uft_ray.evaluation.harness import EvalError, TaskSpec
-
-    names = list(dict.fromkeys(t.strip() for t in (args.tasks or "").split(",") if t.strip()))
-    if not args.preset:
-        if not names:
-            raise EvalError("give --tasks NAME[,NAME...] or --preset NAME")
-        return [TaskSpec(n, args.num_fewshot) for n in names], None
-    if args.num_fewshot is not None:
-        raise EvalError(f"--num-fewshot: preset {args.preset} fixes the shots of each task")
-    preset = PRESETS[args.preset]
-    outside = [n for n in names if preset.task(n) is None]
-    if outside:
-        raise EvalError(
-            f"not in preset {args.preset}: {', '.join(outside)} (its tasks: {', '.join(t.task for t in preset.tasks)})"
-        )
-    chosen = [t for t in preset.tasks if not names or t.task in names]  # --tasks with --preset: a subset of it
-    return [TaskSpec(t.task, t.num_fewshot) for t in chosen], preset.name
-
-
-def _eval_line(outcome: dict[str, Any]) -> None:
-    if not outcome["ok"]:
-        _err(f"[uft-ray] eval failed: {outcome['error']}")
-        return
-    metrics = outcome["results"].get("results", {}).get(outcome["task"], {})
-    shown = "  ".join(
-        f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "," in k and "_stderr" not in k
-    )
-    print(f"[uft-ray] eval {outcome['task']}: {shown or '(see its JSON)'} ({outcome['seconds']:.1f} s)", flush=True)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from uft_ray.evaluation import harness
-
-    try:
-        target = harness.resolve_target(args.target, base=args.base, out_dir=args.out)
-        specs, preset = _eval_specs(args)
-        include = os.path.abspath(os.path.expanduser(args.include_path)) if args.include_path else None
-        harness.check_tasks([s.task for s in specs], harness.task_manager(include, [s.task for s in specs]))
-        if args.limit is not None and args.limit <= 0:
-            raise harness.EvalError(f"--limit {args.limit:g}: give a count (N >= 1) or a fraction (0 < f < 1)")
-    except harness.EvalError as e:
-        _err(f"eval: {e}")
-        return EXIT_USAGE
-    from uft_ray.config import RayConfig
-    from uft_ray.evaluation.worker import run_eval
-    from uft_ray.ray_utils import init_ray
-
-    limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-    adapter = target.adapter or "(none)"
-    print(f"uft-ray eval: {len(specs)} task(s) on {target.base} + adapter {adapter}; results in {target.out_dir}")
-    try:
-        init_ray(RayConfig(address=args.address))
-        report = run_eval(
-            target,
-            specs,
-            include_path=include,
-            limit=limit,
-            log_samples=args.log_samples,
-            apply_chat_template=PRESETS[preset].apply_chat_template if preset else False,
-            backend=args.backend,
-            gpus=args.gpus,
-            offline=True if args.offline else None,
-            batch_size=int(args.batch_size) if (args.batch_size or "").isdigit() else args.batch_size,
-            preset=preset,
-            on_result=_eval_line,
-        )
-    except harness.EvalError as e:
-        _err(f"eval: {e}")
-        return EXIT_USAGE
-    except Exception as e:  # the cluster could not be reached, an actor could not be placed
-        _err(f"eval failed: {type(e).__name__}: {harness.one_line(e)}")
-        return EXIT_FAILED
-    if report.fatal:
-        _err(f"eval failed: {report.fatal}")
-        return EXIT_FAILED
-    for name, d in report.summary.get("derived", {}).items():
-        print(f"  {name} {d['value']:.4f} (mean of {', '.join(d['mean_of'])})")
-    n_failed = len(report.failed)
-    print(f"eval done: {len(specs) - n_failed} of {len(specs)} task(s); summary in {target.out_dir}/summary.json")
-    return EXIT_OK if report.ok else EXIT_FAILED
-
-
-def _cluster_call(fn) -> int:
-    """Run a job-API call; a cluster that cannot be reached or refuses us is a failure (1), not a traceback."""
-    try:
-        return fn()
-    except ConfigError as e:
-        return _config_error(e)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:
-        if isinstance(e, ValueError):  # too-large upload, a missing --env variable, a URI working dir
-            _err(f"refused: {e}")
-            return EXIT_USAGE
-        _err(f"{type(e).__name__}: {e}")
-        return EXIT_FAILED
-
-
-def _follow(handle: Any) -> int:
-    try:
-        for chunk in handle.follow():
-            print(chunk, end="", flush=True)
-    except KeyboardInterrupt:
-        _err(f"\nstopped following; job {handle.job_id} keeps running. `uft-ray stop {handle.job_id}` stops it.")
-        return 130
-    st = handle.wait(timeout=60)
-    print(f"\njob {handle.job_id}: {st}")
-    return EXIT_OK if st == "SUCCEEDED" else EXIT_FAILED
-
-
-def cmd_submit(args: argparse.Namespace) -> int:
-    from uft_ray import api
-
-    def go() -> int:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", UserWarning)
-            h = api.submit(
-                args.config,
-                address=args.address,
-                working_dir=args.working_dir,
-                overrides=args.overrides,
-                env=args.env,
-                runtime_env=args.runtime_env,
-                excludes=args.exclude,
-                submission_id=args.submission_id,
-                verbose=args.verbose,
-            )
-        for w in caught:
-            if issubclass(w.category, UserWarning):
-                _err(f"warning: {w.message}")
-        addr = f" --address {args.address}" if args.address else ""
-        print(f"submitted job {h.job_id} to {h.address}")
-        print(
-            f"  uft-ray status {h.job_id}{addr}   uft-ray logs {h.job_id}{addr} --follow   uft-ray stop {h.job_id}{addr}"
-        )
-        if args.no_wait:
-            return EXIT_OK
-        return _follow(h)
-
-    return _cluster_call(go)
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from uft_ray import api
-
-    def go() -> int:
-        info = api.job(args.job_id, args.address).info()
-        print(f"{args.job_id}: {info.status.value}")
-        if info.message:
-            print(f"  {info.message}")
-        if info.entrypoint:
-            print(f"  entrypoint: {info.entrypoint}")
-        return EXIT_OK
-
-    return _cluster_call(go)
-
-
-def cmd_logs(args: argparse.Namespace) -> int:
-    from uft_ray import api
-
-    def go() -> int:
-        h = api.job(args.job_id, args.address)
-        if args.follow:
-            return _follow(h)
-        print(h.logs(), end="")
-        return EXIT_OK
-
-    return _cluster_call(go)
-
-
-def cmd_stop(args: argparse.Namespace) -> int:
-    from uft_ray import api
-
-    def go() -> int:
-        h = api.job(args.job_id, args.address)
-        if not h.stop():
-            print(f"{args.job_id}: not running ({h.status()})")
-            return EXIT_OK
-        st = h.wait(timeout=args.timeout) if args.wait else "stop requested"
-        print(f"{args.job_id}: {st}")
-        return EXIT_OK
-
-    return _cluster_call(go)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -294,9 +294,9 @@ def write_tables(recipe: Recipe) -> dict[str, str]:
 
 
 def _plot(results: dict[str, dict[str, Any]], columns: list[str]) -> bytes:
-    from uft_ray.report import _plt, _png
+    from uft_ray.report.plots import pyplot, to_png
 
-    plt = _plt()
+    plt = pyplot()
     shown = [c for c in columns if c.startswith(("eval/nll/", "delta ", "eval/pair_accuracy/", "eval/score_mse/"))]
     shown = shown[:6] or columns[:6]
     fig, axes = plt.subplots(1, max(1, len(shown)), figsize=(3.6 * max(1, len(shown)), 3.4), squeeze=False)
@@ -305,7 +305,7 @@ def _plot(results: dict[str, dict[str, Any]], columns: list[str]) -> bytes:
         ax.bar(range(len(arms)), [results[a].get(c, float("nan")) for a in arms], color="#4c72b0")
         ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right")
         ax.set_title(c, fontsize=9)
-    return _png(fig)
+    return to_png(fig)
 
 
 def run_compare(path: str, overrides: list[str] | None = None, only: list[str] | None = None) -> dict[str, str]:

@@ -26,21 +26,19 @@ import copy
 import hashlib
 import json
 import logging
-import os
-from dataclasses import dataclass
 from typing import Any
 
 from uft_ray import storage
 from uft_ray.config import Config, ConfigError, validate
 from uft_ray.data import prepared as prep
-from uft_ray.model_store import local_model
-from uft_ray.ray_utils import init_ray, train_logging
-from uft_ray.resources import check_cluster
-from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, QUARANTINE_COUNTS, RunDir, read_state
+from uft_ray.run_dir import QUARANTINE_COUNTS, RunDir
+from uft_ray.runner import Run, RunResult, finish, fit, keep_plan, last_checkpoint, open_run, result, say, start_step
 from uft_ray.trackers import open_trackers
 from uft_ray.train.feeds import Background, rank_feeds
 from uft_ray.train.hooks import TrainHooks
-from uft_ray.train.plan import Plan, load_plan, make_plan, rank_assignment, tag_rows
+from uft_ray.train.plan import Plan, make_plan, rank_assignment, tag_rows
+
+__all__ = ["RunResult", "run", "run_sequential", "target_fraction", "prepare_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +57,6 @@ TRAIN_COLUMNS = (
 )
 
 
-@dataclass
-class RunResult:
-    run_dir: str
-    adapter_dir: str
-    metrics_path: str
-    metrics: dict[str, Any]  # the last metrics.jsonl line
-    checkpoint_dir: str | None  # the last Ray Train checkpoint
-    steps: int
-    plan_path: str
-    report_path: str | None
-
-
 def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | None = None) -> RunResult:
     """Train one run end to end and write its run directory; rerun the same config to resume.
 
@@ -83,19 +69,8 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
         from uft_ray.rft.driver import run as run_hint_rft
 
         return run_hint_rft(cfg, hooks=hooks)
-    from transformers import AutoTokenizer
-
-    run_dir = RunDir(cfg.output.run_dir)
-    storage.makedirs(run_dir.path)
-    storage.atomic_write(run_dir.config, cfg.to_yaml().encode())
-    logger.info("uft-ray run %s, resolved config:\n%s", run_dir.path, cfg.to_yaml())
-    from uft_ray.evaluation.heldout import check_benchmarks, run_benchmarks
-
-    check_benchmarks(cfg)  # an unknown eval.tasks name fails now, not after training
-    init_ray(cfg.ray, num_cpus=_local_cpus(cfg))
-    cfg = _with_worker_cpus(cfg)
-    check_cluster(cfg)  # a cluster that can never hold the run fails now, not in a silent hang
-    tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
+    run_ = open_run(cfg)
+    cfg, run_dir = run_.cfg, run_.dir
 
     # 1. Data plane (reused when already prepared for this data config).
     prepared = prepared_dir or _prepare(cfg, run_dir)
@@ -103,39 +78,43 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
     quarantined = summary.get("quarantine") or {}
     if quarantined:
         why = " (" + ", ".join(f"{reason} {n}" for reason, n in quarantined.items()) + ")"
-    _say(f"data: {summary.get('rows_out')} rows in {prepared}; quarantined {sum(quarantined.values())}{why}")
+    say(f"data: {summary.get('rows_out')} rows in {prepared}; quarantined {sum(quarantined.values())}{why}")
 
-    # 2. The plan, and where a rerun resumes.
-    plan = _plan(cfg, prepared, run_dir)
-    last = _last_checkpoint(run_dir)
-    start = int(read_state(last)["step"]) if last else 0
-    _say(f"plan: {plan.summary.steps} steps of {plan.summary.global_batch_size} rows; starting at step {start}")
+    # 2. The plan, and where a rerun resumes (a changed plan is refused before anything is written).
+    last = last_checkpoint(run_dir)
+    plan = _plan(cfg, prepared)
+    keep_plan(run_, plan, last)
+    start = start_step(last)
+    say(f"plan: {plan.summary.steps} steps of {plan.summary.global_batch_size} rows; starting at step {start}")
 
     # 3. Each rank's rows in plan order, built on the cluster while the reference log-probs are looked up or
-    # scored, and ready before the workers start: the first step waits for neither.
+    # scored, and ready before the workers start: the first step waits for neither. If the reference pass
+    # fails, the build is waited out and dropped, so nothing of this run is left working on the cluster.
     todo = start < plan.summary.steps
-    rows = prep.rows_dataset(prepared, list(TRAIN_COLUMNS))
-    building = Background(rank_feeds, rows, plan, start) if todo else None
-    reference, collector = _reference(cfg, prepared)
-    if reference is not None:
-        ref = prep.read_summary(prepared).get("reference") or {}
-        _say(f"reference log-probs: cache {ref.get('cache')}, {ref.get('rows_scored', 0)} rows scored")
-    feeds = building.result() if building is not None else {}
+    building = Background(rank_feeds, prep.rows_dataset(prepared, list(TRAIN_COLUMNS)), plan, start) if todo else None
+    try:
+        reference, collector = _reference(cfg, prepared)
+        if reference is not None:
+            ref = prep.read_summary(prepared).get("reference") or {}
+            say(f"reference log-probs: cache {ref.get('cache')}, {ref.get('rows_scored', 0)} rows scored")
+        feeds = building.result() if building is not None else {}
+    except BaseException:
+        if building is not None:
+            building.abandon()
+        raise
 
     # 4. Train (a run already trained to its end has nothing to do), then the final adapter with its tokenizer and
-    # the benchmarks (eval.tasks with lm_eval, into {run_dir}/eval); the trackers follow metrics.jsonl and get the
-    # benchmark results and the adapter before they close.
+    # the benchmarks; the trackers follow metrics.jsonl and get the benchmark results and the adapter before
+    # they close.
     checkpoint = last
     with open_trackers(cfg, run_dir, start) if todo else contextlib.nullcontext() as tracked:
         if todo:
+            from uft_ray.train.loop import train_loop_per_worker  # torch and DeepSpeed: imported when training
+
             datasets = _with_reference(cfg, feeds, plan, start, reference, collector)
             datasets |= _heldout_feeds(cfg, run_dir, prepared, reference)  # held-out rows, every eval.every steps
-            checkpoint = _fit(cfg, run_dir, plan, datasets, tokenizer, hooks or TrainHooks())
-        if checkpoint:
-            write_adapter(checkpoint, run_dir, tokenizer)
-            run_benchmarks(cfg, run_dir.path)
-            if tracked is not None:
-                tracked.adapter = run_dir.adapter
+            checkpoint = fit(cfg, run_dir, train_loop_per_worker, _loop_config(run_, plan, datasets, hooks), datasets)
+        finish(run_, checkpoint, tracked)
 
     # 5. Outputs: stream cache, quarantine, report.
     if collector is not None:
@@ -143,16 +122,7 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
 
         publish_stream_cache(cfg, prepared, collector)
     _copy_quarantine(prepared, run_dir)
-    return RunResult(
-        run_dir=run_dir.path,
-        adapter_dir=run_dir.adapter,
-        metrics_path=run_dir.metrics,
-        metrics=run_dir.last_metrics(),
-        checkpoint_dir=checkpoint,
-        steps=plan.summary.steps,
-        plan_path=run_dir.plan,
-        report_path=_write_report(run_dir),
-    )
+    return result(run_, checkpoint, plan.summary.steps)
 
 
 def run_sequential(stage1: Config, stage2: Config, *, hooks: TrainHooks | None = None) -> tuple[RunResult, RunResult]:
@@ -186,59 +156,16 @@ def target_fraction(cfg: Config, plan: Plan | None = None) -> dict[str, float]:
 # Steps of `run`.
 
 
-def _say(msg: str) -> None:
-    """One line per phase on stdout (a job's log), beside the CLI's one line per step."""
-    print(f"[uft-ray] {msg}", flush=True)
+def prepare_key(cfg: Config) -> str:
+    """What the prepared rows depend on: the data, mixture and tokenization config and the tokenizer, by its
+    files' content (the same tokenizer path with other files makes other token ids)."""
+    from uft_ray.reference.fingerprint import tokenizer_identity
 
-
-def _auto_cpus_per_worker(num_workers: int) -> int:
-    """`train.cpus_per_worker: auto` on one machine: its cores shared by the workers (a laptop, the demo)."""
-    return max(1, (os.cpu_count() or 1) // num_workers)
-
-
-def _local_cpus(cfg: Config) -> int:
-    """Logical CPUs for a local cluster: workers + reference actors + data tasks must be schedulable at once."""
-    r, tr = cfg.reference, cfg.train
-    if cfg.method == "hint_rft":  # rollout actors instead of reference actors
-        actors, per_actor = cfg.rft.rollout.actors, cfg.rft.rollout.cpus_per_actor
-    else:
-        actors, per_actor = (max(r.actors) if isinstance(r.actors, list) else r.actors), r.cpus_per_actor
-    per_worker = _auto_cpus_per_worker(tr.num_workers) if tr.cpus_per_worker == "auto" else tr.cpus_per_worker
-    needed = tr.num_workers * per_worker + actors * per_actor + 2
-    return max(os.cpu_count() or 1, int(needed + 0.999))
-
-
-def _with_worker_cpus(cfg: Config) -> Config:
-    """`cfg` with `train.cpus_per_worker: auto` made a number: on a one-node CPU cluster (a laptop, the demo)
-    the cores the workers can share, so each worker computes with that many threads; elsewhere 1 (GPU workers
-    spend their CPU on feeding, and a multi-node cluster's node sizes are the launcher's business)."""
-    if cfg.train.cpus_per_worker != "auto":
-        return cfg
-    import ray
-
-    from uft_ray.resources import DATA_CPUS
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    cpus = 1
-    if not cfg.train.use_gpu and len(nodes) == 1:
-        # The cores' share, but no more than the cluster holds beside the actors that train alongside (hint_rft's
-        # rollout actors) and a CPU for data tasks: a 4-CPU head runs the 2-worker demo at 1 CPU each, not 2.
-        beside = cfg.rft.rollout.actors * cfg.rft.rollout.cpus_per_actor if cfg.method == "hint_rft" else 0
-        fit = int((ray.cluster_resources().get("CPU", 0) - beside - DATA_CPUS) // cfg.train.num_workers)
-        cpus = max(1, min(_auto_cpus_per_worker(cfg.train.num_workers), fit))
-    out = copy.deepcopy(cfg)
-    out.train.cpus_per_worker = float(cpus)
-    logger.info("train.cpus_per_worker auto: %d per worker", cpus)
-    return out
-
-
-def _prepare_key(cfg: Config) -> str:
-    """What the prepared rows depend on: the data, mixture and tokenization config and the tokenizer."""
     key = {
         "data": cfg.to_dict()["data"],
         "mixture": cfg.to_dict()["mixture"],
         "tokenize": cfg.to_dict()["tokenize"],
-        "model": [cfg.model.path, cfg.model.revision],
+        "tokenizer": tokenizer_identity(cfg),
     }
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -250,7 +177,7 @@ def _prepare(cfg: Config, run_dir: RunDir) -> str:
 def _prepare_into(cfg: Config, out: str, key_path: str) -> str:
     from uft_ray.data.pipeline import prepare
 
-    key = _prepare_key(cfg)
+    key = prepare_key(cfg)
     if prep.is_prepared(out) and (storage.read_json(key_path) or {}).get("key") == key:
         logger.info("reusing prepared rows in %s", out)
         return out
@@ -275,8 +202,8 @@ def _reference(cfg: Config, prepared: str) -> tuple[dict[str, tuple] | None, Any
     return as_lookup(read_reference(entry, row_ids)), None
 
 
-def _plan(cfg: Config, prepared: str, run_dir: RunDir) -> Plan:
-    """Make the plan; a rerun must find the same one (else the checkpoints belong to another plan)."""
+def _plan(cfg: Config, prepared: str) -> Plan:
+    """The deterministic plan over the prepared rows (`uft_ray.runner.keep_plan` holds a rerun to it)."""
     rows = prep.read_rows(prepared, ["row_id", "source", "length", "rejected_length"])
     if cfg.eval.holdout is not None:  # held-out rows never reach the plan (uft_ray.evaluation.heldout)
         from uft_ray.evaluation.heldout import is_heldout
@@ -300,61 +227,22 @@ def _plan(cfg: Config, prepared: str, run_dir: RunDir) -> Plan:
         max_steps=tr.max_steps,
         group_by_length=tr.group_by_length,
     )
-    if storage.is_file(run_dir.plan) and _last_checkpoint(run_dir):
-        saved = load_plan(run_dir.plan)
-        if saved.summary.fingerprint != plan.summary.fingerprint:
-            raise ConfigError(
-                [
-                    f"{run_dir.path}: the data or batch config changed since its checkpoints were written; "
-                    "use a new output.run_name, or remove checkpoints/ to start over"
-                ]
-            )
-    plan.save(run_dir.plan)
     return plan
 
 
-def _fit(
-    cfg: Config, run_dir: RunDir, plan: Plan, datasets: dict[str, Any], tokenizer: Any, hooks: TrainHooks
-) -> str | None:
-    """Run `TorchTrainer` over the per-rank datasets; returns the last checkpoint's path."""
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from uft_ray.train.loop import train_loop_per_worker
-
-    tr = cfg.train
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "cfg": cfg.to_dict(),
-            "run_dir": run_dir.path,
-            "steps": plan.summary.steps,
-            "sources": [s.name for s in cfg.data.sources],
-            "target_fraction": target_fraction(cfg, plan),
-            "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-            "hooks": hooks,
-            "heldout": any(name.startswith("eval_") for name in datasets),
-        },
-        scaling_config=ScalingConfig(
-            num_workers=tr.num_workers,
-            use_gpu=tr.use_gpu,
-            resources_per_worker={"CPU": tr.cpus_per_worker} | ({"GPU": tr.gpus_per_worker} if tr.use_gpu else {}),
-        ),
-        run_config=RunConfig(
-            name=CHECKPOINTS,
-            # Checkpoints land in {run_dir}/checkpoints/checkpoint_{step}; Ray Train uploads them when the run
-            # directory is in object storage (the workers' nodes share no disk).
-            storage_path=run_dir.path,
-            failure_config=FailureConfig(max_failures=tr.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=None),
-            logging_config=train_logging(),
-        ),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    result = trainer.fit()
-    return storage.as_uri(run_dir.path, result.checkpoint.path) if result.checkpoint is not None else None
+def _loop_config(run_: Run, plan: Plan, datasets: dict[str, Any], hooks: TrainHooks | None) -> dict[str, Any]:
+    """What every worker's `train_loop_per_worker` gets (uft_ray.train.loop)."""
+    cfg = run_.cfg
+    return {
+        "cfg": cfg.to_dict(),
+        "run_dir": run_.dir.path,
+        "steps": plan.summary.steps,
+        "sources": [s.name for s in cfg.data.sources],
+        "target_fraction": target_fraction(cfg, plan),
+        "pad_id": run_.pad_id,
+        "hooks": hooks or TrainHooks(),
+        "heldout": any(name.startswith("eval_") for name in datasets),
+    }
 
 
 def join_reference(batch: Any, values: dict[str, tuple]) -> Any:
@@ -433,28 +321,6 @@ def _heldout_feeds(cfg: Config, run_dir: RunDir, prepared: str, reference: dict[
     return feeds
 
 
-def _last_checkpoint(run_dir: RunDir) -> str | None:
-    """The last checkpoint Ray Train committed for this run (what a rerun resumes from), or None."""
-    _, files = storage.list_files(run_dir.checkpoints)
-    if not any("/checkpoint_" in f for f in files):
-        return None
-    from ray.train import Result
-
-    try:
-        result = Result.from_path(run_dir.checkpoints)
-    except Exception as e:  # no snapshot yet: Ray Train would start from scratch too
-        logger.info("no committed checkpoint in %s (%s)", run_dir.checkpoints, e)
-        return None
-    return storage.as_uri(run_dir.path, result.checkpoint.path) if result.checkpoint is not None else None
-
-
-def write_adapter(checkpoint: str, run_dir: RunDir, tokenizer: Any) -> None:
-    """`{run_dir}/adapter`: the checkpoint's LoRA adapter with the tokenizer (peft's loadable layout)."""
-    with storage.local_dir(run_dir.adapter) as out:
-        storage.copy_tree(storage.join(checkpoint, CHECKPOINT_ADAPTER), out)
-        tokenizer.save_pretrained(out)
-
-
 def _copy_quarantine(prepared: str, run_dir: RunDir) -> None:
     src = prep.quarantine_dir(prepared)
     if storage.is_dir(src):
@@ -463,14 +329,4 @@ def _copy_quarantine(prepared: str, run_dir: RunDir) -> None:
         storage.remove_tree(run_dir.quarantine)
         storage.makedirs(run_dir.quarantine)
     counts = (storage.read_json(prep.summary_path(prepared)) or {}).get("quarantine", {})
-    storage.write_json(os.path.join(run_dir.quarantine, QUARANTINE_COUNTS), counts, sort_keys=True)
-
-
-def _write_report(run_dir: RunDir) -> str | None:
-    from uft_ray.report import write_report
-
-    try:
-        return write_report(run_dir.path)
-    except Exception as e:  # the run itself succeeded; `uft-ray report RUN_DIR` can rebuild it
-        logger.warning("could not write the report: %s", e)
-        return None
+    storage.write_json(storage.join(run_dir.quarantine, QUARANTINE_COUNTS), counts, sort_keys=True)

@@ -23,6 +23,7 @@ resources) gets one line saying what the run waits for.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -122,7 +123,7 @@ def _worker_demand(cfg: Config) -> Demand:
     tr = cfg.train
     if isinstance(tr.cpus_per_worker, str):
         raise ValueError(
-            "train.cpus_per_worker is still 'auto': pass the config uft_ray.driver._with_worker_cpus made"
+            "train.cpus_per_worker is still 'auto': pass the config uft_ray.resources.resolve_worker_cpus made"
         )
     gpus = tr.gpus_per_worker if tr.use_gpu else 0.0
     return Demand(
@@ -157,7 +158,14 @@ def needs(cfg: Config) -> Needs:
     each rank's dataset has its own pool of `reference.actors`, so num_workers x actors of them; `precompute`
     ends before training starts); hint_rft's rollout actors; and `DATA_CPUS` for Ray Data tasks.
     """
-    demands = [_worker_demand(cfg)]
+    demands = [_worker_demand(cfg), *beside_workers(cfg)]
+    return Needs("while training", tuple(d for d in demands if d.count > 0 and d.bundle))
+
+
+def beside_workers(cfg: Config) -> list[Demand]:
+    """What holds resources beside the training workers while they train: the actors that live alongside and
+    `DATA_CPUS` for Ray Data tasks (no `train.cpus_per_worker` needed: `auto` sizes the workers from what is left)."""
+    demands = []
     if cfg.method == "hint_rft":
         ro = cfg.rft.rollout
         demands.append(
@@ -181,7 +189,51 @@ def needs(cfg: Config) -> Needs:
             )
         )
     demands.append(_data_demand())
-    return Needs("while training", tuple(d for d in demands if d.count > 0 and d.bundle))
+    return demands
+
+
+def with_worker_cpus(cfg: Config, cpus: float) -> Config:
+    """A copy of `cfg` with `train.cpus_per_worker` set (the caller's config is left as it was)."""
+    out = copy.deepcopy(cfg)
+    out.train.cpus_per_worker = float(cpus)
+    return out
+
+
+def auto_worker_cpus(cfg: Config, node_cpus: float, cores: int) -> int:
+    """`train.cpus_per_worker: auto` on a one-node CPU cluster: the largest whole number of CPUs per worker, at
+    most the machine's `cores` shared by the workers, for which everything the run holds while training
+    (`needs`: the workers, the actors beside them, the data tasks) fits the node's `node_cpus`; 1 when none
+    does (the pre-check then names the fields to change)."""
+    for c in range(max(1, cores // cfg.train.num_workers), 0, -1):
+        if needs(with_worker_cpus(cfg, c)).total().get("CPU", 0.0) <= node_cpus + _EPS:
+            return c
+    return 1
+
+
+def local_cluster_cpus(cfg: Config) -> int:
+    """Logical CPUs for a local Ray the driver starts itself: the machine's cores, or what the run holds at once
+    (training or the reference pass, at 1 CPU per worker for `auto`) when that is more."""
+    cores = os.cpu_count() or 1
+    sized = with_worker_cpus(cfg, 1) if cfg.train.cpus_per_worker == "auto" else cfg
+    phases = [needs(sized), reference_pass_needs(sized)]
+    most = max(math.ceil(n.total().get("CPU", 0.0) - _EPS) for n in phases if n is not None)
+    return max(cores, most)
+
+
+def resolve_worker_cpus(cfg: Config) -> Config:
+    """`cfg` with `train.cpus_per_worker: auto` made a number (the one place that decides it): on a one-node CPU
+    cluster (a laptop, the demo) `auto_worker_cpus`, so each worker computes with that many threads; elsewhere 1
+    (GPU workers spend their CPU on feeding, and a multi-node cluster's node sizes are the launcher's business)."""
+    if cfg.train.cpus_per_worker != "auto":
+        return cfg
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = 1
+    if not cfg.train.use_gpu and len(nodes) == 1:
+        cpus = auto_worker_cpus(cfg, float(ray.cluster_resources().get("CPU", 0)), os.cpu_count() or 1)
+    logger.info("train.cpus_per_worker auto: %d per worker", cpus)
+    return with_worker_cpus(cfg, cpus)
 
 
 def reference_pass_needs(cfg: Config) -> Needs | None:
@@ -374,7 +426,7 @@ def check_cluster(cfg: Config) -> Fit:
 
 
 def _say(msg: str) -> None:
-    print(f"[uft-ray] {msg}", flush=True)  # the driver's phase lines (uft_ray.driver._say)
+    print(f"[uft-ray] {msg}", flush=True)  # the driver's phase lines (uft_ray.runner.say)
 
 
 def _cpu_gpu(resources: dict[str, Any]) -> dict[str, float]:

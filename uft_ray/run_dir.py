@@ -38,6 +38,9 @@ PREPARED_EVAL = "prepared_eval"  # eval.sources: the held-out splits, prepared l
 PREPARED_EVAL_KEY = "prepared_eval.key.json"
 PLAN = "plan.parquet"
 CHECKPOINTS = "checkpoints"
+CHECKPOINT_SNAPSHOT = (
+    "checkpoint_manager_snapshot.json"  # inside checkpoints/: Ray Train's record of what it committed
+)
 ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
 QUARANTINE = "quarantine"

@@ -6,10 +6,10 @@ through `atomic_write`: locally the bytes go to a dot-named temporary beside the
 fsynced, then renamed over it, so a crash leaves the old file or the new one; on object stores a single put is
 already atomic. Listings skip dot files, so temporaries are never read as data.
 
-Object stores have no rename and no append. Directories are trees copied whole (`copy_tree`, `upload_dir`,
-`download_dir`); a directory a reader must trust whole (the reference cache) is published by writing its parts
-and then a manifest last (uft_ray.reference.cache); an appended file (metrics.jsonl) is rewritten whole on each
-append (uft_ray.run_dir). Endpoint and credentials come from the standard environment (`AWS_ENDPOINT_URL`,
+Object stores have no rename and no append. Directories are trees copied whole (`copy_tree`; `local_dir` and
+`local_copy` for code that only writes or reads local paths); a directory a reader must trust whole (the
+reference cache) is published by writing its parts and then a manifest last (uft_ray.reference.cache); an
+appended file (metrics.jsonl) is rewritten whole on each append (uft_ray.run_dir). Endpoint and credentials come from the standard environment (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, ..., or the node's role), never from configs.
 
 Importable without pyarrow's filesystems loaded: they are imported on first use.

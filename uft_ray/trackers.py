@@ -27,7 +27,6 @@ on; metrics.jsonl stays the record); one that cannot be opened fails the run bef
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -35,24 +34,19 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from uft_ray import storage
 from uft_ray.run_dir import RunDir
 
+# The names live beside config validation's other small tables; TRACKERS is re-exported for existing callers.
+from uft_ray.tracker_names import INSTALL, TRACKERS, missing_packages  # noqa: F401
+
 if TYPE_CHECKING:  # pragma: no cover
     from uft_ray.config import Config
 
-TRACKERS = ("wandb", "mlflow", "tensorboard")
-_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "tensorboard": "tensorboard"}  # tracker -> module it imports
-INSTALL = "pip install 'uft-ray[trackers]'"
 MLFLOW_PARAM_MAX = 6000  # MLflow's limit on a parameter value, in characters
-
-
-def missing_packages(names: Sequence[str]) -> list[str]:
-    """The trackers among `names` whose package is not importable here."""
-    return [n for n in names if importlib.util.find_spec(_PACKAGES[n]) is None]
 
 
 def flat_params(cfg: Config) -> dict[str, str]:

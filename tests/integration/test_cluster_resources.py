@@ -15,6 +15,7 @@ No training: about a minute on 2 cores (two heads, two drivers).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +24,8 @@ from pathlib import Path
 import pytest
 from fixtures.ray_head import RayHead, fake_autoscaling_config
 
-from uft_ray.driver import _auto_cpus_per_worker
+from uft_ray.config import load_config
+from uft_ray.resources import auto_worker_cpus
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +49,11 @@ def test_the_new_user_demo_on_a_two_cpu_head_fails_at_once_with_the_numbers(tiny
         head.stop()
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-4000:]
-    # train.cpus_per_worker auto on a one-node CPU cluster: the driver's cores // 2 workers (1 on 2 cores)
-    cpw = _auto_cpus_per_worker(2)
+    # train.cpus_per_worker auto on a one-node CPU cluster: what fits the 2-CPU node (1: nothing does), at most
+    # the driver's cores // 2 workers
+    cpw = auto_worker_cpus(
+        load_config("jobs/configs/demo.yaml", check_paths=False), node_cpus=2, cores=os.cpu_count() or 1
+    )
     expected = (
         f"cluster: while training the run needs {2 * cpw + 1} CPUs: 2 training workers x {cpw} CPU{'s' * (cpw > 1)} "
         "(train.num_workers, train.cpus_per_worker) + 1 for data tasks; the cluster has 2 CPUs and no autoscaler"

@@ -200,7 +200,7 @@ def test_each_reader_on_its_sample_layout(
 def test_quarantine_writes_are_idempotent_under_task_retries(tmp_path: Path) -> None:
     """A read task run twice (Ray retries a failed or lost task) rewrites the same quarantine file."""
     from uft_ray.data.mixture import RANK_SPACE
-    from uft_ray.data.pipeline import _read_part
+    from uft_ray.data.pipeline import read_part
 
     path = write_jsonl(tmp_path / "hs.jsonl", ['{"prompt": "p", "response": "r"}', "{broken", '{"prompt": ""}'])
     source = SourceConfig(name="hs", format="helpsteer2", path=str(path))
@@ -208,7 +208,7 @@ def test_quarantine_writes_are_idempotent_under_task_retries(tmp_path: Path) -> 
     qdir = str(tmp_path / "quarantine")
     snapshots = []
     for _ in range(2):
-        stats = list(_read_part(source, 0, part, 0, "stats", (0, RANK_SPACE), qdir))
+        stats = list(read_part(source, 0, part, 0, "stats", (0, RANK_SPACE), qdir))
         assert stats[-1].to_pylist() == [
             {"source": "hs", "part": 0, "rows_read": 3, "normalized": 0, "quarantined": 3}
         ]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from uft_ray import trackers
+from uft_ray import tracker_names, trackers
 from uft_ray.config import Config, ConfigError, LoggingConfig, OutputConfig, load_config, validate
 from uft_ray.run_dir import RunDir
 
@@ -312,7 +312,7 @@ def test_bad_logging_config_fails_validation_naming_the_field(monkeypatch: pytes
     with pytest.raises(ConfigError, match="logging.trackers: expected list of str"):
         load_config(demo, ["logging.trackers=wandb"], check_paths=False)
     # A tracker whose package is missing fails where the run runs (with the path checks), not on a submitter.
-    monkeypatch.setitem(trackers._PACKAGES, "mlflow", "surely_not_an_installed_module")
+    monkeypatch.setitem(tracker_names.PACKAGES, "mlflow", "surely_not_an_installed_module")
     cfg = load_config(demo, ["logging.trackers=[mlflow, tensorboard]"], check_paths=False)
     assert [m for m in validate(cfg, check_paths=True) if m.startswith("logging")] == [
         "logging.trackers: mlflow not installed here; pip install 'uft-ray[trackers]'"

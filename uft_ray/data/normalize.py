@@ -32,8 +32,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from uft_ray.config import HELPSTEER2_ATTRIBUTES, SourceConfig
+from uft_ray.config import SourceConfig
 from uft_ray.data import quarantine as q
+from uft_ray.data.formats import HELPSTEER2_ATTRIBUTES
 from uft_ray.data.quarantine import Quarantined, Reject
 from uft_ray.data.sources import RawRecord
 

@@ -20,7 +20,8 @@ per tokenized row, never the rows):
    expected were too long. Only the band is ever tokenized, not the whole source.
 3. *Select pass.* From the staged rows keep, per source, the quota smallest ranks (`mixture.plan_take`),
    copies for upsampling, and write DIR/rows. Too-long rows (and duplicate row ids) that the seeded walk
-   reached before the quota filled go to quarantine here.
+   reached before the quota filled go to quarantine here. The staged files, `tokenize_block` that writes them
+   and `select_block` that reads them: `uft_ray.data.staged`.
 
 summary.json: `sources.{name}`: format, kind, path, files, rows_read (raw rows), rows_normalized (unified rows,
 after unfolding and pairing), rows_tokenized (rows the band passes tokenized), quota, rows_out, quarantined,
@@ -36,8 +37,6 @@ On a multi-node cluster DIR must be shared storage (a URI or a shared mount), as
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import logging
 import os
 import time
@@ -47,10 +46,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
 from ray.data import Dataset
 from ray.data.block import BlockMetadata
@@ -63,9 +59,10 @@ from uft_ray.data import prepared as prep
 from uft_ray.data import quarantine as q
 from uft_ray.data.mixture import RANK_SPACE, MixtureError, Take
 from uft_ray.data.normalize import Normalizer, Outcome
-from uft_ray.data.quarantine import Quarantined, Reject
+from uft_ray.data.quarantine import Quarantined
 from uft_ray.data.sources import FilePart, SourceError, iter_records, plan_parts
-from uft_ray.data.tokenize import TokenizerError, cached_encoder, encoder_key, load_tokenizer
+from uft_ray.data.staged import StagedDatasource, count_rows, keepers, staged_ranks, tokenize_block
+from uft_ray.data.tokenize import TokenizerError, encoder_key, load_tokenizer
 from uft_ray.storage import StorageError, filesystem_for, is_remote
 
 log = logging.getLogger(__name__)
@@ -76,17 +73,6 @@ QUARANTINE_FLUSH = 5000  # records a read task buffers before writing a quaranti
 
 # Unified rows as read: + their seeded rank and where they came from ("relpath:position").
 READ_SCHEMA = pa.schema([*schema.UNIFIED, ("_rank", pa.uint64()), ("_origin", pa.string())])
-# Staged (tokenized) candidates: ok rows with tokens, too_long rows with why and the row as JSON.
-STAGE_SCHEMA = pa.schema(
-    [
-        *schema.TOKENIZED,
-        ("_rank", pa.uint64()),
-        ("_origin", pa.string()),
-        ("_status", pa.string()),
-        ("_detail", pa.string()),
-        ("_raw", pa.string()),
-    ]
-)
 STATS_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
@@ -118,7 +104,7 @@ def iter_part(src: SourceConfig, part: FilePart) -> Iterator[tuple[list[Outcome]
     yield norm.finish(), 0
 
 
-def _read_part(
+def read_part(
     src: SourceConfig, index: int, part: FilePart, seed: int, mode: str, band: tuple[int, int], qdir: str | None
 ) -> Iterator[pa.Table]:
     lo, hi = band
@@ -188,20 +174,20 @@ class SourceFilesDatasource(Datasource):
         tasks = []
         for src, index, part in self.parts:
             band = self.bands.get(src.name, (0, RANK_SPACE))
-            fn = functools.partial(_read_part, src, index, part, self.seed, self.mode, band, self.quarantine_dir)
+            fn = functools.partial(read_part, src, index, part, self.seed, self.mode, band, self.quarantine_dir)
             meta = BlockMetadata(num_rows=None, size_bytes=part.size_bytes, exec_stats=None, input_files=(part.uri,))
             tasks.append(ReadTask(fn, meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
 
-def _read(datasource: SourceFilesDatasource | StagedDatasource) -> Dataset:
+def to_dataset(datasource: SourceFilesDatasource | StagedDatasource) -> Dataset:
     # one block stream per read task: without this, Ray splits a few tasks' output into ~100 tiny blocks
     # (and the writes after them into ~100 tiny files)
     n = len(datasource.parts if isinstance(datasource, SourceFilesDatasource) else datasource.files)
     return ray.data.read_datasource(datasource, override_num_blocks=max(1, n))
 
 
-def _source_parts(sources: list[SourceConfig]) -> list[tuple[SourceConfig, int, FilePart]]:
+def source_parts(sources: list[SourceConfig]) -> list[tuple[SourceConfig, int, FilePart]]:
     out = []
     for src in sources:
         # HelpSteer2 pairs are consecutive rows: never cut such a file between read tasks
@@ -216,106 +202,9 @@ def read_source(src: SourceConfig, *, seed: int = 0) -> Dataset:
 
     For exploration and other stages; `prepare` is the path that quarantines and samples.
     """
-    parts = _source_parts([src])
-    ds = _read(SourceFilesDatasource(parts, seed=seed, mode="rows"))
+    parts = source_parts([src])
+    ds = to_dataset(SourceFilesDatasource(parts, seed=seed, mode="rows"))
     return ds.select_columns(schema.UNIFIED.names)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokenizing and selecting (map_batches functions; run in Ray tasks)
-
-
-def _unified_json(row: dict[str, Any]) -> str:
-    keep = {k: row.get(k) for k in (*schema.UNIFIED.names, "_origin")}
-    return json.dumps(keep, ensure_ascii=False)
-
-
-def tokenize_block(batch: pa.Table, model_key: tuple, tokenize_key: tuple) -> pa.Table:
-    """READ_SCHEMA rows -> STAGE_SCHEMA rows: tokenized (`ok`) or `too_long` with the reason's detail."""
-    enc = cached_encoder(model_key, tokenize_key)
-    rows = batch.to_pylist()
-    out = []
-    for row, res in zip(rows, enc.encode_batch(rows), strict=True):
-        if isinstance(res, Reject):
-            out.append(
-                {
-                    **row,
-                    "_status": q.TOO_LONG,
-                    "_detail": f"{row['_origin']} (row_id {row['row_id']}): {res.detail}",
-                    "_raw": _unified_json(row),
-                }
-            )
-        else:
-            res["_status"] = "ok"
-            out.append(res)
-    return pa.Table.from_pylist(out, schema=STAGE_SCHEMA)
-
-
-def select_block(
-    batch: pa.Table, takes: dict[str, tuple], keepers: dict[str, dict[int, str]], quarantine_dir: str
-) -> pa.Table:
-    """STAGE_SCHEMA rows -> the selected rows (schema.TOKENIZED), upsampled copies included.
-
-    Quarantines the too-long rows and the duplicate row ids that the seeded walk reached before the quota
-    filled (rows past the cutoff were tokenized only because bands overshoot: they are not reported).
-    """
-    take = {s: Take(*t) for s, t in takes.items()}
-    out: list[dict[str, Any]] = []
-    bad: list[Quarantined] = []
-    cols = schema.TOKENIZED.names
-    for row in batch.to_pylist():
-        t, r, src = take[row["source"]], row["_rank"], row["source"]
-        if row["_status"] != "ok":
-            if t.visited(r):
-                bad.append(Quarantined(row["_status"], src, row["_detail"], row["_raw"]))
-            continue
-        keeper = keepers.get(src, {}).get(r)
-        if keeper is not None and row["_origin"] != keeper:
-            if t.visited(r):
-                detail = f"{row['_origin']}: row_id {row['row_id']} was already given by {keeper}"
-                bad.append(Quarantined(q.DUPLICATE, src, detail, _unified_json(row)))
-            continue
-        for k in range(t.copies(r)):
-            new = {c: row[c] for c in cols}
-            new["row_id"] = mixture.copy_id(row["row_id"], k)
-            out.append(new)
-    if bad:
-        key = hashlib.sha1("\x1f".join(b.detail for b in bad).encode()).hexdigest()
-        q.write_records(quarantine_dir, q.file_name("select", bad[0].source, key), bad)
-    return pa.Table.from_pylist(out, schema=schema.TOKENIZED)
-
-
-def _select_file(
-    uri: str, takes: dict[str, tuple], keepers: dict[str, dict[int, str]], qdir: str
-) -> Iterator[pa.Table]:
-    fs, path = filesystem_for(uri)
-    with fs.open_input_file(path) as f:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
-            yield select_block(pa.Table.from_batches([batch]), takes, keepers, qdir)
-
-
-class StagedDatasource(Datasource):
-    """The select pass: one read task per staged file, yielding the selected rows (schema.TOKENIZED)."""
-
-    def __init__(self, files: list[str], takes: dict[str, tuple], keepers: dict[str, dict[int, str]], qdir: str):
-        super().__init__()
-        self.files, self.takes, self.keepers, self.qdir = files, takes, keepers, qdir
-
-    def get_name(self) -> str:
-        return "UftSelect"
-
-    def estimate_inmemory_data_size(self) -> int | None:
-        return None
-
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context: Any = None):
-        return [
-            ReadTask(
-                functools.partial(_select_file, f, self.takes, self.keepers, self.qdir),
-                BlockMetadata(num_rows=None, size_bytes=None, exec_stats=None, input_files=(f,)),
-                per_task_row_limit=per_task_row_limit,
-            )
-            for f in self.files
-        ]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -359,59 +248,6 @@ def _execute(what: str, fn: Any) -> Any:
         raise
 
 
-def _scan(files: list[str], fs: pafs.FileSystem, columns: list[str], filter: Any = None) -> Iterator[pa.RecordBatch]:
-    if not files:
-        return iter(())
-    return pads.dataset(files, filesystem=fs, format="parquet").to_batches(columns=columns, filter=filter)
-
-
-def _collect_ranks(stage_dir: str) -> tuple[dict[str, np.ndarray], Counter[str]]:
-    """Per source: the ranks of staged `ok` rows; and the number of staged rows (ok + too_long)."""
-    fs, files = prep.parquet_files(stage_dir)
-    ranks: dict[str, list[np.ndarray]] = {}
-    staged: Counter[str] = Counter()
-    for b in _scan(files, fs, ["source", "_rank", "_status"]):
-        src = b.column(0).to_numpy(zero_copy_only=False)
-        rk = b.column(1).to_numpy(zero_copy_only=False).astype(np.uint64)
-        ok = b.column(2).to_numpy(zero_copy_only=False) == "ok"
-        for s in np.unique(src):
-            m = src == s
-            staged[str(s)] += int(m.sum())
-            ranks.setdefault(str(s), []).append(rk[m & ok])
-    return {s: np.concatenate(v) for s, v in ranks.items()}, staged
-
-
-def _keepers(stage_dirs: list[str], dups: dict[str, np.ndarray]) -> dict[str, dict[int, str]]:
-    """For each duplicated row id (same rank): the origin of the copy to keep, the first in file order."""
-    if not any(len(v) for v in dups.values()):
-        return {}
-    out: dict[str, dict[int, str]] = {}
-    for d in stage_dirs:
-        fs, files = prep.parquet_files(d)
-        for s, ranks in dups.items():
-            if not len(ranks):
-                continue
-            flt = (pc.field("source") == s) & pc.field("_rank").isin(pa.array(ranks, pa.uint64()))
-            for b in _scan(files, fs, ["_rank", "_origin"], flt):
-                for r, o in zip(b.column(0).to_pylist(), b.column(1).to_pylist(), strict=True):
-                    cur = out.setdefault(s, {}).get(r)
-                    out[s][r] = o if cur is None else min(cur, o)
-    return out
-
-
-def _count_rows(rows_dir: str) -> tuple[Counter[str], Counter[str]]:
-    """Rows per source in DIR/rows, and how many are upsampled copies (row_id with '#')."""
-    fs, files = prep.parquet_files(rows_dir)
-    rows: Counter[str] = Counter()
-    copies: Counter[str] = Counter()
-    for b in _scan(files, fs, ["source", "row_id"]):
-        src = b.column(0).to_pylist()
-        is_copy = pc.match_substring(b.column(1), "#").to_pylist()
-        rows.update(src)
-        copies.update(s for s, c in zip(src, is_copy, strict=True) if c)
-    return rows, copies
-
-
 def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
     """Run the data plane for `cfg` into `out_dir` (replacing its rows/, quarantine/ and summary.json).
 
@@ -427,7 +263,7 @@ def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
     load_tokenizer(cfg.model)  # fail before any cluster work when the tokenizer cannot render chats
     quota = mixture.quotas(cfg.mixture, [s.name for s in cfg.data.sources])
     active = [s for s in cfg.data.sources if quota[s.name] > 0]
-    parts = _source_parts(active)  # lists files and reads parquet footers: bad paths fail here, named
+    parts = source_parts(active)  # lists files and reads parquet footers: bad paths fail here, named
     if not ray.is_initialized():
         init_ray(cfg.ray)
     prep.reset(out_dir)
@@ -455,7 +291,7 @@ def _normalize_pass(
     cfg: Config, parts: list[tuple[SourceConfig, int, FilePart]], active: list[SourceConfig], quota: dict, qdir: str
 ) -> dict[str, Counter[str]]:
     """Normalize everything once: quarantine and counts. A source with fewer valid rows than its quota fails here."""
-    stats_ds = _read(SourceFilesDatasource(parts, seed=cfg.data.seed, mode="stats", quarantine_dir=qdir))
+    stats_ds = to_dataset(SourceFilesDatasource(parts, seed=cfg.data.seed, mode="stats", quarantine_dir=qdir))
     stats = _execute("normalize", stats_ds.take_all)
     counts: dict[str, Counter[str]] = {"rows_read": Counter(), "normalized": Counter()}
     for st in stats:
@@ -498,7 +334,7 @@ def _band_passes(
         }
         stage = storage.join(work, f"pass{len(found.stage_dirs)}")
         band_parts = [p for p in parts if p[0].name in bands]
-        ds = _read(SourceFilesDatasource(band_parts, seed=cfg.data.seed, mode="rows", bands=bands))
+        ds = to_dataset(SourceFilesDatasource(band_parts, seed=cfg.data.seed, mode="rows", bands=bands))
         ds = ds.map_batches(
             tokenize_block,
             fn_kwargs={"model_key": m_key, "tokenize_key": t_key},
@@ -507,7 +343,7 @@ def _band_passes(
         )
         _execute("tokenize", functools.partial(ds.write_parquet, stage))
         found.stage_dirs.append(stage)
-        new_ranks, staged = _collect_ranks(stage)
+        new_ranks, staged = staged_ranks(stage)
         found.tokenized.update(staged)
         for s in list(pending):
             ends[s] = bands[s][1]
@@ -545,11 +381,11 @@ def _select_pass(out_dir: str, found: _Bands, qdir: str) -> None:
         all_ranks = np.concatenate(found.ranks[s]) if found.ranks[s] else np.zeros(0, np.uint64)
         vals, counts = np.unique(all_ranks, return_counts=True)
         dups[s] = vals[counts > 1]
-    keepers = _keepers(found.stage_dirs, dups)
+    keep = keepers(found.stage_dirs, dups)
     take_args = {s: (t.cutoff, t.base, t.extra_cutoff) for s, t in found.takes.items()}
     staged_files = [storage.as_uri(out_dir, f) for d in found.stage_dirs for f in prep.parquet_files(d)[1]]
     if staged_files:
-        sel = _read(StagedDatasource(staged_files, take_args, keepers, qdir))
+        sel = to_dataset(StagedDatasource(staged_files, take_args, keep, qdir))
         _execute("select", functools.partial(sel.write_parquet, prep.rows_dir(out_dir)))
 
 
@@ -564,7 +400,7 @@ def _summary(
     seconds: float,
 ) -> dict[str, Any]:
     """summary.json (the fields of the module docstring), from what is on disk."""
-    rows_out, upsampled = _count_rows(prep.rows_dir(out_dir))
+    rows_out, upsampled = count_rows(prep.rows_dir(out_dir))
     qcounts = q.count_reasons(prep.quarantine_dir(out_dir))
     total_q = sum(quota.values())
     total_out = sum(rows_out.values())

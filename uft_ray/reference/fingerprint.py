@@ -137,6 +137,16 @@ def _is_weight_file(rel: str) -> bool:
     return any(fnmatch.fnmatch(rel.rsplit("/", 1)[-1], p) for p in WEIGHT_PATTERNS)
 
 
+def tokenizer_identity(cfg: Config, memo: _HashMemo | None = None) -> dict[str, Any]:
+    """What the policy's tokenizer produces, by its files' content: {file name: sha256} of TOKENIZER_FILES (the
+    chat template among them); a hub id that is not a local directory by its name and revision. The prepared
+    rows' key and the reference cache's both use it, so changed tokenizer files at the same path miss both."""
+    tok_dir = Path(os.path.expanduser(model_store.local_model(cfg.model.path, weights=False)))
+    if not tok_dir.is_dir():
+        return {"id": cfg.model.path, "revision": cfg.model.revision}
+    return _files_identity(tok_dir, TOKENIZER_FILES, memo or _HashMemo(None))
+
+
 def fingerprint_inputs(cfg: Config, rows: pa.Table, *, memo_path: str | Path | None = None) -> dict[str, Any]:
     """Everything the reference log-probs depend on, as a JSON-able dict (stored in the manifest).
 
@@ -158,11 +168,7 @@ def fingerprint_inputs(cfg: Config, rows: pa.Table, *, memo_path: str | Path | N
         "version": CACHE_VERSION,
         "model": _weights_identity(ref_path, revision, memo),
         "adapter": None,
-        "tokenizer": (
-            _files_identity(tok_dir, TOKENIZER_FILES, memo)
-            if tok_dir.is_dir()
-            else {"id": cfg.model.path, "revision": cfg.model.revision}
-        ),
+        "tokenizer": tokenizer_identity(cfg, memo),
         "chat_template": hashlib.sha256(template.encode()).hexdigest() if template is not None else None,
         "tokenize": {
             "max_prompt_len": cfg.tokenize.max_prompt_len,

@@ -32,117 +32,102 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from uft_ray.config import Config, load_config
+from uft_ray.config import Config
 from uft_ray.logprobs import model_token_logprobs
 from uft_ray.losses import group_advantages, hint_rft_loss
 from uft_ray.model_store import local_model
 from uft_ray.rft.rollout import RolloutPool, adapter_bytes, adapter_digest, request_seed
-from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir, read_state
 from uft_ray.tasks.generic import load_verifier
 from uft_ray.tasks.hints import with_hint
 from uft_ray.tasks.verify import CORRECT, FORMATTED, VerifierProcess
-from uft_ray.train.engine import Engine, build_engine
-from uft_ray.train.hooks import TrainHooks
-from uft_ray.train.loop import _checkpoint_dir, _FirstAhead, _save_checkpoint, _zero_stage
+from uft_ray.train import worker
+from uft_ray.train.engine import Engine
 
 
 def rft_loop_per_worker(config: dict[str, Any]) -> None:
-    import os
-
     from transformers import AutoTokenizer
 
-    cfg = load_config(config["cfg"], check_paths=False, resolve_paths=False)
-    r = cfg.rft
-    run, total_steps = RunDir(config["run_dir"]), int(config["steps"])
-    hooks: TrainHooks = config.get("hooks") or TrainHooks()
+    w = worker.join(config)
+    cfg, run, hooks, rank, world = w.cfg, w.run, w.hooks, w.rank, w.world
+    r, total_steps = cfg.rft, int(config["steps"])
     pool = RolloutPool(config["actors"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
-    if world != cfg.train.num_workers:
-        raise RuntimeError(f"world size {world} != train.num_workers {cfg.train.num_workers}")
-    if not use_gpu:
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    zero_stage = _zero_stage(cfg, world, ctx.get_local_world_size(), use_gpu, rank)
     tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
-    verifier = VerifierProcess(load_verifier(r.task), r.verifier_timeout_s)
     eval_rows = config["eval_rows"][rank::world]  # this rank's share of the held-out prompts
     per_rank = r.prompts_per_step // world
 
     # 1. Where to start, this rank's prompts from there on, and the policy (restored on resume).
-    with _checkpoint_dir(ray.train.get_checkpoint()) as ckpt:
-        state = read_state(ckpt) if ckpt else {"step": 0, "seeds": {"data": cfg.data.seed, "train": cfg.train.seed}}
-        start = int(state["step"])
-        prompts_iter = _FirstAhead(_planned_steps(ray.train.get_dataset_shard(f"train_{rank}"), start, per_rank))
-        engine = build_engine(
-            cfg,
-            total_steps=total_steps * r.updates_per_step,  # the scheduler moves once per optimizer step
-            use_gpu=use_gpu,
-            zero_stage=zero_stage,
-            adapter=os.path.join(ckpt, CHECKPOINT_ADAPTER) if ckpt else None,
-        )
-        if ckpt:
-            engine.load(ckpt)
-    if rank == 0:
-        run.truncate_metrics(keep_through=start)
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    state, start, prompts_iter, engine = worker.restore(
+        w,
+        initial_state={"step": 0, "seeds": {"data": cfg.data.seed, "train": cfg.train.seed}},
+        optimizer_steps=total_steps * r.updates_per_step,  # the scheduler moves once per optimizer step
+        feed=lambda start: _planned_steps(shard, start, per_rank),
+    )
     # The actors generate with exactly this adapter from here on (after a restart: the restored one).
-    _sync_adapter(engine, pool, hooks, rank, version=start)
+    sync_adapter_collective(w, engine, pool, version=start)
     hooks.on_start(engine, rank=rank, start_step=start)
 
     engine.train()
-    for step in range(start, total_steps):
-        torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, step, rank]).generate_state(1)[0]))
-        t_step = time.perf_counter()
-        times: dict[str, float] = {}
+    verifier = VerifierProcess(load_verifier(r.task), r.verifier_timeout_s)
+    try:
+        for step in range(start, total_steps):
+            worker.seed_step(w, step)
+            t_step = time.perf_counter()
+            times: dict[str, float] = {}
 
-        # 2. This rank's prompts of the step, with their hints.
-        t0 = time.perf_counter()
-        batch = next(prompts_iter)
-        times["wait"] = time.perf_counter() - t0
-        _check_step(batch, step, rank)
-        t0 = time.perf_counter()
-        if r.objective == "sft":  # the reference answer is the target: no rollouts, no rewards
-            prompts = sft_targets(batch, tokenizer)
-            rollouts = [{**p, "k": 0, "group": i, "response_ids": [], "reward": 0.0} for i, p in enumerate(prompts)]
-            times["generate"] = 0.0
-        else:
-            prompts = prompts_with_hints(batch, tokenizer, r.max_prompt_len)
+            # 2. This rank's prompts of the step, with their hints.
+            t0 = time.perf_counter()
+            batch = next(prompts_iter)
+            times["wait"] = time.perf_counter() - t0
+            _check_step(batch, step, rank)
+            t0 = time.perf_counter()
+            if r.objective == "sft":  # the reference answer is the target: no rollouts, no rewards
+                prompts = sft_targets(batch, tokenizer)
+                rollouts = [
+                    {**p, "k": 0, "group": i, "response_ids": [], "reward": 0.0} for i, p in enumerate(prompts)
+                ]
+                times["generate"] = 0.0
+            else:
+                prompts = prompts_with_hints(batch, tokenizer, r.max_prompt_len)
 
-            # 3. Rollouts from the actor pool, scored by the verifier.
-            rollouts = _rollouts(pool, prompts, r.n, cfg.train.seed, step, expected_version=step)
-            times["generate"] = time.perf_counter() - t0
-            _score(rollouts, verifier, tokenizer)
-            hooks.on_rollouts(rank=rank, step=step, rollouts=rollouts)
+                # 3. Rollouts from the actor pool, scored by the verifier.
+                rollouts = rollouts_collective(w, engine, pool, prompts, step, expected_version=step)
+                times["generate"] = time.perf_counter() - t0
+                _score(rollouts, verifier, tokenizer)
+                hooks.on_rollouts(rank=rank, step=step, rollouts=rollouts)
 
-        # 4. GRPO + hint NLL updates on this rank's rollouts (every rank takes part in every collective).
-        t0 = time.perf_counter()
-        train = _train_on(engine, cfg, rollouts, config["pad_id"], world)
-        times["train"] = time.perf_counter() - t0
+            # 4. GRPO + hint NLL updates on this rank's rollouts (every rank takes part in every collective).
+            t0 = time.perf_counter()
+            train = _train_on(engine, cfg, rollouts, config["pad_id"], world)
+            times["train"] = time.perf_counter() - t0
 
-        # 5. Only the adapter goes to the actors.
-        sync_s, sync_bytes = _sync_adapter(engine, pool, hooks, rank, version=step + 1)
+            # 5. Only the adapter goes to the actors.
+            sync_s, sync_bytes = sync_adapter_collective(w, engine, pool, version=step + 1)
 
-        # 6. Greedy, hint-free validation.
-        every = cfg.eval.every
-        accuracy = None
-        if (every and (step + 1) % every == 0) or step + 1 == total_steps:
-            accuracy = evaluate(pool, eval_rows, verifier, tokenizer, expected_version=step + 1)
+            # 6. Greedy, hint-free validation.
+            every = cfg.eval.every
+            accuracy = None
+            if (every and (step + 1) % every == 0) or step + 1 == total_steps:
+                accuracy = evaluate_collective(w, pool, eval_rows, verifier, tokenizer, expected_version=step + 1)
 
-        # 7. Metrics over all ranks, then the checkpoint.
-        step_time = time.perf_counter() - t_step
-        row = _metrics_row(step, prompts, rollouts, train, times, step_time, sync_s, sync_bytes, accuracy, engine)
-        if r.objective == "sft":  # no rollouts: nothing sampled, rewarded or clipped to report
-            row = {k: v for k, v in row.items() if k not in _ROLLOUT_ONLY}
-        state["step"] = step + 1
-        state["prompts_consumed"] = (step + 1) * r.prompts_per_step
-        if rank == 0:
-            run.append_metrics(row)  # `uft-ray train/demo` print one line per step from this file
-        if state["step"] % cfg.train.checkpoint_every == 0 or state["step"] == total_steps:
-            _save_checkpoint(engine, state, row, rank)
-        hooks.on_step_end(rank=rank, step=step + 1)
+            # 7. Metrics over all ranks, then the checkpoint.
+            step_time = time.perf_counter() - t_step
+            row = _metrics_row_collective(
+                step, prompts, rollouts, train, times, step_time, sync_s, sync_bytes, accuracy, engine
+            )
+            if r.objective == "sft":  # no rollouts: nothing sampled, rewarded or clipped to report
+                row = {k: v for k, v in row.items() if k not in _ROLLOUT_ONLY}
+            state["step"] = step + 1
+            state["prompts_consumed"] = (step + 1) * r.prompts_per_step
+            if rank == 0:
+                run.append_metrics(row)  # `uft-ray train/demo` print one line per step from this file
+            if worker.checkpoint_due(cfg, state["step"], total_steps):
+                worker.save_checkpoint(engine, state, row, rank)
+            hooks.on_step_end(rank=rank, step=step + 1)
 
-    verifier.close()
-    hooks.on_end(engine, rank=rank, cfg=cfg, pad_id=config["pad_id"], device=ray.train.torch.get_device())
+        hooks.on_end(engine, rank=rank, cfg=cfg, pad_id=config["pad_id"], device=ray.train.torch.get_device())
+    finally:
+        verifier.close()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -219,23 +204,49 @@ def sft_targets(batch: dict[str, np.ndarray], tokenizer: Any) -> list[dict[str, 
     return out
 
 
-def _rollouts(
-    pool: RolloutPool, prompts: list[dict[str, Any]], n: int, seed: int, step: int, *, expected_version: int
+def rollouts_collective(
+    w: worker.Worker,
+    engine: Engine,
+    pool: RolloutPool,
+    prompts: list[dict[str, Any]],
+    step: int,
+    *,
+    expected_version: int,
 ) -> list[dict[str, Any]]:
-    """n rollouts per prompt, group by group, each sampled with its own seed (seed, step, row_id, k)."""
+    """n rollouts per prompt, group by group, each sampled with its own seed (seed, step, row_id, k).
+
+    Every rollout must come from the adapter of `expected_version` (an actor behind the trainer would make the
+    ratios off-policy). An actor that Ray restarted (it lost its adapter: version -1) gets the current adapter
+    again and the rollouts are asked again; the ranks agree on that first, since the resend is a collective.
+    """
+    n, seed = w.cfg.rft.n, w.cfg.train.seed
     requests = [
         {"prompt_ids": p["prompt_ids"] + p["hint_ids"], "seed": request_seed(seed, step + 1, p["row_id"], k)}
         for p in prompts
         for k in range(n)
     ]
     out = pool.generate(requests)
-    if out["versions"] != {expected_version}:  # an actor behind the trainer would make the ratios off-policy
-        raise RuntimeError(f"rollouts used adapter versions {sorted(out['versions'])}, expected {expected_version}")
+    if _agree_stale(w, out["versions"], expected_version):
+        sync_adapter_collective(w, engine, pool, version=expected_version)
+        out = pool.generate(requests)
+    stale = out["versions"] != {expected_version} and out["versions"] != set()
+    failure = (
+        f"rollouts used adapter versions {sorted(out['versions'])}, expected {expected_version}" if stale else None
+    )
+    worker.agree_failure(w, failure)
     rollouts = []
     for i, response in enumerate(out["responses"]):
         p = prompts[i // n]
         rollouts.append({**p, "k": i % n, "group": i // n, "response_ids": [int(t) for t in response]})
     return rollouts
+
+
+def _agree_stale(w: worker.Worker, versions: set[int], expected: int) -> bool:
+    """Whether any rank got rollouts from an actor that lost its adapter (a collective)."""
+    stale = bool(versions) and versions != {expected}
+    flag = torch.tensor([int(stale)], dtype=torch.int64, device=w.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(int(flag))
 
 
 def _score(rollouts: list[dict[str, Any]], verifier: VerifierProcess, tokenizer: Any) -> None:
@@ -245,16 +256,24 @@ def _score(rollouts: list[dict[str, Any]], verifier: VerifierProcess, tokenizer:
         r["reward"] = float(reward)
 
 
-def evaluate(
-    pool: RolloutPool, rows: list[dict[str, Any]], verifier: VerifierProcess, tokenizer: Any, *, expected_version: int
+def evaluate_collective(
+    w: worker.Worker,
+    pool: RolloutPool,
+    rows: list[dict[str, Any]],
+    verifier: VerifierProcess,
+    tokenizer: Any,
+    *,
+    expected_version: int,
 ) -> float:
     """Greedy rollouts without hints on this rank's held-out prompts: the share answered correctly, over all
     ranks (a collective)."""
-    correct = 0
+    correct, failure = 0, None
     if rows:
         out = pool.generate([{"prompt_ids": list(r["prompt_ids"]), "seed": 0, "greedy": True} for r in rows])
         if out["versions"] != {expected_version}:
-            raise RuntimeError(f"evaluation used adapter versions {sorted(out['versions'])}")
+            failure = f"evaluation used adapter versions {sorted(out['versions'])}, expected {expected_version}"
+    worker.agree_failure(w, failure)  # every rank raises, or none
+    if rows:
         texts = [tokenizer.decode(resp, skip_special_tokens=True) for resp in out["responses"]]
         rewards = verifier.score([json.loads(r["row_json"]) for r in rows], texts)
         correct = sum(1 for x in rewards if x == CORRECT)
@@ -263,20 +282,24 @@ def evaluate(
     return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
 
-def _sync_adapter(
-    engine: Engine, pool: RolloutPool, hooks: TrainHooks, rank: int, *, version: int
-) -> tuple[float, int]:
-    """Gather the LoRA tensors (a collective), rank 0 sends them to every actor and checks their digests;
-    every rank waits for it, so no rank generates with an older adapter. Returns (seconds, bytes)."""
+def sync_adapter_collective(w: worker.Worker, engine: Engine, pool: RolloutPool, *, version: int) -> tuple[float, int]:
+    """Gather the LoRA tensors (a collective), rank 0 sends them to every actor and checks their digests; the
+    ranks then agree on the outcome, so no rank generates with an older adapter and none waits alone while
+    another raises. Returns (seconds, bytes)."""
     t0 = time.perf_counter()
     state = engine.adapter_state_dict()
-    if rank == 0:
+    failure = None
+    if w.rank == 0:
         digest = adapter_digest(state)
-        digests = pool.load_adapter(state, version)
-        if any(d != digest for d in digests):
-            raise RuntimeError(f"rollout actors hold adapter digests {digests}, the trainer {digest}")
-        hooks.on_adapter_sync(rank=rank, step=version, trainer_digest=digest, actor_digests=digests)
-    dist.barrier()
+        try:
+            digests = pool.load_adapter(state, version)
+        except Exception as e:  # an actor died while loading: every rank stops, not rank 0 alone
+            digests, failure = [], f"sending adapter version {version} to the rollout actors failed: {e}"
+        if failure is None and any(d != digest for d in digests):
+            failure = f"rollout actors hold adapter digests {digests}, the trainer {digest}"
+        if failure is None:
+            w.hooks.on_adapter_sync(rank=w.rank, step=version, trainer_digest=digest, actor_digests=digests)
+    worker.agree_failure(w, failure)
     return time.perf_counter() - t0, adapter_bytes(state)
 
 
@@ -402,7 +425,7 @@ _SUMMED = (
 )
 
 
-def _metrics_row(
+def _metrics_row_collective(
     step: int,
     prompts: list[dict[str, Any]],
     rollouts: list[dict[str, Any]],

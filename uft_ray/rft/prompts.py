@@ -26,9 +26,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from uft_ray import storage
-from uft_ray.config import GENERATED_TASKS, Config
+from uft_ray.config import Config
 from uft_ray.run_dir import RunDir
 from uft_ray.tasks.hints import HintSchedule
+from uft_ray.tasks.names import GENERATED_TASKS
 from uft_ray.train.plan import PLAN_SCHEMA, Plan, PlanSummary, fingerprint
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out generated instances come from another seed

@@ -142,3 +142,9 @@ class Background:
         if self._error is not None:
             raise self._error
         return self._out
+
+    def abandon(self) -> None:
+        """The driver failed meanwhile: wait until the build has stopped (its Ray tasks end with it), then drop
+        what it built, so that the blocks leave the object store and nothing of the run keeps working."""
+        self._thread.join()
+        self._out, self._error = None, None

@@ -17,10 +17,6 @@ before the restored step are skipped, so nothing is trained twice.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -31,61 +27,45 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from uft_ray.config import Config, load_config
+from uft_ray.config import Config
 from uft_ray.logprobs import model_sequence_logprobs
 from uft_ray.losses import dpo_loss, kto_loss, per_source_metrics, rank_scale, sft_loss, uft_loss, una_bce_loss
 from uft_ray.reference.adapter_off import adapter_off_logprobs
-from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir, checkpoint_name, read_state, write_state
 from uft_ray.schema import REF_LOGP, REF_LOGP_REJECTED
-from uft_ray.train.engine import Engine, base_model_bytes, build_engine, choose_zero_stage, device_memory_bytes
-from uft_ray.train.hooks import TrainHooks
+from uft_ray.train import worker
+from uft_ray.train.engine import Engine
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    cfg = load_config(config["cfg"], check_paths=False, resolve_paths=False)
-    run, total_steps, sources = RunDir(config["run_dir"]), int(config["steps"]), list(config["sources"])
-    hooks: TrainHooks = config.get("hooks") or TrainHooks()
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
-    device = ray.train.torch.get_device()
+    w = worker.join(config)
+    cfg, run, hooks, rank, world, device = w.cfg, w.run, w.hooks, w.rank, w.world, w.device
+    total_steps, sources = int(config["steps"]), list(config["sources"])
     mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
-    if world != cfg.train.num_workers:  # the plan dealt micro-batches to num_workers ranks
-        raise RuntimeError(f"world size {world} != train.num_workers {cfg.train.num_workers}")
-    if not use_gpu:  # a CPU worker computes with the CPUs Ray gave it (Ray's default for a worker is 1 thread)
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    zero_stage = _zero_stage(cfg, world, ctx.get_local_world_size(), use_gpu, rank)
 
-    # 1. Where to start: the last checkpoint's driver state (step, rows consumed per source, seeds), or step 0.
-    with _checkpoint_dir(ray.train.get_checkpoint()) as ckpt:
-        state = read_state(ckpt) if ckpt else _initial_state(cfg, sources)
-        start = int(state["step"])
-        # 2. This rank's planned micro-batches, in plan order, from step `start` on; the first one is fetched in
-        # the background from now on, so that the data pipeline starts while the model loads.
-        batches = _FirstAhead(_planned_micro_batches(ray.train.get_dataset_shard(f"train_{rank}"), start, mb))
-        # 3. The policy under DeepSpeed; on resume its adapter, optimizer and scheduler come back as saved.
-        engine = build_engine(
-            cfg,
-            total_steps=total_steps,
-            use_gpu=use_gpu,
-            zero_stage=zero_stage,
-            adapter=os.path.join(ckpt, CHECKPOINT_ADAPTER) if ckpt else None,
-        )
-        if ckpt:
-            engine.load(ckpt)
-    if rank == 0:
-        run.truncate_metrics(keep_through=start)
+    # 1-3. Where to start (the last checkpoint's driver state: step, rows consumed per source, seeds; or step
+    # 0), this rank's planned micro-batches in plan order from there on, and the policy under DeepSpeed (on
+    # resume its adapter, optimizer and scheduler come back as saved).
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
+    state, start, batches, engine = worker.restore(
+        w,
+        initial_state=_initial_state(cfg, sources),
+        optimizer_steps=total_steps,
+        feed=lambda start: _planned_micro_batches(shard, start, mb),
+    )
     heldout = ray.train.get_dataset_shard(f"eval_{rank}") if config.get("heldout") else None
     if heldout is not None and start == 0:  # the baseline: the policy is still the reference (r = 0)
-        baseline = {"step": 0, "time": time.time(), **evaluate_heldout(engine, cfg, heldout, config["pad_id"], world)}
+        baseline = {
+            "step": 0,
+            "time": time.time(),
+            **evaluate_collective(engine, cfg, heldout, config["pad_id"], world),
+        }
         if rank == 0:
             run.append_metrics(baseline)
     hooks.on_start(engine, rank=rank, start_step=start)
 
     engine.train()
     for step in range(start, total_steps):
-        # Dropout masks depend on (seed, step, rank) only: a resumed run draws the same ones.
-        torch.manual_seed(int(np.random.SeedSequence([cfg.train.seed, step, rank]).generate_state(1)[0]))
+        worker.seed_step(w, step)
         t_step = time.perf_counter()
         acc = _StepRecord()
         step_batches = []
@@ -107,7 +87,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step_time = time.perf_counter() - t_step
 
         # 4. The step's metrics over the whole global batch (every rank takes part: a collective).
-        record = _aggregate(acc, world)
+        record = _aggregate_collective(acc, world)
         for source, n in record["rows_by_source"].items():
             state["consumed"][source] = state["consumed"].get(source, 0) + n
         state["step"] = step + 1
@@ -115,71 +95,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         every = cfg.eval.every
         if heldout is not None and ((every and (step + 1) % every == 0) or step + 1 == total_steps):
             t_eval = time.perf_counter()
-            row.update(evaluate_heldout(engine, cfg, heldout, config["pad_id"], world))
+            row.update(evaluate_collective(engine, cfg, heldout, config["pad_id"], world))
             row["time/eval_s"] = time.perf_counter() - t_eval  # not part of step_time_s
         if rank == 0:
             run.append_metrics(row)
 
         # 5. Checkpoint: adapter + optimizer/scheduler + driver state, through Ray Train.
-        if state["step"] % cfg.train.checkpoint_every == 0 or state["step"] == total_steps:
-            _save_checkpoint(engine, state, row, rank)
+        if worker.checkpoint_due(cfg, state["step"], total_steps):
+            worker.save_checkpoint(engine, state, row, rank)
         hooks.on_step_end(rank=rank, step=step + 1)
 
     hooks.on_end(engine, rank=rank, cfg=cfg, pad_id=config["pad_id"], device=device)
 
 
-def _zero_stage(cfg: Config, world: int, local_world: int, use_gpu: bool, rank: int) -> int:
-    """`choose_zero_stage` on every rank, agreed on by all (the largest wins: one rank that cannot hold the base
-    makes every rank shard it; ranks disagreeing on the stage would hang in the first collective)."""
-    device_bytes = device_memory_bytes(use_gpu, local_world)
-    stage, why = choose_zero_stage(cfg, world, device_bytes, base_model_bytes(cfg))
-    agreed = torch.tensor([stage], dtype=torch.int64, device=ray.train.torch.get_device())
-    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
-    if int(agreed) != stage:
-        why = "another rank cannot hold the frozen base: every rank shards it"
-    if rank == 0:
-        threads = "" if use_gpu else f", {torch.get_num_threads()} CPU threads per worker"
-        print(f"[uft-ray] DeepSpeed ZeRO-{int(agreed)}: {why}{threads}", flush=True)
-    return int(agreed)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Data: the planned micro-batches of this rank, padded per micro-batch.
-
-
-class _FirstAhead:
-    """An iterator whose first item is fetched by a background thread from construction on.
-
-    The first `next` of a rank's dataset starts its whole pipeline (read, plan join, sort); started before
-    the model is built, that wait overlaps the model load instead of adding to it. Later items come straight
-    from the wrapped iterator, in the caller's thread.
-    """
-
-    def __init__(self, it: Iterator[Any]) -> None:
-        self._it = it
-        self._first: Any = None
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = threading.Thread(target=self._fetch, name="uft-ray-first-batch")
-        self._thread.daemon = True
-        self._thread.start()
-
-    def _fetch(self) -> None:
-        try:
-            self._first = next(self._it)
-        except BaseException as e:  # StopIteration included: re-raised in the caller's thread
-            self._error = e
-
-    def __iter__(self) -> _FirstAhead:
-        return self
-
-    def __next__(self) -> Any:
-        if self._thread is None:
-            return next(self._it)
-        self._thread.join()
-        self._thread = None
-        if self._error is not None:
-            raise self._error
-        return self._first
 
 
 def _planned_micro_batches(shard: Any, start: int, micro_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -311,7 +241,7 @@ def micro_batch_loss(
 # Held-out evaluation (uft_ray.evaluation.heldout).
 
 
-def evaluate_heldout(engine: Engine, cfg: Config, shard: Any, pad_id: int, world: int) -> dict[str, float]:
+def evaluate_collective(engine: Engine, cfg: Config, shard: Any, pad_id: int, world: int) -> dict[str, float]:
     """The held-out metrics of every rank's share (no grad, dropout off), whatever the run's loss: pair rows are
     scored as pairs, the others as single responses. The reference is the cache's (joined into the rows) when
     the run has one, else the policy with its adapter off (an `sft` run: r against the base). Every rank runs
@@ -398,7 +328,7 @@ class _StepRecord:
             self.kto_z = float(metrics["kto_z"])
 
 
-def _aggregate(acc: _StepRecord, world: int) -> dict[str, Any]:
+def _aggregate_collective(acc: _StepRecord, world: int) -> dict[str, Any]:
     """Gather every rank's record; every rank gets the same global result."""
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, acc.__dict__)
@@ -470,25 +400,3 @@ def _initial_state(cfg: Config, sources: list[str]) -> dict[str, Any]:
         "consumed": dict.fromkeys(sources, 0),
         "seeds": {"data": cfg.data.seed, "train": cfg.train.seed},
     }
-
-
-@contextlib.contextmanager
-def _checkpoint_dir(checkpoint: ray.train.Checkpoint | None) -> Iterator[str | None]:
-    if checkpoint is None:
-        yield None
-        return
-    with checkpoint.as_directory() as d:
-        yield d
-
-
-def _save_checkpoint(engine: Engine, state: dict[str, Any], metrics: dict[str, Any], rank: int) -> None:
-    """Every rank writes its part (rank 0: adapter + state; each: its optimizer partition); Ray merges them."""
-    with tempfile.TemporaryDirectory(prefix="uft-ckpt-") as d:
-        engine.save(d, rank=rank)
-        if rank == 0:
-            write_state(d, state)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=checkpoint_name(state["step"]),
-        )

@@ -1,0 +1,296 @@
+"""The run configuration's shape: one dataclass per section, each field with a comment, and the allowed values.
+
+Parsing (`uft_ray.config.parsing`) builds these from YAML and overrides; validation (`uft_ray.config.validation`)
+checks them. Derived values are properties; `compute_dtype` is the one dtype rule of the policy and the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uft_ray.config.paths import is_remote
+from uft_ray.data.formats import FORMAT_KINDS
+
+METHODS = ("uft", "hint_rft")  # the offline implicit-reward UFT (Wang et al.); hint-guided RFT (Liu et al.)
+LOSS_TYPES = ("uft", "una_bce", "dpo", "kto", "sft")
+# Row kinds each loss can train on (DESIGN.md "The math").
+LOSS_KINDS: dict[str, tuple[str, ...]] = {
+    "uft": ("sft", "score", "binary"),
+    "una_bce": ("sft", "score", "binary"),
+    "dpo": ("pair",),
+    "kto": ("sft", "binary"),
+    "sft": ("sft", "score", "binary", "pair"),
+}
+ROLLOUT_BACKENDS = ("auto", "hf", "vllm")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local dir, s3:// / gs:// prefix, or a hub id (resolved by transformers where a network exists)
+    revision: str | None = None  # hub revision; part of the reference cache fingerprint
+    adapter: str | None = None  # a peft adapter the policy starts from and keeps training (sequential stage 2)
+    dtype: str = "auto"  # auto = bfloat16 on GPU, float32 on CPU
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = True
+    trust_remote_code: bool = False  # never on unless asked: it runs code shipped with the weights
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    format: str = ""
+    path: str = ""  # file, directory, glob, or URI (s3://, gs://, hf://)
+    kind: str | None = None  # score | binary | pair where the format allows a choice; None = format default
+    score_weights: dict[str, float] | None = None  # helpsteer2 `score` kind; None = the UNA/UFT paper weights
+
+    @property
+    def resolved_kind(self) -> str:
+        return self.kind or FORMAT_KINDS.get(self.format, ("sft",))[0]
+
+
+@dataclass
+class DataConfig:
+    seed: int = 0
+    sources: list[SourceConfig] = field(default_factory=list)
+
+
+@dataclass
+class MixtureConfig:
+    counts: dict[str, int] | None = None  # absolute trainable rows per source (the paper's 20k + 20k)
+    ratios: dict[str, float] | None = None  # or relative ratios, with `total`
+    total: int | None = None
+    allow_upsample: bool = False  # a source smaller than its quota repeats rows instead of failing
+    at_most: bool = False  # counts are caps: a smaller source gives every row it has (held-out splits)
+
+
+@dataclass
+class TokenizeConfig:
+    max_prompt_len: int = 1024
+    max_len: int = 2048
+    overflow: str = "drop"  # drop | truncate_prompt_left
+
+
+@dataclass
+class LossConfig:
+    type: str = "uft"
+    beta: float = 0.01
+    source_weights: dict[str, float] | None = None  # multiplies each row's loss by its source's weight
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+
+
+@dataclass
+class ReferenceConfig:
+    mode: str = "actor"  # actor | adapter_off
+    run: str = "precompute"  # precompute | stream
+    model_path: str | None = None  # None = model.path
+    adapter: str | None = None  # a peft adapter on top of the reference base (sequential recipes' stage 1)
+    actors: int | list[int] = 1  # an int, or [min, max] for an autoscaling actor pool
+    gpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0
+    batch_size: int = 8
+    cache_dir: str = "~/.cache/uft-ray"
+
+
+@dataclass
+class DeepSpeedConfig:
+    # auto: no parameter sharding at world size 1 or when the frozen base fits one device with room for
+    # activations (ZeRO-0: with LoRA the optimizer state is tiny), ZeRO-3 with a sharded load when it does not
+    # (uft_ray.train.engine.choose_zero_stage); 0-3 is honoured as given.
+    zero_stage: int | str = "auto"
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class TrainConfig:
+    num_workers: int = 8
+    use_gpu: bool = True
+    # auto: on a local cluster (a laptop, the demo) every core the workers can share, cores // num_workers;
+    # on a running cluster 1. A CPU worker runs torch with this many threads.
+    cpus_per_worker: float | str = "auto"
+    gpus_per_worker: float = 1.0
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 3.0e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    epochs: int = 1
+    max_steps: int | None = None
+    checkpoint_every: int = 200
+    max_failures: int = 3
+    seed: int = 0
+    group_by_length: bool = True
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.num_workers * self.micro_batch_size * self.grad_accum
+
+
+@dataclass
+class HintConfig:
+    # The hint schedule of uft_ray.tasks.hints (the authors' numbers): cosine | rft | r3 | staged.
+    mode: str = "cosine"
+    p_low: float = 0.05
+    p_high: float = 0.95
+    t_hint: int = 300  # steps with hints; none after, and never at evaluation
+    max_buckets: int = 5
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "auto"  # auto: vllm on GPU where it is installed, else hf (transformers generate) | hf | vllm
+    actors: int = 1
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 1.0  # used when train.use_gpu
+    batch_size: int = 64  # requests per generate call of the hf backend
+    gpu_memory_utilization: float = 0.4  # vllm: the rollout engine shares its GPU with nothing else by default
+
+
+@dataclass
+class RftConfig:
+    """`method: hint_rft` (DESIGN.md "Hint-guided RFT"): prompts, rollouts, rewards and the loss's coefficients."""
+
+    task: str = "countdown"  # countdown | knights_knaves | math | a generic task's verifier as module:function
+    path: str | None = None  # math / generic: training rows (file, directory or glob); generated tasks: None
+    eval_path: str | None = None  # math / generic: held-out rows; generated tasks draw them with another seed
+    n_train: int = 10000  # generated tasks: instances to train on
+    prompts_per_step: int = 256
+    # grpo: rollouts + GRPO + hint NLL (UFT, RFT, R3, staged); sft: no rollouts, the NLL of each prompt's whole
+    # reference answer (the paper's SFT baseline, and stage 1 of SFT-then-RFT)
+    objective: str = "grpo"
+    n: int = 4  # rollouts per prompt (the GRPO group); sft trains one sequence per prompt
+    updates_per_step: int = 1  # optimizer steps per rollout batch; > 1 recomputes old log-probs first
+    max_prompt_len: int = 256  # prompt + revealed hint, tokens
+    max_response_len: int = 1024
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip: float = 0.2
+    kl_coef: float = 0.001
+    entropy_coef: float = 0.001
+    hint_coef: float = 0.001
+    verifier_timeout_s: float = 2.0
+    hint: HintConfig = field(default_factory=HintConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation (uft_ray.evaluation.heldout) and benchmarks after training (uft_ray.evaluation)."""
+
+    # Held-out rows, one of: each training source's own split (entries like data.sources, named as they are),
+    # or a seeded fraction of every training source kept out of training. Neither: no held-out metrics (uft).
+    sources: list[SourceConfig] = field(default_factory=list)
+    holdout: float | None = None
+    every: int | None = None  # steps between held-out evaluations (plus one before the first and one at the end)
+    max_rows: int | None = 256  # held-out rows per source (hint_rft: held-out prompts)
+    tasks: list[str] = field(default_factory=list)  # lm_eval tasks run on the final adapter (`uft-ray eval`)
+    preset: str | None = None  # or a named protocol (uft-paper: the paper's tasks, shots and scoring)
+    include_path: str | None = None  # a folder of lm_eval task YAMLs for `tasks`
+    limit: float | None = None  # lm_eval's limit per task (N rows, or a fraction)
+
+    @property
+    def heldout(self) -> bool:
+        return bool(self.sources) or self.holdout is not None
+
+
+@dataclass
+class OutputConfig:
+    storage_path: str = "./runs"
+    run_name: str = "uft-run"
+
+    @property
+    def run_dir(self) -> str:
+        """`{storage_path}/{run_name}`: a URI as given for object storage, else an absolute local path."""
+        if is_remote(self.storage_path):
+            return self.storage_path.rstrip("/") + "/" + self.run_name
+        return os.path.join(os.path.abspath(os.path.expanduser(self.storage_path)), self.run_name)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None: RAY_ADDRESS or the running cluster, else start a local one
+    num_cpus: int | None = None  # local cluster only: logical CPUs to declare (may exceed cores)
+
+
+@dataclass
+class LoggingConfig:
+    """Experiment trackers (uft_ray.trackers), fed by the driver from metrics.jsonl: the same keys, by step.
+
+    Credentials come from the environment only (WANDB_API_KEY, MLFLOW_TRACKING_TOKEN, ...), never from here.
+    """
+
+    trackers: list[str] = field(default_factory=list)  # any of wandb, mlflow, tensorboard (`uft-ray[trackers]`)
+    project: str = "uft-ray"  # the W&B project and the MLflow experiment; the run is output.run_name
+    mlflow_tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's default (./mlruns)
+    wandb_mode: str | None = None  # online | offline | disabled; None: WANDB_MODE, else online
+    tensorboard_dir: str | None = None  # None: {run_dir}/tensorboard; else {tensorboard_dir}/{output.run_name}
+
+
+@dataclass
+class Config:
+    method: str = "uft"  # uft (offline: data.sources, loss.type) | hint_rft (online: rft)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rft: RftConfig = field(default_factory=RftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def needs_reference(self) -> bool:
+        """A reference pass over prepared rows (hint_rft scores its rollouts with the adapter off instead)."""
+        return self.method == "uft" and self.loss.type != "sft"
+
+    def source(self, name: str) -> SourceConfig:
+        for s in self.data.sources:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(self.to_yaml())
+
+
+def compute_dtype(cfg: Config) -> str:
+    """The dtype the policy (uft_ray.train.engine) and the reference scorer compute in: one rule for both.
+
+    A CPU run (`train.use_gpu: false`) computes in float32 whatever `model.dtype` says: DeepSpeed has no bf16
+    on CPU, and a bf16 reference against an fp32 policy would make r != 0 before the first step. On GPU,
+    `model.dtype`, with `auto` meaning bfloat16.
+    """
+    if not cfg.train.use_gpu:
+        return "float32"
+    return "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype

@@ -1,0 +1,326 @@
+"""Validation: semantic checks beyond types, one message per problem, each naming its field.
+
+The allowed values of other packages come from their small tables (data formats from `uft_ray.data.formats`,
+rft tasks from `uft_ray.tasks.names`, trackers from `uft_ray.tracker_names`), never from the modules that
+implement them, so validating a config imports no task, tracker or data-pipeline code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from uft_ray.config.paths import is_remote, looks_local, path_exists
+from uft_ray.config.schema import (
+    LOSS_KINDS,
+    LOSS_TYPES,
+    METHODS,
+    ROLLOUT_BACKENDS,
+    Config,
+    LoggingConfig,
+    LoraConfig,
+    MixtureConfig,
+    OutputConfig,
+    ReferenceConfig,
+    SourceConfig,
+    TokenizeConfig,
+    TrainConfig,
+)
+from uft_ray.data.formats import FORMAT_KINDS, FORMATS, HELPSTEER2_ATTRIBUTES
+from uft_ray.tasks.names import FILE_TASKS, GENERATED_TASKS
+from uft_ray.tracker_names import INSTALL, TRACKERS, missing_packages
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. `messages` holds one line per problem, each naming its field."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = list(messages)
+        super().__init__("invalid config:\n" + "\n".join(f"  - {m}" for m in self.messages))
+
+
+class _Problems(list):
+    """The problems found so far, one message each, with the checks every section uses."""
+
+    def one_of(self, where: str, value: Any, allowed: tuple) -> None:
+        if value not in allowed:
+            self.append(f"{where}: {value!r} is not allowed; use one of: {', '.join(map(str, allowed))}")
+
+    def positive(self, where: str, value: float | int | None, *, zero_ok: bool = False) -> None:
+        if value is None:
+            return
+        if value < 0 or (value == 0 and not zero_ok):
+            self.append(f"{where}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+    def local_path(self, where: str, value: str | None, what: str, check: bool) -> None:
+        # A hub id (`org/name`) cannot be checked here; an absolute or ~ path that is not there fails now,
+        # not after Ray has started and a worker tries to load it.
+        if check and value and not is_remote(value) and looks_local(value) and not path_exists(value):
+            self.append(f"{where}: {value!r} does not exist ({what})")
+
+
+def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
+    """Semantic checks beyond types. Returns one message per problem (empty when the config can run).
+
+    Section by section: model, lora, data sources, mixture, tokenize, loss, reference, train, output.
+    `check_paths` off skips the existence of local paths (a config whose paths are a cluster's).
+    """
+    e = _Problems()
+    e.one_of("method", cfg.method, METHODS)
+    _check_model(e, cfg, check_paths)
+    _check_lora(e, cfg.lora)
+    if cfg.method == "hint_rft":  # prompts come from rft.task, not data.sources; the reference is adapter-off
+        _check_rft(e, cfg, check_paths)
+    else:
+        _check_sources(e, cfg.data.sources, check_paths)
+        _check_mixture(e, cfg.mixture, [s.name for s in cfg.data.sources])
+        _check_tokenize(e, cfg.tokenize)
+        _check_loss(e, cfg)
+        _check_reference(e, cfg.reference, check_paths)
+    _check_train(e, cfg.train)
+    _check_eval(e, cfg, check_paths)
+    _check_output(e, cfg.output)
+    _check_logging(e, cfg.logging, check_paths)
+    return list(e)
+
+
+def _check_model(e: _Problems, cfg: Config, check_paths: bool) -> None:
+    m = cfg.model
+    if not m.path:
+        e.append("model.path: required (a local model directory, s3:// or gs:// prefix, or a hub id)")
+    e.local_path("model.path", m.path, "a local model directory", check_paths)
+    e.local_path("model.adapter", m.adapter, "a peft adapter directory", check_paths)
+    e.one_of("model.dtype", m.dtype, ("auto", "bfloat16", "float16", "float32"))
+    e.one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
+
+
+def _check_lora(e: _Problems, lora: LoraConfig) -> None:
+    e.positive("lora.r", lora.r)
+    e.positive("lora.alpha", lora.alpha)
+    if not 0 <= lora.dropout < 1:
+        e.append(f"lora.dropout: must be in [0, 1), got {lora.dropout!r}")
+    if not lora.target_modules:
+        e.append("lora.target_modules: at least one module name (e.g. q_proj)")
+
+
+def _check_sources(e: _Problems, sources: list[SourceConfig], check_paths: bool) -> None:
+    if not sources:
+        e.append("data.sources: at least one source (name, format, path)")
+    names = [s.name for s in sources]
+    for i, s in enumerate(sources):
+        w = f"data.sources.{i}"
+        if not s.name:
+            e.append(f"{w}.name: required")
+        elif names.count(s.name) > 1:
+            e.append(f"{w}.name: {s.name!r} is used by more than one source")
+        if s.format not in FORMATS:
+            e.append(f"{w}.format: {s.format!r} is not allowed; use one of: {', '.join(FORMATS)}")
+            continue
+        if s.kind is not None and s.kind not in FORMAT_KINDS[s.format]:
+            e.append(f"{w}.kind: {s.kind!r} is not allowed for format {s.format}; use one of: "
+                     f"{', '.join(FORMAT_KINDS[s.format])}")  # fmt: skip
+        if not s.path:
+            e.append(f"{w}.path: required (a file, directory, glob, or s3:// gs:// hf:// URI)")
+        elif check_paths and not is_remote(s.path) and not path_exists(s.path):
+            e.append(f"{w}.path: {s.path!r} does not exist")
+        if s.score_weights is not None:
+            if s.format != "helpsteer2":
+                e.append(f"{w}.score_weights: only for format helpsteer2")
+            for k in s.score_weights:
+                if k not in HELPSTEER2_ATTRIBUTES:
+                    e.append(f"{w}.score_weights.{k}: unknown attribute; use: {', '.join(HELPSTEER2_ATTRIBUTES)}")
+            if not any(v != 0 for v in s.score_weights.values()):
+                e.append(f"{w}.score_weights: at least one weight must be non-zero")
+
+
+def _check_mixture(e: _Problems, m: MixtureConfig, names: list[str]) -> None:
+    if m.counts is not None and m.ratios is not None:
+        e.append("mixture: give either counts or ratios (with total), not both")
+    if m.counts is None and m.ratios is None:
+        e.append("mixture: give counts {source: rows} or ratios {source: r} with total")
+    for key, table in (("counts", m.counts), ("ratios", m.ratios)):
+        if table is None:
+            continue
+        for k, v in table.items():
+            if k not in names:
+                e.append(f"mixture.{key}.{k}: no source named {k!r}; sources: {', '.join(names) or '(none)'}")
+            if v < 0:
+                e.append(f"mixture.{key}.{k}: must be >= 0, got {v!r}")
+        for n in names:
+            if n and n not in table:
+                e.append(f"mixture.{key}.{n}: source {n!r} has no entry; give it rows (or 0 to leave it out)")
+        if table and all(v == 0 for v in table.values()):
+            e.append(f"mixture.{key}: all zero; at least one source needs rows")
+        if not table:
+            e.append(f"mixture.{key}: empty; name at least one source")
+    if m.ratios is not None:
+        if m.total is None:
+            e.append("mixture.total: required with mixture.ratios (the number of trainable rows)")
+        else:
+            e.positive("mixture.total", m.total)
+    elif m.total is not None and m.counts is not None:
+        e.append("mixture.total: only with mixture.ratios (counts already fix the total)")
+
+
+def _check_tokenize(e: _Problems, t: TokenizeConfig) -> None:
+    e.positive("tokenize.max_len", t.max_len)
+    e.positive("tokenize.max_prompt_len", t.max_prompt_len)
+    if t.max_prompt_len >= t.max_len > 0:
+        e.append(f"tokenize.max_prompt_len: must be < tokenize.max_len ({t.max_len}), got {t.max_prompt_len}")
+    e.one_of("tokenize.overflow", t.overflow, ("drop", "truncate_prompt_left"))
+
+
+def _check_loss(e: _Problems, cfg: Config) -> None:
+    loss, names = cfg.loss, [s.name for s in cfg.data.sources]
+    e.one_of("loss.type", loss.type, LOSS_TYPES)
+    e.positive("loss.beta", loss.beta)
+    if loss.type in LOSS_KINDS:
+        for i, s in enumerate(cfg.data.sources):
+            if s.format in FORMAT_KINDS and s.resolved_kind not in LOSS_KINDS[loss.type]:
+                e.append(f"data.sources.{i}.kind: loss.type {loss.type} cannot train {s.resolved_kind!r} rows "
+                         f"(source {s.name}); it takes: {', '.join(LOSS_KINDS[loss.type])}")  # fmt: skip
+    for k, v in (loss.source_weights or {}).items():
+        if k not in names:
+            e.append(f"loss.source_weights.{k}: no source named {k!r}")
+        e.positive(f"loss.source_weights.{k}", v, zero_ok=True)
+
+
+def _check_reference(e: _Problems, r: ReferenceConfig, check_paths: bool) -> None:
+    e.one_of("reference.mode", r.mode, ("actor", "adapter_off"))
+    e.one_of("reference.run", r.run, ("precompute", "stream"))
+    e.local_path("reference.model_path", r.model_path, "a local model directory", check_paths)
+    e.local_path("reference.adapter", r.adapter, "a peft adapter directory", check_paths)
+    if isinstance(r.actors, list):
+        if len(r.actors) != 2 or not 1 <= r.actors[0] <= r.actors[1]:
+            e.append(f"reference.actors: a range must be [min, max] with 1 <= min <= max, got {r.actors!r}")
+    else:
+        e.positive("reference.actors", r.actors)
+    e.positive("reference.gpus_per_actor", r.gpus_per_actor, zero_ok=True)
+    e.positive("reference.cpus_per_actor", r.cpus_per_actor, zero_ok=True)
+    e.positive("reference.batch_size", r.batch_size)
+    if r.mode == "adapter_off" and r.adapter:
+        e.append("reference.adapter: only with reference.mode=actor (adapter_off's reference is the bare base)")
+
+
+def _check_train(e: _Problems, tr: TrainConfig) -> None:
+    for name in ("num_workers", "micro_batch_size", "grad_accum", "lr", "epochs", "max_steps", "checkpoint_every"):
+        e.positive(f"train.{name}", getattr(tr, name))
+    for name in ("gpus_per_worker", "weight_decay", "max_grad_norm", "max_failures"):
+        e.positive(f"train.{name}", getattr(tr, name), zero_ok=True)
+    if isinstance(tr.cpus_per_worker, str):
+        e.one_of("train.cpus_per_worker", tr.cpus_per_worker, ("auto",))
+    else:
+        e.positive("train.cpus_per_worker", tr.cpus_per_worker, zero_ok=True)
+    if not 0 <= tr.warmup_ratio < 1:
+        e.append(f"train.warmup_ratio: must be in [0, 1), got {tr.warmup_ratio!r}")
+    if tr.deepspeed.zero_stage not in (0, 1, 2, 3, "auto"):
+        e.append(f"train.deepspeed.zero_stage: {tr.deepspeed.zero_stage!r} is not allowed; use auto, 0, 1, 2 or 3")
+    if tr.deepspeed.offload_params and tr.deepspeed.zero_stage not in (3, "auto"):
+        e.append("train.deepspeed.offload_params: needs train.deepspeed.zero_stage=3 (or auto)")
+
+
+def _check_logging(e: _Problems, lg: LoggingConfig, check_packages: bool) -> None:
+    for i, name in enumerate(lg.trackers):
+        e.one_of(f"logging.trackers.{i}", name, TRACKERS)
+    if lg.wandb_mode is not None:
+        e.one_of("logging.wandb_mode", lg.wandb_mode, ("online", "offline", "disabled"))
+    if not lg.project:
+        e.append("logging.project: required (the W&B project / MLflow experiment name)")
+    # Like the paths, checked where the run runs (a submitter needs none of them installed).
+    if check_packages and (missing := missing_packages([t for t in lg.trackers if t in TRACKERS])):
+        e.append(f"logging.trackers: {', '.join(missing)} not installed here; {INSTALL}")
+
+
+def _check_output(e: _Problems, out: OutputConfig) -> None:
+    if not out.run_name or "/" in out.run_name:
+        e.append(f"output.run_name: a non-empty name without '/', got {out.run_name!r}")
+    if not out.storage_path:
+        e.append("output.storage_path: required (a local dir or shared storage URI)")
+
+
+def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
+    r, tr = cfg.rft, cfg.train
+    if r.task not in GENERATED_TASKS + FILE_TASKS and ":" not in r.task:
+        e.append(f"rft.task: {r.task!r} is not allowed; use one of: {', '.join(GENERATED_TASKS + FILE_TASKS)}, "
+                 "or a generic task's verifier as module:function")  # fmt: skip
+    if r.task in GENERATED_TASKS:
+        e.positive("rft.n_train", r.n_train)
+        for name in ("path", "eval_path"):
+            if getattr(r, name):
+                e.append(f"rft.{name}: {r.task} instances are generated; leave rft.{name} unset")
+    elif not r.path:
+        e.append(f"rft.path: required for task {r.task!r} (a file, directory or glob of its rows)")
+    for name in ("path", "eval_path"):
+        value = getattr(r, name)
+        if check_paths and value and not is_remote(value) and not path_exists(value):
+            e.append(f"rft.{name}: {value!r} does not exist")
+    for name in ("prompts_per_step", "n", "updates_per_step", "max_prompt_len", "max_response_len",
+                 "verifier_timeout_s", "temperature"):  # fmt: skip
+        e.positive(f"rft.{name}", getattr(r, name))
+    for name in ("kl_coef", "entropy_coef", "hint_coef", "clip"):
+        e.positive(f"rft.{name}", getattr(r, name), zero_ok=True)
+    if not 0 < r.top_p <= 1:
+        e.append(f"rft.top_p: must be in (0, 1], got {r.top_p!r}")
+    h = r.hint
+    e.one_of("rft.objective", r.objective, ("grpo", "sft"))
+    e.one_of("rft.hint.mode", h.mode, ("cosine", "rft", "r3", "staged"))
+    if not 0 <= h.p_low <= h.p_high <= 1:
+        e.append(f"rft.hint: need 0 <= p_low <= p_high <= 1, got p_low={h.p_low!r} p_high={h.p_high!r}")
+    e.positive("rft.hint.t_hint", h.t_hint)
+    e.positive("rft.hint.max_buckets", h.max_buckets)
+    ro = r.rollout
+    e.one_of("rft.rollout.backend", ro.backend, ROLLOUT_BACKENDS)
+    for name in ("actors", "batch_size"):
+        e.positive(f"rft.rollout.{name}", getattr(ro, name))
+    for name in ("cpus_per_actor", "gpus_per_actor"):
+        e.positive(f"rft.rollout.{name}", getattr(ro, name), zero_ok=True)
+    if ro.backend == "vllm" and not tr.use_gpu:
+        e.append("rft.rollout.backend: vllm needs train.use_gpu=true (use hf on CPU)")
+    # Every rank trains whole GRPO groups, and its rollouts fill its micro-batches exactly.
+    if tr.num_workers > 0 and r.prompts_per_step % tr.num_workers:
+        e.append(f"rft.prompts_per_step: {r.prompts_per_step} must be a multiple of train.num_workers "
+                 f"({tr.num_workers}): every rank takes whole groups")  # fmt: skip
+    elif tr.num_workers > 0:
+        n = 1 if r.objective == "sft" else r.n
+        per_rank = r.prompts_per_step // tr.num_workers * n
+        per_update = r.updates_per_step * tr.grad_accum * tr.micro_batch_size
+        if per_rank != per_update:
+            sft = r.objective == "sft"
+            what = (
+                "prompts_per_step / num_workers (sft: one sequence per prompt)"
+                if sft
+                else ("prompts_per_step / num_workers * n")
+            )
+            e.append(f"rft: each rank trains {what} = {per_rank} sequences a step, "
+                     f"but rft.updates_per_step * train.grad_accum * train.micro_batch_size = {per_update}; "
+                     "make them equal")  # fmt: skip
+
+
+def _check_eval(e: _Problems, cfg: Config, check_paths: bool) -> None:
+    ev = cfg.eval
+    e.positive("eval.every", ev.every)
+    e.positive("eval.max_rows", ev.max_rows)
+    if ev.limit is not None:
+        e.positive("eval.limit", ev.limit)
+    e.local_path("eval.include_path", ev.include_path, "a folder of lm_eval task YAMLs", check_paths)
+    if ev.preset is not None:
+        e.one_of("eval.preset", ev.preset, ("uft-paper",))
+    if cfg.method == "hint_rft":
+        if ev.heldout:
+            e.append("eval.sources / eval.holdout: hint_rft holds out prompts itself (rft.eval_path, or generated)")
+        return
+    stream = cfg.needs_reference and cfg.reference.mode == "actor" and cfg.reference.run == "stream"
+    if ev.heldout and stream:
+        e.append("eval: held-out metrics need the held-out rows' reference log-probs: reference.run precompute "
+                 "(stream scores only the rows that are trained) or reference.mode adapter_off")  # fmt: skip
+    if ev.sources and ev.holdout is not None:
+        e.append("eval: give eval.sources (each source's own split) or eval.holdout (a fraction), not both")
+    if ev.holdout is not None and not 0 < ev.holdout <= 0.5:
+        e.append(f"eval.holdout: a fraction of each training source in (0, 0.5], got {ev.holdout!r}")
+    # A held-out split is named as the source it holds out; it may also be one the run does not train on (an
+    # SFT-only arm of `uft-ray compare` is still measured on the HelpSteer2 pairs).
+    if ev.sources:
+        sub = _Problems()
+        _check_sources(sub, ev.sources, check_paths)
+        e.extend(m.replace("data.sources", "eval.sources", 1) for m in sub)
+        # Any kind can be held out under any loss: pairs give pair accuracy and margin, SFT rows their NLL,
+        # scored rows their score MSE; eval/loss/{source} only where the run's loss applies to the rows.

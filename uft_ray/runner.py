@@ -1,0 +1,229 @@
+"""A run of either method, from its header to its outputs: the parts the two drivers share.
+
+torchtune's split: each method's driver (uft_ray.driver for the offline losses, uft_ray.rft.driver for
+hint_rft) owns its own steps and reads top to bottom; this module owns the small parts both call, by public
+names:
+
+- `open_run`: the header. Connect to Ray (or start a local one sized by uft_ray.resources), resolve
+  `train.cpus_per_worker: auto`, run the resource pre-check, check the benchmark names, load the tokenizer;
+  before any data or cluster work.
+- `last_checkpoint`: where a rerun resumes. Only "there is no checkpoint" means step 0; anything else (auth,
+  network, a damaged snapshot) fails naming the run directory, since Ray Train may still restore from it.
+- `keep_plan`: the plan-reuse rule, one for both methods. A run directory with a committed checkpoint must get
+  the plan its checkpoints follow; a changed plan is refused with a `ConfigError` naming the fields that changed.
+  The run's config.yaml is written only after that check (a refused rerun leaves the run directory as it was).
+- `fit`: the `TorchTrainer` (checkpoints under `{run_dir}/checkpoints`, uploaded when that is in object
+  storage), returning the last checkpoint's URI with its scheme.
+- `finish` and `result`: the final adapter with its tokenizer, the benchmarks, the report, the `RunResult`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from uft_ray import storage
+from uft_ray.config import Config, ConfigError
+from uft_ray.model_store import local_model
+from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINT_SNAPSHOT, CHECKPOINTS, RunDir, read_state
+
+logger = logging.getLogger(__name__)
+
+# What a plan depends on, by section (a change anywhere else never changes the plan).
+PLAN_SECTIONS = ("data", "mixture", "tokenize", "train", "rft", "eval", "method")
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    adapter_dir: str
+    metrics_path: str
+    metrics: dict[str, Any]  # the last metrics.jsonl line
+    checkpoint_dir: str | None  # the last Ray Train checkpoint
+    steps: int
+    plan_path: str
+    report_path: str | None
+
+
+@dataclass
+class Run:
+    """A run being driven: its resolved config, its directory, the tokenizer, and the config it last ran with."""
+
+    cfg: Config
+    dir: RunDir
+    tokenizer: Any
+    previous: dict[str, Any] | None = field(default=None, repr=False)  # the run directory's config.yaml, if any
+
+    @property
+    def pad_id(self) -> int:
+        t = self.tokenizer
+        return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
+
+
+def say(msg: str) -> None:
+    """One line per phase on stdout (a job's log), beside the CLI's one line per step."""
+    print(f"[uft-ray] {msg}", flush=True)
+
+
+def open_run(cfg: Config) -> Run:
+    """The header both methods run before any work (see the module docstring)."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from uft_ray.evaluation.heldout import check_benchmarks
+    from uft_ray.ray_utils import init_ray
+    from uft_ray.resources import check_cluster, local_cluster_cpus, resolve_worker_cpus
+
+    run_dir = RunDir(cfg.output.run_dir)
+    storage.makedirs(run_dir.path)
+    previous = yaml.safe_load(storage.read_bytes(run_dir.config)) if storage.is_file(run_dir.config) else None
+    logger.info("uft-ray %s run %s, resolved config:\n%s", cfg.method, run_dir.path, cfg.to_yaml())
+    check_benchmarks(cfg)  # an unknown eval.tasks name fails now, not after training
+    init_ray(cfg.ray, num_cpus=local_cluster_cpus(cfg))
+    cfg = resolve_worker_cpus(cfg)
+    check_cluster(cfg)  # a cluster that can never hold the run fails now, not in a silent hang
+    tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
+    return Run(cfg, run_dir, tokenizer, previous)
+
+
+def last_checkpoint(run_dir: RunDir) -> str | None:
+    """The last checkpoint Ray Train committed for this run (what a rerun resumes from), or None when there is
+    none: no snapshot of Ray Train's checkpoint manager (a run that never committed one starts over, as Ray Train
+    itself would). Any other failure to read it raises, naming the run directory."""
+    snapshot = storage.join(run_dir.checkpoints, CHECKPOINT_SNAPSHOT)
+    try:
+        committed = storage.is_file(snapshot)
+    except Exception as e:  # auth, network: not the same as "no checkpoint"
+        raise RuntimeError(f"{run_dir.path}: cannot tell whether it holds checkpoints ({snapshot}): {e}") from e
+    if not committed:
+        return None
+    from ray.train import Result
+
+    try:
+        result = Result.from_path(run_dir.checkpoints)
+    except Exception as e:
+        raise RuntimeError(
+            f"{run_dir.path}: its checkpoints cannot be read ({type(e).__name__}: {e}); fix or remove "
+            f"{run_dir.checkpoints} to start over, or use a new output.run_name"
+        ) from e
+    return storage.as_uri(run_dir.path, result.checkpoint.path) if result.checkpoint is not None else None
+
+
+def start_step(checkpoint: str | None) -> int:
+    return int(read_state(checkpoint)["step"]) if checkpoint else 0
+
+
+def keep_plan(run: Run, plan: Any, checkpoint: str | None) -> None:
+    """Save the plan and the config, unless the run directory has a committed checkpoint of another plan: then
+    refuse, naming what changed since (e.g. `train.max_steps 4 -> 8`)."""
+    from uft_ray.train.plan import read_plan_summary
+
+    if checkpoint is not None and storage.is_file(run.dir.plan):
+        saved = read_plan_summary(run.dir.plan)
+        if saved.fingerprint != plan.summary.fingerprint:
+            changed = config_changes(run.previous, run.cfg.to_dict()) if run.previous is not None else []
+            what = "; ".join(changed[:8]) if changed else "the data or batch config"
+            raise ConfigError(
+                [
+                    f"{run.dir.path}: its checkpoints follow another plan (changed: {what}); use a new "
+                    "output.run_name, or remove checkpoints/ to start over"
+                ]
+            )
+    plan.save(run.dir.plan)
+    storage.atomic_write(run.dir.config, run.cfg.to_yaml().encode())
+
+
+def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """`key old -> new` for every plan-relevant field that differs (dotted keys, in order)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in [*a, *(k for k in b if k not in a)]:
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+        elif a != b:
+            out.append(f"{key} {a} -> {b}")
+
+    for section in PLAN_SECTIONS:
+        walk(before.get(section), after.get(section), section)
+    return out
+
+
+def fit(cfg: Config, run_dir: RunDir, loop: Any, loop_config: dict[str, Any], datasets: dict[str, Any]) -> str | None:
+    """Run `TorchTrainer(loop)` over the per-rank datasets; returns the last checkpoint's URI (with its scheme:
+    `s3://...` for a run in object storage), or None."""
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from uft_ray.ray_utils import train_logging
+
+    tr = cfg.train
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=tr.num_workers,
+            use_gpu=tr.use_gpu,
+            resources_per_worker={"CPU": tr.cpus_per_worker} | ({"GPU": tr.gpus_per_worker} if tr.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=CHECKPOINTS,
+            # Checkpoints land in {run_dir}/checkpoints/checkpoint_{step}; Ray Train uploads them when the run
+            # directory is in object storage (the workers' nodes share no disk).
+            storage_path=run_dir.path,
+            failure_config=FailureConfig(max_failures=tr.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            logging_config=train_logging(),
+        ),
+        datasets=datasets,
+        # Each rank reads its own dataset whole (`train_{rank}`), in plan order.
+        dataset_config=DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    return storage.as_uri(run_dir.path, result.checkpoint.path) if result.checkpoint is not None else None
+
+
+def write_adapter(checkpoint: str, run_dir: RunDir, tokenizer: Any) -> None:
+    """`{run_dir}/adapter`: the checkpoint's LoRA adapter with the tokenizer (peft's loadable layout)."""
+    with storage.local_dir(run_dir.adapter) as out:
+        storage.copy_tree(storage.join(checkpoint, CHECKPOINT_ADAPTER), out)
+        tokenizer.save_pretrained(out)
+
+
+def finish(run: Run, checkpoint: str | None, tracked: Any = None) -> None:
+    """The final adapter with its tokenizer and the benchmarks (eval.tasks with lm_eval, into {run_dir}/eval),
+    before the trackers close (`tracked`: they get the adapter)."""
+    if not checkpoint:
+        return
+    from uft_ray.evaluation.heldout import run_benchmarks
+
+    write_adapter(checkpoint, run.dir, run.tokenizer)
+    run_benchmarks(run.cfg, run.dir.path)
+    if tracked is not None:
+        tracked.adapter = run.dir.adapter
+
+
+def result(run: Run, checkpoint: str | None, steps: int) -> RunResult:
+    """The report (rebuilt from the run directory), then what the run returns."""
+    return RunResult(
+        run_dir=run.dir.path,
+        adapter_dir=run.dir.adapter,
+        metrics_path=run.dir.metrics,
+        metrics=run.dir.last_metrics(),
+        checkpoint_dir=checkpoint,
+        steps=steps,
+        plan_path=run.dir.plan,
+        report_path=write_report(run.dir),
+    )
+
+
+def write_report(run_dir: RunDir) -> str | None:
+    from uft_ray.report import write_report as write
+
+    try:
+        return write(run_dir.path)
+    except Exception as e:  # the run itself succeeded; `uft-ray report RUN_DIR` can rebuild it
+        logger.warning("could not write the report: %s", e)
+        return None

@@ -1,0 +1,10 @@
+"""The built-in `rft.task` values: plain names, no imports, so config validation can check them without
+loading a task.
+
+Each is its task module's `NAME` (countdown.py, knights_knaves.py, math_answers.py).
+"""
+
+from __future__ import annotations
+
+GENERATED_TASKS = ("countdown", "knights_knaves")  # instances generated from a seed; no rft.path
+FILE_TASKS = ("math",)  # rows read from rft.path / rft.eval_path
