@@ -102,7 +102,7 @@ def old_rank_feeds(prepared: str, plan, start: int, mb: int, ga: int) -> dict:
     """The driver's feeds before issue 12: per rank, every prepared row tagged with this rank's share, sorted."""
     from uft_ray.data import prepared as prep
     from uft_ray.train.feeds import SORT_PARTITION_ROWS
-    from uft_ray.train.plan import rank_assignment, tag_rows
+    from uft_ray.train.plan import rank_assignment
 
     base = prep.rows_dataset(prepared, COLUMNS)
     every = max(1, SORT_PARTITION_ROWS // (mb * ga))
@@ -110,13 +110,28 @@ def old_rank_feeds(prepared: str, plan, start: int, mb: int, ga: int) -> dict:
     feeds = {}
     for rank in range(plan.summary.num_workers):
         ds = base.map_batches(
-            functools.partial(counted, fn=tag_rows, label=f"old/{rank}"),
+            functools.partial(counted, fn=old_tag_rows, label=f"old/{rank}"),
             fn_kwargs={"assignment": rank_assignment(plan.table, rank, start)},
             batch_format="pyarrow",
             batch_size=None,
         )
         feeds[f"train_{rank}"] = ds.sort(["step", "micro", "slot"], boundaries=boundaries).materialize()
     return feeds
+
+
+def old_tag_rows(batch, assignment: dict) -> object:
+    """The removed `plan.tag_rows`, kept here as the baseline: one output row per (row, epoch) planned for it."""
+    import pyarrow as pa
+
+    take, tags = [], []
+    for i, row_id in enumerate(batch.column("row_id").to_pylist()):
+        for tag in assignment.get(row_id, ()):
+            take.append(i)
+            tags.append(tag)
+    out = batch.take(pa.array(take, pa.int64()))
+    for k, name in enumerate(("epoch", "step", "micro", "slot")):
+        out = out.append_column(name, pa.array([t[k] for t in tags], pa.int32()))
+    return out
 
 
 def new_rank_feeds(prepared: str, plan, start: int) -> dict:

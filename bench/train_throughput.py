@@ -214,6 +214,7 @@ def plain_loop(cfg: Config, prepared: str, plan_path: str, threads: int) -> list
     from uft_ray.losses import uft_loss
     from uft_ray.reference.cache import as_lookup
     from uft_ray.reference.service import attach_reference, read_reference
+    from uft_ray.train.engine import enable_activation_checkpointing
     from uft_ray.train.plan import load_plan
 
     torch.set_num_threads(threads)
@@ -221,8 +222,7 @@ def plain_loop(cfg: Config, prepared: str, plan_path: str, threads: int) -> list
     dtype = torch.bfloat16 if cfg.train.use_gpu else torch.float32
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype).to(device)
     model.config.use_cache = False
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
+    enable_activation_checkpointing(model)  # the engine's own call: either transformers API, non-reentrant
     torch.manual_seed(cfg.train.seed)
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0,
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")  # fmt: skip

@@ -306,10 +306,3 @@ def _plot(results: dict[str, dict[str, Any]], columns: list[str]) -> bytes:
         ax.set_xticks(range(len(arms)), arms, rotation=45, ha="right")
         ax.set_title(c, fontsize=9)
     return to_png(fig)
-
-
-def run_compare(path: str, overrides: list[str] | None = None, only: list[str] | None = None) -> dict[str, str]:
-    """Load the recipe, run the arms that are not finished, write the tables."""
-    recipe = load_recipe(path, overrides)
-    run_arms(recipe, only)
-    return write_tables(recipe)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -31,12 +32,12 @@ from typing import Any
 from uft_ray import storage
 from uft_ray.config import Config, ConfigError, validate
 from uft_ray.data import prepared as prep
-from uft_ray.run_dir import QUARANTINE_COUNTS, RunDir
+from uft_ray.run_dir import RunDir
 from uft_ray.runner import Run, RunResult, finish, fit, keep_plan, last_checkpoint, open_run, result, say, start_step
 from uft_ray.trackers import open_trackers
-from uft_ray.train.feeds import Background, rank_feeds
+from uft_ray.train.feeds import Background, rank_feeds, table_feeds
 from uft_ray.train.hooks import TrainHooks
-from uft_ray.train.plan import Plan, make_plan, rank_assignment, tag_rows
+from uft_ray.train.plan import Plan, make_plan, rank_assignment
 
 __all__ = ["RunResult", "run", "run_sequential", "target_fraction", "prepare_key"]
 
@@ -206,10 +207,13 @@ def _plan(cfg: Config, prepared: str) -> Plan:
     """The deterministic plan over the prepared rows (`uft_ray.runner.keep_plan` holds a rerun to it)."""
     rows = prep.read_rows(prepared, ["row_id", "source", "length", "rejected_length"])
     if cfg.eval.holdout is not None:  # held-out rows never reach the plan (uft_ray.evaluation.heldout)
-        from uft_ray.evaluation.heldout import is_heldout
+        from uft_ray.evaluation.heldout import check_holdout, is_heldout
 
-        keep = [not is_heldout(r, cfg.eval.holdout, cfg.data.seed) for r in rows["row_id"].to_pylist()]
-        rows = rows.filter(keep)
+        ids = rows["row_id"].to_pylist()
+        # Said before any work: a source too small for the fraction gets no held-out metrics (none: refused).
+        for warning in check_holdout(ids, rows["source"].to_pylist(), cfg.eval.holdout, cfg.data.seed):
+            logger.warning(warning)
+        rows = rows.filter([not is_heldout(r, cfg.eval.holdout, cfg.data.seed) for r in ids])
     lengths = rows["length"].to_numpy(zero_copy_only=False)
     if "rejected_length" in rows.column_names and cfg.loss.type == "dpo":
         rejected = rows["rejected_length"].fill_null(0).to_numpy(zero_copy_only=False)
@@ -300,25 +304,20 @@ def _heldout_feeds(cfg: Config, run_dir: RunDir, prepared: str, reference: dict[
             rows["row_id"].to_pylist(), rows["source"].to_pylist(), cfg.eval.holdout, cfg.data.seed, cfg.eval.max_rows
         )
     logger.info("held-out rows: %d, evaluated every %s steps", len(row_ids), cfg.eval.every or "(end only)")
-    base = prep.rows_dataset(source_dir, list(TRAIN_COLUMNS))
-    feeds = {}
-    for rank in range(cfg.train.num_workers):
-        share = heldout.rank_share(row_ids, rank, cfg.train.num_workers)
-        ds = base.map_batches(
-            tag_rows,
-            fn_kwargs={"assignment": {rid: [(0, 0, 0, k)] for k, rid in enumerate(share)}},
-            batch_format="pyarrow",
-            batch_size=None,
-        )
-        if reference is not None:
-            ds = ds.map_batches(
-                join_reference,
-                fn_kwargs={"values": {rid: reference[rid] for rid in share}},
-                batch_format="pyarrow",
-                batch_size=None,
-            )
-        feeds[f"eval_{rank}"] = ds.materialize()
-    return feeds
+    if not row_ids:  # eval.holdout is refused earlier (heldout.check_holdout); an empty split is refused here
+        raise ConfigError([f"eval.sources: the splits hold no usable rows (prepared in {source_dir})"])
+    # Each rank's share (heldout.rank_share) in order, from one pass over the rows like the training feeds, with
+    # the held-out rows' reference log-probs joined before the sort.
+    join = None
+    if reference is not None:
+        join = functools.partial(join_reference, values={rid: reference[rid] for rid in row_ids})
+    return table_feeds(
+        prep.rows_dataset(source_dir, list(TRAIN_COLUMNS)),
+        heldout.heldout_plan(row_ids, cfg.train.num_workers),
+        cfg.train.num_workers,
+        prefix="eval_",
+        transform=join,
+    )
 
 
 def _copy_quarantine(prepared: str, run_dir: RunDir) -> None:
@@ -329,4 +328,4 @@ def _copy_quarantine(prepared: str, run_dir: RunDir) -> None:
         storage.remove_tree(run_dir.quarantine)
         storage.makedirs(run_dir.quarantine)
     counts = (storage.read_json(prep.summary_path(prepared)) or {}).get("quarantine", {})
-    storage.write_json(storage.join(run_dir.quarantine, QUARANTINE_COUNTS), counts, sort_keys=True)
+    storage.write_json(run_dir.quarantine_counts, counts, sort_keys=True)

@@ -6,11 +6,14 @@ tasks, each training worker, reference and rollout actor, the eval worker) calls
 process on a node downloads the files into `{UFT_RAY_MODEL_CACHE or ~/.cache/uft-ray/models}/{key}/` under a
 file lock, the others wait for it and reuse the copy; every node gets its own copy once, not once per process.
 
-Checked by size and checksum: each file is streamed into a temporary beside its target while its sha256 is
-computed, its size must equal the listing's, and only then is it renamed into place and recorded in
-`.uft-ray-files.json` (remote size and modification time, local sha256, local size and mtime). A later call
-downloads again what changed in the bucket (size or mtime), and re-hashes a local file whose size or mtime no
-longer match the record (a corrupted or edited copy is downloaded again); files gone from the bucket are removed.
+A download is checked by size only: each file is streamed into a temporary beside its target, its byte count
+must equal the listing's size, and only then is it renamed into place. The bucket's own checksums are not
+compared (pyarrow's listings carry none, and an S3 ETag is an MD5 only for single-part uploads): the sha256
+computed while streaming is of the bytes received, kept to check the local copy later, not the download.
+Each file is recorded in `.uft-ray-files.json` (remote size and modification time, local sha256 and mtime). A
+later call downloads again what changed in the bucket (size or mtime) and a local file whose size no longer
+matches; a local file whose mtime changed is re-hashed and downloaded again unless its sha256 is the recorded
+one (a corrupted or edited copy); files gone from the bucket are removed.
 
 Local paths and hub ids pass through unchanged.
 """

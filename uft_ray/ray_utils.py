@@ -5,17 +5,27 @@ progress bars: the workers that iterate the datasets re-print theirs through the
 (the demo's log was mostly those), and a job's log is no terminal anyway. A run shows its own lines instead
 (`uft-ray` prints one per step from metrics.jsonl), plus warnings and errors. `--verbose` (UFT_RAY_VERBOSE=1 in
 a job's environment) keeps Ray's output as Ray prints it.
+
+What Ray forwards from its worker processes (raylet and core_worker warnings, Ray Train's controller and its
+placement-group cleaner, every worker's stdout) goes to a log file in the run directory instead
+(`route_worker_output`, `RunDir.ray_log`); the console keeps the lines uft-ray itself marks with `[uft-ray]`
+(its per-phase lines, and every uft_ray warning a worker logs: `mark_worker_logs` marks them).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 from uft_ray.config import RayConfig
 
 VERBOSE_ENV = "UFT_RAY_VERBOSE"
+MARK = "[uft-ray]"  # the lines of uft-ray's own, which stay on the console
+# The name under which Ray's driver registers the printer of forwarded worker output (ray._private.worker.connect).
+_RAY_PRINTER = "ray_print_logs"
+_ROUTER = "uft_ray_output"
 # Read in every worker process of the job: Ray Data's progress bars (ray.data.context), and the tqdm bars of
 # transformers and huggingface_hub (a worker loading the model re-prints "Loading weights" through the driver).
 QUIET_ENV_VARS = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -71,7 +81,9 @@ def init_ray(rc: RayConfig | None = None, *, num_cpus: int | None = None) -> Non
     rc = rc or RayConfig()
     address = rc.address or os.environ.get("RAY_ADDRESS")
     env_vars = {"TOKENIZERS_PARALLELISM": "false"} | ({} if verbose() else QUIET_ENV_VARS)
-    runtime_env = {"env_vars": env_vars}
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if not verbose():
+        runtime_env["worker_process_setup_hook"] = "uft_ray.ray_utils.mark_worker_logs"
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
@@ -82,3 +94,62 @@ def init_ray(rc: RayConfig | None = None, *, num_cpus: int | None = None) -> Non
         _node_ip_address="127.0.0.1",
         runtime_env=runtime_env,
     )
+
+
+def mark_worker_logs() -> None:
+    """Ray's `worker_process_setup_hook`: a worker's uft_ray warnings carry the `[uft-ray]` mark, so they stay on
+    the console when `route_worker_output` sends the rest of Ray's worker output to the run's log file."""
+    log = logging.getLogger("uft_ray")
+    if any(getattr(h, "uft_ray_mark", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setLevel(logging.WARNING)
+    handler.setFormatter(logging.Formatter(f"{MARK} %(levelname)s %(name)s: %(message)s"))
+    handler.uft_ray_mark = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.propagate = False  # once, not again through the root logger's lastResort
+
+
+def route_worker_output(log_path: str | None) -> bool:
+    """Send what Ray forwards from its workers to `log_path` (a local file, appended), keeping on the console only
+    the lines marked `[uft-ray]`; `None` puts Ray's own printer back. Needs `ray.init` done.
+
+    Ray has no public switch between "print everything" (`log_to_driver=True`) and "print nothing" (False, which
+    would hide uft-ray's worker lines too), so this swaps the handler Ray registers on its driver-side dispatcher.
+    Returns False, changing nothing, with `verbose()` or when this Ray version has no such dispatcher.
+    """
+    try:
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:  # pragma: no cover - another Ray layout: keep its printing
+        return False
+    if verbose() or not any(name in (_RAY_PRINTER, _ROUTER) for name, _ in dispatcher.handlers):
+        return False
+    dispatcher.remove_handler(_ROUTER)
+    dispatcher.remove_handler(_RAY_PRINTER)
+    if log_path is None:
+        ignore = ray_worker._should_ignore_worker_log_prefix(ray_worker.global_worker)
+        dispatcher.add_handler(_RAY_PRINTER, lambda data: ray_worker.print_to_stdstream(data, ignore_prefix=ignore))
+        return True
+    os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    dispatcher.add_handler(_ROUTER, WorkerOutput(log_path))
+    return True
+
+
+class WorkerOutput:
+    """One batch of forwarded worker output (Ray's dict: `lines`, `pid`, `ip`, `is_err`, `actor_name`,
+    `task_name`): every line to the log file with its origin, the `[uft-ray]` ones also to the console."""
+
+    def __init__(self, log_path: str) -> None:
+        self.path = log_path
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        origin = data.get("actor_name") or data.get("task_name") or ""
+        head = f"({origin + ' ' if origin else ''}pid={data.get('pid')}, ip={data.get('ip')})"
+        lines = [str(line) for line in data.get("lines", ())]
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.writelines(f"{head} {line}\n" for line in lines)
+        sink = sys.stderr if data.get("is_err") else sys.stdout
+        for line in lines:
+            if MARK in line:
+                print(line[line.index(MARK) :], file=sink, flush=True)

@@ -4,13 +4,18 @@ The one module that knows what a run writes and where (DESIGN.md "A run's output
 
     config.yaml          the resolved config, as run
     prepared/            the data plane's rows (when the run prepared them itself) + prepared.key.json
+    prepared_eval/       eval.sources' held-out splits, prepared like the training rows + prepared_eval.key.json
+    prompts/             hint_rft: the task's prompts, train.parquet and eval.parquet (uft_ray.rft.prompts)
     plan.parquet         the seeded training plan (uft_ray.train.plan)
     checkpoints/         Ray Train's run folder: checkpoint_{step:06d}/ with adapter/, ds/, state.json
     adapter/             the final LoRA adapter (peft format) with the tokenizer
     metrics.jsonl        one JSON object per optimizer step, appended by rank 0
-    quarantine/          rejected rows (copied from the prepared directory) + counts.json
-    report.html, plots/  the report (uft_ray.report)
+    quarantine/          rejected rows (copied from the prepared directory) + counts.json (hint_rft: prompts.jsonl)
+    summary.json         the data plane's summary, when one is kept beside the run's files (the report reads it)
+    report.html, plots/  the report (uft_ray.report): plots/{name}.png
     eval/                benchmark results (uft_ray.evaluation): lm_eval's JSON per task + summary.json
+    tensorboard/         logging.trackers tensorboard's event files, unless logging.tensorboard_dir
+    ray.log              what Ray forwarded from its workers, off the console (uft_ray.ray_utils)
 
 The run directory is a local path or an object-store URI (`output.storage_path: s3://bucket/runs`); every path
 here is built with `storage.join` and every read and write goes through `uft_ray.storage`, so one code path
@@ -33,6 +38,7 @@ from uft_ray import storage
 CONFIG = "config.yaml"
 PREPARED = "prepared"
 PROMPTS = "prompts"  # hint_rft: the task rows, train.parquet and eval.parquet
+PROMPT_SPLITS = ("train", "eval")  # prompts/{split}.parquet
 PREPARED_KEY = "prepared.key.json"
 PREPARED_EVAL = "prepared_eval"  # eval.sources: the held-out splits, prepared like the training rows
 PREPARED_EVAL_KEY = "prepared_eval.key.json"
@@ -44,11 +50,15 @@ CHECKPOINT_SNAPSHOT = (
 ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
 QUARANTINE = "quarantine"
-QUARANTINE_COUNTS = "counts.json"
+QUARANTINE_COUNTS = "counts.json"  # inside quarantine/
+QUARANTINE_PROMPTS = "prompts.jsonl"  # inside quarantine/: hint_rft's unusable task records
+DATA_SUMMARY = "summary.json"  # the data plane's summary (uft_ray.data.prepared's summary.json)
 REPORT = "report.html"
 PLOTS = "plots"
 EVAL = "eval"
 EVAL_SUMMARY = "summary.json"  # inside eval/
+TENSORBOARD = "tensorboard"
+RAY_LOG = "ray.log"
 
 # Inside one checkpoint directory.
 STATE = "state.json"  # step, rows consumed per source, seeds, plan fingerprint
@@ -85,6 +95,12 @@ class RunDir:
     def prompts(self) -> str:
         return self._p(PROMPTS)
 
+    def prompts_file(self, split: str) -> str:
+        """hint_rft's prompts of `split` ("train" or "eval")."""
+        if split not in PROMPT_SPLITS:
+            raise ValueError(f"prompt split {split!r}: one of {PROMPT_SPLITS}")
+        return storage.join(self.prompts, f"{split}.parquet")
+
     @property
     def prepared_key(self) -> str:
         return self._p(PREPARED_KEY)
@@ -105,6 +121,10 @@ class RunDir:
     def checkpoints(self) -> str:
         return self._p(CHECKPOINTS)
 
+    @property
+    def checkpoint_snapshot(self) -> str:
+        return storage.join(self.checkpoints, CHECKPOINT_SNAPSHOT)
+
     def checkpoint(self, step: int) -> str:
         return storage.join(self.checkpoints, checkpoint_name(step))
 
@@ -121,12 +141,28 @@ class RunDir:
         return self._p(QUARANTINE)
 
     @property
+    def quarantine_counts(self) -> str:
+        return storage.join(self.quarantine, QUARANTINE_COUNTS)
+
+    @property
+    def quarantine_prompts(self) -> str:
+        return storage.join(self.quarantine, QUARANTINE_PROMPTS)
+
+    @property
+    def data_summary(self) -> str:
+        return self._p(DATA_SUMMARY)
+
+    @property
     def report(self) -> str:
         return self._p(REPORT)
 
     @property
     def plots(self) -> str:
         return self._p(PLOTS)
+
+    def plot(self, name: str) -> str:
+        """The report's figure `name` (a PNG)."""
+        return storage.join(self.plots, f"{name}.png")
 
     @property
     def eval(self) -> str:
@@ -135,6 +171,14 @@ class RunDir:
     @property
     def eval_summary(self) -> str:
         return storage.join(self.eval, EVAL_SUMMARY)
+
+    @property
+    def tensorboard(self) -> str:
+        return self._p(TENSORBOARD)
+
+    @property
+    def ray_log(self) -> str:
+        return self._p(RAY_LOG)
 
     # metrics.jsonl -------------------------------------------------------------------------------------
 

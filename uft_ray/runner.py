@@ -4,7 +4,8 @@ torchtune's split: each method's driver (uft_ray.driver for the offline losses, 
 hint_rft) owns its own steps and reads top to bottom; this module owns the small parts both call, by public
 names:
 
-- `open_run`: the header. Connect to Ray (or start a local one sized by uft_ray.resources), resolve
+- `open_run`: the header. Connect to Ray (or start a local one sized by uft_ray.resources) with Ray's own
+  output sent to the run's `ray.log` (a local copy uploaded at the end when the run directory is a URI), resolve
   `train.cpus_per_worker: auto`, run the resource pre-check, check the benchmark names, load the tokenizer;
   before any data or cluster work.
 - `last_checkpoint`: where a rerun resumes. Only "there is no checkpoint" means step 0; anything else (auth,
@@ -19,14 +20,17 @@ names:
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from uft_ray import storage
 from uft_ray.config import Config, ConfigError
 from uft_ray.model_store import local_model
-from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINT_SNAPSHOT, CHECKPOINTS, RunDir, read_state
+from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, RAY_LOG, RunDir, read_state
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,7 @@ class Run:
     dir: RunDir
     tokenizer: Any
     previous: dict[str, Any] | None = field(default=None, repr=False)  # the run directory's config.yaml, if any
+    ray_log: str | None = None  # the local file Ray's worker output goes to (uft_ray.ray_utils.route_worker_output)
 
     @property
     def pad_id(self) -> int:
@@ -72,7 +77,7 @@ def open_run(cfg: Config) -> Run:
     from transformers import AutoTokenizer
 
     from uft_ray.evaluation.heldout import check_benchmarks
-    from uft_ray.ray_utils import init_ray
+    from uft_ray.ray_utils import init_ray, route_worker_output
     from uft_ray.resources import check_cluster, local_cluster_cpus, resolve_worker_cpus
 
     run_dir = RunDir(cfg.output.run_dir)
@@ -81,17 +86,30 @@ def open_run(cfg: Config) -> Run:
     logger.info("uft-ray %s run %s, resolved config:\n%s", cfg.method, run_dir.path, cfg.to_yaml())
     check_benchmarks(cfg)  # an unknown eval.tasks name fails now, not after training
     init_ray(cfg.ray, num_cpus=local_cluster_cpus(cfg))
+    ray_log = _local_ray_log(run_dir)
+    if route_worker_output(ray_log):
+        say(f"Ray's own output: {ray_log}")
+    else:
+        ray_log = None
     cfg = resolve_worker_cpus(cfg)
     check_cluster(cfg)  # a cluster that can never hold the run fails now, not in a silent hang
     tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
-    return Run(cfg, run_dir, tokenizer, previous)
+    return Run(cfg, run_dir, tokenizer, previous, ray_log)
+
+
+def _local_ray_log(run_dir: RunDir) -> str:
+    """The run's ray.log, or a local file to upload there when the run directory is in object storage."""
+    if not storage.is_remote(run_dir.path):
+        return storage.filesystem_for(run_dir.ray_log)[1]
+    name = hashlib.sha256(run_dir.path.encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), "uft-ray-logs", name, RAY_LOG)
 
 
 def last_checkpoint(run_dir: RunDir) -> str | None:
     """The last checkpoint Ray Train committed for this run (what a rerun resumes from), or None when there is
     none: no snapshot of Ray Train's checkpoint manager (a run that never committed one starts over, as Ray Train
     itself would). Any other failure to read it raises, naming the run directory."""
-    snapshot = storage.join(run_dir.checkpoints, CHECKPOINT_SNAPSHOT)
+    snapshot = run_dir.checkpoint_snapshot
     try:
         committed = storage.is_file(snapshot)
     except Exception as e:  # auth, network: not the same as "no checkpoint"
@@ -207,6 +225,9 @@ def finish(run: Run, checkpoint: str | None, tracked: Any = None) -> None:
 
 def result(run: Run, checkpoint: str | None, steps: int) -> RunResult:
     """The report (rebuilt from the run directory), then what the run returns."""
+    if run.ray_log and storage.is_remote(run.dir.path) and os.path.isfile(run.ray_log):
+        with open(run.ray_log, "rb") as f:
+            storage.atomic_write(run.dir.ray_log, f.read())
     return RunResult(
         run_dir=run.dir.path,
         adapter_dir=run.dir.adapter,

@@ -7,9 +7,11 @@ fsynced, then renamed over it, so a crash leaves the old file or the new one; on
 already atomic. Listings skip dot files, so temporaries are never read as data.
 
 Object stores have no rename and no append. Directories are trees copied whole (`copy_tree`; `local_dir` and
-`local_copy` for code that only writes or reads local paths); a directory a reader must trust whole (the
-reference cache) is published by writing its parts and then a manifest last (uft_ray.reference.cache); an
-appended file (metrics.jsonl) is rewritten whole on each append (uft_ray.run_dir). Endpoint and credentials come from the standard environment (`AWS_ENDPOINT_URL`,
+`local_copy` for code that only writes or reads local paths), the new tree written before the old one goes (a
+sibling swapped in locally; on object stores new objects put, completion files last, then stale ones deleted);
+a directory a reader must trust whole (the reference cache) is published by writing its parts and then a
+manifest last (uft_ray.reference.cache); an appended file (metrics.jsonl) is rewritten whole on each append
+(uft_ray.run_dir). Endpoint and credentials come from the standard environment (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, ..., or the node's role), never from configs.
 
 Importable without pyarrow's filesystems loaded: they are imported on first use.
@@ -25,7 +27,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -204,36 +206,124 @@ def remove_tree(uri: str) -> None:
         fs.delete_file(path)
 
 
-def copy_tree(src: str, dst: str) -> None:
-    """Copy the directory `src` to `dst` (either side local or a URI), replacing what was at `dst`."""
+# Files a reader takes as "the tree is complete" (peft's adapter config, a manifest): put after every other file.
+COMPLETION_FILES = ("adapter_config.json", "manifest.json")
+
+
+def copy_tree(src: str, dst: str, *, last: Sequence[str] = COMPLETION_FILES) -> None:
+    """Copy the directory `src` to `dst` (either side local or a URI), replacing what was at `dst`.
+
+    `dst` is never removed before the new tree is written. Locally the copy goes into a dot-named sibling of
+    `dst` (same parent: one filesystem, so the renames are atomic), then the old tree is renamed aside, the new
+    one renamed in, and the old one removed; a failure leaves the old tree as it was and removes the partial
+    copy. On object stores (no rename) every object of the new tree is put first, the top-level files named in
+    `last` after all the others (a reader that waits for them sees them only once the rest is there), and only
+    then are the objects under `dst` that the new tree lacks deleted; a failure part way deletes nothing (the
+    old objects stay, some of them already overwritten by new ones).
+    """
     import pyarrow.fs as pafs
 
-    remove_tree(dst)
     src_fs, src_path = filesystem_for(src)
     dst_fs, dst_path = filesystem_for(dst)
-    dst_fs.create_dir(dst_path, recursive=True)
-    if isinstance(src_fs, pafs.LocalFileSystem) and isinstance(dst_fs, pafs.LocalFileSystem):
-        shutil.copytree(src_path, dst_path, dirs_exist_ok=True)
+    if not isinstance(dst_fs, pafs.LocalFileSystem):
+        _put_tree(src, src_fs, src_path, dst_fs, dst_path, set(last))
         return
-    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    with _swapped_in(dst_path) as tmp:
+        if isinstance(src_fs, pafs.LocalFileSystem):
+            shutil.copytree(src_path, tmp, dirs_exist_ok=True)
+        else:
+            pafs.copy_files(src_path, tmp, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
 @contextlib.contextmanager
-def local_dir(uri: str) -> Iterator[str]:
-    """A local directory to write the tree that belongs at `uri`: `uri` itself when it is local (emptied first),
-    else a temporary directory uploaded to `uri` (replacing what was there) when the block ends without error.
+def _swapped_in(path: str) -> Iterator[str]:
+    """An empty sibling directory of `path` for the block to fill; swapped in for `path` if the block succeeds."""
+    parent, name = os.path.split(path.rstrip(os.sep))
+    os.makedirs(parent, exist_ok=True)
+    tag = uuid.uuid4().hex
+    tmp, old = os.path.join(parent, f".{name}.{tag}.tmp"), os.path.join(parent, f".{name}.{tag}.old")
+    os.mkdir(tmp)  # not mkdtemp: its 0700 mode would become the tree's
+    try:
+        yield tmp
+        moved = os.path.lexists(path)
+        if moved:
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if moved:
+                os.rename(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old, ignore_errors=True)
+    elif os.path.lexists(old):
+        os.unlink(old)
+
+
+def _tree_files(uri: str, fs: pafs.FileSystem, path: str) -> list[str]:
+    """The files under the directory `path` of `fs`, relative to it; raises if there is no such directory."""
+    import pyarrow.fs as pafs
+
+    if isinstance(fs, pafs.LocalFileSystem):
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{uri}: no directory to copy")
+        # os.walk lists a dangling symlink (its copy then fails) where a stat-based listing would skip it
+        return sorted(
+            os.path.relpath(os.path.join(d, f), path).replace(os.sep, "/")
+            for d, _, names in os.walk(path, followlinks=True)
+            for f in names
+        )
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        raise FileNotFoundError(f"{uri}: no directory to copy")
+    base = path.rstrip("/") + "/"
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(i.path[len(base) :] for i in infos if i.type == pafs.FileType.File)
+
+
+def _put_tree(
+    src: str, src_fs: pafs.FileSystem, src_path: str, dst_fs: pafs.FileSystem, dst_path: str, last: set[str]
+) -> None:
+    """`copy_tree` onto an object store: put every new object (`last` at the end), then delete the stale ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.fs as pafs
+
+    new = _tree_files(src, src_fs, src_path)
+    base = dst_path.rstrip("/")
+    infos = dst_fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    stale = sorted({i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File} - set(new))
+
+    def put(rel: str) -> None:
+        pafs.copy_files(
+            f"{src_path.rstrip('/')}/{rel}", f"{base}/{rel}", source_filesystem=src_fs, destination_filesystem=dst_fs
+        )
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(put, [rel for rel in new if rel not in last]))  # list(): the first failure raises here
+    for rel in [rel for rel in new if rel in last]:
+        put(rel)
+    for rel in stale:
+        dst_fs.delete_file(f"{base}/{rel}")
+
+
+@contextlib.contextmanager
+def local_dir(uri: str, *, last: Sequence[str] = COMPLETION_FILES) -> Iterator[str]:
+    """An empty local directory to write the tree that belongs at `uri`; when the block ends without error the
+    tree replaces what was at `uri` (as `copy_tree` does: a sibling swapped in locally, an upload with `last`
+    put last and stale objects then deleted on object stores). On an error `uri` is left as it was.
 
     For writers that only know local paths (`save_pretrained`, lm_eval's output, matplotlib).
     """
     if not is_remote(uri):
-        path = filesystem_for(uri)[1]
-        shutil.rmtree(path, ignore_errors=True)
-        os.makedirs(path)
-        yield path
+        with _swapped_in(filesystem_for(uri)[1]) as tmp:
+            yield tmp
         return
     with tempfile.TemporaryDirectory(prefix="uft-ray-upload-") as tmp:
         yield tmp
-        copy_tree(tmp, uri)
+        copy_tree(tmp, uri, last=last)
 
 
 @contextlib.contextmanager

@@ -180,10 +180,10 @@ class _TensorBoard:
         if d:
             self.dir = os.path.join(os.path.expanduser(d), cfg.output.run_name)
         elif storage.is_remote(run_dir.path):  # the writer writes local files: staged here, uploaded at close
-            self.upload_to = storage.join(run_dir.path, "tensorboard")
+            self.upload_to = run_dir.tensorboard
             self.dir = tempfile.mkdtemp(prefix="uft-ray-tensorboard-")
         else:
-            self.dir = os.path.join(run_dir.path, "tensorboard")
+            self.dir = run_dir.tensorboard
         # purge_step=1: this run writes the whole history again, so TensorBoard hides the events of older files.
         self.writer = SummaryWriter(self.dir, purge_step=1)
         text = cfg.to_yaml()

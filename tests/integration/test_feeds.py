@@ -17,9 +17,11 @@ import pytest
 
 from uft_ray import schema
 from uft_ray.data import prepared as prep
+from uft_ray.driver import join_reference
+from uft_ray.evaluation.heldout import heldout_plan, holdout_rows, rank_share
 from uft_ray.rft.prompts import attach_hints
 from uft_ray.tasks.hints import HintSchedule
-from uft_ray.train.feeds import POSITION, Background, rank_feeds
+from uft_ray.train.feeds import POSITION, Background, rank_feeds, table_feeds
 from uft_ray.train.plan import make_plan, rank_assignment
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
@@ -156,3 +158,31 @@ def test_missing_planned_rows_fail_loudly(tmp_path: Path) -> None:
     assert plan.summary.rows_planned == len(ids)  # the missing row is planned, not in a dropped tail
     with pytest.raises(ValueError, match="rows found for its"):
         rank_feeds(prep.rows_dataset(prepared, COLUMNS), plan)
+
+
+@pytest.mark.parametrize(("num_workers", "max_rows"), [(2, 7), (3, 1)])  # (3, 1): 2 rows, rank 2 gets none
+def test_heldout_feeds_give_each_rank_its_rank_share_in_order(tmp_path: Path, num_workers: int, max_rows: int) -> None:
+    prepared = write_prepared(tmp_path)
+    rows = prep.read_rows(prepared, ["row_id", "source", "input_ids"])
+    held = holdout_rows(rows["row_id"].to_pylist(), rows["source"].to_pylist(), 0.2, 0, max_rows)
+    assert len(held) == 2 * max_rows  # max_rows of each of the sources a and b
+    # the driver's reference join, only the held-out rows' values given (another row would be a KeyError)
+    join = functools.partial(join_reference, values={rid: (-float(rid[3:]), None) for rid in held})
+    feeds = table_feeds(prep.rows_dataset(prepared, COLUMNS), heldout_plan(held, num_workers), num_workers,
+                        prefix="eval_", transform=join, partition_rows=4)  # fmt: skip
+    assert sorted(feeds) == [f"eval_{r}" for r in range(num_workers)]
+    assert max_rows > 1 or not rank_share(held, 2, num_workers)  # (3, 1) does exercise an empty rank
+
+    tokens = dict(zip(rows["row_id"].to_pylist(), rows["input_ids"].to_pylist(), strict=True))
+    for rank in range(num_workers):
+        share = rank_share(held, rank, num_workers)
+        if not share:  # a rank with no held-out row: an empty feed, which the loop reads as no batches
+            assert feeds[f"eval_{rank}"].count() == 0
+            assert list(feeds[f"eval_{rank}"].iter_batches(batch_size=2, batch_format="numpy")) == []
+            continue
+        t = feed_table(feeds[f"eval_{rank}"])
+        assert t["row_id"].to_pylist() == share  # exactly this rank's share, in its order
+        assert t["slot"].to_pylist() == list(range(len(share)))
+        assert set(t["step"].to_pylist()) | set(t["micro"].to_pylist()) | set(t["epoch"].to_pylist()) <= {0}
+        assert t["input_ids"].to_pylist() == [tokens[r] for r in share]
+        assert t["ref_logp"].to_pylist() == [-float(r[3:]) for r in share]  # joined into these rows

@@ -5,7 +5,8 @@ Two runs of one config (6 steps, hints on a cosine schedule over 4 steps, checkp
 and an interrupted one: a worker SIGKILLed after step 3 (FailureConfig restarts the group from step 2), then
 stopped after step 5 and rerun under the same name (it continues at step 4). It must end with the same hints,
 rollouts and losses as the uninterrupted run. One more run reveals the full hint at every step (p = 1): its hint
-NLL must fall.
+NLL must fall. Three 1-step runs of 2 prompts x 2 rollouts differ only in layout (1 worker x micro-batch 4,
+2 workers x micro-batch 2, 1 worker x micro-batch 2 x accumulation 2): the same rollouts, loss and gradient.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ def rft_config(assets: dict[str, str], root: Path, name: str, *overrides: str) -
     )
 
 
-def rollouts(run_dir: str) -> dict[int, list[dict[str, Any]]]:
-    """step -> both ranks' rollouts, rank 0 first."""
+def rollouts(run_dir: str, ranks: int = 2) -> dict[int, list[dict[str, Any]]]:
+    """step -> every rank's rollouts, rank 0 first."""
     out: dict[int, list[dict[str, Any]]] = {}
-    for rank in (0, 1):
+    for rank in range(ranks):
         for line in (Path(run_dir) / "debug" / f"rollouts_rank{rank}.jsonl").read_text().splitlines():
             row = json.loads(line)
             out.setdefault(row["step"], []).extend(row["rollouts"])
@@ -205,3 +206,74 @@ def test_sft_then_rft_continues_from_the_sft_adapter(tiny_assets, root):
     sync0 = syncs[5]
     assert sync0["trainer"] == adapter_digest(load_file(os.path.join(first.adapter_dir, "adapter_model.safetensors")))
     assert all(r["hint/share"] == 0.0 and "hint_nll" not in r for r in read_metrics(second.metrics_path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Batch-shape invariance of the first step: 2 prompts x 2 rollouts = 4 sequences, trained as 1 worker x
+# micro-batch 4, 2 workers x micro-batch 2, and 1 worker x micro-batch 2 x accumulation 2.
+
+LAYOUTS = {"w1-mb4": (1, 4, 1), "w2-mb2": (2, 2, 1), "w1-mb2-ga2": (1, 2, 2)}
+
+
+def _first_step(tiny_assets: dict[str, str], root: Path, name: str) -> Any:
+    workers, micro, accum = LAYOUTS[name]
+    cfg = rft_config(tiny_assets, root, name, "rft.prompts_per_step=2", "rft.n=2", "train.max_steps=1",
+                     "eval.every=null", "eval.max_rows=2", f"train.num_workers={workers}",
+                     f"train.micro_batch_size={micro}", f"train.grad_accum={accum}")  # fmt: skip
+    return driver.run(cfg, hooks=RftRecorder(cfg.output.run_dir))
+
+
+@pytest.fixture(scope="module")
+def w1_mb4(tiny_assets, root) -> Any:
+    return _first_step(tiny_assets, root, "w1-mb4")
+
+
+@pytest.fixture(scope="module")
+def w2_mb2(tiny_assets, root) -> Any:
+    return _first_step(tiny_assets, root, "w2-mb2")
+
+
+@pytest.fixture(scope="module")
+def w1_mb2_ga2(tiny_assets, root) -> Any:
+    return _first_step(tiny_assets, root, "w1-mb2-ga2")
+
+
+def _same_first_step(a: Any, ranks_a: int, b: Any, ranks_b: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    # The precondition: the same prompts, hints, rollouts and rewards whatever the layout (each rollout is
+    # seeded by (seed, step, row_id, k), not by where it runs).
+    key = lambda x: (x["row_id"], x["k"])  # noqa: E731
+    ra, rb = rollouts(a.run_dir, ranks_a), rollouts(b.run_dir, ranks_b)
+    assert list(ra) == list(rb) == [1]
+    assert sorted(ra[1], key=key) == sorted(rb[1], key=key) and len(ra[1]) == 4
+    (ma,), (mb,) = read_metrics(a.metrics_path), read_metrics(b.metrics_path)
+    return ma, mb
+
+
+def _assert_same_update(a: dict[str, Any], b: dict[str, Any]) -> None:
+    for k in ("pg_loss", "kl", "entropy", "hint_nll", "hint/share", "reward/mean", "response/length"):
+        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), k
+    # Here loss = 0.001 (hint_nll - entropy) (pg and kl are 0: no reward above 0, policy == reference): the two
+    # nearly cancel (~3e-5), so fp32 summation order shows at ~1e-9 absolute; a term normalized over the wrong
+    # token count moves it by ~1e-4.
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-8)
+    # The same gradient: the loss terms are global token means, whatever the split over ranks and micro-batches.
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_first_step_is_the_same_on_one_and_two_workers(w1_mb4, w2_mb2):
+    one, two = _same_first_step(w1_mb4, 1, w2_mb2, 2)
+    # Each rank holds one prompt's group. Every response runs to max_response_len (the random tiny model never
+    # ends early) and no reward is above 0, so the hint term is the one that can tell a global token mean from a
+    # per-rank one: the ranks' hints must differ in length (revealed chunks).
+    debug = Path(w2_mb2.run_dir) / "debug"
+    shares = [json.loads((debug / f"rollouts_rank{r}.jsonl").read_text())["rollouts"] for r in (0, 1)]
+    assert [len({x["row_id"] for x in s}) for s in shares] == [1, 1] and [len(s) for s in shares] == [2, 2]
+    assert shares[0][0]["revealed"] != shares[1][0]["revealed"]
+    _assert_same_update(one, two)
+
+
+def test_first_step_is_the_same_with_gradient_accumulation(w1_mb4, w1_mb2_ga2):
+    """Micro-batches are grouped by length: one prompt's group each, with different hint lengths (as above)."""
+    whole, split = _same_first_step(w1_mb4, 1, w1_mb2_ga2, 1)
+    assert len({x["revealed"] for x in rollouts(w1_mb4.run_dir, 1)[1]}) == 2
+    _assert_same_update(whole, split)

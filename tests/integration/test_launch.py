@@ -106,6 +106,12 @@ def test_uft_ray_submit_cli_runs_the_demo(
     assert all(f"[uft-ray] step {s}/3 " in logs for s in (1, 2, 3)), logs[-3000:]
     assert "Running Dataset" not in logs and "row/s]" not in logs  # Ray Data's bars, driver- or worker-side
     assert "[uft-ray] trackers: tensorboard" in logs
+    # Ray's own worker output (Train's controller and placement-group cleaner, raylet warnings) is in ray.log
+    ray_log = tmp_path / "cli-demo" / "ray.log"
+    assert f"[uft-ray] Ray's own output: {ray_log}" in logs
+    assert "PlacementGroupCleaner" not in logs and "TrainController" not in logs, logs[-3000:]
+    assert "[uft-ray] DeepSpeed ZeRO-0" in logs  # a worker's own line stays
+    assert "pid=" in ray_log.read_text()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "cli-demo" / "tensorboard"))

@@ -8,6 +8,10 @@ last checkpoint is step 3) and rerun from another working directory: it continue
 (the rows of every step once, in plan order; the rerun's step 4 has the first attempt's loss to the bit).
 The benchmark (eval.tasks) runs on the adapter in the bucket and TensorBoard's events are uploaded there too.
 Nothing is written to the driver's working directories.
+
+A second, 2-step `method: hint_rft` run with `output.storage_path` in the bucket: its prompts, plan, metrics,
+checkpoints, final adapter and report land there, the RunResult names them by `s3://` URI, and the adapter loads
+from the bucket.
 """
 
 from __future__ import annotations
@@ -147,3 +151,88 @@ def test_the_final_adapter_loads_from_the_bucket(bucket_run, tiny_assets):
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_assets["model"]), d)
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert lora_b and any(float(p.abs().sum()) > 0 for p in lora_b)  # trained, not the zero init
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `method: hint_rft` in a bucket: 2 steps, 2 workers, one rollout actor; prompts, plan, metrics, checkpoints,
+# the final adapter and the report all go to `output.storage_path`.
+
+RFT_STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def rft_bucket_run(tiny_assets, s3_server, ray_local, tmp_path_factory):
+    from uft_ray.config import load_config
+
+    bucket = s3_server.new_bucket("rft")
+    cfg = load_config(
+        "jobs/configs/demo_hint_rft.yaml",
+        [
+            f"model.path={tiny_assets['model']}",
+            f"output.storage_path={bucket}/runs",
+            "output.run_name=rft-in-bucket",
+            "rft.n_train=16",
+            "rft.prompts_per_step=2",
+            "rft.n=2",
+            "rft.max_response_len=8",
+            "eval.every=null",
+            "eval.max_rows=2",
+            "train.micro_batch_size=2",
+            "train.grad_accum=1",
+            f"train.max_steps={RFT_STEPS}",
+            "train.checkpoint_every=1",
+            "train.lr=2e-2",
+            "train.cpus_per_worker=1",
+        ],
+    )
+    cwd, here = os.getcwd(), tmp_path_factory.mktemp("rft-cwd")
+    try:
+        os.chdir(here)
+        result = driver.run(cfg)
+    finally:
+        os.chdir(cwd)
+    return {"cfg": cfg, "result": result, "cwd": here}
+
+
+def test_a_hint_rft_run_writes_everything_to_the_bucket(rft_bucket_run):
+    run, result = RunDir(rft_bucket_run["cfg"].output.run_dir), rft_bucket_run["result"]
+    assert run.path.startswith("s3://") and result.run_dir == run.path
+    assert result.adapter_dir == run.adapter and result.metrics_path == run.metrics and result.plan_path == run.plan
+    assert result.report_path == run.report and result.checkpoint_dir == run.checkpoint(RFT_STEPS)
+    for path in (result.adapter_dir, result.metrics_path, result.plan_path, result.report_path, result.checkpoint_dir):
+        assert path.startswith("s3://"), path
+    _, files = storage.list_files(run.path)
+    names = {f.split("/rft-in-bucket/", 1)[1] for f in files}
+    for expected in (
+        "config.yaml",
+        "plan.parquet",
+        "metrics.jsonl",
+        "report.html",
+        "prompts/train.parquet",
+        "prompts/eval.parquet",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/tokenizer_config.json",
+        "checkpoints/checkpoint_000001/state.json",
+        "checkpoints/checkpoint_000002/state.json",
+        "checkpoints/checkpoint_000002/adapter/adapter_model.safetensors",
+    ):
+        assert expected in names, expected
+    rows = run.read_metrics()
+    assert [r["step"] for r in rows] == [1, 2] and "eval/accuracy" in rows[-1]
+    assert result.metrics == rows[-1] and result.steps == RFT_STEPS
+    assert storage.read_json(f"{run.checkpoint(RFT_STEPS)}/state.json")["step"] == RFT_STEPS
+    # the final adapter is the last checkpoint's, byte for byte
+    last = storage.read_bytes(f"{run.checkpoint(RFT_STEPS)}/adapter/adapter_model.safetensors")
+    assert storage.read_bytes(f"{run.adapter}/adapter_model.safetensors") == last
+    assert list(rft_bucket_run["cwd"].iterdir()) == []  # the driver wrote nothing where it ran
+
+
+def test_the_hint_rft_adapter_loads_from_the_bucket(rft_bucket_run, tiny_assets):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    with storage.local_copy(rft_bucket_run["result"].adapter_dir) as d:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_assets["model"]), d)
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 14 and all(float(p.abs().sum()) > 0 for p in lora_b)  # trained, not the zero init

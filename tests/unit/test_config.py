@@ -137,7 +137,8 @@ def test_override_appends_a_source(tmp_path: Path) -> None:
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
     cfg = load_config(base(tmp_path), ["train.num_workers=2", "reference.actors=[1, 3]", "loss.beta=0.1"])
     path = tmp_path / "run" / "config.yaml"
-    cfg.save(path)
+    path.parent.mkdir(parents=True)
+    path.write_text(cfg.to_yaml())  # as the runner writes {run_dir}/config.yaml
     again = load_config(path)
     assert again == cfg
     assert again.to_dict() == yaml.safe_load(path.read_text())

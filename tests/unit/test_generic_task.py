@@ -8,7 +8,7 @@ import pytest
 
 from uft_ray.tasks import countdown
 from uft_ray.tasks.generic import load_verifier, task_row
-from uft_ray.tasks.verify import run_with_timeout
+from uft_ray.tasks.verify import VerifierProcess
 
 
 def test_verifiers_by_name_and_by_module_function(tmp_path, monkeypatch):
@@ -18,7 +18,11 @@ def test_verifiers_by_name_and_by_module_function(tmp_path, monkeypatch):
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     fn = load_verifier("my_verifiers:exact")
-    assert run_with_timeout(fn, {"answer": "42"}, "... 42") == 1.0
+    v = VerifierProcess(fn)  # the trainer's form: the child imports my_verifiers by name, from the same sys.path
+    try:
+        assert v.score([{"answer": "42"}, {"answer": "42"}], ["... 42", "... 41"]) == [1.0, 0.0]
+    finally:
+        v.close()
     for bad in ("nope", "my_verifiers:missing", "no_such_module:f", ":f"):
         with pytest.raises(ValueError, match="verifier"):
             load_verifier(bad)

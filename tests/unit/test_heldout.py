@@ -99,3 +99,35 @@ def test_at_most_takes_every_row_of_a_smaller_source():
 
     take = plan_take("s", np.array([5, 9, 2], dtype=np.uint64), 10, complete=True, allow_upsample=False, at_most=True)
     assert [take.copies(r) for r in (2, 5, 9)] == [1, 1, 1]
+
+
+def test_holdout_names_each_source_it_holds_nothing_out_of():
+    ids = [f"big:{i}" for i in range(400)] + ["small:0", "small:1"]
+    sources = ["big"] * 400 + ["small"] * 2
+    small = [rid for rid in ids[400:] if heldout.is_heldout(rid, 0.05, 0)]
+    assert not small  # the seed-0 hashes of both small rows lie above 0.05: the source gets no held-out row
+    warnings = heldout.check_holdout(ids + ["small:0#1"], sources + ["small"], 0.05, 0)
+    assert len(warnings) == 1  # the big source gets its share; the upsampled copy is not a row of its own
+    assert "'small'" in warnings[0] and "2 rows" in warnings[0] and "0 held out" in warnings[0]
+    assert "eval.holdout" in warnings[0]
+
+
+def test_holdout_that_holds_out_no_row_at_all_is_refused():
+    ids, sources = ["a:0", "a:1", "c:0"], ["a", "a", "c"]
+    assert not any(heldout.is_heldout(rid, 0.05, 0) for rid in ids)  # their hashes lie above 0.27
+    with pytest.raises(ConfigError, match=r"eval.holdout: 0.05 holds out no row of any source") as e:
+        heldout.check_holdout(ids, sources, 0.05, 0)
+    assert "'a' 2 rows" in str(e.value) and "'c' 1 row" in str(e.value)
+    assert "raise eval.holdout" in str(e.value) and "eval.sources" in str(e.value)
+    assert heldout.check_holdout(ids, sources, 0.5, 0) == []  # a fraction that reaches every source: no warning
+
+
+def test_heldout_plan_puts_each_ranks_share_in_order_at_step_0():
+    ids = [f"r{i}" for i in (5, 1, 4, 2, 3)]
+    t = heldout.heldout_plan(ids, 2)
+    got = list(zip(*(t[c].to_pylist() for c in ("row_id", "rank", "epoch", "step", "micro", "slot")), strict=True))
+    share0, share1 = heldout.rank_share(ids, 0, 2), heldout.rank_share(ids, 1, 2)
+    assert share0 == ["r1", "r3", "r5"] and share1 == ["r2", "r4"]
+    want = [(r, rank, 0, 0, 0, k) for rank, share in enumerate((share0, share1)) for k, r in enumerate(share)]
+    assert got == want
+    assert heldout.heldout_plan(ids[:1], 3)["rank"].to_pylist() == [0]  # ranks 1 and 2: no rows

@@ -101,3 +101,53 @@ def test_step_lines_carry_an_eta_at_the_runs_pace(tmp_path: Path) -> None:
     assert progress.eta(1, now=100.0) is None  # no pace yet
     assert progress.eta(3, now=110.0) == "eta 0m35s"  # 5 s a step, 7 steps left
     assert progress.eta(10, now=145.0) == "eta 0m00s"
+
+
+def test_worker_output_keeps_only_marked_lines_on_the_console_and_every_line_in_the_file(
+    tmp_path: Path, capsys
+) -> None:
+    log = tmp_path / "logs" / "ray.log"
+    log.parent.mkdir()
+    route = ray_utils.WorkerOutput(str(log))
+    noise = "PlacementGroupCleaner: Failed to query Ray Train Controller actor state"
+    route(
+        {
+            "lines": [noise, "[uft-ray] DeepSpeed ZeRO-0: fits"],
+            "pid": 41,
+            "ip": "127.0.0.1",
+            "is_err": False,
+            "actor_name": "PlacementGroupCleaner",
+        }
+    )
+    route(
+        {
+            "lines": ["(raylet) WARNING core_worker.cc:1: stale", "x [uft-ray] WARNING uft_ray.a: act on this"],
+            "pid": "raylet",
+            "ip": "127.0.0.1",
+            "is_err": True,
+        }
+    )
+    out, errs = capsys.readouterr()
+    assert out == "[uft-ray] DeepSpeed ZeRO-0: fits\n"
+    assert errs == "[uft-ray] WARNING uft_ray.a: act on this\n"
+    assert log.read_text().splitlines() == [
+        f"(PlacementGroupCleaner pid=41, ip=127.0.0.1) {noise}",
+        "(PlacementGroupCleaner pid=41, ip=127.0.0.1) [uft-ray] DeepSpeed ZeRO-0: fits",
+        "(pid=raylet, ip=127.0.0.1) (raylet) WARNING core_worker.cc:1: stale",
+        "(pid=raylet, ip=127.0.0.1) x [uft-ray] WARNING uft_ray.a: act on this",
+    ]
+
+
+def test_a_workers_uft_ray_warnings_carry_the_mark_once(capsys) -> None:
+    log = logging.getLogger("uft_ray")
+    saved = (list(log.handlers), log.propagate)
+    try:
+        ray_utils.mark_worker_logs()
+        ray_utils.mark_worker_logs()  # a second call adds no second handler
+        logging.getLogger("uft_ray.reference.scorer").warning("no CUDA device: scoring on CPU")
+        logging.getLogger("uft_ray.reference.scorer").info("not shown")
+        assert (
+            capsys.readouterr().err == "[uft-ray] WARNING uft_ray.reference.scorer: no CUDA device: scoring on CPU\n"
+        )
+    finally:
+        log.handlers[:], log.propagate = saved

@@ -93,7 +93,7 @@ def run_dir(tmp_path: Path) -> Path:
         },
         check_paths=False,
     )
-    cfg.save(d / "config.yaml")
+    (d / "config.yaml").write_text(cfg.to_yaml())
     return d
 
 

@@ -11,11 +11,12 @@ import time
 from collections import Counter
 
 import pytest
+from fixtures.verifiers import hostile
 
 from uft_ray.tasks import countdown, knights_knaves
 from uft_ray.tasks.arith import ArithError, evaluate
 from uft_ray.tasks.hints import HintSchedule, with_hint
-from uft_ray.tasks.verify import extract_answer, run_with_timeout
+from uft_ray.tasks.verify import VerifierProcess, extract_answer
 
 HOSTILE = {
     "huge exponent": "9**9**9**9",
@@ -77,11 +78,19 @@ def test_countdown_rejects_wrong_reused_and_missing_numbers():
     assert countdown.verify(row, "<answer> (76 - 47) * 2") == 0.0
 
 
+@pytest.fixture(scope="module")
+def countdown_process():
+    v = VerifierProcess(countdown.verify, timeout_s=5)
+    yield v
+    v.close()
+
+
 @pytest.mark.parametrize("text", list(HOSTILE.values()), ids=list(HOSTILE))
-def test_countdown_scores_hostile_answers_0(text, tmp_path):
+def test_countdown_scores_hostile_answers_0(text, countdown_process):
     row = {"nums": [9, 9, 9, 9], "target": 10}
     assert countdown.verify(row, f"<answer> {text} </answer>") == 0.0
-    assert run_with_timeout(countdown.verify, row, f"<answer>{text}</answer>" * 2, timeout_s=5) == 0.0
+    assert countdown_process.score([row], [f"<answer>{text}</answer>" * 2]) == [0.0]
+    assert countdown_process.timeouts == 0  # rejected by the verifier itself, not by the time limit
 
 
 # --- Knights and Knaves ------------------------------------------------------------------------------------
@@ -118,27 +127,30 @@ def test_knights_knaves_rejects_a_wrong_role_and_scores_no_answer_0():
 # --- verifiers under a time limit ----------------------------------------------------------------------------
 
 
-def _loops(row, text):
-    while True:
-        pass
-
-
-def _raises(row, text):
-    raise RuntimeError("verifier bug")
-
-
-def _out_of_range(row, text):
-    return 7.0
-
-
 def test_a_verifier_that_hangs_raises_or_misbehaves_scores_0_within_its_limit():
-    t0 = time.perf_counter()
-    assert run_with_timeout(_loops, {}, "x", timeout_s=1.0) == 0.0
-    assert time.perf_counter() - t0 < 3.0  # killed, not waited for
-    assert run_with_timeout(_raises, {}, "x") == 0.0
-    assert run_with_timeout(_out_of_range, {}, "x") == 0.0
-    row = {"nums": [76, 47, 2], "target": 58}
-    assert run_with_timeout(countdown.verify, row, "<answer> (76 - 47) * 2 </answer>") == 1.0
+    v = VerifierProcess(hostile, timeout_s=1.0)
+    try:
+        texts = ["a", "raise", "b", "out of range", "nan", "c", "loop", "d", "e"]
+        t0 = time.perf_counter()
+        rewards = v.score([{}] * len(texts), texts)
+        elapsed = time.perf_counter() - t0
+        # one child scores everything up to the hang (its count goes on past a raise and a bad reward); the
+        # hang is killed at the limit and a fresh child, counting from 0 again, takes the rest
+        assert rewards == [0.01, 0.0, 0.02, 0.0, 0.0, 0.03, 0.0, 0.01, 0.02]
+        assert v.timeouts == 1
+        assert elapsed < 1.0 + 15  # killed at the limit, not waited for (15 s: a fresh interpreter's start)
+        t0 = time.perf_counter()
+        assert v.score([{}, {}], ["loop", "loop"]) == [0.0, 0.0] and v.timeouts == 3
+        assert time.perf_counter() - t0 < 2 * 1.0 + 30
+        assert v.score([{}], ["f"]) == [0.01]  # restarted after the last kill
+    finally:
+        v.close()
+    v = VerifierProcess(countdown.verify)
+    try:
+        row = {"nums": [76, 47, 2], "target": 58}
+        assert v.score([row, row], ["<answer> (76 - 47) * 2 </answer>", "<answer> 9**9**9**9 </answer>"]) == [1.0, 0.0]
+    finally:
+        v.close()
 
 
 def test_extract_answer_takes_the_last_complete_tag():

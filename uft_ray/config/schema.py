@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -188,6 +187,9 @@ class RftConfig:
     entropy_coef: float = 0.001
     hint_coef: float = 0.001
     verifier_timeout_s: float = 2.0
+    # Built-in tasks' rewards (uft_ray.tasks.rules): paper (the authors' reward code) | strict (this project's own,
+    # each task's verify); a generic task's module:function verifier is its own rule
+    reward_rules: str = "paper"
     hint: HintConfig = field(default_factory=HintConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
@@ -206,6 +208,10 @@ class EvalConfig:
     preset: str | None = None  # or a named protocol (uft-paper: the paper's tasks, shots and scoring)
     include_path: str | None = None  # a folder of lm_eval task YAMLs for `tasks`
     limit: float | None = None  # lm_eval's limit per task (N rows, or a fraction)
+    # lm_eval's vLLM backend: its context (prompt + generation; the model's own, 32k for Qwen2.5, reserves more KV
+    # cache than a 32B leaves free on an 80 GB GPU) and GPUs per eval worker (tensor parallel; hf spreads layers)
+    max_model_len: int = 4096
+    tensor_parallel_size: int = 1
 
     @property
     def heldout(self) -> bool:
@@ -278,10 +284,6 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def save(self, path: str | os.PathLike) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(self.to_yaml())
 
 
 def compute_dtype(cfg: Config) -> str:

@@ -26,7 +26,7 @@ from uft_ray.config.schema import (
     TrainConfig,
 )
 from uft_ray.data.formats import FORMAT_KINDS, FORMATS, HELPSTEER2_ATTRIBUTES
-from uft_ray.tasks.names import FILE_TASKS, GENERATED_TASKS
+from uft_ray.tasks.names import FILE_TASKS, GENERATED_TASKS, REWARD_RULES
 from uft_ray.tracker_names import INSTALL, TRACKERS, missing_packages
 
 
@@ -262,6 +262,7 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
         e.append(f"rft.top_p: must be in (0, 1], got {r.top_p!r}")
     h = r.hint
     e.one_of("rft.objective", r.objective, ("grpo", "sft"))
+    e.one_of("rft.reward_rules", r.reward_rules, REWARD_RULES)
     e.one_of("rft.hint.mode", h.mode, ("cosine", "rft", "r3", "staged"))
     if not 0 <= h.p_low <= h.p_high <= 1:
         e.append(f"rft.hint: need 0 <= p_low <= p_high <= 1, got p_low={h.p_low!r} p_high={h.p_high!r}")
@@ -299,6 +300,8 @@ def _check_eval(e: _Problems, cfg: Config, check_paths: bool) -> None:
     ev = cfg.eval
     e.positive("eval.every", ev.every)
     e.positive("eval.max_rows", ev.max_rows)
+    e.positive("eval.max_model_len", ev.max_model_len)
+    e.positive("eval.tensor_parallel_size", ev.tensor_parallel_size)
     if ev.limit is not None:
         e.positive("eval.limit", ev.limit)
     e.local_path("eval.include_path", ev.include_path, "a folder of lm_eval task YAMLs", check_paths)

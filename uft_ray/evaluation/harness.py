@@ -3,7 +3,8 @@
     target      RUN_DIR (its config.yaml names the base, adapter/ is the final adapter) or an ADAPTER dir
                 (peft's adapter_config.json names the base): `resolve_target`
     model args  `model="hf"`: pretrained=base, peft=adapter; `model="vllm"`: lora_local_path=adapter with
-                max_lora_rank >= the adapter's r (vLLM's default, 16, refuses a larger adapter): `model_args`
+                max_lora_rank >= the adapter's r (`vllm_lora_rank`, shared with the rollout actors), max_model_len
+                and tensor_parallel_size (a run's `eval:` section, else the config's defaults): `model_args`
     one task    `simple_evaluate` per task on an LM built once (`load_lm`, `evaluate_task`), so a task whose data
                 is missing fails alone, with one line naming what is missing (`failure_line`)
     files       {out}/results_{task}.json   lm_eval's results dict for that task, unchanged (its samples left out,
@@ -37,6 +38,7 @@ from urllib.parse import urlparse
 import yaml
 
 from uft_ray import storage
+from uft_ray.config.schema import EvalConfig
 from uft_ray.evaluation.presets import DERIVED, is_gated, nltk_needs
 from uft_ray.run_dir import ADAPTER, EVAL_SUMMARY, RunDir
 
@@ -45,8 +47,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from lm_eval.tasks import TaskManager
 
 BACKENDS = ("auto", "hf", "vllm")
-# vLLM accepts only these max_lora_rank values; an adapter's r is rounded up to the next one.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# vLLM accepts only these max_lora_rank values (vllm.config.lora.MaxLoRARanks); an adapter's r is rounded up to the
+# next one, never below vLLM's own default (16), the value its LoRA kernels are run with most.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_DEFAULT_LORA_RANK = 16
 RESULTS_PREFIX = "results_"
 SAMPLES_PREFIX = "samples_"
 _ADAPTER_CONFIG = "adapter_config.json"
@@ -70,6 +74,9 @@ class EvalTarget:
     trust_remote_code: bool = False
     revision: str | None = None
     run_dir: str | None = None
+    # the vLLM backend's context and GPUs per eval worker: a run's `eval:` section, else the config's defaults
+    max_model_len: int = EvalConfig.max_model_len
+    tensor_parallel_size: int = EvalConfig.tensor_parallel_size
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,20 @@ def _run_model(run_dir: str) -> dict[str, Any]:
     return model
 
 
+def _run_eval_engine(run_dir: str) -> dict[str, int]:
+    """`eval.max_model_len` / `eval.tensor_parallel_size` from a run's config.yaml (absent: the defaults)."""
+    path = RunDir(run_dir).config
+    cfg = yaml.safe_load(storage.read_bytes(path)) or {}
+    section = cfg.get("eval") if isinstance(cfg, dict) else None
+    out = {}
+    for name in ("max_model_len", "tensor_parallel_size"):
+        value = (section or {}).get(name, getattr(EvalConfig, name))
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise EvalError(f"{path}: eval.{name} must be an integer > 0, got {value!r}")
+        out[name] = value
+    return out
+
+
 def _check_base(base: str, where: str) -> str:
     """`base` as lm_eval takes it: a local directory (made absolute) or a hub id (`org/name`)."""
     if storage.is_remote(base):  # each eval worker downloads it to its node (uft_ray.model_store)
@@ -160,6 +181,7 @@ def resolve_target(path: str, *, base: str | None = None, out_dir: str | None = 
         dtype = str(model.get("dtype") or "auto")
         trust, revision = bool(model.get("trust_remote_code", False)), model.get("revision")
         default_out = rd.eval
+        engine = _run_eval_engine(run_dir)
     elif _is_adapter(path):
         adapter, where = path, f"base_model_name_or_path in {os.path.join(path, _ADAPTER_CONFIG)}"
         resolved_base = base or _read_json_file(storage.join(path, _ADAPTER_CONFIG)).get("base_model_name_or_path")
@@ -167,6 +189,7 @@ def resolve_target(path: str, *, base: str | None = None, out_dir: str | None = 
             raise EvalError(f"{path}: {_ADAPTER_CONFIG} names no base_model_name_or_path; pass --base PATH")
         dtype, trust, revision = "auto", False, None
         default_out = storage.join(path, "eval")
+        engine = {}
     else:
         raise EvalError(f"{path}: neither a run directory (no config.yaml) nor a peft adapter (no {_ADAPTER_CONFIG})")
     has_tokenizer = any(storage.is_file(storage.join(adapter, f)) for f in _TOKENIZER_FILES)
@@ -180,6 +203,7 @@ def resolve_target(path: str, *, base: str | None = None, out_dir: str | None = 
         trust_remote_code=trust,
         revision=revision,
         run_dir=run_dir,
+        **engine,
     )
 
 
@@ -206,12 +230,13 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def vllm_lora_rank(r: int | None) -> int:
-    """vLLM's `max_lora_rank` for an adapter of rank r: the smallest value it accepts that is >= r (at least 16)."""
-    r = max(int(r or 0), 16)
+    """vLLM's `max_lora_rank` for an adapter of rank r (None: unknown): the smallest value vLLM accepts that is
+    >= r and >= its default 16. ValueError naming r above vLLM's largest (512). The rollout actors use it too."""
+    need = max(int(r or 0), VLLM_DEFAULT_LORA_RANK)
     for v in VLLM_LORA_RANKS:
-        if v >= r:
+        if v >= need:
             return v
-    raise EvalError(f"LoRA rank {r} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}; use --backend hf")
+    raise ValueError(f"LoRA rank {r} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
 
 
 def model_args(target: EvalTarget, backend: str, device: str) -> dict[str, Any]:
@@ -226,14 +251,25 @@ def model_args(target: EvalTarget, backend: str, device: str) -> dict[str, Any]:
         args["trust_remote_code"] = True
     if target.revision:
         args["revision"] = target.revision
+    tp = target.tensor_parallel_size
     if backend == "hf":
         args["device"] = device
+        if tp > 1 and device.startswith("cuda"):  # the worker holds tp GPUs: lm_eval spreads the layers over them
+            args["parallelize"] = True
         if target.adapter:
             args["peft"] = local_model(target.adapter)
     elif backend == "vllm":
+        # the model's own context (32k for Qwen2.5) reserves more KV cache than a 32B leaves free on 80 GB
+        args["max_model_len"] = target.max_model_len
+        args["tensor_parallel_size"] = tp
+        if tp > 1:  # worker processes on this actor's GPUs; vLLM's Ray executor would ask Ray for more GPUs
+            args["distributed_executor_backend"] = "mp"
         if target.adapter:
             args["lora_local_path"] = local_model(target.adapter)
-            args["max_lora_rank"] = vllm_lora_rank(target.lora_r)
+            try:
+                args["max_lora_rank"] = vllm_lora_rank(target.lora_r)
+            except ValueError as e:
+                raise EvalError(f"{e}; use --backend hf") from e
     else:
         raise EvalError(f"backend {backend!r}: hf or vllm")
     return args

@@ -1,5 +1,5 @@
 """Held-out metrics while training (`eval.sources` or `eval.holdout`, every `eval.every` steps): which rows are
-held out, and the metrics of DESIGN.md "Evaluation" from their log-probs. Pure (numpy + torch), no Ray.
+held out, and the metrics of DESIGN.md "Evaluation" from their log-probs. Pure (numpy, pyarrow, torch), no Ray.
 
 Which rows:
 - `eval.sources`: each training source's own split (UltraChat `test_sft`, HelpSteer2 `validation`), prepared like
@@ -24,6 +24,7 @@ import hashlib
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 
 if TYPE_CHECKING:  # pragma: no cover
     from uft_ray.config import Config
@@ -45,21 +46,58 @@ def is_heldout(row_id: str, fraction: float | None, seed: int) -> bool:
     return fraction is not None and _unit(seed, row_id) < fraction
 
 
+def _held_by_source(
+    row_ids: list[str], sources: list[str], fraction: float, seed: int
+) -> tuple[dict[str, int], dict[str, list[tuple[float, str]]]]:
+    """Each source's rows (upsampled copies not counted: they go with their row) and its held-out (hash, id)s."""
+    rows: dict[str, int] = {}
+    held: dict[str, list[tuple[float, str]]] = {}
+    for rid, src in zip(row_ids, sources, strict=True):
+        if "#" in rid:
+            continue
+        rows[src] = rows.get(src, 0) + 1
+        u = _unit(seed, rid)
+        if u < fraction:
+            held.setdefault(src, []).append((u, rid))
+    return rows, held
+
+
 def holdout_rows(
     row_ids: list[str], sources: list[str], fraction: float, seed: int, max_rows: int | None
 ) -> list[str]:
     """The held-out rows to evaluate: per source the `max_rows` held-out ids of smallest hash (copies once)."""
-    by_source: dict[str, list[tuple[float, str]]] = {}
-    for rid, src in zip(row_ids, sources, strict=True):
-        if "#" in rid:
-            continue
-        u = _unit(seed, rid)
-        if u < fraction:
-            by_source.setdefault(src, []).append((u, rid))
+    _, by_source = _held_by_source(row_ids, sources, fraction, seed)
     out = []
     for src in sorted(by_source):
         out += [rid for _, rid in sorted(by_source[src])[:max_rows]]
     return out
+
+
+def check_holdout(row_ids: list[str], sources: list[str], fraction: float, seed: int) -> list[str]:
+    """One warning per source that `eval.holdout` holds out no row of (a small source: it gets no held-out
+    metrics); ConfigError when that is every source (the run would evaluate nothing)."""
+    rows, held = _held_by_source(row_ids, sources, fraction, seed)
+    empty = [s for s in sorted(rows) if s not in held]
+
+    def n_rows(s: str) -> str:
+        return f"{rows[s]} row{'s' * (rows[s] != 1)}"
+
+    if empty and len(empty) == len(rows):
+        from uft_ray.config import ConfigError
+
+        counts = ", ".join(f"{s!r} {n_rows(s)}" for s in empty)
+        raise ConfigError(
+            [
+                f"eval.holdout: {fraction} holds out no row of any source ({counts}, 0 held out), so nothing "
+                f"would be evaluated: raise eval.holdout (each row is held out with that probability), or give "
+                f"eval.sources instead"
+            ]
+        )
+    return [
+        f"eval.holdout: {fraction} holds out no row of source {s!r} ({n_rows(s)}, 0 held out): it gets no "
+        f"held-out metrics; raise eval.holdout to evaluate it"
+        for s in empty
+    ]
 
 
 def eval_prepare_config(cfg: Config) -> Config:
@@ -79,6 +117,30 @@ def eval_prepare_config(cfg: Config) -> Config:
 def rank_share(row_ids: list[str], rank: int, world: int) -> list[str]:
     """This rank's held-out rows: every world-th of the sorted ids."""
     return sorted(row_ids)[rank::world]
+
+
+def heldout_plan(row_ids: list[str], world: int) -> pa.Table:
+    """The held-out rows as a plan-like table for `uft_ray.train.feeds.table_feeds`: rank r's `rank_share` in
+    order as slots 0, 1, ... of step 0, micro 0, epoch 0 (the worker loop reads `eval_{r}` in that order)."""
+    ids: list[str] = []
+    ranks: list[int] = []
+    slots: list[int] = []
+    for rank in range(world):
+        share = rank_share(row_ids, rank, world)
+        ids += share
+        ranks += [rank] * len(share)
+        slots += range(len(share))
+    zeros = pa.array(np.zeros(len(ids), dtype=np.int32))
+    return pa.table(
+        {
+            "row_id": pa.array(ids, pa.string()),
+            "rank": pa.array(ranks, pa.int32()),
+            "epoch": zeros,
+            "step": zeros,
+            "micro": zeros,
+            "slot": pa.array(slots, pa.int32()),
+        }
+    )
 
 
 def spearman(x: np.ndarray, y: np.ndarray, tol: float = 0.0) -> float | None:
@@ -191,10 +253,11 @@ def run_benchmarks(cfg: Config, run_dir: str) -> dict[str, Any] | None:
     specs = benchmark_specs(cfg)
     if not specs:
         return None
+    from uft_ray import storage
     from uft_ray.evaluation import harness
     from uft_ray.evaluation.presets import PRESETS
     from uft_ray.evaluation.worker import run_eval
-    from uft_ray.storage import read_json
+    from uft_ray.run_dir import EVAL_SUMMARY
 
     target = harness.resolve_target(run_dir)
     limit = cfg.eval.limit
@@ -209,4 +272,4 @@ def run_benchmarks(cfg: Config, run_dir: str) -> dict[str, Any] | None:
         preset=preset,
         apply_chat_template=PRESETS[preset].apply_chat_template if preset else False,
     )
-    return read_json(f"{target.out_dir}/summary.json")
+    return storage.read_json(storage.join(target.out_dir, EVAL_SUMMARY))

@@ -1,4 +1,5 @@
-"""Benchmarks on Ray: one `EvalWorker` actor per GPU (one CPU actor without GPUs), tasks handed out one at a time.
+"""Benchmarks on Ray: one `EvalWorker` actor per `tensor_parallel_size` GPUs (one CPU actor without GPUs), tasks
+handed out one at a time.
 
     caller   resolve the target, check the task names, start the actors
     actor    apply offline mode, load base + adapter once, then `harness.evaluate_task` per task it is given
@@ -115,6 +116,19 @@ def _actor_env(offline: bool | None) -> dict[str, str]:
     return env
 
 
+def worker_layout(gpus: int, tensor_parallel_size: int, n_tasks: int) -> tuple[int, dict[str, Any]]:
+    """How many eval actors and each one's Ray resources: `tensor_parallel_size` GPUs per actor out of `gpus`, at
+    most one actor per task; one CPU actor when `gpus` is 0. EvalError when the GPUs cannot hold one actor."""
+    if gpus <= 0:
+        return 1, {"num_gpus": 0, "num_cpus": 1}
+    if tensor_parallel_size > gpus:
+        raise harness.EvalError(
+            f"eval.tensor_parallel_size {tensor_parallel_size}: each eval worker needs that many GPUs, "
+            f"only {gpus} to use"
+        )
+    return max(1, min(gpus // tensor_parallel_size, n_tasks)), {"num_gpus": tensor_parallel_size, "num_cpus": 1}
+
+
 def run_eval(
     target: EvalTarget,
     specs: list[TaskSpec],
@@ -131,16 +145,15 @@ def run_eval(
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> EvalReport:
     """Evaluate `specs` on the connected Ray cluster; write each task's results and summary.json to the target's
-    eval folder as they come. `gpus`: actors with one GPU each (None: the cluster's GPUs, at most one per task;
-    0: one CPU actor). Needs `ray.init` done (uft_ray.ray_utils.init_ray)."""
+    eval folder as they come. `gpus`: GPUs to use, `target.tensor_parallel_size` per actor (None: the cluster's
+    GPUs, at most one actor per task; 0: one CPU actor). Needs `ray.init` done (uft_ray.ray_utils.init_ray)."""
     import ray
 
     if not specs:
         raise harness.EvalError("no tasks to evaluate")
     if gpus is None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
-    n = max(1, min(gpus, len(specs))) if gpus > 0 else 1
-    options: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1} if gpus > 0 else {"num_gpus": 0, "num_cpus": 1}
+    n, options = worker_layout(gpus, target.tensor_parallel_size, len(specs))
     remote = ray.remote(EvalWorker).options(**options, runtime_env={"env_vars": _actor_env(offline)})
     names = [s.task for s in specs]
     actors = [

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from uft_ray import storage
-from uft_ray.data.prepared import SUMMARY, summary_path
+from uft_ray.data.prepared import summary_path
 from uft_ray.report.plots import PALETTE
 from uft_ray.run_dir import METRICS, RunDir
 
@@ -40,7 +40,7 @@ def sources_in(rows: list[dict[str, Any]]) -> list[str]:
 
 def _load_summary(run: RunDir) -> dict[str, Any] | None:
     """The data plane's summary: beside the run's files, else its own prepared directory's."""
-    for path in (storage.join(run.path, SUMMARY), summary_path(run.prepared)):
+    for path in (run.data_summary, summary_path(run.prepared)):
         summary = storage.read_json(path)
         if summary is not None:
             return summary
@@ -286,7 +286,7 @@ def write_page(
     under the configuration and final-numbers tables; returns the HTML path."""
     run, run_dir, cfg = inp.run, inp.run_dir, inp.cfg
     for name, data in pngs.items():
-        storage.atomic_write(storage.join(run.plots, f"{name}.png"), data)
+        storage.atomic_write(run.plot(name), data)
 
     run_name = (cfg.get("output") or {}).get("run_name") or os.path.basename(run_dir)
     paths = [("run directory", run_dir), ("metrics", run.metrics)]

@@ -117,9 +117,14 @@ def start_rollout_actors(cfg: Config, tokenizer: Any, *, into: list[Any]) -> lis
     return into
 
 
-def stop_rollout_actors(actors: list[Any]) -> None:
+def stop_rollout_actors(actors: list[Any], close_timeout_s: float = 30.0) -> None:
+    """Close every actor (its adapter directories go), then kill it; an actor that is dead or does not answer in
+    time is killed all the same (the next actor's start sweeps what it left)."""
     import ray
 
+    closing = [a.close.remote() for a in actors]
+    if closing:
+        ray.wait(closing, num_returns=len(closing), timeout=close_timeout_s)
     for a in actors:
         ray.kill(a, no_restart=True)
 

@@ -68,7 +68,7 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
     hooks.on_start(engine, rank=rank, start_step=start)
 
     engine.train()
-    verifier = VerifierProcess(load_verifier(r.task), r.verifier_timeout_s)
+    verifier = VerifierProcess(load_verifier(r.task, r.reward_rules), r.verifier_timeout_s)
     try:
         for step in range(start, total_steps):
             worker.seed_step(w, step)

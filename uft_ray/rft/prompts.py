@@ -4,21 +4,21 @@ Task rows (`uft_ray.tasks`): Countdown and Knights and Knaves are generated (tra
 held-out rows from another seed, any prompt that is also a training prompt dropped); MATH is read from files
 in the MATH-lighteval layout (parquet or JSON lines with `problem`, `level`, `type`, `solution`); a generic
 task from JSON lines / parquet records (`prompt`, `hint` or `solution`, `answer`) with the verifier named by
-`rft.task` (`module:function`). A record that cannot be a row (malformed, or a prompt longer than
-`rft.max_prompt_len` tokens) is quarantined with its reason, never dropped silently.
+`rft.task` (`module:function`). Task files (`rft.path`, `rft.eval_path`: a file, directory or glob) may be local
+or behind a URI (`s3://`, `gs://`, ...): they are read through uft_ray.storage. A record that cannot be a row
+(malformed, or a prompt longer than `rft.max_prompt_len` tokens) is quarantined with its reason, never dropped
+silently.
 
 The plan: step t trains `rft.prompts_per_step` prompts, a slice of epoch e's permutation (seeded by
 (data.seed, e)); rank r takes the r-th contiguous share, so each rank holds whole GRPO groups. It is saved as
 `plan.parquet` in the offline plan's schema (`micro` 0), and each rank's feed is the prompt table tagged with
-its share (`uft_ray.train.plan.tag_rows`), the step's revealed hint count joined (a pure function of (seed,
+its share (`uft_ray.train.feeds.rank_feeds`, as the offline feeds), the step's revealed hint count joined (a pure function of (seed,
 step, row_id): `uft_ray.tasks.hints`), sorted in plan order: a Ray Data pipeline, as the offline feeds are.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
 from typing import Any
 
 import numpy as np
@@ -51,29 +51,22 @@ def schedule(cfg: Config) -> HintSchedule:
     return HintSchedule(h.mode, h.p_low, h.p_high, h.t_hint, h.max_buckets, seed=cfg.train.seed)
 
 
-def _files(path: str) -> list[str]:
-    path = os.path.expanduser(path)
-    if os.path.isdir(path):
-        return sorted(
-            os.path.join(d, f)
-            for d, _, fs in os.walk(path)
-            for f in fs
-            if f.endswith((".parquet", ".jsonl", ".json", ".jsonl.gz"))
-        )
-    return sorted(glob.glob(path))
-
-
 def _records(path: str, quarantined: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    import gzip
+    """The records of every task file `path` names (a file, directory or glob, local or a URI: the data plane's
+    listing rule, uft_ray.data.sources.list_files), read through uft_ray.storage's filesystems."""
+    import io
+
+    from uft_ray.data.sources import list_files
 
     out: list[dict[str, Any]] = []
-    for f in _files(path):
+    for f in list_files(path)[0]:
+        fs, inner = storage.filesystem_for(f)
         try:
             if f.endswith(".parquet"):
-                out += pq.read_table(f).to_pylist()
+                out += pq.read_table(inner, filesystem=fs).to_pylist()
                 continue
-            opener = gzip.open if f.endswith(".gz") else open
-            with opener(f, "rt", encoding="utf-8") as fh:
+            # compression from the name (.gz, .bz2, .zst, .lz4), as the data plane's readers take it
+            with fs.open_input_stream(inner, compression="detect") as raw, io.TextIOWrapper(raw, "utf-8") as fh:
                 for n, line in enumerate(fh):
                     if not line.strip():
                         continue
@@ -156,28 +149,26 @@ def write_prompts(cfg: Config, run_dir: RunDir, tokenizer: Any) -> dict[str, Any
     for split in ("train", "eval"):
         found: list[dict[str, Any]] = []
         table = _table(task_rows(cfg, split, found), tokenizer, cfg.rft.max_prompt_len, found)
-        storage.atomic_write(
-            storage.join(run_dir.prompts, f"{split}.parquet"), lambda f, t=table: pq.write_table(t, f)
-        )
+        storage.atomic_write(run_dir.prompts_file(split), lambda f, t=table: pq.write_table(t, f))
         counts[split] = table.num_rows
         quarantined += [{"split": split, **q} for q in found]
     lines = "".join(json.dumps(q) + "\n" for q in quarantined)
-    storage.atomic_write(storage.join(run_dir.quarantine, "prompts.jsonl"), lines.encode())
+    storage.atomic_write(run_dir.quarantine_prompts, lines.encode())
     by_reason: dict[str, int] = {}
     for q in quarantined:
         by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + int(q.get("rows", 1))
     counts["quarantine"] = by_reason
-    storage.write_json(storage.join(run_dir.quarantine, "counts.json"), by_reason, sort_keys=True)
+    storage.write_json(run_dir.quarantine_counts, by_reason, sort_keys=True)
     if counts["train"] < cfg.rft.prompts_per_step:
         raise ValueError(
             f"rft: {counts['train']} usable training prompts, fewer than rft.prompts_per_step "
-            f"({cfg.rft.prompts_per_step}); quarantined {by_reason}, see {run_dir.quarantine}/prompts.jsonl"
+            f"({cfg.rft.prompts_per_step}); quarantined {by_reason}, see {run_dir.quarantine_prompts}"
         )
     return counts
 
 
 def read_prompts(run_dir: RunDir, split: str) -> pa.Table:
-    return pq.read_table(storage.join(run_dir.prompts, f"{split}.parquet"))
+    return pq.read_table(run_dir.prompts_file(split))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,6 +242,6 @@ def rank_feeds(run_dir: RunDir, plan: Plan, cfg: Config, start: int) -> dict[str
 
     from uft_ray.train import feeds
 
-    rows = ray.data.read_parquet(storage.join(run_dir.prompts, "train.parquet"))
+    rows = ray.data.read_parquet(run_dir.prompts_file("train"))
     hints = functools.partial(attach_hints, schedule=schedule(cfg))
     return feeds.rank_feeds(rows, plan, start, transform=hints)

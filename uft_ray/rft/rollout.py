@@ -10,6 +10,9 @@ backends behind one interface:
   else is in the batch and a resumed run regenerates the same rollouts.
 - `vllm`: vLLM with `enable_lora`, the adapter written as a peft directory and loaded through a new
   `LoRARequest` per version; `SamplingParams(seed=...)` per request. An optional extra (`uft-ray[vllm]`).
+  The directories live in one temporary folder per actor (`AdapterDirs`): the current version and the one
+  before it, no more; the folder goes when the actor closes or exits, or, after a kill, when the next actor on
+  the node starts.
 
 A request is `{"prompt_ids": [...], "seed": int, "greedy": bool}`; the answer is the generated token ids, cut
 after the first end-of-sequence token.
@@ -17,10 +20,13 @@ after the first end-of-sequence token.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
+import shutil
 import tempfile
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -28,6 +34,8 @@ import numpy as np
 from uft_ray.model_store import local_model
 
 MAX_SEED = 2**63 - 1
+ADAPTER_DIR_PREFIX = "uft-rollout-"
+_LOCK = ".lock"
 
 
 def request_seed(seed: int, step: int, row_id: str, k: int) -> int:
@@ -60,6 +68,109 @@ def _lora_config(lora: dict[str, Any]) -> Any:
         target_modules=list(lora["target_modules"]),
         task_type="CAUSAL_LM",
     )
+
+
+def vllm_engine_args(
+    model_path: str,
+    *,
+    lora: dict[str, Any],
+    dtype: str,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    gpu_memory_utilization: float = 0.4,
+    max_model_len: int | None = None,
+) -> dict[str, Any]:
+    """The arguments of the rollout actor's `vllm.LLM`: LoRA on, one adapter at a time, room for its rank."""
+    from uft_ray.evaluation.harness import vllm_lora_rank
+
+    try:
+        rank = vllm_lora_rank(int(lora["r"]))
+    except ValueError as e:
+        raise ValueError(f"{e}: use rft.rollout.backend hf") from e
+    return {
+        "model": model_path,
+        "revision": revision,
+        "dtype": dtype,
+        "enable_lora": True,
+        "max_lora_rank": rank,
+        "max_loras": 1,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "max_model_len": max_model_len,
+        "trust_remote_code": trust_remote_code,
+        "enable_prefix_caching": True,  # n rollouts of a prompt share its prefix
+    }
+
+
+def _remove_dir(path: str, lock: Any) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    lock.close()  # releases the lock (after the folder is gone: no sweeper races the removal)
+
+
+class AdapterDirs:
+    """The vLLM backend's adapter directories: `v{version}/` in one temporary folder, the current and the previous
+    version kept (a request may still name the previous one), older ones removed as each new one is written.
+
+    The folder is removed by `close`, at interpreter exit, or when this object is collected. A force-killed actor
+    (`ray.kill`) runs none of those: each folder holds an flock for its owner's lifetime (the kernel drops it when
+    the process dies), and a new `AdapterDirs` removes the folders under `parent` whose lock is free and that are
+    older than `stale_after_s` (a folder just created has not taken its lock yet).
+    """
+
+    KEEP = 2
+
+    def __init__(self, parent: str | None = None, *, stale_after_s: float = 60.0) -> None:
+        parent = parent or tempfile.gettempdir()
+        sweep_stale_adapter_dirs(parent, stale_after_s)
+        self.root = tempfile.mkdtemp(prefix=ADAPTER_DIR_PREFIX, dir=parent)
+        lock = open(os.path.join(self.root, _LOCK), "w")  # held open: the lock lives as long as the folder
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.paths: list[str] = []  # oldest first
+        self._finalizer = weakref.finalize(self, _remove_dir, self.root, lock)
+
+    def write(self, state: dict[str, Any], version: int, lora: dict[str, Any]) -> str:
+        """Write `state` (peft adapter tensors) as a peft directory for `version`; returns its path."""
+        from safetensors.torch import save_file
+
+        path = os.path.join(self.root, f"v{version}")
+        os.makedirs(path, exist_ok=True)
+        save_file(state, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+        _lora_config(lora).save_pretrained(path)
+        if path in self.paths:  # the same version again (a restarted actor is sent the adapter again)
+            self.paths.remove(path)
+        self.paths.append(path)
+        while len(self.paths) > self.KEEP:
+            shutil.rmtree(self.paths.pop(0), ignore_errors=True)
+        return path
+
+    def close(self) -> None:
+        """Remove the folder now (idempotent)."""
+        self._finalizer()
+
+
+def sweep_stale_adapter_dirs(parent: str, stale_after_s: float = 60.0) -> list[str]:
+    """Remove the adapter folders under `parent` that no live process holds; returns the removed paths."""
+    removed = []
+    now = time.time()
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith(ADAPTER_DIR_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        path = os.path.join(parent, name)
+        try:
+            if now - os.stat(path).st_mtime < stale_after_s:
+                continue
+            lock = open(os.path.join(path, _LOCK))
+        except OSError:  # gone, not ours to open, or a folder without a lock (not made by AdapterDirs)
+            continue
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its actor is alive
+            lock.close()
+            continue
+        _remove_dir(path, lock)
+        removed.append(path)
+    return removed
 
 
 class _PerRowSampler:
@@ -131,23 +242,22 @@ class RolloutActor:
         self.lora = lora
         self.version = -1
         self._state: dict[str, Any] = {}
-        self._dir = tempfile.mkdtemp(prefix="uft-rollout-")
+        self._dirs: AdapterDirs | None = None
         model_path = local_model(model_path)  # a bucket's model: downloaded once per node
         if backend == "vllm":
             from vllm import LLM
 
-            self.llm = LLM(
-                model=model_path,
-                revision=revision,
+            args = vllm_engine_args(
+                model_path,
+                lora=lora,
                 dtype=dtype,
-                enable_lora=True,
-                max_lora_rank=max(16, int(lora["r"])),  # vLLM's default 16 rejects a larger r
-                max_loras=1,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
                 gpu_memory_utilization=gpu_memory_utilization,
                 max_model_len=max_model_len,
-                trust_remote_code=trust_remote_code,
-                enable_prefix_caching=True,  # n rollouts of a prompt share its prefix
             )
+            self.llm = LLM(**args)
+            self._dirs = AdapterDirs()
             return
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM
@@ -166,14 +276,8 @@ class RolloutActor:
         """Replace the adapter with the trainer's (peft state dict, full tensors); returns its digest."""
         self._state = {k: v.detach().cpu() for k, v in state.items()}
         self.version = version
-        if self.backend == "vllm":
-            from safetensors.torch import save_file
-
-            path = os.path.join(self._dir, f"v{version}")
-            os.makedirs(path, exist_ok=True)
-            save_file(self._state, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
-            _lora_config(self.lora).save_pretrained(path)
-            self._lora_path = path
+        if self._dirs is not None:
+            self._lora_path = self._dirs.write(self._state, version, self.lora)
         else:
             from peft import set_peft_model_state_dict
 
@@ -182,6 +286,11 @@ class RolloutActor:
             if missing:
                 raise RuntimeError(f"adapter tensors not in the rollout model: {missing[:3]}")
         return self.digest()
+
+    def close(self) -> None:
+        """Remove the adapter directories (vllm); call before killing the actor, which runs no exit handler."""
+        if self._dirs is not None:
+            self._dirs.close()
 
     def digest(self) -> str:
         """The digest of the adapter generation uses (the model's own tensors for hf, the loaded file's for vllm)."""

@@ -4,7 +4,8 @@ UFT paper uses it).
 `generate(n, seed)` builds solvable instances by playing the game forward: it combines two of the numbers with
 an operation that keeps every intermediate value a positive integer, until one value is left, and keeps the
 instance when that value is a target in 10-100. The steps are the hint chunks (`76 - 47 = 29`), the combined
-expression the answer. `verify(row, text)` scores what follows the prompt: 1.0 when the last `<answer>` holds
+expression the answer. `verify(row, text)` (`rft.reward_rules: strict`; the default `paper` rule is in
+uft_ray.tasks.rules) scores what follows the prompt: 1.0 when the last `<answer>` holds
 an expression that uses the given numbers exactly once each and equals the target, 0.1 when it holds an
 arithmetic expression that does not, 0.0 when there is no answer or it is not arithmetic within the parser's
 bounds (names, `**`, deep nesting, huge text, division by zero: hostile output earns nothing). Expressions go

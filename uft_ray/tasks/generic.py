@@ -1,6 +1,6 @@
 """A user's own task: rows with `prompt`, `hint` (chunks) or `solution` (split into chunks), and `answer`, scored
 by a verifier named as `module:function` (a plain `(row, text) -> reward`, run under a time limit by the
-trainer through `uft_ray.tasks.verify.run_with_timeout`).
+trainer through `uft_ray.tasks.verify.VerifierProcess`).
 
 Built-in names resolve to the tasks shipped here: `countdown`, `knights_knaves`, `math`.
 """
@@ -12,6 +12,7 @@ from typing import Any
 
 from uft_ray.tasks import countdown, knights_knaves, math_answers
 from uft_ray.tasks.math_answers import split_solution
+from uft_ray.tasks.rules import verifier_for
 from uft_ray.tasks.verify import Verifier
 
 BUILTIN: dict[str, Verifier] = {
@@ -21,10 +22,11 @@ BUILTIN: dict[str, Verifier] = {
 }
 
 
-def load_verifier(spec: str) -> Verifier:
-    """A built-in task's verifier, or `module:function` imported (a clear error naming what is wrong)."""
+def load_verifier(spec: str, rules: str = "strict") -> Verifier:
+    """A built-in task's verifier under `rules` (uft_ray.tasks.rules; the trainer passes `rft.reward_rules`, whose
+    default is `paper`), or `module:function` imported (a clear error naming what is wrong)."""
     if spec in BUILTIN:
-        return BUILTIN[spec]
+        return verifier_for(spec, rules)
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
         raise ValueError(f"verifier {spec!r}: use one of {', '.join(BUILTIN)} or module:function")

@@ -3,8 +3,9 @@
 `generate(n, seed)` draws 3-7 people with random roles and adds statements (each true exactly when its speaker
 is a knight) until the puzzle has one solution, checked by trying every assignment (at most 2^7). The hint
 chunks reason by assumption and contradiction, one person at a time (`Assume Zoey is a knave. ... So Zoey is a
-knight.`); the answer lists every person's role. `verify(row, text)` gives 1.0 when the last `<answer>` names
-the right role for every person, 0.1 when it names roles but not all right, 0.0 when it names none.
+knight.`); the answer lists every person's role. `verify(row, text)` (`rft.reward_rules: strict`; the default
+`paper` rule is in uft_ray.tasks.rules) gives 1.0 when the last `<answer>` names the right role for every person,
+0.1 when it names roles but not all right, 0.0 when it names none.
 """
 
 from __future__ import annotations

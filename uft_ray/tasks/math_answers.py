@@ -3,9 +3,11 @@ Hendrycks-style normalization (`normalize`: the steps of the benchmark's own `st
 
 Files: parquet or jsonl with `problem`, `solution` (ending in a `\\boxed{...}` answer), `level` ("Level 3") and
 `type` ("Algebra"), as `DigitalLearningGmbH/MATH-lighteval` ships them. `rows(records, levels=(3, 4, 5))` makes
-task rows: the prompt, the solution split into sentence chunks as the hint, the boxed answer as `truth`.
-`verify(row, text)`: 1.0 when the last `<answer>` (its `\\boxed{}` if it has one) normalizes to the truth, 0.1
-for another answer, 0.0 for none. Nothing is evaluated.
+task rows: the prompt, the solution split into sentence chunks as the hint, the boxed answer as `truth`; the
+prompt's example and the reference answer put the bare answer in the tag (`<answer> 12 </answer>`), as the
+authors' data does, since their reward (uft_ray.tasks.rules, `rft.reward_rules: paper`) does not unwrap `\\boxed{}`.
+`verify(row, text)` (`rft.reward_rules: strict`): 1.0 when the last `<answer>` (its `\\boxed{}` if it has one)
+normalizes to the truth, 0.1 for another answer, 0.0 for none. Nothing is evaluated.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
     "assistant first thinks about the reasoning process in the mind and then provides the user with the answer.\n"
     "User: {problem} Show your work in <think> </think> tags. And return the final answer in <answer> </answer> "
-    "tags, for example <answer> \\boxed{{42}} </answer>.\nAssistant: Let me solve this step by step.\n<think>"
+    "tags, for example <answer> 12 </answer>.\nAssistant: Let me solve this step by step.\n<think>"
 )
 
 
@@ -117,7 +119,7 @@ def rows(
                 "task": NAME,
                 "prompt": PROMPT.format(problem=rec["problem"]),
                 "hint": hint,
-                "answer": "\n".join(hint) + f"\n</think>\n<answer> \\boxed{{{truth}}} </answer>",
+                "answer": "\n".join(hint) + f"\n</think>\n<answer> {truth} </answer>",
                 "truth": truth,
                 "level": int(m.group(1)),
                 "type": rec.get("type"),

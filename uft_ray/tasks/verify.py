@@ -1,18 +1,15 @@
 """What every verifier shares: the answer in the last `<answer>` tag, the reward levels, and a time limit.
 
-`run_with_timeout(fn, row, text, timeout_s)` runs a verifier in a forked child process and kills it when the
-time is up: a verifier named by a user (`module:function`) may loop on hostile output, and a thread cannot be
-stopped. A timeout, an exception or a reward outside [0, 1] scores 0.
-
-`VerifierProcess` is the trainer's form of the same rule: one spawned child, reused for every rollout (a fork
-per rollout from a worker holding a model costs milliseconds each and forks Ray's threads), with the same time
-limit per item; a child that overruns is killed, its item scores 0, and a fresh child takes the rest.
+`VerifierProcess` runs a verifier under that limit: a verifier named by a user (`module:function`) may loop on
+hostile output, and a thread cannot be stopped, so it runs in one spawned child, reused for every rollout (a fork
+per rollout from a worker holding a model costs milliseconds each and forks Ray's threads), with the time limit
+per item. A child that overruns is killed, its item scores 0, and a fresh child takes the rest; an exception or
+a reward that is not a finite number in [0, 1] also scores 0.
 """
 
 from __future__ import annotations
 
 import math
-import multiprocessing
 from collections.abc import Callable
 from typing import Any
 
@@ -36,13 +33,6 @@ def extract_answer(text: str) -> str | None:
     if start < 0:
         return None
     return text[start + len("<answer>") : end].strip()
-
-
-def _child(conn: Any, fn: Verifier, row: dict[str, Any], text: str) -> None:
-    try:
-        conn.send(float(fn(row, text)))
-    except BaseException:  # hostile output must not reach the parent as anything but a 0
-        conn.send(NO_ANSWER)
 
 
 def _valid(reward: Any) -> float:
@@ -166,28 +156,6 @@ class _Duplex:
     def close(self) -> None:
         self.reader.close()
         self.writer.close()
-
-
-def run_with_timeout(fn: Verifier, row: dict[str, Any], text: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> float:
-    """`fn(row, text)` in a child process; 0.0 on a timeout (the child is killed), an error, or a reward that is
-    not a finite number in [0, 1]."""
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, row, text), daemon=True)
-    proc.start()
-    child.close()
-    try:
-        reward = parent.recv() if parent.poll(timeout_s) else None
-    except EOFError:  # the child died without an answer
-        reward = None
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join(1)
-        parent.close()
-    if reward is None or not math.isfinite(reward) or not 0.0 <= reward <= 1.0:
-        return NO_ANSWER
-    return reward
 
 
 if __name__ == "__main__":  # the child of VerifierProcess: python -m uft_ray.tasks.verify READ_FD WRITE_FD SPEC

@@ -54,6 +54,24 @@ def resolve_dtype(cfg: Config, use_gpu: bool) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant activation checkpointing on a transformers model, plus input grads for a frozen base.
+
+    transformers >= 5.24 names it `activation_checkpointing_enable`; 5.17 / 5.18 have only
+    `gradient_checkpointing_enable` (a deprecated alias since). Non-reentrant either way: the reentrant kind
+    gives no gradient to LoRA inside a block whose inputs do not require grad (a frozen base).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise TypeError(f"{type(model).__name__} supports no activation checkpointing")
+    # the checkpointed blocks of a frozen base must still see an input that requires grad
+    model.enable_input_require_grads()
+
+
 # The frozen base "fits" a device when its weights take at most this share of the device's memory: the rest is
 # for activations, logits, LoRA state and the allocator (a 7B bf16 base on an 80 GB GPU fits; a 32B one does not).
 FIT_FRACTION = 0.5
@@ -276,8 +294,7 @@ def build_engine(
     sharded = hf_ds_config is not None and all(hasattr(p, "ds_shape") and p.numel() == 0 for p in model.parameters())
     model.config.use_cache = False
     if cfg.model.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_activation_checkpointing(model)
 
     adapter = adapter or cfg.model.adapter
     # LoRA tensors are created outside zero.Init, by each rank: the same seed gives every rank the same init.

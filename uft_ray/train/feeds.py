@@ -18,7 +18,8 @@ serves every rank:
 
 The worker loop still checks every micro-batch's position (`step`, `micro`, `slot`), so an ordering bug
 fails loudly. The hint_rft prompt feeds are the same shape (`micro` 0): pass the prompt rows and their
-`attach_hints` as `transform`.
+`attach_hints` as `transform`. The held-out feeds `eval_{r}` too (`table_feeds` with a plan-like table: rank
+r's share of the held-out rows at step 0, micro 0, slot k).
 """
 
 from __future__ import annotations
@@ -93,11 +94,28 @@ def rank_feeds(
     `pyarrow.Table -> pyarrow.Table`, e.g. `functools.partial(attach_hints, schedule=...)`). The rows are read
     once for all ranks; see the module docstring for how.
     """
-    num_workers = plan.summary.num_workers
-    positions, counts = plan_positions(plan.table, num_workers, start)
+    return table_feeds(rows, plan.table, plan.summary.num_workers, start, transform=transform,
+                       partition_rows=partition_rows)  # fmt: skip
+
+
+def table_feeds(
+    rows: ray.data.Dataset,
+    table: pa.Table,
+    num_workers: int,
+    start: int = 0,
+    *,
+    prefix: str = "train_",
+    transform: Callable[[pa.Table], pa.Table] | None = None,
+    partition_rows: int = SORT_PARTITION_ROWS,
+) -> dict[str, ray.data.MaterializedDataset]:
+    """`{f"{prefix}{rank}": ds, ...}` for a plan-like `table` (`row_id`, `rank`, `epoch`, `step`, `micro`,
+    `slot`; e.g. the held-out rows' `uft_ray.evaluation.heldout.heldout_plan`): what `rank_feeds` does for a
+    plan. A rank with no rows gets an empty dataset; a table with none from `start` on is an error.
+    """
+    positions, counts = plan_positions(table, num_workers, start)
     total = int(counts.sum())
     if total == 0:
-        raise ValueError(f"the plan has no rows from step {start} on ({plan.summary.steps} steps)")
+        raise ValueError(f"{prefix}*: no planned rows from step {start} on")
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     cuts = sorted(
         {int(offsets[r] + k) for r in range(num_workers) for k in range(0, int(counts[r]), partition_rows)} - {0}
@@ -112,8 +130,8 @@ def rank_feeds(
     parts = ordered.split_at_indices([int(o) for o in offsets[1:-1]]) if num_workers > 1 else [ordered.materialize()]
     for rank, (part, n) in enumerate(zip(parts, counts, strict=True)):
         if part.count() != n:  # a prepared directory missing planned rows: training them would hang the ranks
-            raise ValueError(f"rank {rank}: {part.count()} rows found for its {n} planned rows (step >= {start})")
-    return {f"train_{rank}": part for rank, part in enumerate(parts)}
+            raise ValueError(f"{prefix}{rank}: {part.count()} rows found for its {n} planned rows (step >= {start})")
+    return {f"{prefix}{rank}": part for rank, part in enumerate(parts)}
 
 
 class Background:

@@ -311,30 +311,12 @@ def fingerprint(table: pa.Table) -> str:
 def rank_assignment(table: pa.Table, rank: int, start_step: int = 0) -> dict[str, list[tuple[int, int, int, int]]]:
     """row_id -> [(epoch, step, micro, slot), ...] of `rank`'s rows with `step >= start_step`.
 
-    A row appears once per epoch that trains it, hence the list. This is what the driver broadcasts to the
-    data pipeline to tag each prepared row with its place in the plan.
+    A row appears once per epoch that trains it, hence the list. The driver joins only these rows' reference
+    log-probs into the rank's feed; the feeds themselves are tagged by uft_ray.train.feeds.
     """
     t = table.filter(pc.and_(pc.equal(table["rank"], rank), pc.greater_equal(table["step"], start_step)))
     out: dict[str, list[tuple[int, int, int, int]]] = {}
     cols = [t[c].to_pylist() for c in ("row_id", "epoch", "step", "micro", "slot")]
     for row_id, epoch, step, micro, slot in zip(*cols, strict=True):
         out.setdefault(row_id, []).append((epoch, step, micro, slot))
-    return out
-
-
-def tag_rows(batch: pa.Table, assignment: dict[str, list[tuple[int, int, int, int]]]) -> pa.Table:
-    """Join the plan onto prepared rows: one output row per (row, epoch) planned for it, others dropped.
-
-    Adds `epoch`, `step`, `micro`, `slot` (int32) from `rank_assignment`. A `map_batches` stage: the
-    assignment is a small dict broadcast to every task, so no shuffle is needed to join.
-    """
-    take: list[int] = []
-    tags: list[tuple[int, int, int, int]] = []
-    for i, row_id in enumerate(batch.column("row_id").to_pylist()):
-        for tag in assignment.get(row_id, ()):
-            take.append(i)
-            tags.append(tag)
-    out = batch.take(pa.array(take, pa.int64()))
-    for k, name in enumerate(("epoch", "step", "micro", "slot")):
-        out = out.append_column(name, pa.array([t[k] for t in tags], pa.int32()))
     return out
