@@ -15,7 +15,7 @@ demo: install
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest tests -v --timeout 900
+	$(PY) -m pytest tests -v --timeout 900 --durations=30
 
 test-unit:
 	$(PY) -m pytest tests/unit -q

@@ -1,7 +1,7 @@
 """`uft-ray`: the command line. One typed config (YAML + dotted `key=value` overrides) drives every command.
 
     uft-ray demo                                        the embedded default: tiny model, local Ray, a real UFT run
-    uft-ray validate CONFIG [k=v ...]                   check a config; no cluster work
+    uft-ray validate CONFIG [--cluster FILE] [k=v ...]  check a config (and that it fits a cluster file); no Ray
     uft-ray prepare CONFIG --out DIR [k=v ...]          data plane only: rows, quarantine, summary (+ reference)
     uft-ray train CONFIG [k=v ...]                      run here: the current Ray cluster or a local one
     uft-ray submit CONFIG --address URL [k=v ...]       run as a Ray job on a cluster
@@ -9,6 +9,7 @@
     uft-ray report RUN_DIR                              rebuild report.html from metrics.jsonl
     uft-ray eval RUN_DIR|ADAPTER --tasks T[,T...]       benchmarks with lm-evaluation-harness (or --preset uft-paper)
     uft-ray compare RECIPE.yaml [k=v ...]               run every arm of a comparison, then its table
+    uft-ray tasks check PATH --task TASK                hint_rft task files: does every row's own answer score 1.0?
 
 Exit codes: 0 success; 1 the run or job failed (or the cluster could not be reached); 2 bad usage or config.
 """
@@ -33,6 +34,7 @@ from uft_ray import storage
 from uft_ray.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_error, err
 from uft_ray.cli_eval import cmd_eval
 from uft_ray.cli_jobs import cmd_logs, cmd_status, cmd_stop, cmd_submit
+from uft_ray.cli_tasks import add_tasks_parser
 from uft_ray.config import Config, ConfigError, load_config
 from uft_ray.demo import DEMO_ROOT, demo_config_text, demo_overrides
 from uft_ray.evaluation.presets import PRESETS
@@ -83,6 +85,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     else:
         print(f"OK: {args.config}")
         print(f"  {_summary_line(cfg)}")
+    return _validate_cluster(cfg, args) if args.cluster else EXIT_OK
+
+
+def _validate_cluster(cfg: Config, args: argparse.Namespace) -> int:
+    """`validate --cluster FILE`: the file's nodes, then one line per phase; exit 2 when a phase can never fit."""
+    from uft_ray.cluster_spec import check_file, never_fits, read_cluster_file
+
+    try:
+        spec = read_cluster_file(args.cluster)
+    except ConfigError as e:
+        return config_error(e, args.cluster)
+    print(f"cluster {args.cluster} ({spec.kind}):")
+    print("".join(f"  {line}\n" for line in spec.lines), end="")
+    fits = check_file(cfg, spec)
+    print("".join(f"{f.line()}\n" for f in fits), end="")
+    if (e := never_fits(fits)) is not None:
+        err(f"{args.config} can never run on {args.cluster}:")
+        for m in e.messages:
+            err(f"  - {m}")
+        return EXIT_USAGE
     return EXIT_OK
 
 
@@ -392,10 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", "check a config and print OK or one line per problem (exit 2); no cluster work",
             "  uft-ray validate jobs/configs/demo.yaml\n"
             "  uft-ray validate jobs/configs/qwen25_32b_uft.yaml --no-check-paths   # paths live on the cluster\n"
-            "  uft-ray validate my.yaml loss.type=dpo --print                     # the resolved config")  # fmt: skip
+            "  uft-ray validate my.yaml loss.type=dpo --print                     # the resolved config\n"
+            "  uft-ray validate jobs/configs/qwen25_32b_uft.yaml --no-check-paths --cluster infra/cluster.yaml")  # fmt: skip
     _add_config(p)
     p.add_argument("--no-check-paths", action="store_true", help="skip checking that data/model paths exist here")
     p.add_argument("--print", action="store_true", help="print the resolved config as YAML")
+    p.add_argument("--cluster", metavar="FILE", help="also check that every phase of the run fits this cluster, "
+                   "offline: a Ray cluster-launcher YAML or a KubeRay RayCluster / RayJob manifest")  # fmt: skip
     p.set_defaults(fn=cmd_validate)
 
     p = add("demo", "the embedded default: tiny model + sample shards, local Ray, a real UFT run on CPU",
@@ -488,6 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster to run in, as ray.init takes it (auto, HOST:6379, ray://HOST:10001;"
                    " default: RAY_ADDRESS, else a local Ray)")  # fmt: skip
     p.set_defaults(fn=cmd_eval)
+
+    p = add("tasks", "hint_rft task files: `check` scores every row's own answer (exit 0 when all score 1.0)",
+            "  uft-ray tasks check data/countdown/train.parquet --task countdown\n"
+            "  uft-ray tasks check s3://bucket/kk/test.parquet --task knights_knaves --rules strict")  # fmt: skip
+    add_tasks_parser(p)
     return parser
 
 

@@ -18,7 +18,9 @@ publish it); else this cluster's autoscaler process when it runs on this node (a
 on the head): the config file it was started with, or no file, which means Ray's read-only monitor of a
 fixed cluster. A cluster that can never fit the run fails at once with `ClusterTooSmall`, naming the numbers
 and the keys to change; one that fits but not yet (an autoscaler to wait for, or other work holding
-resources) gets one line saying what the run waits for.
+resources) gets one line saying what the run waits for. The phases judged are `run_phases`: the reference pass,
+training, and the benchmarks after it; `uft-ray validate --cluster FILE` (uft_ray/cluster_spec.py) holds the same
+phases against a cluster file, offline.
 """
 
 from __future__ import annotations
@@ -70,9 +72,8 @@ class Demand:
         """`2 training workers x 1 CPU (train.num_workers, train.cpus_per_worker)`; `1 for data tasks`."""
         if not self.count_key and not self.per_key:
             return f"{_n(self.amount(resource))} for {self.what}"
-        return (
-            f"{self.count} {self.what} x {_amount(self.bundle[resource], resource)} ({', '.join(self.keys(resource))})"
-        )
+        keys = f" ({', '.join(self.keys(resource))})" if self.keys(resource) else ""
+        return f"{self.count} {self.what} x {_amount(self.bundle[resource], resource)}{keys}"
 
 
 @dataclass(frozen=True)
@@ -250,6 +251,38 @@ def reference_pass_needs(cfg: Config) -> Needs | None:
     return Needs("during the reference pass", tuple(d for d in (actors, _data_demand()) if d.count > 0 and d.bundle))
 
 
+def evaluation_needs(cfg: Config) -> Needs | None:
+    """What `eval.tasks` (or `eval.preset`) holds after training, or None without benchmarks: at least one eval
+    actor of the bundle `evaluation.worker.worker_layout` gives it (`eval.tensor_parallel_size` GPUs on GPU, 1 CPU);
+    run_eval starts more, one per task, as the cluster's GPUs allow."""
+    from uft_ray.evaluation.heldout import benchmark_specs
+    from uft_ray.evaluation.worker import worker_layout
+
+    specs = benchmark_specs(cfg)
+    if not specs:
+        return None
+    tp = cfg.eval.tensor_parallel_size
+    _, options = worker_layout(tp if cfg.train.use_gpu else 0, tp, len(specs))
+    bundle = _bundle_of(options["num_cpus"], options["num_gpus"])
+    return Needs(
+        "during evaluation", (Demand("eval workers", 1, bundle, per_key={"GPU": "eval.tensor_parallel_size"}),)
+    )
+
+
+def run_phases(cfg: Config) -> dict[str, Needs]:
+    """Every phase of a run that holds cluster resources, in run order: "reference pass" (`reference.run:
+    precompute`), "training" (the workers and what lives beside them: stream scorers, hint_rft's rollout actors,
+    data tasks), "evaluation" (eval.tasks after training); a phase that holds nothing is left out. `cfg` with
+    `train.cpus_per_worker` resolved. The pre-check (`check_cluster`) and `uft-ray validate --cluster` judge these."""
+    phases = {"reference pass": reference_pass_needs(cfg), "training": needs(cfg), "evaluation": evaluation_needs(cfg)}
+    return {k: v for k, v in phases.items() if v is not None}
+
+
+def training_first(phases: dict[str, Needs]) -> list[Needs]:
+    """The phases as `assess` takes them: training first (what the run waits for), then the others."""
+    return [phases["training"], *(n for k, n in phases.items() if k != "training")]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The cluster: what it has, and what it can become.
 
@@ -273,6 +306,7 @@ class ClusterView:
     autoscaler: str = "none"
     max_workers: int | None = None  # cluster-wide cap on the nodes an autoscaler adds
     max_resources: dict[str, float] = field(default_factory=dict)  # cluster-wide caps (GCS cluster config)
+    grow: dict[str, str] = field(default_factory=dict)  # resource -> how to give the cluster more (a file's fields)
 
     @property
     def scales(self) -> bool:
@@ -372,8 +406,13 @@ def _never_fits(needs: Needs, view: ClusterView) -> list[str]:
         if want > cap + _EPS:
             short.add(r)
             instead = "".join(f", or {d.instead}" for d in needs.demands if d.instead and d.amount(r) > 0)
-            out.append(f"cluster: {needs.phase} the run needs {needs.explain(r)}; {_has(view, r, cap)}. "
-                       f"Lower {' or '.join(needs.keys(r))}{instead}, or {_grow(view, r)}")  # fmt: skip
+            grow = _grow(view, r)
+            fix = (
+                f"Lower {' or '.join(needs.keys(r))}{instead}, or {grow}"
+                if needs.keys(r)
+                else grow[0].upper() + grow[1:]
+            )
+            out.append(f"cluster: {needs.phase} the run needs {needs.explain(r)}; {_has(view, r, cap)}. {fix}")
     for d in needs.demands:
         fit = view.max_placeable(d.bundle)
         keys = ", ".join(dict.fromkeys(k for r in d.bundle for k in d.keys(r)))
@@ -396,6 +435,8 @@ def _has(view: ClusterView, resource: str, cap: float) -> str:
 
 
 def _grow(view: ClusterView, resource: str) -> str:
+    if resource in view.grow:
+        return view.grow[resource]
     if view.scales:
         return f"raise max_workers of a node type with {_unit(resource, 2)} in the autoscaler's config"
     flag = "--num-cpus" if resource == "CPU" else "--num-gpus"
@@ -415,11 +456,8 @@ def _nodes_line(view: ClusterView) -> str:
 def check_cluster(cfg: Config) -> Fit:
     """Fail now (`ClusterTooSmall`) when the connected cluster can never hold the run; else print one line:
     what the run needs and has, or what it waits for. `cfg` with `train.cpus_per_worker` resolved."""
-    phases = [needs(cfg)]
-    if (ref := reference_pass_needs(cfg)) is not None:
-        phases.append(ref)
     view = cluster_view()
-    fit = assess(phases, view)
+    fit = assess(training_first(run_phases(cfg)), view)
     logger.info("cluster: %s; autoscaler: %s", view, view.autoscaler)
     _say(fit.line)
     return fit
@@ -480,18 +518,10 @@ def _with_monitor_config(view: ClusterView) -> ClusterView | None:
     except OSError as e:
         logger.info("cannot read the autoscaler's config %s: %s", path, e)
         return None
-    head = config.get("head_node_type")
-    cap = config.get("max_workers")
-    types = []
-    for name, spec in (config.get("available_node_types") or {}).items():
-        most = spec.get("max_workers", cap)
-        resources = _cpu_gpu(spec.get("resources") or {})
-        if name == head or most == 0 or not resources:
-            continue
-        types.append(NodeType(name, resources, None if most is None else int(most)))
-    return dataclasses.replace(
-        view, node_types=types, autoscaler=f"config {path}", max_workers=None if cap is None else int(cap)
-    )
+    from uft_ray.cluster_spec import launcher_worker_types
+
+    types, cap, _ = launcher_worker_types(config)
+    return dataclasses.replace(view, node_types=types, autoscaler=f"config {path}", max_workers=cap)
 
 
 def _monitor_args() -> tuple[str | None, str] | None:

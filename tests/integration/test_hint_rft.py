@@ -7,6 +7,8 @@ stopped after step 5 and rerun under the same name (it continues at step 4). It 
 rollouts and losses as the uninterrupted run. One more run reveals the full hint at every step (p = 1): its hint
 NLL must fall. Three 1-step runs of 2 prompts x 2 rollouts differ only in layout (1 worker x micro-batch 4,
 2 workers x micro-batch 2, 1 worker x micro-batch 2 x accumulation 2): the same rollouts, loss and gradient.
+A 2-step run takes 2 optimizer steps a step on a linear schedule at sampling temperature 0.7. Every run records
+a held-out evaluation before the first update (step 0).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ def rft_config(assets: dict[str, str], root: Path, name: str, *overrides: str) -
             *overrides,
         ],
     )
+
+
+def trained(metrics_path: str) -> list[dict[str, Any]]:
+    """The rows of the training steps (step 0 holds the evaluation before the first update)."""
+    return [r for r in read_metrics(metrics_path) if r["step"] > 0]
 
 
 def rollouts(run_dir: str, ranks: int = 2) -> dict[int, list[dict[str, Any]]]:
@@ -111,7 +118,10 @@ def interrupted(tiny_assets, root) -> tuple[Any, dict[str, Any]]:
 
 
 def test_run_writes_every_metric_and_the_run_directory(straight):
-    rows = read_metrics(straight.metrics_path)
+    base, *rows = read_metrics(straight.metrics_path)
+    # veRL's val_before_train: greedy, hint-free accuracy of the untrained policy, before any update
+    assert base["step"] == 0 and set(base) == {"step", "time", "eval/accuracy"} and 0 <= base["eval/accuracy"] <= 1
+    assert base["time"] < rows[0]["time"]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     names = {"reward/mean", "reward/accuracy", "reward/format", "hint/share", "response/length", "kl", "entropy",
              "clip_frac", "time/generate_frac", "sync/adapter_s", "sync/adapter_bytes", "loss", "lr", "grad_norm"}  # fmt: skip
@@ -119,7 +129,7 @@ def test_run_writes_every_metric_and_the_run_directory(straight):
         assert names <= set(r), names - set(r)
         assert 0 <= r["reward/accuracy"] <= r["reward/format"] <= 1
         assert 0 < r["time/generate_frac"] < 1 and 1 <= r["response/length"] <= 12
-    assert [r["step"] for r in rows if "eval/accuracy" in r] == [3, 6]  # eval.every and the end
+    assert [r["step"] for r in [base, *rows] if "eval/accuracy" in r] == [0, 3, 6]  # before, eval.every, the end
     # Only the LoRA tensors travel: r 8 on the tiny model's 7 projections x 2 layers, fp32.
     state = load_file(os.path.join(straight.adapter_dir, "adapter_model.safetensors"))
     assert rows[0]["sync/adapter_bytes"] == sum(t.numel() * 4 for t in state.values())
@@ -128,7 +138,7 @@ def test_run_writes_every_metric_and_the_run_directory(straight):
 
 
 def test_hints_follow_the_schedule_and_vanish_after_t_hint(straight):
-    rows = read_metrics(straight.metrics_path)
+    rows = trained(straight.metrics_path)
     shares = [r["hint/share"] for r in rows]
     assert shares[0] > 0.5 and all(s == 0.0 for s in shares[4:])  # t_hint 4: no hint from step 5
     # No hint token anywhere: no hint term. The loss is pg - 0.001 entropy + 0.001 kl (fp32 terms; a hint term
@@ -151,7 +161,7 @@ def test_actors_generate_with_exactly_the_trainers_adapter(straight):
     for s in syncs:
         assert s["actors"] == [s["trainer"]]
     # A step changes the adapter exactly when its learning rate is not 0 (the first is warmup's 0).
-    lrs = [r["lr"] for r in read_metrics(straight.metrics_path)]
+    lrs = [r["lr"] for r in trained(straight.metrics_path)]
     changed = [syncs[i + 1]["trainer"] != syncs[i]["trainer"] for i in range(STEPS)]
     assert changed == [lr > 0 for lr in lrs] and sum(changed) >= STEPS - 1
     # The digest of what the checkpoint saved at step 4 is what the actors held for step 5's rollouts.
@@ -166,14 +176,17 @@ def test_killed_worker_resumes_at_its_checkpoint_with_the_same_hints_and_rollout
     # the kill restarted both ranks from the step-2 checkpoint; the rerun started at step 4
     assert attempts(result.run_dir, 0) == attempts(result.run_dir, 1) == [0, 2, 4]
     assert rollouts(result.run_dir) == rollouts(straight.run_dir)
-    assert [r["step"] for r in read_metrics(result.metrics_path)] == list(range(1, STEPS + 1))
+    # the step-0 evaluation ran once (the restarts began at steps 2 and 4) and was kept through both
+    rows = read_metrics(result.metrics_path)
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))
+    assert rows[0]["eval/accuracy"] == read_metrics(straight.metrics_path)[0]["eval/accuracy"]
 
 
 def test_rerun_of_the_same_run_name_continues_with_the_same_rollouts(straight, interrupted):
     result, _ = interrupted
     assert attempts(result.run_dir, 0)[-1] == 4  # the rerun resumed from the step-4 checkpoint, not from scratch
     assert rollouts(result.run_dir) == rollouts(straight.run_dir)
-    a, b = read_metrics(straight.metrics_path), read_metrics(result.metrics_path)
+    a, b = trained(straight.metrics_path), trained(result.metrics_path)
     assert [r["reward/mean"] for r in a] == [r["reward/mean"] for r in b]
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-6, abs=1e-9)
 
@@ -182,7 +195,7 @@ def test_full_hints_hint_nll_falls(tiny_assets, root):
     """p = 1 at every step (the whole reference solution in the prompt): the hint term is SFT on it."""
     cfg = rft_config(tiny_assets, root, "full-hints", "rft.hint.p_low=1.0", "rft.hint.p_high=1.0",
                      "rft.hint.t_hint=100", "rft.hint_coef=1.0", "train.max_steps=5", "eval.every=null")  # fmt: skip
-    rows = read_metrics(driver.run(cfg).metrics_path)
+    rows = trained(driver.run(cfg).metrics_path)
     assert all(r["hint/share"] == 1.0 for r in rows)
     nll = [r["hint_nll"] for r in rows]
     assert nll[-1] < nll[0] - 0.05, nll
@@ -195,7 +208,7 @@ def test_sft_then_rft_continues_from_the_sft_adapter(tiny_assets, root):
                      "train.max_steps=4", *common)  # fmt: skip
     rl = rft_config(tiny_assets, root, "sft-rft", "rft.hint.mode=rft", "train.max_steps=2", *common)
     first, second = driver.run_sequential(sft, rl, hooks=RftRecorder(rl.output.run_dir))
-    rows = read_metrics(first.metrics_path)
+    rows = trained(first.metrics_path)
     assert all("reward/mean" not in r and r["hint/share"] == 1.0 for r in rows)  # nothing sampled in SFT
     assert rows[-1]["hint_nll"] < rows[0]["hint_nll"] - 0.05
     assert rows[0]["loss"] == pytest.approx(rows[0]["hint_nll"], rel=1e-6)  # SFT's loss is the answer's NLL
@@ -205,7 +218,7 @@ def test_sft_then_rft_continues_from_the_sft_adapter(tiny_assets, root):
     assert [s["step"] for s in syncs] == [0, 1, 2, 3, 4, 0, 1, 2]
     sync0 = syncs[5]
     assert sync0["trainer"] == adapter_digest(load_file(os.path.join(first.adapter_dir, "adapter_model.safetensors")))
-    assert all(r["hint/share"] == 0.0 and "hint_nll" not in r for r in read_metrics(second.metrics_path))
+    assert all(r["hint/share"] == 0.0 and "hint_nll" not in r for r in trained(second.metrics_path))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,7 +258,7 @@ def _same_first_step(a: Any, ranks_a: int, b: Any, ranks_b: int) -> tuple[dict[s
     ra, rb = rollouts(a.run_dir, ranks_a), rollouts(b.run_dir, ranks_b)
     assert list(ra) == list(rb) == [1]
     assert sorted(ra[1], key=key) == sorted(rb[1], key=key) and len(ra[1]) == 4
-    (ma,), (mb,) = read_metrics(a.metrics_path), read_metrics(b.metrics_path)
+    (ma,), (mb,) = trained(a.metrics_path), trained(b.metrics_path)
     return ma, mb
 
 
@@ -277,3 +290,29 @@ def test_first_step_is_the_same_with_gradient_accumulation(w1_mb4, w1_mb2_ga2):
     whole, split = _same_first_step(w1_mb4, 1, w1_mb2_ga2, 1)
     assert len({x["revealed"] for x in rollouts(w1_mb4.run_dir, 1)[1]}) == 2
     _assert_same_update(whole, split)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several optimizer steps a step, the learning-rate schedule, and the sampling temperature in the trainer.
+
+
+def test_two_updates_a_step_follow_the_schedule_at_the_sampling_temperature(tiny_assets, root):
+    """2 steps x 2 updates = 4 optimizer steps, linear after round(0.25 x 4) = 1 warmup step: the updates' rates
+    are lr x (0, 1, 2/3, 1/3), and a step logs its first update's (0, then 2/3 lr). Each rank's 8 rollouts are 2
+    mini-batches of one whole group. At temperature 0.7 the policy, old and reference log-probs all come from
+    logits / 0.7: in step 1 the first update has rate 0, so the second one's old log-probs (taken before it) are
+    its own (no clipping) and the policy is still the reference: kl exactly 0, which a reference scored at
+    temperature 1 against a policy at 0.7 would not give (the scaling itself: tests/unit/test_rft_updates.py)."""
+    cfg = rft_config(tiny_assets, root, "updates-2-t07", "rft.updates_per_step=2", "train.grad_accum=1",
+                     "train.lr_schedule=linear", "train.warmup_ratio=0.25", "train.weight_decay=0.01",
+                     "rft.temperature=0.7", "train.max_steps=2", "eval.every=null")  # fmt: skip
+    assert cfg.train.lr == 2e-2
+    rows = read_metrics(driver.run(cfg, hooks=RftRecorder(cfg.output.run_dir)).metrics_path)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [0, 2]
+    one, two = rows[1], rows[2]
+    assert [one["lr"], two["lr"]] == pytest.approx([0.0, 2e-2 * 2 / 3], rel=1e-6, abs=1e-12)
+    assert one["clip_frac"] == 0.0 and one["kl"] == pytest.approx(0.0, abs=1e-9)
+    assert two["kl"] > 1e-6  # step 1's second update (rate lr) moved the adapter away from the reference
+    syncs = [json.loads(line) for line in (Path(cfg.output.run_dir) / "debug" / "sync.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in syncs] == [0, 1, 2] and len({s["trainer"] for s in syncs}) == 3

@@ -219,7 +219,7 @@ def test_a_hint_rft_run_writes_everything_to_the_bucket(rft_bucket_run):
     ):
         assert expected in names, expected
     rows = run.read_metrics()
-    assert [r["step"] for r in rows] == [1, 2] and "eval/accuracy" in rows[-1]
+    assert [r["step"] for r in rows] == [0, 1, 2] and "eval/accuracy" in rows[0] and "eval/accuracy" in rows[-1]
     assert result.metrics == rows[-1] and result.steps == RFT_STEPS
     assert storage.read_json(f"{run.checkpoint(RFT_STEPS)}/state.json")["step"] == RFT_STEPS
     # the final adapter is the last checkpoint's, byte for byte

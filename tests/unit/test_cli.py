@@ -20,7 +20,20 @@ from uft_ray.config import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "jobs/configs/demo.yaml"
 MISTRAL = ROOT / "jobs/configs/mistral7b_uft.yaml"
-COMMANDS = ("train", "prepare", "validate", "demo", "submit", "status", "logs", "stop", "report", "eval", "compare")
+COMMANDS = (
+    "train",
+    "prepare",
+    "validate",
+    "demo",
+    "submit",
+    "status",
+    "logs",
+    "stop",
+    "report",
+    "eval",
+    "compare",
+    "tasks",
+)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

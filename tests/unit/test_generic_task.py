@@ -8,7 +8,7 @@ import pytest
 
 from uft_ray.tasks import countdown
 from uft_ray.tasks.generic import load_verifier, task_row
-from uft_ray.tasks.verify import VerifierProcess
+from uft_ray.tasks.verifier import VerifierProcess
 
 
 def test_verifiers_by_name_and_by_module_function(tmp_path, monkeypatch):
@@ -31,7 +31,7 @@ def test_verifiers_by_name_and_by_module_function(tmp_path, monkeypatch):
 
 def test_records_become_task_rows():
     row = task_row({"prompt": "P", "solution": "First. Then.", "answer": "A"}, 3, name="mine")
-    assert row["hint"] == ["First.", "Then."] and row["row_id"] == "mine-3" and row["task"] == "mine"
+    assert row["hint"] == ["First. ", "Then."] and row["row_id"] == "mine-3" and row["task"] == "mine"
     assert task_row({"prompt": "P", "hint": ["a", 2], "answer": "A", "row_id": 7}, 0)["hint"] == ["a", "2"]
     with pytest.raises(ValueError, match="record 5"):
         task_row({"prompt": "P", "answer": "A"}, 5)

@@ -75,7 +75,7 @@ def test_paper_settings():
     assert (cfg.tokenize.max_prompt_len, cfg.tokenize.max_len) == (1024, 2048)
     q = load_config(ROOT / "jobs/configs/qwen25_32b_uft.yaml", check_paths=False)
     assert q.train.deepspeed.zero_stage == 3 and q.model.dtype == "bfloat16" and q.model.gradient_checkpointing
-    assert q.train.num_workers > 8 and q.reference.gpus_per_actor >= 1 and q.reference.run == "stream"
+    assert q.train.num_workers > 8 and q.reference.gpus_per_actor >= 1 and q.reference.run == "precompute"
 
 
 def test_sequential_stage2_configs_pair_each_loss_with_its_row_kind():

@@ -99,6 +99,26 @@ def test_bf16_logits_reduce_in_fp32():
     assert torch.isfinite(logits.grad.float()).all()
 
 
+def test_scored_rows_only_equal_the_full_tensor_path_bf16():
+    """The model path hands the function [N, V] logits of the scored positions only (and takes their buffer for
+    the gradient): values and gradients equal those of the [B, T, V] path on the same bf16 logits."""
+    from uft_ray.logprobs import _TargetLogProb
+
+    logits, labels, loss_mask = random_batch(3, 9, 40, dtype=torch.bfloat16, seed=7)
+    rows, pos = (loss_mask[:, 1:] != 0).nonzero(as_tuple=True)  # position pos predicts token pos + 1
+    coef = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    full = logits.clone().requires_grad_()
+    want, _ = sequence_logprobs(full, labels, loss_mask, chunk_size=3)
+    (want * coef).sum().backward()
+    picked = logits[rows, pos].clone().requires_grad_()
+    token = _TargetLogProb.apply(picked * 1, None, None, labels[rows, pos + 1], 3)  # * 1: a non-leaf, as a head's
+    got = torch.zeros(3, dtype=torch.float64).index_add(0, rows, token.double())
+    (got * coef).sum().backward()
+    assert torch.equal(got, want)
+    assert torch.equal(picked.grad, full.grad[rows, pos])
+    assert picked.grad.dtype == torch.bfloat16
+
+
 def test_no_scored_tokens_and_no_grad():
     logits, labels, _ = random_batch(2, 4, 6)
     logits.requires_grad_()

@@ -53,7 +53,7 @@ def test_rows_keep_levels_3_to_5_and_their_full_hint_is_accepted():
     rows = m.rows(records)
     assert [r["truth"] for r in rows] == ["\\frac{1}{2}"] and rows[0]["level"] == 3
     row = rows[0]
-    assert row["hint"] == ["Divide both by 2.", "The result is $\\boxed{\\frac{1}{2}}$."]
+    assert row["hint"] == ["Divide both by 2. ", "The result is $\\boxed{\\frac{1}{2}}$."]  # separators kept
     assert m.verify(row, row["answer"]) == 1.0
     assert m.verify(row, "<answer> \\boxed{0.5} </answer>") == 1.0
     assert m.verify(row, "<answer> 1/2 </answer>") == 1.0
@@ -66,4 +66,5 @@ def test_rows_keep_levels_3_to_5_and_their_full_hint_is_accepted():
 def test_split_solution_caps_the_chunks():
     text = " ".join(f"Step {i}." for i in range(30))
     chunks = m.split_solution(text, max_chunks=5)
-    assert len(chunks) == 5 and chunks[0] == "Step 0." and chunks[-1].startswith("Step 4.")
+    assert len(chunks) == 5 and chunks[0] == "Step 0. " and chunks[-1].startswith("Step 4.")
+    assert "".join(chunks) == text and len(m.split_solution(text)) == 30  # no cap by default, as the authors'

@@ -12,7 +12,7 @@ from uft_ray.config import ConfigError, load_config
 from uft_ray.tasks import countdown, knights_knaves, math_answers, rules
 from uft_ray.tasks.generic import load_verifier
 from uft_ray.tasks.names import REWARD_RULES
-from uft_ray.tasks.verify import VerifierProcess
+from uft_ray.tasks.verifier import VerifierProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,7 @@ from uft_ray.logprobs import sequence_logprobs, token_logprobs
 from uft_ray.losses import group_advantages, hint_rft_loss
 from uft_ray.rft.rollout import RolloutActor, adapter_digest, request_seed
 from uft_ray.tasks import countdown
-from uft_ray.tasks.verify import VerifierProcess
+from uft_ray.tasks.verifier import VerifierProcess
 
 # --- per-token log-probs and entropies ------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from fixtures.verifiers import hostile
 from uft_ray.tasks import countdown, knights_knaves
 from uft_ray.tasks.arith import ArithError, evaluate
 from uft_ray.tasks.hints import HintSchedule, with_hint
-from uft_ray.tasks.verify import VerifierProcess, extract_answer
+from uft_ray.tasks.verifier import VerifierProcess, extract_answer
 
 HOSTILE = {
     "huge exponent": "9**9**9**9",
@@ -57,11 +57,11 @@ def test_countdown_instances_are_solvable_and_their_full_hint_is_accepted():
     assert len({r["row_id"] for r in rows}) == 300
     for r in rows:
         assert len(r["nums"]) in (3, 4) and all(1 <= v <= 99 for v in r["nums"]) and 10 <= r["target"] <= 100
-        assert len(r["hint"]) == len(r["nums"]) - 1  # one step per combination
-        assert r["prompt"].endswith("<think>") and str(r["nums"]) in r["prompt"] and str(r["target"]) in r["prompt"]
+        assert len(r["hint"]) == len(r["nums"])  # one step per combination, then the equation (as the authors')
+        assert r["prompt"].endswith("<think> ") and str(r["nums"]) in r["prompt"] and str(r["target"]) in r["prompt"]
         assert countdown.verify(r, r["answer"]) == 1.0
-        last = r["hint"][-1]
-        assert last.endswith(f"= {r['target']}")
+        assert r["hint"][-2].endswith(f"= {r['target']}\n")
+        assert r["hint"][-1].startswith("Therefore, the final equation is ")
     assert Counter(len(r["nums"]) for r in rows).keys() == {3, 4}
 
 
@@ -105,7 +105,8 @@ def test_knights_knaves_puzzles_have_one_solution_and_their_full_hint_is_accepte
         statements = [tuple(s) for s in r["statements"]]
         solutions = knights_knaves._solutions(statements, len(r["names"]))
         assert [[knights_knaves._role(x) for x in s] for s in solutions] == [r["roles"]]  # exactly one, the one
-        assert len(r["hint"]) == len(r["names"]) and all(c.startswith("Assume ") for c in r["hint"])
+        n = len(r["names"])  # three sentences a person, then one "(i) X is a ..." line a person
+        assert len(r["hint"]) == 4 * n and all(c.startswith("Assume ") for c in r["hint"][: 3 * n : 3])
         assert knights_knaves.verify(r, r["answer"]) == 1.0
 
 
@@ -207,10 +208,10 @@ def test_staged_and_r3_modes():
 
 
 def test_with_hint_reveals_a_prefix_of_the_chunks():
-    assert with_hint("P<think>", ["a = 1", "b = 2"], 0) == "P<think>"
-    assert with_hint("P<think>", ["a = 1", "b = 2"], 1) == "P<think>a = 1\n"
+    assert with_hint("P<think> ", ["a = 1\n", "b = 2"], 0) == "P<think> "
+    assert with_hint("P<think> ", ["a = 1\n", "b = 2"], 1) == "P<think> a = 1\n"  # chunks carry their separators
     row = countdown.generate(1, seed=0)[0]
     # The whole hint revealed, then the closing: exactly the reference solution after the prompt.
     expression = row["answer"].split("<answer>")[1].split("</answer>")[0].strip()
     full = with_hint(row["prompt"], row["hint"], len(row["hint"]))
-    assert full + countdown.closing(expression).lstrip("\n") == row["prompt"] + row["answer"]
+    assert full + countdown.closing(expression) == row["prompt"] + row["answer"]

@@ -27,6 +27,8 @@ LOSS_KINDS: dict[str, tuple[str, ...]] = {
     "sft": ("sft", "score", "binary", "pair"),
 }
 ROLLOUT_BACKENDS = ("auto", "hf", "vllm")
+# The learning rate after warmup, over all optimizer steps (uft_ray.train.engine.lr_scheduler).
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -128,7 +130,10 @@ class TrainConfig:
     micro_batch_size: int = 1
     grad_accum: int = 1
     lr: float = 3.0e-5
-    weight_decay: float = 0.0
+    # constant | cosine (to 0) | linear (to 0), after a linear warmup from 0 over round(warmup_ratio * optimizer
+    # steps); both methods. hint_rft's optimizer steps are steps x rft.updates_per_step.
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0  # AdamW's decoupled decay, on the LoRA parameters
     warmup_ratio: float = 0.1
     max_grad_norm: float = 1.0
     epochs: int = 1
@@ -169,18 +174,26 @@ class RftConfig:
     """`method: hint_rft` (DESIGN.md "Hint-guided RFT"): prompts, rollouts, rewards and the loss's coefficients."""
 
     task: str = "countdown"  # countdown | knights_knaves | math | a generic task's verifier as module:function
-    path: str | None = None  # math / generic: training rows (file, directory or glob); generated tasks: None
-    eval_path: str | None = None  # math / generic: held-out rows; generated tasks draw them with another seed
-    n_train: int = 10000  # generated tasks: instances to train on
+    # Task files (file, directory or glob; uft_ray.tasks.files: veRL's parquet as the authors publish theirs, ours,
+    # MATH-lighteval, generic). Required for math / generic; for countdown / knights_knaves a path replaces the
+    # generated rows (no eval_path: held-out rows generated with another seed)
+    path: str | None = None
+    eval_path: str | None = None
+    # The training set: this many prompts, drawn once and repeated over epochs (the authors: 10,240 prompts for
+    # about 12.5 epochs); generated tasks generate this many; null: every usable row of rft.path
+    n_train: int | None = 10240
     prompts_per_step: int = 256
     # grpo: rollouts + GRPO + hint NLL (UFT, RFT, R3, staged); sft: no rollouts, the NLL of each prompt's whole
     # reference answer (the paper's SFT baseline, and stage 1 of SFT-then-RFT)
     objective: str = "grpo"
     n: int = 4  # rollouts per prompt (the GRPO group); sft trains one sequence per prompt
-    updates_per_step: int = 1  # optimizer steps per rollout batch; > 1 recomputes old log-probs first
+    # Optimizer steps per rollout batch (veRL: train_batch_size / ppo_mini_batch_size): each rank's rollouts cut
+    # in order into this many mini-batches of grad_accum x micro_batch_size whole GRPO groups; > 1 recomputes the
+    # old log-probs first (and needs lora.dropout 0)
+    updates_per_step: int = 1
     max_prompt_len: int = 256  # prompt + revealed hint, tokens
     max_response_len: int = 1024
-    temperature: float = 1.0
+    temperature: float = 1.0  # sampling; the trainer divides its logits by it too (policy, old and reference)
     top_p: float = 1.0
     clip: float = 0.2
     kl_coef: float = 0.001

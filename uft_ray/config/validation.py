@@ -13,6 +13,7 @@ from uft_ray.config.paths import is_remote, looks_local, path_exists
 from uft_ray.config.schema import (
     LOSS_KINDS,
     LOSS_TYPES,
+    LR_SCHEDULES,
     METHODS,
     ROLLOUT_BACKENDS,
     Config,
@@ -210,6 +211,7 @@ def _check_train(e: _Problems, tr: TrainConfig) -> None:
         e.one_of("train.cpus_per_worker", tr.cpus_per_worker, ("auto",))
     else:
         e.positive("train.cpus_per_worker", tr.cpus_per_worker, zero_ok=True)
+    e.one_of("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
     if not 0 <= tr.warmup_ratio < 1:
         e.append(f"train.warmup_ratio: must be in [0, 1), got {tr.warmup_ratio!r}")
     if tr.deepspeed.zero_stage not in (0, 1, 2, 3, "auto"):
@@ -242,12 +244,11 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
     if r.task not in GENERATED_TASKS + FILE_TASKS and ":" not in r.task:
         e.append(f"rft.task: {r.task!r} is not allowed; use one of: {', '.join(GENERATED_TASKS + FILE_TASKS)}, "
                  "or a generic task's verifier as module:function")  # fmt: skip
-    if r.task in GENERATED_TASKS:
+    if r.n_train is not None:
         e.positive("rft.n_train", r.n_train)
-        for name in ("path", "eval_path"):
-            if getattr(r, name):
-                e.append(f"rft.{name}: {r.task} instances are generated; leave rft.{name} unset")
     elif not r.path:
+        e.append(f"rft.n_train: null takes every row of rft.path; task {r.task!r} generates its rows, give a number")
+    if r.task not in GENERATED_TASKS and not r.path:
         e.append(f"rft.path: required for task {r.task!r} (a file, directory or glob of its rows)")
     for name in ("path", "eval_path"):
         value = getattr(r, name)
@@ -276,24 +277,40 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
         e.positive(f"rft.rollout.{name}", getattr(ro, name), zero_ok=True)
     if ro.backend == "vllm" and not tr.use_gpu:
         e.append("rft.rollout.backend: vllm needs train.use_gpu=true (use hf on CPU)")
-    # Every rank trains whole GRPO groups, and its rollouts fill its micro-batches exactly.
-    if tr.num_workers > 0 and r.prompts_per_step % tr.num_workers:
+    _check_rft_updates(e, cfg)
+
+
+def _check_rft_updates(e: _Problems, cfg: Config) -> None:
+    """Every rank trains whole GRPO groups, its rollouts fill its micro-batches exactly, and each of the step's
+    `updates_per_step` mini-batches holds whole groups (veRL's ppo_mini_batch_size counts prompts)."""
+    r, tr = cfg.rft, cfg.train
+    grpo = r.objective == "grpo"
+    if grpo and r.updates_per_step > 1 and cfg.lora.dropout > 0:
+        # the old log-probs and the training forward would draw different dropout masks: ratio != 1 on-policy
+        e.append(f"lora.dropout: must be 0 with rft.updates_per_step > 1 (got lora.dropout={cfg.lora.dropout!r}, "
+                 f"rft.updates_per_step={r.updates_per_step}): the old and the new log-probs would disagree")  # fmt: skip
+    if tr.num_workers <= 0 or r.updates_per_step <= 0:
+        return
+    if r.prompts_per_step % tr.num_workers:
         e.append(f"rft.prompts_per_step: {r.prompts_per_step} must be a multiple of train.num_workers "
                  f"({tr.num_workers}): every rank takes whole groups")  # fmt: skip
-    elif tr.num_workers > 0:
-        n = 1 if r.objective == "sft" else r.n
-        per_rank = r.prompts_per_step // tr.num_workers * n
-        per_update = r.updates_per_step * tr.grad_accum * tr.micro_batch_size
-        if per_rank != per_update:
-            sft = r.objective == "sft"
-            what = (
-                "prompts_per_step / num_workers (sft: one sequence per prompt)"
-                if sft
-                else ("prompts_per_step / num_workers * n")
-            )
-            e.append(f"rft: each rank trains {what} = {per_rank} sequences a step, "
-                     f"but rft.updates_per_step * train.grad_accum * train.micro_batch_size = {per_update}; "
-                     "make them equal")  # fmt: skip
+        return
+    n = r.n if grpo else 1
+    per_rank = r.prompts_per_step // tr.num_workers * n
+    per_update = tr.grad_accum * tr.micro_batch_size
+    if per_rank != r.updates_per_step * per_update:
+        what = (
+            "prompts_per_step / num_workers * n"
+            if grpo
+            else "prompts_per_step / num_workers (sft: one sequence per prompt)"
+        )
+        e.append(f"rft: each rank trains {what} = {per_rank} sequences a step, "
+                 f"but rft.updates_per_step * train.grad_accum * train.micro_batch_size = "
+                 f"{r.updates_per_step * per_update}; make them equal")  # fmt: skip
+    elif n > 0 and per_update % n:
+        e.append(f"rft.updates_per_step: {r.updates_per_step} mini-batches of train.grad_accum * "
+                 f"train.micro_batch_size = {per_update} sequences cut the GRPO groups of rft.n = {n}; make "
+                 f"train.grad_accum * train.micro_batch_size a multiple of rft.n")  # fmt: skip
 
 
 def _check_eval(e: _Problems, cfg: Config, check_paths: bool) -> None:

@@ -5,7 +5,8 @@
 `ReferenceScorer` is a callable class for `ds.map_batches` (an actor pool; uft_ray.reference.service builds
 the stage). It loads the base weights (safetensors only) plus an optional peft adapter merged in, sorts each
 batch's sequences by length into token-budgeted sub-batches, and scores them through
-`uft_ray.logprobs.model_sequence_logprobs`, the same function the policy uses.
+`uft_ray.logprobs.model_sequence_logprobs`, the same function the policy uses (logits at the response positions
+only).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-# Padded tokens per forward: 8 x 2048 keeps the logits of a 152k-vocab bf16 model near 5 GB.
+# Padded tokens per forward: 8 x 2048 keeps the logits of a 152k-vocab bf16 model under 5 GB (only the response
+# positions get logits: uft_ray.logprobs.scored_logits).
 DEFAULT_MAX_TOKENS_PER_FORWARD = 16_384
 _PAIR_COLUMNS = ("rejected_input_ids", "rejected_response_start")
 SCORER_INPUT_COLUMNS = ("row_id", "input_ids", "response_start", *_PAIR_COLUMNS)

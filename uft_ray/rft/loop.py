@@ -5,11 +5,15 @@ as the offline method, send its adapter to the rollout actors; then for every st
 1. take this rank's prompts of the step from its feed (whole GRPO groups, hints already drawn by the plan);
 2. ask the rollout actors for `rft.n` seeded continuations of each prompt + hint;
 3. score hint + response with the task's verifier (a child process, a time limit per rollout);
-4. group-normalized advantages, then `rft.updates_per_step` optimizer steps over the rollouts, grouped by
-   length into micro-batches: policy per-token log-probs and entropies in one forward, the reference's with
-   the adapter off (no second model), the loss of `uft_ray.losses.hint_rft_loss` as a global token mean;
+4. group-normalized advantages, then `rft.updates_per_step` optimizer steps, one per mini-batch of whole GRPO
+   groups (`update_minibatches`), each grouped by length into micro-batches: first the no-grad passes of every
+   micro-batch (the reference's with the adapter off, no second model; the old log-probs), then per micro-batch
+   the policy's per-token log-probs and entropies in one forward and its backward; all three (policy, old,
+   reference) from logits at the scored positions only, divided by `rft.temperature` as the rollouts sampled
+   them (`scaled_token_logprobs`); the loss of `uft_ray.losses.hint_rft_loss` as a global token mean;
 5. send the new adapter to the actors (only the LoRA tensors; their digests must equal the trainer's);
-6. every `eval.every` steps and at the end, greedy rollouts without hints on the held-out prompts;
+6. before the first update (a row with `step` 0, the authors' `val_before_train`), every `eval.every` steps and
+   at the end, greedy rollouts without hints on the held-out prompts;
 7. the step's metrics over all ranks; rank 0 appends them to `metrics.jsonl`; checkpoint through Ray Train.
 
 Determinism: hints are a pure function of (seed, step, row_id), and each rollout's sampling seed of (seed,
@@ -36,10 +40,11 @@ from uft_ray.config import Config
 from uft_ray.logprobs import model_token_logprobs
 from uft_ray.losses import group_advantages, hint_rft_loss
 from uft_ray.model_store import local_model
+from uft_ray.reference.adapter_off import adapter_disabled
 from uft_ray.rft.rollout import RolloutPool, adapter_bytes, adapter_digest, request_seed
 from uft_ray.tasks.generic import load_verifier
 from uft_ray.tasks.hints import with_hint
-from uft_ray.tasks.verify import CORRECT, FORMATTED, VerifierProcess
+from uft_ray.tasks.verifier import CORRECT, FORMATTED, VerifierProcess
 from uft_ray.train import worker
 from uft_ray.train.engine import Engine
 
@@ -63,13 +68,18 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer_steps=total_steps * r.updates_per_step,  # the scheduler moves once per optimizer step
         feed=lambda start: _planned_steps(shard, start, per_rank),
     )
+    _check_adapter_dropout(engine, cfg)
     # The actors generate with exactly this adapter from here on (after a restart: the restored one).
     sync_adapter_collective(w, engine, pool, version=start)
-    hooks.on_start(engine, rank=rank, start_step=start)
-
-    engine.train()
     verifier = VerifierProcess(load_verifier(r.task, r.reward_rules), r.verifier_timeout_s)
     try:
+        if start == 0:  # the baseline before any update (veRL's val_before_train), as uft's held-out eval has it
+            accuracy = evaluate_collective(w, pool, eval_rows, verifier, tokenizer, expected_version=0)
+            if rank == 0:
+                run.append_metrics({"step": 0, "time": time.time(), "eval/accuracy": accuracy})
+        hooks.on_start(engine, rank=rank, start_step=start)
+
+        engine.train()
         for step in range(start, total_steps):
             worker.seed_step(w, step)
             t_step = time.perf_counter()
@@ -324,18 +334,72 @@ def _pad(rollouts: list[dict[str, Any]], pad_id: int, device: torch.device) -> d
     return {k: v.to(device) for k, v in dict(ids=ids, attention=attention, response=response, hint=hint).items()}
 
 
-def _forward(engine: Engine, t: dict[str, torch.Tensor], *, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+def scaled_token_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    temperature: float,
+    with_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`uft_ray.logprobs.model_token_logprobs`: logits at the scored positions only, divided by the sampling
+    temperature (veRL's dp_actor does the same for the policy, the old and the reference log-probs): the ratios
+    and the KL are then those of the distribution the rollouts were drawn from, not of the temperature-1 one."""
+    return model_token_logprobs(
+        model, input_ids, attention_mask, loss_mask, with_entropy=with_entropy, temperature=temperature
+    )
+
+
+def _forward(
+    engine: Engine, t: dict[str, torch.Tensor], temperature: float, *, grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Policy per-token log-probs over hint and response tokens (and entropies, when training)."""
     scored = t["response"] | t["hint"]
     with torch.set_grad_enabled(grad):
-        return model_token_logprobs(engine.module, t["ids"], t["attention"], scored, with_entropy=grad)
+        return scaled_token_logprobs(
+            engine.module, t["ids"], t["attention"], scored, temperature=temperature, with_entropy=grad
+        )
 
 
-def _reference(engine: Engine, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The reference's per-token log-probs: the same model with the adapter off, no grad."""
-    with torch.no_grad(), engine.peft_model.disable_adapter():
-        logp, _ = model_token_logprobs(engine.peft_model, t["ids"], t["attention"], t["response"], with_entropy=False)
+def _reference(engine: Engine, t: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    """The reference's per-token log-probs: the same model with the adapter off, no grad (through the model
+    inside peft's wrapper, which keeps ZeRO-3's trace: uft_ray.reference.adapter_off)."""
+    with adapter_disabled(engine.peft_model) as base:
+        logp, _ = scaled_token_logprobs(
+            base, t["ids"], t["attention"], t["response"], temperature=temperature, with_entropy=False
+        )
     return logp
+
+
+def update_minibatches(rollouts: list[dict[str, Any]], updates: int, group: int) -> list[list[dict[str, Any]]]:
+    """A rank's rollouts of the step, in order (group by group), cut into `updates` equal mini-batches of whole
+    groups of `group` rollouts, one per optimizer step (veRL splits its batch in order into ppo_mini_batch_size
+    prompts' rollouts). Raises when the sizes would cut a group (config validation refuses such a config)."""
+    size, left = divmod(len(rollouts), updates)
+    if left or size % group:
+        raise ValueError(
+            f"{len(rollouts)} rollouts do not split into {updates} mini-batches of whole groups of {group} "
+            "(rft.updates_per_step, train.grad_accum x train.micro_batch_size, rft.n)"
+        )
+    out = [rollouts[u * size : (u + 1) * size] for u in range(updates)]
+    for chunk in out:
+        counts: dict[Any, int] = {}
+        for x in chunk:
+            counts[x["group"]] = counts.get(x["group"], 0) + 1
+        if any(c != group for c in counts.values()):
+            raise ValueError(f"a mini-batch holds part of a GRPO group (group sizes {sorted(counts.values())})")
+    return out
+
+
+def _check_adapter_dropout(engine: Engine, cfg: Config) -> None:
+    """Config validation checks lora.dropout; a continued adapter (model.adapter, a resumed run) brings its own."""
+    dropout = float(getattr(engine.peft_model.peft_config["default"], "lora_dropout", 0.0) or 0.0)
+    if cfg.rft.objective == "grpo" and cfg.rft.updates_per_step > 1 and dropout > 0:
+        raise ValueError(
+            f"the adapter's lora_dropout is {dropout} with rft.updates_per_step {cfg.rft.updates_per_step}: the "
+            "old and the new log-probs would disagree; use an adapter with lora.dropout 0 or rft.updates_per_step 1"
+        )
 
 
 def _train_on(
@@ -351,21 +415,22 @@ def _train_on(
         x["advantage"] = a
     hint_loss = sft or (r.hint.mode != "r3" and r.hint_coef > 0)  # R3 reveals hints but does not train on them
     hint_coef = 1.0 if sft else r.hint_coef  # sft: the answer's NLL is the whole loss
-    per_update = mb * ga
     updates = []
-    for u in range(r.updates_per_step):
-        chunk = rollouts[u * per_update : (u + 1) * per_update]
+    for chunk in update_minibatches(rollouts, r.updates_per_step, 1 if sft else r.n):
         # Grouped by length: the advantages are already fixed, so the order inside an update is free.
         chunk = sorted(chunk, key=lambda x: len(x["prompt_ids"]) + len(x["hint_ids"]) + len(x["response_ids"]))
         updates.append(
             [_pad(chunk[i : i + mb], pad_id, device) | {"rows": chunk[i : i + mb]} for i in range(0, len(chunk), mb)]
         )
-    # Old log-probs, recomputed just before the updates; with one update they equal the training forward's.
+    # Every no-grad forward before the first grad forward (uft_ray.reference.adapter_off: ZeRO-3's prefetch
+    # order, and no reference activations next to the policy's): the reference's, and the old log-probs,
+    # recomputed just before the updates (with one update they equal the training forward's).
     old: list[list[torch.Tensor | None]] = [[None] * len(micros) for micros in updates]
+    refs = [[_reference(engine, t, r.temperature) for t in micros] for micros in updates]
     if r.updates_per_step > 1:
         for u, micros in enumerate(updates):
             for j, t in enumerate(micros):
-                old[u][j] = _forward(engine, t, grad=False)[0]
+                old[u][j] = _forward(engine, t, r.temperature, grad=False)[0]
 
     sums = dict.fromkeys(("loss", "pg_loss", "kl", "entropy", "hint_nll", "clip_frac"), 0.0)
     tokens = 0
@@ -381,8 +446,8 @@ def _train_on(
         n_resp, n_hint = float(counts[0]), float(counts[1])
         use_hint = hint_loss and n_hint > 0
         for j, t in enumerate(micros):
-            logp, entropy = _forward(engine, t, grad=True)
-            ref = _reference(engine, t)
+            logp, entropy = _forward(engine, t, r.temperature, grad=True)
+            ref = refs[u][j]
             adv = torch.tensor([x["advantage"] for x in t["rows"]], dtype=logp.dtype, device=logp.device)
             loss, m = hint_rft_loss(
                 logp, old[u][j] if old[u][j] is not None else logp.detach(), ref, adv, t["response"], entropy,

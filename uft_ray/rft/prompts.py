@@ -1,19 +1,24 @@
 """The prompts of a hint_rft run: task rows, the step plan, and each rank's feed with its hints attached.
 
-Task rows (`uft_ray.tasks`): Countdown and Knights and Knaves are generated (training rows from `data.seed`,
-held-out rows from another seed, any prompt that is also a training prompt dropped); MATH is read from files
-in the MATH-lighteval layout (parquet or JSON lines with `problem`, `level`, `type`, `solution`); a generic
-task from JSON lines / parquet records (`prompt`, `hint` or `solution`, `answer`) with the verifier named by
-`rft.task` (`module:function`). Task files (`rft.path`, `rft.eval_path`: a file, directory or glob) may be local
-or behind a URI (`s3://`, `gs://`, ...): they are read through uft_ray.storage. A record that cannot be a row
-(malformed, or a prompt longer than `rft.max_prompt_len` tokens) is quarantined with its reason, never dropped
-silently.
+Task rows (`uft_ray.tasks`): a path given (`rft.path`, `rft.eval_path`: a file, directory or glob, local or behind
+a URI such as `s3://`, read through uft_ray.storage), the rows of its files for any task, in any layout
+`uft_ray.tasks.files` reads: veRL's parquet as the UFT authors publish theirs (the prompt text and hint chunks kept
+byte for byte), this project's rows, MATH-lighteval's (`problem`, `level`, `type`, `solution`), or a generic
+task's records (`prompt`, `hint` or `solution`, `answer`) with the verifier named by `rft.task`
+(`module:function`). No path: Countdown and Knights and Knaves are generated (training rows from `data.seed`,
+held-out rows from another seed, any prompt that is also a training prompt dropped). A record that cannot be a
+row (malformed, or a prompt longer than `rft.max_prompt_len` tokens) is quarantined with its reason, never dropped
+silently. The prompt's token ids are its text tokenized as given: no chat template (the authors' prompts are
+already the whole text the policy continues, and their fork tokenizes them so).
 
-The plan: step t trains `rft.prompts_per_step` prompts, a slice of epoch e's permutation (seeded by
+The training set is `rft.n_train` of the usable prompts, drawn once (`draw_train`, seeded by data.seed; all of
+them when there are no more) and repeated over epochs, as the authors train 10,240 prompts for about 12.5 epochs.
+The plan: step t trains `rft.prompts_per_step` prompts, a slice of epoch e's permutation of that set (seeded by
 (data.seed, e)); rank r takes the r-th contiguous share, so each rank holds whole GRPO groups. It is saved as
 `plan.parquet` in the offline plan's schema (`micro` 0), and each rank's feed is the prompt table tagged with
-its share (`uft_ray.train.feeds.rank_feeds`, as the offline feeds), the step's revealed hint count joined (a pure function of (seed,
-step, row_id): `uft_ray.tasks.hints`), sorted in plan order: a Ray Data pipeline, as the offline feeds are.
+its share (`uft_ray.train.feeds.rank_feeds`, as the offline feeds), the step's revealed hint count joined (a pure
+function of (seed, step, row_id): `uft_ray.tasks.hints`), sorted in plan order: a Ray Data pipeline, as the
+offline feeds are.
 """
 
 from __future__ import annotations
@@ -43,7 +48,8 @@ PROMPT_SCHEMA = pa.schema(
         ("row_json", pa.string()),  # the whole row, for its verifier (task fields differ per task)
     ]
 )
-TOO_LONG, MALFORMED, UNREADABLE, OUT_OF_SCOPE = "too_long", "malformed", "unreadable_file", "out_of_scope"
+TOO_LONG = "too_long"  # a prompt past rft.max_prompt_len; the file reasons are in uft_ray.tasks.files
+DRAW_STREAM = 0x6E747261  # the seed stream of the n_train draw, apart from the plan's epoch permutations
 
 
 def schedule(cfg: Config) -> HintSchedule:
@@ -51,69 +57,43 @@ def schedule(cfg: Config) -> HintSchedule:
     return HintSchedule(h.mode, h.p_low, h.p_high, h.t_hint, h.max_buckets, seed=cfg.train.seed)
 
 
-def _records(path: str, quarantined: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The records of every task file `path` names (a file, directory or glob, local or a URI: the data plane's
-    listing rule, uft_ray.data.sources.list_files), read through uft_ray.storage's filesystems."""
-    import io
-
-    from uft_ray.data.sources import list_files
-
-    out: list[dict[str, Any]] = []
-    for f in list_files(path)[0]:
-        fs, inner = storage.filesystem_for(f)
-        try:
-            if f.endswith(".parquet"):
-                out += pq.read_table(inner, filesystem=fs).to_pylist()
-                continue
-            # compression from the name (.gz, .bz2, .zst, .lz4), as the data plane's readers take it
-            with fs.open_input_stream(inner, compression="detect") as raw, io.TextIOWrapper(raw, "utf-8") as fh:
-                for n, line in enumerate(fh):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except ValueError as e:
-                        quarantined.append({"file": f, "line": n + 1, "reason": MALFORMED, "detail": str(e)[:200]})
-                        continue
-                    if isinstance(rec, dict):
-                        out.append(rec)
-                    else:
-                        quarantined.append({"file": f, "line": n + 1, "reason": MALFORMED, "detail": "not an object"})
-        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
-            quarantined.append({"file": f, "reason": UNREADABLE, "detail": str(e)[:200]})
-    return out
-
-
 def task_rows(cfg: Config, split: str, quarantined: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The task's rows of `split` ("train" or "eval"); unusable records appended to `quarantined`."""
-    from uft_ray.tasks import countdown, generic, knights_knaves, math_answers
+    """The task's rows of `split` ("train" or "eval"); unusable records appended to `quarantined`.
+
+    A path given (`rft.path` for train, `rft.eval_path` for eval): the rows of its files, in any layout
+    uft_ray.tasks.files reads (the authors' veRL parquet included), for every task. No path: a generated task
+    generates them (train from `data.seed`, `rft.n_train` of them; eval from another seed, any prompt that is also
+    a training prompt dropped); a file task has no eval rows."""
+    from uft_ray.tasks import countdown, knights_knaves
+    from uft_ray.tasks.files import MISSING_FIELD, read_rows
 
     r = cfg.rft
-    if r.task in GENERATED_TASKS:
-        module = countdown if r.task == countdown.NAME else knights_knaves
-        if split == "train":
-            return module.generate(r.n_train, seed=cfg.data.seed)
-        seen = {row["prompt"] for row in module.generate(r.n_train, seed=cfg.data.seed)}
-        n_eval = cfg.eval.max_rows or 256
-        rows = module.generate(n_eval + n_eval // 4 + 8, seed=cfg.data.seed + EVAL_SEED_OFFSET)
-        return [row for row in rows if row["prompt"] not in seen][:n_eval]
     path = r.path if split == "train" else r.eval_path
-    if not path:
-        return []
-    records = _records(path, quarantined)
-    if r.task == math_answers.NAME:
-        rows = math_answers.rows(records, split=split)
-        if len(rows) < len(records):  # MATH rows the paper leaves out: levels 1-2, or no boxed answer
-            left_out = len(records) - len(rows)
-            quarantined.append({"reason": OUT_OF_SCOPE, "rows": left_out, "detail": "not level 3-5, or no \\boxed{}"})
+    if path:
+        rows = read_rows(path, r.task, split=split, quarantined=quarantined)
+        if r.objective == "sft":  # the reference answer is the target: a row without one cannot train
+            for row in [row for row in rows if not isinstance(row.get("answer"), str)]:
+                quarantined.append({"row_id": row["row_id"], "reason": MISSING_FIELD, "detail": "answer: missing"})
+            rows = [row for row in rows if isinstance(row.get("answer"), str)]
         return rows
-    out = []
-    for i, rec in enumerate(records):
-        try:
-            out.append(generic.task_row(rec, i, name=f"task-{split}"))
-        except ValueError as e:
-            quarantined.append({"index": i, "reason": MALFORMED, "detail": str(e)})
-    return out
+    if r.task not in GENERATED_TASKS:
+        return []
+    module = countdown if r.task == countdown.NAME else knights_knaves
+    if split == "train":
+        return module.generate(r.n_train, seed=cfg.data.seed)
+    seen = {row["prompt"] for row in task_rows(cfg, "train", [])}
+    n_eval = cfg.eval.max_rows or 256
+    rows = module.generate(n_eval + n_eval // 4 + 8, seed=cfg.data.seed + EVAL_SEED_OFFSET)
+    return [row for row in rows if row["prompt"] not in seen][:n_eval]
+
+
+def draw_train(table: pa.Table, n_train: int | None, seed: int) -> pa.Table:
+    """The training set: `n_train` of the usable prompts, drawn once (seeded by `data.seed`) and kept in file order;
+    every epoch of the plan permutes this same set. All of them when there are no more (or `n_train` is None)."""
+    if n_train is None or table.num_rows <= n_train:
+        return table
+    keep = np.sort(np.random.default_rng([seed, DRAW_STREAM]).choice(table.num_rows, n_train, replace=False))
+    return table.take(pa.array(keep))
 
 
 def _table(rows: list[dict[str, Any]], tokenizer: Any, max_len: int, quarantined: list[dict[str, Any]]) -> pa.Table:
@@ -149,6 +129,9 @@ def write_prompts(cfg: Config, run_dir: RunDir, tokenizer: Any) -> dict[str, Any
     for split in ("train", "eval"):
         found: list[dict[str, Any]] = []
         table = _table(task_rows(cfg, split, found), tokenizer, cfg.rft.max_prompt_len, found)
+        if split == "train":
+            counts["train_usable"] = table.num_rows
+            table = draw_train(table, cfg.rft.n_train, cfg.data.seed)
         storage.atomic_write(run_dir.prompts_file(split), lambda f, t=table: pq.write_table(t, f))
         counts[split] = table.num_rows
         quarantined += [{"split": split, **q} for q in found]

@@ -5,9 +5,10 @@ Each actor holds the frozen base once and a LoRA adapter that the trainer replac
 backends behind one interface:
 
 - `hf`: transformers `generate` (CPU tests and the demo; works on a GPU too). Sampling is per request, seeded
-  by the request's own seed (`request_seed(seed, step, row_id, k)`): a logits processor draws each row's next
-  token with that row's generator and hands `generate` a one-hot score, so the draw does not depend on what
-  else is in the batch and a resumed run regenerates the same rollouts.
+  by the request's own seed (`request_seed(seed, step, row_id, k)`) and the token's position: a logits
+  processor (uft_ray.rft.sampling) draws every row's next token at once on the logits' device (Gumbel-max with
+  noise from a counter-based hash of (seed, position, token id)) and hands `generate` a one-hot score, so the
+  draw does not depend on what else is in the batch and a resumed run regenerates the same rollouts.
 - `vllm`: vLLM with `enable_lora`, the adapter written as a peft directory and loaded through a new
   `LoRARequest` per version; `SamplingParams(seed=...)` per request. An optional extra (`uft-ray[vllm]`).
   The directories live in one temporary folder per actor (`AdapterDirs`): the current version and the one
@@ -173,43 +174,6 @@ def sweep_stale_adapter_dirs(parent: str, stale_after_s: float = 60.0) -> list[s
     return removed
 
 
-class _PerRowSampler:
-    """A transformers logits processor that samples each row with its own generator.
-
-    It returns 0 at the drawn token and -inf elsewhere, so `generate`'s greedy step picks exactly the draw.
-    Temperature and top-p as vLLM applies them; ids at or beyond `vocab_limit` (the padded part of the
-    embedding, no token of the tokenizer) are never drawn.
-    """
-
-    def __init__(
-        self, seeds: list[int], greedy: list[bool], temperature: float, top_p: float, vocab_limit: int
-    ) -> None:
-        import torch
-
-        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
-        self.greedy = greedy
-        self.temperature, self.top_p, self.vocab_limit = temperature, top_p, vocab_limit
-
-    def __call__(self, input_ids: Any, scores: Any) -> Any:
-        import torch
-
-        scores = scores.float()
-        scores[:, self.vocab_limit :] = -float("inf")
-        out = torch.full_like(scores, -float("inf"))
-        for i, gen in enumerate(self.generators):
-            if self.greedy[i]:
-                token = int(scores[i].argmax())
-            else:
-                probs = torch.softmax(scores[i] / self.temperature, dim=-1).cpu()
-                if self.top_p < 1.0:
-                    sorted_p, order = probs.sort(descending=True)
-                    keep = sorted_p.cumsum(0) - sorted_p < self.top_p  # the smallest set with mass >= top_p
-                    probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
-                token = int(torch.multinomial(probs, 1, generator=gen))
-            out[i, token] = 0.0
-        return out
-
-
 class RolloutActor:
     """One rollout engine (a Ray actor: `ray.remote(RolloutActor)`), the base loaded once, the adapter per step."""
 
@@ -323,6 +287,8 @@ class RolloutActor:
         import torch
         from transformers import LogitsProcessorList
 
+        from uft_ray.rft.sampling import SeededSampler
+
         longest = max(len(r["prompt_ids"]) for r in requests)
         ids = torch.full((len(requests), longest), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -330,12 +296,13 @@ class RolloutActor:
             p = r["prompt_ids"]
             ids[i, longest - len(p) :] = torch.as_tensor(p)
             mask[i, longest - len(p) :] = 1
-        sampler = _PerRowSampler(
+        sampler = SeededSampler(
             [int(r["seed"]) for r in requests],
             [bool(r.get("greedy")) for r in requests],
             self.temperature,
             self.top_p,
             self.vocab_limit,
+            prompt_len=longest,
         )
         with torch.no_grad():
             out = self.model.generate(

@@ -14,5 +14,31 @@ wrong, 0.0 no answer. Model output is never passed to `eval`. Which verifier a b
   line for Countdown and MATH, the authors' number check and normalization);
 - `generic`: a user's task (`prompt`, `hint` or `solution`, `answer`) and verifiers named `module:function`;
 - `hints`: the hint schedule, a pure function of (seed, step, row_id);
-- `verify`: the answer extraction shared by the tasks and a verifier runner with a time limit.
+- `verifier`: the answer extraction shared by the tasks and a verifier runner with a time limit;
+- `files`: task files in every layout (veRL's, as the authors publish theirs; ours; MATH-lighteval; generic).
+
+For users checking their own data: `read_rows(path, task)` and `verify(row, text, rules="paper")` (what follows
+the prompt, scored by the row's task; `uft-ray tasks check` runs both over a file). They load on first use, so
+importing `uft_ray.tasks.names` for config validation stays light.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["read_rows", "verify"]
+
+
+def read_rows(path: str, task: str, **options: Any) -> list[dict[str, Any]]:
+    """The task rows of the file(s) at `path` in any supported layout; `options` as uft_ray.tasks.files.read_rows
+    (`split`, `quarantined`, `levels`)."""
+    from uft_ray.tasks.files import read_rows as read
+
+    return read(path, task, **options)
+
+
+def verify(row: dict[str, Any], text: str, rules: str = "paper") -> float:
+    """`text` (what follows the prompt) scored by the row's task under `rules` (uft_ray.tasks.files.verify)."""
+    from uft_ray.tasks.files import verify as score
+
+    return score(row, text, rules)

@@ -1,6 +1,6 @@
 """A user's own task: rows with `prompt`, `hint` (chunks) or `solution` (split into chunks), and `answer`, scored
 by a verifier named as `module:function` (a plain `(row, text) -> reward`, run under a time limit by the
-trainer through `uft_ray.tasks.verify.VerifierProcess`).
+trainer through `uft_ray.tasks.verifier.VerifierProcess`).
 
 Built-in names resolve to the tasks shipped here: `countdown`, `knights_knaves`, `math`.
 """
@@ -13,7 +13,7 @@ from typing import Any
 from uft_ray.tasks import countdown, knights_knaves, math_answers
 from uft_ray.tasks.math_answers import split_solution
 from uft_ray.tasks.rules import verifier_for
-from uft_ray.tasks.verify import Verifier
+from uft_ray.tasks.verifier import Verifier
 
 BUILTIN: dict[str, Verifier] = {
     countdown.NAME: countdown.verify,
@@ -39,8 +39,11 @@ def load_verifier(spec: str, rules: str = "strict") -> Verifier:
     return fn
 
 
-def task_row(record: dict[str, Any], index: int, *, name: str = "task", max_chunks: int = 20) -> dict[str, Any]:
-    """A generic record as a task row: `hint` as given, or `solution` split into sentence chunks."""
+def task_row(
+    record: dict[str, Any], index: int, *, name: str = "task", max_chunks: int | None = None
+) -> dict[str, Any]:
+    """A generic record as a task row: `hint` as given (chunks revealed by plain concatenation, so each carries its
+    own separator), or `solution` split into sentence chunks that keep theirs (`''.join(hint) == solution`)."""
     missing = [k for k in ("prompt", "answer") if not isinstance(record.get(k), str)]
     if missing or not isinstance(record.get("hint", record.get("solution")), (list, str)):
         raise ValueError(f"record {index}: needs string prompt and answer, and hint (list) or solution (string)")

@@ -66,5 +66,7 @@ def _key(seed: int, step: int, row_id: str) -> list[int]:
 
 
 def with_hint(prompt: str, hint: list[str], revealed: int) -> str:
-    """The prompt the policy continues: the prompt plus the first `revealed` chunks, one per line."""
-    return prompt + "".join(f"{c}\n" for c in hint[:revealed]) if revealed else prompt
+    """The prompt the policy continues: the prompt plus the first `revealed` chunks, concatenated as they are (each
+    chunk carries its own separator, as in the authors' data: `"".join(hint[:slice_length])` in their
+    verl/utils/dataset/rl_dataset.py)."""
+    return prompt + "".join(hint[:revealed])

@@ -1,11 +1,16 @@
 """Knights and Knaves: knights always tell the truth, knaves always lie; from what each says, tell who is who.
 
-`generate(n, seed)` draws 3-7 people with random roles and adds statements (each true exactly when its speaker
-is a knight) until the puzzle has one solution, checked by trying every assignment (at most 2^7). The hint
-chunks reason by assumption and contradiction, one person at a time (`Assume Zoey is a knave. ... So Zoey is a
-knight.`); the answer lists every person's role. `verify(row, text)` (`rft.reward_rules: strict`; the default
-`paper` rule is in uft_ray.tasks.rules) gives 1.0 when the last `<answer>` names the right role for every person,
-0.1 when it names roles but not all right, 0.0 when it names none.
+`generate(n, seed)` draws how many people (3-7, evenly, as the authors' data/kk_logic/train.parquet has 900 of
+each), then random roles, and adds statements (each true exactly when its speaker is a knight) until the puzzle
+has one solution, checked by trying every assignment (at most 2^7); a draw that needs too many statements is
+redrawn with the same count. The hint reasons by assumption and contradiction, one person at a time, one sentence
+a chunk with its own separator (`Assume Zoey is a knave. `, `Then ...: a contradiction. `, `So Zoey is a
+knight.\n`), and ends as the authors' hints end: `Therefore, (1) Zoey is a knight\n`, `(2) Oliver is a knave\n`,
+..., the last line without its break. The answer is `''.join(hint) + " </think>\n<answer> {lines} </answer>"`
+with `lines` the authors' `solution_text_format` (`(1) Zoey is a knight\n(2) Oliver is a knave`), and the prompt
+ends `<think> `. `verify(row, text)` (`rft.reward_rules: strict`; the default `paper` rule is in
+uft_ray.tasks.rules) gives 1.0 when the last `<answer>` names the right role for every person, 0.1 when it names
+roles but not all right, 0.0 when it names none.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import random
 import re
 from typing import Any
 
-from uft_ray.tasks.verify import CORRECT, FORMATTED, NO_ANSWER, extract_answer
+from uft_ray.tasks.verifier import CORRECT, FORMATTED, NO_ANSWER, extract_answer
 
 NAME = "knights_knaves"
 PEOPLE = (3, 7)
@@ -31,8 +36,8 @@ PROMPT = (
     "User: A very special island is inhabited only by knights and knaves. Knights always tell the truth, and "
     "knaves always lie. You meet {n} inhabitants: {names}. {statements} So who is a knight and who is a knave? "
     "Show your work in <think> </think> tags. And return the final answer in <answer> </answer> tags, for "
-    "example <answer> (1) Zoey is a knight\n(2) Oliver is a knave </answer>.\n"
-    "Assistant: Let me solve this step by step.\n<think>"
+    "example <answer> (1) Zoey is a knight\n(2) Oliver is a knight\n(3)... </answer>.\n"
+    "Assistant: Let me solve this step by step.\n<think> "
 )
 
 # A statement: (kind, a, b); its truth under an assignment (True = knight) is `_holds`.
@@ -77,26 +82,33 @@ def _role(knight: bool) -> str:
 
 
 def _hint(names: list[str], roles: tuple[bool, ...], statements: list[tuple[int, str, int, int]]) -> list[str]:
-    """One chunk per person: assume the other role, name a statement that then breaks, conclude."""
+    """Per person, three sentences: assume the other role, name a statement that then breaks, conclude; then the
+    answer's lines after "Therefore, " (module docstring). Each chunk carries its separator."""
     chunks = []
     for i, name in enumerate(names):
         flipped = tuple(not r if k == i else r for k, r in enumerate(roles))
         s, kind, a, b = next(st for st in statements if _holds(st[1], st[2], st[3], flipped) != flipped[st[0]])
         said = _say(kind, names[a], names[b]).rstrip(".")
         lies = "tells the truth" if flipped[s] else "lies"
-        chunks.append(
-            f"Assume {name} is a {_role(not roles[i])}. Then {names[s]}, who {lies}, could not say "
-            f'"{said}" with the others as they are: a contradiction. So {name} is a {_role(roles[i])}.'
-        )
-    return chunks
+        chunks += [
+            f"Assume {name} is a {_role(not roles[i])}. ",
+            f'Then {names[s]}, who {lies}, could not say "{said}" with the others as they are: a contradiction. ',
+            f"So {name} is a {_role(roles[i])}.\n",
+        ]
+    tail = f"Therefore, {answer_text(names, roles)}".split("\n")
+    return chunks + [f"{line}\n" for line in tail[:-1]] + tail[-1:]
 
 
 def answer_text(names: list[str], roles: tuple[bool, ...]) -> str:
+    """The authors' `solution_text_format`: `(1) Zoey is a knight\\n(2) Oliver is a knave`."""
     return "\n".join(f"({i + 1}) {name} is a {_role(r)}" for i, (name, r) in enumerate(zip(names, roles, strict=True)))
 
 
-def _instance(rng: random.Random) -> dict[str, Any] | None:
-    n = rng.randint(*PEOPLE)
+def _listed(names: list[str]) -> str:
+    return ", ".join(names[:-1]) + f", and {names[-1]}"  # "Zoey, Oliver, and Ava", as the authors' prompts
+
+
+def _instance(rng: random.Random, n: int) -> dict[str, Any] | None:
     names = rng.sample(NAMES, n)
     roles = tuple(rng.random() < 0.5 for _ in range(n))
     statements: list[tuple[int, str, int, int]] = []
@@ -116,9 +128,9 @@ def generate(n: int, seed: int = 0) -> list[dict[str, Any]]:
     rng = random.Random(f"knights_knaves:{seed}")
     rows = []
     while len(rows) < n:
-        inst = _instance(rng)
-        if inst is None:
-            continue
+        people = rng.randint(*PEOPLE)  # the count first: a rejected draw is redrawn with the same count
+        while (inst := _instance(rng, people)) is None:
+            pass
         names, roles, statements = inst["names"], inst["roles"], inst["statements"]
         said = " ".join(f'{names[s]} says: "{_say(k, names[a], names[b])}"' for s, k, a, b in statements)
         hint = _hint(names, roles, statements)
@@ -126,9 +138,9 @@ def generate(n: int, seed: int = 0) -> list[dict[str, Any]]:
             {
                 "row_id": f"{NAME}-{seed}-{len(rows)}",
                 "task": NAME,
-                "prompt": PROMPT.format(n=len(names), names=", ".join(names), statements=said),
+                "prompt": PROMPT.format(n=len(names), names=_listed(names), statements=said),
                 "hint": hint,
-                "answer": "\n".join(hint) + f"\n</think>\n<answer> {answer_text(names, roles)} </answer>",
+                "answer": "".join(hint) + f" </think>\n<answer> {answer_text(names, roles)} </answer>",
                 "names": names,
                 "roles": [_role(r) for r in roles],
                 "statements": [list(st) for st in statements],

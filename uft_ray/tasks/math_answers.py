@@ -3,9 +3,12 @@ Hendrycks-style normalization (`normalize`: the steps of the benchmark's own `st
 
 Files: parquet or jsonl with `problem`, `solution` (ending in a `\\boxed{...}` answer), `level` ("Level 3") and
 `type` ("Algebra"), as `DigitalLearningGmbH/MATH-lighteval` ships them. `rows(records, levels=(3, 4, 5))` makes
-task rows: the prompt, the solution split into sentence chunks as the hint, the boxed answer as `truth`; the
-prompt's example and the reference answer put the bare answer in the tag (`<answer> 12 </answer>`), as the
-authors' data does, since their reward (uft_ray.tasks.rules, `rft.reward_rules: paper`) does not unwrap `\\boxed{}`.
+task rows as the authors' data/math/test.parquet has them: the prompt (ending `<think> `), the solution split
+into sentence chunks as the hint, each chunk keeping its separator (a split after every line break and after a
+period followed by a space or tab), so `''.join(hint)` is the solution exactly, and the boxed answer as `truth`.
+The prompt's example and the reference answer put the bare answer in the tag (`''.join(hint) + " </think>\\n
+<answer> 12 </answer>"`), as the authors' data does, since their reward (uft_ray.tasks.rules,
+`rft.reward_rules: paper`) does not unwrap `\\boxed{}`.
 `verify(row, text)` (`rft.reward_rules: strict`): 1.0 when the last `<answer>` (its `\\boxed{}` if it has one)
 normalizes to the truth, 0.1 for another answer, 0.0 for none. Nothing is evaluated.
 """
@@ -16,7 +19,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from uft_ray.tasks.verify import CORRECT, FORMATTED, NO_ANSWER, extract_answer
+from uft_ray.tasks.verifier import CORRECT, FORMATTED, NO_ANSWER, extract_answer
 
 NAME = "math"
 LEVELS = (3, 4, 5)
@@ -24,7 +27,7 @@ PROMPT = (
     "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
     "assistant first thinks about the reasoning process in the mind and then provides the user with the answer.\n"
     "User: {problem} Show your work in <think> </think> tags. And return the final answer in <answer> </answer> "
-    "tags, for example <answer> 12 </answer>.\nAssistant: Let me solve this step by step.\n<think>"
+    "tags, for example <answer> 12 </answer>.\nAssistant: Let me solve this step by step.\n<think> "
 )
 
 
@@ -92,12 +95,16 @@ def normalize(answer: str) -> str:
     return _fix_slash(s)
 
 
-def split_solution(solution: str, max_chunks: int = 20) -> list[str]:
-    """A solution as hint chunks: its sentences (a period followed by a space or a line break), at most
-    `max_chunks` (the rest is merged into the last one)."""
-    parts = [p.strip() for p in re.split(r"(?<=\.)\s+|\n+", solution) if p.strip()]
-    if len(parts) > max_chunks:
-        parts = parts[: max_chunks - 1] + [" ".join(parts[max_chunks - 1 :])]
+_SENTENCE_END = re.compile(r"(?<=\.\s)|(?<=\n)")  # the authors' chunk ends: ". ", ".\t", every "\n"
+
+
+def split_solution(solution: str, max_chunks: int | None = None) -> list[str]:
+    """A solution as hint chunks, as the authors cut theirs: after every line break and every period followed by
+    a space or tab, each chunk keeping its separator (`''.join(chunks) == solution`); with `max_chunks`, the rest
+    is joined into the last one (no cap by default: the authors' hints run to 128 chunks)."""
+    parts = [p for p in _SENTENCE_END.split(solution) if p]
+    if max_chunks is not None and len(parts) > max_chunks:
+        parts = parts[: max_chunks - 1] + ["".join(parts[max_chunks - 1 :])]
     return parts
 
 
@@ -119,7 +126,7 @@ def rows(
                 "task": NAME,
                 "prompt": PROMPT.format(problem=rec["problem"]),
                 "hint": hint,
-                "answer": "\n".join(hint) + f"\n</think>\n<answer> {truth} </answer>",
+                "answer": "".join(hint) + f" </think>\n<answer> {truth} </answer>",
                 "truth": truth,
                 "level": int(m.group(1)),
                 "type": rec.get("type"),

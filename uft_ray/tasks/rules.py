@@ -33,7 +33,7 @@ from typing import Any
 
 from uft_ray.tasks import countdown, knights_knaves, math_answers
 from uft_ray.tasks.arith import GENEROUS, ArithError, evaluate
-from uft_ray.tasks.verify import CORRECT, FORMATTED, NO_ANSWER, Verifier
+from uft_ray.tasks.verifier import CORRECT, FORMATTED, NO_ANSWER, Verifier
 
 MARKERS = ("Assistant:", "<|im_start|>assistant")  # the authors' cut, in their order
 OPEN, CLOSE = "<answer>", "</answer>"

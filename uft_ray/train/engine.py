@@ -15,7 +15,8 @@ Building the policy, in the order that matters:
    training (`model.adapter`: a sequential stage 2, or a resumed checkpoint).
 4. `deepspeed.initialize` with AdamW over the LoRA parameters only (`torch_adam`: torch's AdamW works on CPU,
    under CPU offload and on GPU without building DeepSpeed's fused kernels, and the LoRA parameters are few)
-   and a cosine schedule with linear warmup, stepped by DeepSpeed once per optimizer step.
+   with `train.weight_decay`, and the `train.lr_schedule` (constant, cosine or linear after a linear warmup
+   from 0, `lr_scheduler`), stepped by DeepSpeed once per optimizer step (`initialize`).
 
 Saving: only the LoRA tensors are gathered (`deepspeed.zero.GatheredParameters` around
 `get_peft_model_state_dict`), never the base model, and written in peft's format. Optimizer and scheduler
@@ -35,11 +36,17 @@ import deepspeed
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, get_cosine_schedule_with_warmup
+from transformers import (
+    AutoModelForCausalLM,
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 from transformers.integrations import HfDeepSpeedConfig
 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from uft_ray.config import Config, compute_dtype
+from uft_ray.config.schema import TrainConfig
 from uft_ray.model_store import local_model
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINT_DEEPSPEED
 
@@ -161,6 +168,43 @@ def deepspeed_config(cfg: Config, use_gpu: bool, zero_stage: int) -> dict[str, A
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+
+
+def warmup_steps(train: TrainConfig, total_steps: int) -> int:
+    """Optimizer steps of linear warmup from 0: round(warmup_ratio x total_steps)."""
+    return round(train.warmup_ratio * total_steps)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig, total_steps: int) -> Any:
+    """`train.lr_schedule` over `total_steps` optimizer steps (transformers' schedules, a torch LambdaLR).
+
+    The rate of the update after s steps is lr x f(s): f = s / W during the W warmup steps (so the very first
+    update has rate 0 when W > 0), then 1 (constant), (T - s) / (T - W) (linear) or
+    (1 + cos(pi (s - W) / (T - W))) / 2 (cosine), for T = `total_steps`.
+    """
+    warmup = warmup_steps(train, total_steps)
+    if train.lr_schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    if train.lr_schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    if train.lr_schedule == "cosine":
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    raise ValueError(f"train.lr_schedule: {train.lr_schedule!r}")
+
+
+def initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any], total_steps: int) -> Any:
+    """`deepspeed.initialize` over the trainable parameters: AdamW from `ds_config`, the `lr_scheduler`.
+
+    Needs a process group (Ray Train's, or any one the caller set up); returns the DeepSpeed engine."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        config=ds_config,
+        lr_scheduler=lambda opt: lr_scheduler(opt, cfg.train, total_steps),
+        dist_init_required=False,  # the process group is already up
+    )
+    return engine
 
 
 @dataclass
@@ -312,13 +356,5 @@ def build_engine(
             )
             model = get_peft_model(model, lora)
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    warmup = round(cfg.train.warmup_ratio * total_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=params,
-        config=ds_config,
-        lr_scheduler=lambda opt: get_cosine_schedule_with_warmup(opt, warmup, total_steps),
-        dist_init_required=False,  # Ray Train's process group is already up
-    )
+    engine = initialize(model, cfg, ds_config, total_steps)
     return Engine(ds=engine, hf_ds_config=hf_ds_config, sharded_at_load=sharded, zero_stage=zero_stage)

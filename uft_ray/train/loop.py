@@ -75,9 +75,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             acc.wait_s += time.perf_counter() - t0
             _check_plan_position(batch, step, micro, rank)
             step_batches.append((batch, collate(batch, config["pad_id"], device, pairs=cfg.loss.type == "dpo")))
-        kto_z = kto_reference_point(engine, cfg, step_batches) if cfg.loss.type == "kto" else None
+        kto_z, refs = kto_reference_point(engine, cfg, step_batches) if cfg.loss.type == "kto" else (None, None)
         for micro, (batch, tensors) in enumerate(step_batches):
-            loss, metrics = micro_batch_loss(engine, cfg, batch, tensors, kto_z=kto_z)
+            ref = refs[micro] if refs else None
+            loss, metrics = micro_batch_loss(engine, cfg, batch, tensors, kto_z=kto_z, ref=ref)
             scaled = loss * rank_scale(len(batch["row_id"]), cfg.train.global_batch_size, world, ga)
             acc.lr = engine.lr  # the rate this update uses (the scheduler moves on at the step)
             engine.backward(scaled)
@@ -162,7 +163,8 @@ def _reference_logprobs(
     engine: Engine, cfg: Config, batch: dict[str, np.ndarray], tensors: dict[str, Any], device: torch.device
 ) -> torch.Tensor:
     """Reference log-probs of a micro-batch (chosen then rejected for pairs): the joined cache columns, or the
-    same forward with LoRA disabled (`reference.mode: adapter_off`, no grad)."""
+    same forward with LoRA disabled (`reference.mode: adapter_off`, no grad). Call it before the micro-batch's
+    policy forward (uft_ray.reference.adapter_off: ZeRO-3's prefetch order, peak memory)."""
     if cfg.reference.mode == "adapter_off":
         ref, _ = adapter_off_logprobs(
             engine.peft_model, tensors["input_ids"], tensors["attention_mask"], tensors["loss_mask"]
@@ -172,8 +174,11 @@ def _reference_logprobs(
     return torch.as_tensor(np.concatenate([batch[c] for c in columns]).astype(np.float64), device=device)
 
 
-def kto_reference_point(engine: Engine, cfg: Config, step_batches: list[tuple[dict, dict]]) -> float | None:
-    """KTO's z for the whole optimizer step: the mean log-ratio over every row of the global batch.
+def kto_reference_point(
+    engine: Engine, cfg: Config, step_batches: list[tuple[dict, dict]]
+) -> tuple[float | None, list[torch.Tensor] | None]:
+    """KTO's z for the whole optimizer step: the mean log-ratio over every row of the global batch; and the
+    reference log-probs of each micro-batch it computed on the way (None when it computed none).
 
     One estimate per step (as uft_ray.losses documents), whatever the split into ranks and micro-batches, so
     the loss does not change with `grad_accum`. With one micro-batch per step the training forward itself
@@ -181,16 +186,19 @@ def kto_reference_point(engine: Engine, cfg: Config, step_batches: list[tuple[di
     micro-batches first (a forward costs about a third of a training step).
     """
     if len(step_batches) == 1:
-        return None
+        return None, None
     total = torch.zeros(2, dtype=torch.float64)
+    refs = []
     with torch.no_grad():
         for batch, t in step_batches:
+            ref = _reference_logprobs(engine, cfg, batch, t, t["input_ids"].device)
             policy, _ = model_sequence_logprobs(engine.module, t["input_ids"], t["attention_mask"], t["loss_mask"])
-            ref = _reference_logprobs(engine, cfg, batch, t, policy.device)
+            ref = ref.to(policy.device)
             total += torch.tensor([float((policy.double() - ref.double()).sum()), float(len(batch["row_id"]))])
+            refs.append(ref)
     total = total.to(ray.train.torch.get_device())
     dist.all_reduce(total)
-    return float(total[0] / total[1])
+    return float(total[0] / total[1]), refs
 
 
 def micro_batch_loss(
@@ -200,23 +208,28 @@ def micro_batch_loss(
     tensors: dict[str, Any],
     *,
     kto_z: float | None = None,
+    ref: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Policy log-probs, reference log-probs and `loss.type`'s loss (uft_ray.losses) for one micro-batch.
+    """Reference log-probs, policy log-probs and `loss.type`'s loss (uft_ray.losses) for one micro-batch.
 
-    `kto_z`: KTO's reference point for this optimizer step (`kto_reference_point`); None: this micro-batch is
-    the rank's whole step, and z is all-reduced from it here.
+    The reference first: its no-grad forward (`reference.mode: adapter_off`) must not run between the policy's
+    forward and backward (uft_ray.reference.adapter_off). `ref`: the reference log-probs already computed
+    (`kto_reference_point`'s). `kto_z`: KTO's reference point for this optimizer step (`kto_reference_point`);
+    None: this micro-batch is the rank's whole step, and z is all-reduced from it here.
     """
     n = len(batch["row_id"])
     ids, attention, loss_mask = tensors["input_ids"], tensors["attention_mask"], tensors["loss_mask"]
+    loss_type, beta = cfg.loss.type, cfg.loss.beta
+    if ref is None and loss_type != "sft":
+        ref = _reference_logprobs(engine, cfg, batch, tensors, ids.device)
     policy, n_tokens = model_sequence_logprobs(engine.module, ids, attention, loss_mask)
     device = policy.device
     weights = cfg.loss.source_weights or {}
     weight = torch.tensor([weights.get(s, 1.0) for s in batch["source"]], dtype=policy.dtype, device=device)
-    loss_type, beta = cfg.loss.type, cfg.loss.beta
 
     if loss_type == "sft":
         return sft_loss(policy, n_tokens, weight=weight)
-    ref = _reference_logprobs(engine, cfg, batch, tensors, device)
+    ref = ref.to(device)
     if loss_type == "dpo":
         return dpo_loss(
             policy[:n], policy[n:], ref[:n], ref[n:], beta, weight=weight,
@@ -262,21 +275,22 @@ def evaluate_collective(engine: Engine, cfg: Config, shard: Any, pad_id: int, wo
     engine.train(False)
     with torch.no_grad():
         for i in range(int(count)):
+            # The reference forward before the policy's, as in training (uft_ray.reference.adapter_off).
             if i >= len(parts):  # an empty forward (and reference forward), to keep the collectives in step
                 ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
-                model_sequence_logprobs(engine.module, ids, torch.ones_like(ids), torch.zeros_like(ids))
                 if not cached:
                     adapter_off_logprobs(engine.peft_model, ids, torch.ones_like(ids), torch.zeros_like(ids))
+                model_sequence_logprobs(engine.module, ids, torch.ones_like(ids), torch.zeros_like(ids))
                 continue
             batch, pairs = parts[i]
             t = collate(batch, pad_id, device, pairs=pairs)
             ids, attention, mask = t["input_ids"], t["attention_mask"], t["loss_mask"]
-            policy, n_tokens = model_sequence_logprobs(engine.module, ids, attention, mask)
             if cached:
                 columns = [REF_LOGP, REF_LOGP_REJECTED] if pairs else [REF_LOGP]
                 ref = torch.as_tensor(np.concatenate([batch[c] for c in columns]).astype(np.float64))
             else:
                 ref, _ = adapter_off_logprobs(engine.peft_model, ids, attention, mask)
+            policy, n_tokens = model_sequence_logprobs(engine.module, ids, attention, mask)
             n = len(batch["row_id"])
             for j in range(n):
                 rec = {

@@ -10,6 +10,7 @@ a reward that is not a finite number in [0, 1] also scores 0.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -68,7 +69,7 @@ def _serve(conn: Any, spec: str) -> None:
 class VerifierProcess:
     """A verifier in a child interpreter, reused across calls, each item under `timeout_s` (module doc).
 
-    The child is a fresh `python -m uft_ray.tasks.verify` (not a fork of a worker holding a model and Ray's
+    The child is a fresh `python -m uft_ray.tasks.verifier` (not a fork of a worker holding a model and Ray's
     threads, nor multiprocessing's spawn, which re-imports the parent's main module); it imports `fn` by name,
     so `fn` must be a module-level function (a built-in task's verifier, or a user's `module:function`).
     """
@@ -89,7 +90,7 @@ class VerifierProcess:
         to_child_r, to_child_w = os.pipe()
         from_child_r, from_child_w = os.pipe()
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "uft_ray.tasks.verify", str(to_child_r), str(from_child_w), self.spec],
+            [sys.executable, "-m", "uft_ray.tasks.verifier", str(to_child_r), str(from_child_w), self.spec],
             pass_fds=(to_child_r, from_child_w),
             stdin=subprocess.DEVNULL,
             # the child imports what this process can (a user's verifier module, a job's working dir)
@@ -158,8 +159,7 @@ class _Duplex:
         self.writer.close()
 
 
-if __name__ == "__main__":  # the child of VerifierProcess: python -m uft_ray.tasks.verify READ_FD WRITE_FD SPEC
-    import sys
+if __name__ == "__main__":  # the child of VerifierProcess: python -m uft_ray.tasks.verifier READ_FD WRITE_FD SPEC
     from multiprocessing.connection import Connection
 
     _serve(

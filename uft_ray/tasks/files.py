@@ -1,0 +1,263 @@
+"""Task files: rows for hint_rft from parquet or JSON lines in every supported layout, and the public checks a user
+runs on their own data (`read_rows`, `verify`; `uft-ray tasks check`).
+
+Layouts, told apart per record:
+
+- veRL's, as the UFT authors publish their data (github liumy2010/UFT, data/{countdown,kk_logic,math}/*.parquet):
+  `prompt` a one-message list whose `content` is the whole prompt text (no chat template is applied to it, as the
+  authors' fork tokenizes it as given), `hint` the chunks (each carries its own separator: the revealed hint is
+  their plain concatenation), `answer` the reference response (`''.join(hint) + " </think>\\n<answer> X </answer>"`),
+  `reward_model.ground_truth` (`numbers` / `target` for Countdown; `names` / `solution` (bools, True a knight) /
+  `solution_text_format` for Knights and Knaves; `target` for MATH), `data_source`, `extra_info`. `hint` and
+  `answer` may be missing (TinyZero's Countdown files have neither): no hint is revealed, and no reference answer
+  can be checked.
+- this project's task rows, as the generators make them (`prompt` a string, `hint`, `answer` and the task's fields:
+  `nums` / `target`, `names` / `roles`, `truth`);
+- MATH-lighteval's (`problem`, `solution`, `level`, `type`; uft_ray.tasks.math_answers), for `math` only;
+- a generic task's records (`prompt`, `hint` or `solution`, `answer`; uft_ray.tasks.generic), for a
+  `module:function` task.
+
+A record that cannot be a row is quarantined with its reason (`malformed`, `missing_field`, `wrong_type`,
+`duplicate`, `out_of_scope`, `unreadable_file`), the file and its index there, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+from uft_ray import storage
+from uft_ray.tasks import countdown, generic, knights_knaves, math_answers
+from uft_ray.tasks.rules import verifier_for
+
+MALFORMED, UNREADABLE, OUT_OF_SCOPE = "malformed", "unreadable_file", "out_of_scope"
+MISSING_FIELD, WRONG_TYPE, DUPLICATE = "missing_field", "wrong_type", "duplicate"
+BUILTIN = (countdown.NAME, knights_knaves.NAME, math_answers.NAME)
+
+
+class RowError(ValueError):
+    """A record that cannot be a row: its quarantine reason and a detail naming the field."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def records(path: str, quarantined: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
+    """`(file, index in it, record)` of every task file `path` names (a file, directory or glob, local or a URI: the
+    data plane's listing rule), read through uft_ray.storage's filesystems; unreadable files and lines quarantined."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from uft_ray.data.sources import list_files
+
+    out: list[tuple[str, int, dict[str, Any]]] = []
+    for f in list_files(path)[0]:
+        fs, inner = storage.filesystem_for(f)
+        try:
+            if f.endswith(".parquet"):
+                out += [(f, i, rec) for i, rec in enumerate(pq.read_table(inner, filesystem=fs).to_pylist())]
+                continue
+            # compression from the name (.gz, .bz2, .zst, .lz4), as the data plane's readers take it
+            with fs.open_input_stream(inner, compression="detect") as raw, io.TextIOWrapper(raw, "utf-8") as fh:
+                for n, line in enumerate(fh):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except ValueError as e:
+                        quarantined.append({"file": f, "line": n + 1, "reason": MALFORMED, "detail": str(e)[:200]})
+                        continue
+                    if isinstance(rec, dict):
+                        out.append((f, n, rec))
+                    else:
+                        quarantined.append({"file": f, "line": n + 1, "reason": MALFORMED, "detail": "not an object"})
+        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
+            quarantined.append({"file": f, "reason": UNREADABLE, "detail": str(e)[:200]})
+    return out
+
+
+# --- fields -------------------------------------------------------------------------------------------------
+
+
+def _get(rec: dict[str, Any], dotted: str) -> Any:
+    value: Any = rec
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            raise RowError(MISSING_FIELD, f"{dotted}: missing")
+        value = value[part]
+    return value
+
+
+def _typed(rec: dict[str, Any], dotted: str, kind: type | tuple[type, ...], what: str) -> Any:
+    value = _get(rec, dotted)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        raise RowError(WRONG_TYPE, f"{dotted}: {what}, got {type(value).__name__}")
+    return value
+
+
+def _list_of(rec: dict[str, Any], dotted: str, kind: type, what: str) -> list[Any]:
+    value = _typed(rec, dotted, (list, tuple), what)
+    if not value or not all(isinstance(v, kind) and (kind is bool or not isinstance(v, bool)) for v in value):
+        raise RowError(WRONG_TYPE, f"{dotted}: {what}")
+    return list(value)
+
+
+def _hint(rec: dict[str, Any]) -> list[str]:
+    hint = rec.get("hint")
+    if hint is None:
+        return []
+    if not isinstance(hint, (list, tuple)) or not all(isinstance(c, str) for c in hint):
+        raise RowError(WRONG_TYPE, "hint: a list of strings (the chunks, each with its own separator)")
+    return list(hint)
+
+
+def _answer(rec: dict[str, Any]) -> str | None:
+    answer = rec.get("answer")
+    if answer is not None and not isinstance(answer, str):
+        raise RowError(WRONG_TYPE, f"answer: a string, got {type(answer).__name__}")
+    return answer
+
+
+def _task_fields(task: str, rec: dict[str, Any]) -> dict[str, Any]:
+    """The task's own fields from a veRL record's `reward_model.ground_truth`, checked."""
+    gt = "reward_model.ground_truth"
+    _typed(rec, gt, dict, "a struct")
+    if task == countdown.NAME:
+        nums = _list_of(rec, f"{gt}.numbers", int, "a list of integers")
+        target = _typed(rec, f"{gt}.target", (int, float), "a number")
+        if target != int(target):
+            raise RowError(WRONG_TYPE, f"{gt}.target: an integer, got {target!r}")
+        return {"nums": nums, "target": int(target)}
+    if task == knights_knaves.NAME:
+        names = _list_of(rec, f"{gt}.names", str, "a list of names")
+        solution = _list_of(rec, f"{gt}.solution", bool, "a list of booleans (True: a knight)")
+        if len(solution) != len(names):
+            raise RowError(WRONG_TYPE, f"{gt}.solution: {len(solution)} roles for {len(names)} names")
+        out = {"names": names, "roles": ["knight" if s else "knave" for s in solution]}
+        text = rec["reward_model"]["ground_truth"].get("solution_text_format")
+        return {**out, "solution_text_format": text} if isinstance(text, str) else out
+    return {"truth": str(_typed(rec, f"{gt}.target", (str, int, float), "the answer as text"))}
+
+
+def _level(value: Any) -> int | None:
+    m = re.search(r"(\d+)", str(value)) if value is not None else None
+    return int(m.group(1)) if m else None
+
+
+# --- layouts ------------------------------------------------------------------------------------------------
+
+
+def from_verl(rec: dict[str, Any], task: str, row_id: str) -> dict[str, Any]:
+    """A record in veRL's layout as a task row (module docstring); RowError names what is wrong."""
+    messages = _get(rec, "prompt")
+    if isinstance(messages, str):
+        prompt = messages
+    elif isinstance(messages, (list, tuple)) and len(messages) == 1 and isinstance(messages[0], dict):
+        prompt = _typed({"prompt": messages[0]}, "prompt.content", str, "the prompt text")
+    else:
+        raise RowError(WRONG_TYPE, "prompt: a one-message list [{'role': 'user', 'content': TEXT}]")
+    if not prompt.strip():
+        raise RowError(WRONG_TYPE, "prompt: empty")
+    row: dict[str, Any] = {
+        "row_id": row_id,
+        "task": task,
+        "prompt": prompt,
+        "hint": _hint(rec),
+        "answer": _answer(rec),
+    }
+    if task in BUILTIN:
+        row.update(_task_fields(task, rec))
+    else:  # a generic task's verifier reads what it needs from the record
+        row.update({k: v for k, v in rec.items() if k not in row and k != "prompt"})
+    if task == math_answers.NAME:
+        row.update({"level": _level(rec.get("level")), "type": rec.get("type")})
+    for key in ("data_source", "extra_info"):
+        if rec.get(key) is not None:
+            row[key] = rec[key]
+    return row
+
+
+def from_rows(rec: dict[str, Any], task: str, row_id: str) -> dict[str, Any]:
+    """A record in this project's row layout (as `generate` makes them), checked."""
+    _typed(rec, "prompt", str, "the prompt text")
+    row = {**rec, "row_id": str(rec.get("row_id") or row_id), "task": task, "hint": _hint(rec), "answer": _answer(rec)}
+    if task == countdown.NAME:
+        row["nums"] = _list_of(rec, "nums", int, "a list of integers")
+        row["target"] = _typed(rec, "target", int, "an integer")
+    elif task == knights_knaves.NAME:
+        names, roles = _list_of(rec, "names", str, "a list of names"), _list_of(rec, "roles", str, "knight | knave")
+        if len(roles) != len(names) or not set(roles) <= {"knight", "knave"}:
+            raise RowError(WRONG_TYPE, "roles: one of knight | knave per name")
+    else:
+        row["truth"] = str(_typed(rec, "truth", (str, int, float), "the answer as text"))
+    return row
+
+
+def layout(rec: dict[str, Any]) -> str:
+    """`verl`, `lighteval` (MATH-lighteval), or `rows` (this project's rows, or a generic task's records)."""
+    if "reward_model" in rec or isinstance(rec.get("prompt"), (list, tuple)):
+        return "verl"
+    if "problem" in rec and "solution" in rec and "prompt" not in rec:
+        return "lighteval"
+    return "rows"
+
+
+def read_rows(
+    path: str,
+    task: str,
+    *,
+    split: str = "",
+    quarantined: list[dict[str, Any]] | None = None,
+    levels: tuple[int, ...] = math_answers.LEVELS,
+) -> list[dict[str, Any]]:
+    """The task rows of the file(s) `path` names (local or a URI), for `task` (`countdown`, `knights_knaves`, `math`
+    or a generic task's `module:function`), in any layout of the module docstring. Records that cannot be rows go to
+    `quarantined` (when given) with their reason; `split` goes into positional row ids (`{task}-{split}-{i}`), so
+    the train and test files of one layout never share one. MATH-lighteval records keep `levels` (the paper's 3-5)."""
+    found: list[dict[str, Any]] = [] if quarantined is None else quarantined
+    base = task if task in BUILTIN else "task"  # a generic task's rows are named as generic.task_row names them
+    prefix = f"{base}-{split}" if split else base
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    out_of_scope = 0
+    for i, (f, index, rec) in enumerate(records(path, found)):
+        row_id = f"{prefix}-{i}"
+        try:
+            kind = layout(rec)
+            if kind == "verl":
+                row = from_verl(rec, task, row_id)
+                row["task"] = task if task in BUILTIN else prefix
+            elif task == math_answers.NAME and kind == "lighteval":
+                made = math_answers.rows([rec], levels)
+                if not made:  # MATH rows the paper leaves out: levels 1-2, or no boxed answer
+                    out_of_scope += 1
+                    continue
+                row = {**made[0], "row_id": row_id}
+            elif task in BUILTIN:
+                row = from_rows(rec, task, row_id)
+            else:
+                try:
+                    row = generic.task_row(rec, i, name=prefix)
+                except ValueError as e:
+                    raise RowError(MALFORMED, str(e)) from None
+        except RowError as e:
+            found.append({"file": f, "index": index, "reason": e.reason, "detail": e.detail})
+            continue
+        if row["row_id"] in seen:
+            found.append({"file": f, "index": index, "reason": DUPLICATE, "detail": f"row_id {row['row_id']!r}"})
+            continue
+        seen.add(row["row_id"])
+        out.append(row)
+    if out_of_scope:
+        found.append({"reason": OUT_OF_SCOPE, "rows": out_of_scope, "detail": "not level 3-5, or no \\boxed{}"})
+    return out
+
+
+def verify(row: dict[str, Any], text: str, rules: str = "paper") -> float:
+    """The reward of `text` (what follows the row's prompt: revealed hint + response) for a built-in task's row,
+    dispatched on `row["task"]` under `rules` (`paper`, the default of `rft.reward_rules`, or `strict`)."""
+    return verifier_for(str(row.get("task")), rules)(row, text)
