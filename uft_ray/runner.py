@@ -6,7 +6,8 @@ names:
 
 - `open_run`: the header. Connect to Ray (or start a local one sized by uft_ray.resources) with Ray's own
   output sent to the run's `ray.log` (a local copy uploaded at the end when the run directory is a URI), resolve
-  `train.cpus_per_worker: auto`, run the resource pre-check, check the benchmark names, load the tokenizer;
+  `train.cpus_per_worker: auto`, run the resource pre-check, check the benchmark names, check that the packages the
+  backends import (vllm, lm_eval) are on the nodes that will import them (uft_ray.preflight), load the tokenizer;
   before any data or cluster work.
 - `last_checkpoint`: where a rerun resumes. Only "there is no checkpoint" means step 0; anything else (auth,
   network, a damaged snapshot) fails naming the run directory, since Ray Train may still restore from it.
@@ -77,6 +78,7 @@ def open_run(cfg: Config) -> Run:
     from transformers import AutoTokenizer
 
     from uft_ray.evaluation.heldout import check_benchmarks
+    from uft_ray.preflight import check_backends
     from uft_ray.ray_utils import init_ray, route_worker_output
     from uft_ray.resources import check_cluster, local_cluster_cpus, resolve_worker_cpus
 
@@ -93,6 +95,7 @@ def open_run(cfg: Config) -> Run:
         ray_log = None
     cfg = resolve_worker_cpus(cfg)
     check_cluster(cfg)  # a cluster that can never hold the run fails now, not in a silent hang
+    check_backends(cfg)  # vllm / lm_eval where the actors that import them will run, not minutes into the run
     tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
     return Run(cfg, run_dir, tokenizer, previous, ray_log)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from fixtures.recorder import RftRecorder
 from safetensors.torch import load_file
 
@@ -219,6 +220,19 @@ def test_sft_then_rft_continues_from_the_sft_adapter(tiny_assets, root):
     sync0 = syncs[5]
     assert sync0["trainer"] == adapter_digest(load_file(os.path.join(first.adapter_dir, "adapter_model.safetensors")))
     assert all(r["hint/share"] == 0.0 and "hint_nll" not in r for r in trained(second.metrics_path))
+    # Stage 2's KL reference is the model it starts from, base + the SFT adapter (the authors' reference is the
+    # initial actor), not the bare base: before its first update the policy is its reference, so step 1's kl is
+    # 0 (one update a step: step 1's kl is taken before any update); step 1's update moves the policy away.
+    kl = [r["kl"] for r in trained(second.metrics_path)]
+    assert kl[0] == pytest.approx(0.0, abs=1e-9) and kl[1] > 1e-6, kl
+    assert yaml.safe_load((Path(second.run_dir) / "config.yaml").read_text())["reference"]["adapter"] == (
+        first.adapter_dir
+    )
+    # What stage 2 saves is its own adapter over the untouched base, as stage 1's: the frozen reference copy
+    # is not in it (users load base + this adapter; the actors got exactly it).
+    weights = "adapter_model.safetensors"
+    saved, sft_saved = (load_file(os.path.join(r.adapter_dir, weights)) for r in (second, first))
+    assert saved.keys() == sft_saved.keys() and all(v.dtype == sft_saved[k].dtype for k, v in saved.items())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -456,3 +456,43 @@ def test_killing_a_scorer_actor_mid_run_still_scores_every_row_once(env):
         assert got[rid][0] == pytest.approx(logp, abs=1e-3)
         if logp_rej is not None:
             assert got[rid][1] == pytest.approx(logp_rej, abs=1e-3)
+
+
+def test_scorer_reports_asynchronously_and_every_report_lands(env):
+    """A scorer actor with at most one report in flight, called on 4 batches of 5 rows: after each call at most one
+    report is outstanding, after `flush` none, and the collector holds every row once, with the forwards
+    `length_groups` gives each batch (chosen and rejected sequences cut at 16384 tokens: one forward per batch of
+    these short rows) and the values of the precompute pass."""
+    import ray
+
+    from uft_ray.reference.collector import collected, new_collector
+    from uft_ray.reference.scorer import ReferenceScorer, length_groups
+
+    rows = env["rows"].select(["row_id", "input_ids", "response_start", "rejected_input_ids",
+                               "rejected_response_start"])  # fmt: skip
+    batches = [rows.slice(s, 5) for s in range(0, rows.num_rows, 5)]
+    collector = new_collector()
+    scorer = ray.remote(num_cpus=1)(ReferenceScorer).remote(env["model"], collector=collector, reports_in_flight=1)
+    try:
+        for batch in batches:
+            out = ray.get(scorer.__call__.remote(batch))
+            assert out.num_rows == batch.num_rows
+            assert ray.get(scorer.pending_reports.remote()) <= 1
+        ray.get(scorer.flush.remote())
+        assert ray.get(scorer.pending_reports.remote()) == 0
+        table, stats = collected(collector)
+    finally:
+        ray.kill(scorer)
+        ray.kill(collector)
+    expected_forwards = 0
+    for batch in batches:
+        lengths = [len(x) for x in batch.column("input_ids").to_pylist()]
+        lengths += [len(x) for x in batch.column("rejected_input_ids").to_pylist() if x is not None]
+        expected_forwards += len(length_groups(lengths, 16384))
+    assert stats["rows"] == rows.num_rows and stats["duplicates"] == 0
+    assert stats["forwards"] == expected_forwards == len(batches)
+    got = {r["row_id"]: (r[schema.REF_LOGP], r[schema.REF_LOGP_REJECTED]) for r in table.to_pylist()}
+    assert got.keys() == env["values"].keys()
+    for rid, (logp, logp_rej) in env["values"].items():
+        assert got[rid][0] == pytest.approx(logp, abs=1e-4)  # other batches: other padding
+        assert (got[rid][1] is None) == (logp_rej is None)

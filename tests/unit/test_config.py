@@ -245,3 +245,13 @@ def test_policy_and_reference_compute_in_one_dtype(tmp_path: Path, dtype: str, u
     assert resolve_dtype(c, use_gpu) == getattr(torch, expected)
     ds = deepspeed_config(c, use_gpu, zero_stage=3)
     assert (ds["bf16"]["enabled"], ds["fp16"]["enabled"]) == (expected == "bfloat16", expected == "float16")
+
+
+def test_hint_rfts_reference_adapter_is_checked_at_load(tmp_path: Path) -> None:
+    """hint_rft's trainer loads reference.adapter as its KL reference: a missing one fails before any Ray work."""
+    cfg = yaml.safe_load(Path("jobs/configs/demo_hint_rft.yaml").read_text())
+    cfg["model"]["path"] = str(tmp_path)
+    cfg["reference"] = {"adapter": str(tmp_path / "no-adapter")}
+    assert messages(cfg) == [f"reference.adapter: '{tmp_path}/no-adapter' does not exist (a peft adapter directory)"]
+    cfg["reference"]["adapter"] = str(tmp_path)
+    assert load_config(cfg).reference.adapter == str(tmp_path)

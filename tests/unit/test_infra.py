@@ -275,3 +275,74 @@ def test_compare_recipes_load_with_every_arm_on_the_same_heldout_rows(path):
     assert {a.stages[0].output.run_name for n, a in arms.items() if n != "uft"} == {"sft"}
     heldout = {repr(c.eval.sources) for a in recipe.arms for c in a.stages}
     assert len(heldout) == 1 and len(recipe.arms[0].stages[0].eval.sources) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------
+# infra/Dockerfile's vLLM target (issue 20): the image for `rft.rollout.backend: vllm`
+
+
+def _stages(text: str) -> list[tuple[str | None, list[str]]]:
+    """(stage name, its instructions with continuation lines joined), in file order; comments dropped."""
+    joined = re.sub(
+        r"\\\n\s*", " ", "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    )
+    stages: list[tuple[str | None, list[str]]] = []
+    for line in (x.strip() for x in joined.splitlines()):
+        if not line:
+            continue
+        m = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?$", line, re.IGNORECASE)
+        if m:
+            stages.append((m.group(1), []))
+        elif stages:
+            stages[-1][1].append(line)
+    return stages
+
+
+def test_dockerfile_has_a_vllm_target_that_installs_vllm_with_the_torch_it_pins():
+    from uft_ray.preflight import IMAGE_BUILD, VLLM_BUILD, VLLM_TARGET
+
+    text = (ROOT / "infra/Dockerfile").read_text()
+    stages = dict(_stages(text))
+    assert VLLM_TARGET in stages, list(stages)
+    vllm = stages[VLLM_TARGET]
+    runs = [i for i, line in enumerate(vllm) if line.startswith("RUN ")]
+    # vLLM first (pip takes the torch vLLM pins), and no torch of our own in this stage
+    assert 'pip install --no-cache-dir "${VLLM_SPEC}"' in vllm[runs[0]]
+    assert not any("TORCH_SPEC" in line or re.search(r'install[^&|]*\s"?torch([=<>"\[\s]|$)', line) for line in vllm)
+    assert 'ARG VLLM_SPEC="vllm"' in vllm
+    # then this package under a constraint that keeps that torch, with the vllm extra
+    package = next(line for line in vllm if "-e " in line)
+    assert "-c /tmp/torch-from-vllm.txt" in package and '".[cloud,vllm]"' in package
+    assert "torch-from-vllm.txt" in vllm[runs[0]] and runs.index(vllm.index(package)) > 0
+    # `docker build` without --target still builds the image without vLLM, with its pinned torch
+    last_name, last = _stages(text)[-1]
+    assert last_name != VLLM_TARGET and any("TORCH_SPEC" in line for line in last)
+    assert not any("vllm" in line.lower() for line in last)
+    # both images hold the same code and repo files
+    copies = [line for line in last if line.startswith("COPY ")]
+    assert copies and copies == [line for line in vllm if line.startswith("COPY ")]
+    assert VLLM_BUILD in text and IMAGE_BUILD in text
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["vllm"] == ["vllm"]
+
+
+def _header(path: Path) -> str:
+    lines = path.read_text().splitlines()
+    return "\n".join(line for line in lines[: next(i for i, x in enumerate(lines) if not x.startswith("#"))])
+
+
+def test_vllm_recipes_and_the_cluster_files_name_the_vllm_image():
+    from uft_ray.preflight import VLLM_BUILD, VLLM_IMAGE
+
+    vllm_recipes = []
+    for path in CONFIGS:
+        cfg = load_config(path, check_paths=False)
+        if cfg.method == "hint_rft" and cfg.rft.rollout.backend == "vllm":
+            vllm_recipes.append(path.name)
+            assert VLLM_IMAGE in _header(path), f"{path.name}: its header does not name {VLLM_IMAGE}"
+    assert "hint_rft_countdown_qwen25_0_5b.yaml" in vllm_recipes and len(vllm_recipes) >= 7
+    for doc in ("infra/cluster.yaml", "infra/kuberay/rayjob.yaml", "README.md"):
+        assert VLLM_IMAGE in (ROOT / doc).read_text(), doc
+    assert VLLM_BUILD in (ROOT / "README.md").read_text()

@@ -101,11 +101,17 @@ class ReferenceConfig:
     mode: str = "actor"  # actor | adapter_off
     run: str = "precompute"  # precompute | stream
     model_path: str | None = None  # None = model.path
-    adapter: str | None = None  # a peft adapter on top of the reference base (sequential recipes' stage 1)
+    # a peft adapter on top of the reference base (sequential recipes' stage 1). hint_rft: the KL reference is
+    # base + this adapter, by default model.adapter's (the initial policy), loaded frozen in the trainer
+    adapter: str | None = None
     actors: int | list[int] = 1  # an int, or [min, max] for an autoscaling actor pool
     gpus_per_actor: float = 1.0
     cpus_per_actor: float = 1.0
-    batch_size: int = 8
+    # Rows a scorer receives per call: it sorts their sequences by length and cuts them into forwards of at most
+    # `batch_tokens` padded tokens (rows x the longest; a longer sequence alone). The token budget bounds a
+    # forward's memory whatever the lengths; the rows only bound how long a call holds its batch.
+    batch_size: int = 256
+    batch_tokens: int = 16384
     cache_dir: str = "~/.cache/uft-ray"
 
 

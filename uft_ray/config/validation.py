@@ -69,7 +69,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
     e.one_of("method", cfg.method, METHODS)
     _check_model(e, cfg, check_paths)
     _check_lora(e, cfg.lora)
-    if cfg.method == "hint_rft":  # prompts come from rft.task, not data.sources; the reference is adapter-off
+    if cfg.method == "hint_rft":  # prompts come from rft.task, not data.sources; the reference is in the trainer
         _check_rft(e, cfg, check_paths)
     else:
         _check_sources(e, cfg.data.sources, check_paths)
@@ -198,6 +198,7 @@ def _check_reference(e: _Problems, r: ReferenceConfig, check_paths: bool) -> Non
     e.positive("reference.gpus_per_actor", r.gpus_per_actor, zero_ok=True)
     e.positive("reference.cpus_per_actor", r.cpus_per_actor, zero_ok=True)
     e.positive("reference.batch_size", r.batch_size)
+    e.positive("reference.batch_tokens", r.batch_tokens)
     if r.mode == "adapter_off" and r.adapter:
         e.append("reference.adapter: only with reference.mode=actor (adapter_off's reference is the bare base)")
 
@@ -241,6 +242,8 @@ def _check_output(e: _Problems, out: OutputConfig) -> None:
 
 def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
     r, tr = cfg.rft, cfg.train
+    # the KL reference's adapter, loaded frozen beside the policy's (uft_ray.rft.loop.reference_adapter)
+    e.local_path("reference.adapter", cfg.reference.adapter, "a peft adapter directory", check_paths)
     if r.task not in GENERATED_TASKS + FILE_TASKS and ":" not in r.task:
         e.append(f"rft.task: {r.task!r} is not allowed; use one of: {', '.join(GENERATED_TASKS + FILE_TASKS)}, "
                  "or a generic task's verifier as module:function")  # fmt: skip

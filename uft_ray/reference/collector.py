@@ -3,12 +3,17 @@
 The driver reads the results from it wherever the scorer actors ran (no shared disk needed), and it is the
 proof of what was computed: it keeps the first value per row_id (a retried batch reports its rows again, so
 each row counts exactly once under actor restarts) and counts model forwards and tokens per actor process.
+
+The scorers report asynchronously (uft_ray.reference.scorer): a batch's report may land after the batch has left
+the stage, so a reader that expects a number of rows waits for them first (`wait_for_rows`, `collected(...,
+expect_rows=)`).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,6 +22,7 @@ import pyarrow as pa
 from uft_ray import schema
 
 COLLECTOR_PREFIX = "uft-ray-reference-collector-"
+REPORTS_QUIET_S = 5.0  # no new row for this long: the reports still expected are not coming
 
 
 class _Collector:
@@ -90,8 +96,35 @@ def new_collector() -> Any:
     return cls.options(name=f"{COLLECTOR_PREFIX}{uuid.uuid4().hex[:12]}").remote()
 
 
-def collected(collector: Any) -> tuple[pa.Table, dict[str, Any]]:
-    """(schema.REFERENCE table of every row reported, the counters) from a collector actor."""
+def wait_for_rows(
+    stats: Callable[[], dict[str, Any]],
+    rows: int,
+    *,
+    quiet_s: float = REPORTS_QUIET_S,
+    poll_s: float = 0.05,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> dict[str, Any]:
+    """Poll `stats` (a collector's counters) until they count at least `rows` rows, or their row count has not
+    moved for `quiet_s` (what is missing then was lost with its actor, or never scored); the last counters."""
+    last = stats()
+    moved = clock()
+    while last["rows"] < rows and clock() - moved < quiet_s:
+        sleep(poll_s)
+        now = stats()
+        if now["rows"] != last["rows"]:
+            moved = clock()
+        last = now
+    return last
+
+
+def collected(
+    collector: Any, expect_rows: int | None = None, quiet_s: float = REPORTS_QUIET_S
+) -> tuple[pa.Table, dict[str, Any]]:
+    """(schema.REFERENCE table of every row reported, the counters) from a collector actor; with `expect_rows`,
+    after `wait_for_rows` (the scorers' last reports may still be on their way)."""
     import ray
 
+    if expect_rows is not None:
+        wait_for_rows(lambda: ray.get(collector.stats.remote()), expect_rows, quiet_s=quiet_s)
     return ray.get(collector.table.remote()), ray.get(collector.stats.remote())

@@ -4,9 +4,16 @@
 
 `ReferenceScorer` is a callable class for `ds.map_batches` (an actor pool; uft_ray.reference.service builds
 the stage). It loads the base weights (safetensors only) plus an optional peft adapter merged in, sorts each
-batch's sequences by length into token-budgeted sub-batches, and scores them through
-`uft_ray.logprobs.model_sequence_logprobs`, the same function the policy uses (logits at the response positions
-only).
+batch's sequences (`reference.batch_size` rows) by length into forwards of at most `reference.batch_tokens` padded
+tokens (`length_groups`), and scores them through `uft_ray.logprobs.model_sequence_logprobs`, the same function
+the policy uses (logits at the response positions only).
+
+Each batch's values go to the collector without a round trip on the batch's path: `collector.add.remote` is not
+waited for, at most `reports_in_flight` reports are outstanding (the oldest is waited for beyond that, and a failed
+one fails the batch), and `flush` waits for the rest (called when Ray Data deletes the scorer at its actor's
+graceful exit). A report lost with its actor (killed after its batch returned) leaves rows the collector lacks: the
+driver waits for the reports to land (`collector.wait_for_rows`) and scores what is still missing again; the
+collector keeps the first value per row id, so every row counts once.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-# Padded tokens per forward: 8 x 2048 keeps the logits of a 152k-vocab bf16 model under 5 GB (only the response
-# positions get logits: uft_ray.logprobs.scored_logits).
+# Padded tokens per forward (`reference.batch_tokens`'s default): 8 x 2048 keeps the logits of a 152k-vocab bf16
+# model under 5 GB (only the response positions get logits: uft_ray.logprobs.scored_logits).
 DEFAULT_MAX_TOKENS_PER_FORWARD = 16_384
+MAX_REPORTS_IN_FLIGHT = 4  # collector reports a scorer leaves outstanding before it waits for the oldest
 _PAIR_COLUMNS = ("rejected_input_ids", "rejected_response_start")
 SCORER_INPUT_COLUMNS = ("row_id", "input_ids", "response_start", *_PAIR_COLUMNS)
 
@@ -41,9 +49,11 @@ def actor_gpus(cfg: Config) -> float:
 
 
 def length_groups(lengths: list[int], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
-    """Indices grouped by similar length: sorted by length, cut so that rows x longest <= max_tokens.
+    """Indices grouped by similar length: sorted by length, cut so that rows x longest <= max_tokens (the group's
+    padded cost), and at most `max_rows` rows when given.
 
-    A sequence longer than `max_tokens` gets a group of its own. Sorting first keeps the padding in a group small.
+    A sequence longer than `max_tokens` gets a group of its own. Sorting first keeps the padding in a group small:
+    lengths [10, 200, 30, 190] with 400 tokens give [[0, 2], [3, 1]], padded costs 2 x 30 and 2 x 200.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     groups: list[list[int]] = []
@@ -117,9 +127,10 @@ class ReferenceScorer:
     for pairs, `rejected_input_ids` / `rejected_response_start`. Each batch's sequences (chosen and rejected
     alike) are sorted by length and scored in sub-batches of at most `max_tokens_per_forward` padded tokens.
 
-    With a `collector` (see `new_collector`), every batch's results and its forward count are sent to it before
-    the batch returns: the driver's proof of what was computed (a cache hit shows 0 forwards) and the stream
-    mode's cache feed. `output_columns` limits what the stage emits (precompute needs only `row_id`).
+    With a `collector` (see `new_collector`), every batch's results and its forward count are sent to it
+    (asynchronously, at most `reports_in_flight` outstanding; `flush` waits for them): the driver's proof of what was
+    computed (a cache hit shows 0 forwards) and the stream mode's cache feed. `output_columns` limits what the stage
+    emits (precompute needs only `row_id`).
     """
 
     def __init__(
@@ -135,8 +146,12 @@ class ReferenceScorer:
         max_tokens_per_forward: int = DEFAULT_MAX_TOKENS_PER_FORWARD,
         output_columns: list[str] | None = None,
         collector: Any = None,
+        reports_in_flight: int = MAX_REPORTS_IN_FLIGHT,
     ):
         import torch
+
+        self.collector = None  # set last: __del__ flushes only a scorer that finished starting
+        self._reports: list[Any] = []
 
         self.model = load_reference_model(
             model_path,
@@ -150,7 +165,7 @@ class ReferenceScorer:
         self.device = self.model.get_input_embeddings().weight.device
         self.max_tokens = max_tokens_per_forward
         self.output_columns = output_columns
-        self.collector = collector
+        self.reports_in_flight = max(0, int(reports_in_flight))
         self.pid = os.getpid()
         self.host = socket.gethostname()
         self._torch = torch
@@ -158,6 +173,7 @@ class ReferenceScorer:
             import ray
 
             ray.get(collector.hello.remote(self.host, self.pid))
+        self.collector = collector
 
     def score(self, sequences: list[np.ndarray], starts: list[int]) -> tuple[np.ndarray, int]:
         """Summed response log-probs of each sequence (float64), and the number of model forwards."""
@@ -213,10 +229,11 @@ class ReferenceScorer:
             else:
                 logp_rej[i] = float(v)
         if self.collector is not None:
-            import ray
-
             tokens = int(sum(len(s) for s in sequences))
-            ray.get(self.collector.add.remote(self.host, self.pid, row_ids, logp, logp_rej, forwards, tokens))
+            self._reports.append(
+                self.collector.add.remote(self.host, self.pid, row_ids, logp, logp_rej, forwards, tokens)
+            )
+            self._settle(self.reports_in_flight)
 
         if is_arrow:
             out = batch if self.output_columns is None else batch.select(self.output_columns)
@@ -231,6 +248,37 @@ class ReferenceScorer:
         result[schema.REF_LOGP_REJECTED] = np.array([np.nan if v is None else v for v in logp_rej])
         return result
 
+    def _settle(self, keep: int) -> None:
+        """Leave at most `keep` collector reports in flight, waiting for the oldest; a failed one raises here."""
+        import ray
+
+        if not self._reports:
+            return
+        done, self._reports = ray.wait(self._reports, num_returns=len(self._reports), timeout=0, fetch_local=False)
+        ray.get(done)  # landed ones: a collector error fails this batch instead of going unnoticed
+        if len(self._reports) > keep:
+            done, self._reports = ray.wait(self._reports, num_returns=len(self._reports) - keep, fetch_local=False)
+            ray.get(done)
+
+    def pending_reports(self) -> int:
+        """Collector reports sent and not yet known to have landed."""
+        return len(self._reports)
+
+    def flush(self) -> None:
+        """Wait for every report in flight: afterwards the collector holds every batch this scorer returned."""
+        self._settle(0)
+
+    def __del__(self) -> None:
+        # Ray Data deletes its callable when the actor exits gracefully (`_MapWorker.__ray_shutdown__`): the last
+        # reports land before the process goes. A killed actor runs none of this (the driver rescores its rows).
+        if getattr(self, "collector", None) is None or not getattr(self, "_reports", None):
+            return
+        try:
+            self.flush()
+        except Exception as e:  # interpreter exit, a lost collector: the driver sees the rows missing
+            logger.warning("reference scorer %s:%s: %d collector reports not confirmed: %s",
+                           self.host, self.pid, len(self._reports), e)  # fmt: skip
+
 
 def scorer_kwargs(cfg: Config) -> dict[str, Any]:
     """`fn_constructor_kwargs` for `ReferenceScorer` from the config."""
@@ -243,4 +291,5 @@ def scorer_kwargs(cfg: Config) -> dict[str, Any]:
         "attn_implementation": cfg.model.attn_implementation,
         "trust_remote_code": cfg.model.trust_remote_code,
         "gpus": actor_gpus(cfg),
+        "max_tokens_per_forward": cfg.reference.batch_tokens,
     }

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 # Bounded, unlike Ray Data's default of -1: an actor killed by the host's OOM killer on one batch must not
 # restart and retry that batch forever. A Python exception (CUDA OOM) is not retried at all: it fails the run.
 MAX_ACTOR_RESTARTS = 4
+# Passes over the rows the collector still lacks after a precompute pass: a scorer killed after its batch returned
+# takes that batch's report with it (reports are asynchronous), and Ray Data does not rerun a finished batch.
+RESCORE_PASSES = 2
 SUMMARY_KEY = "reference"  # DIR/summary.json["reference"]: the last entry of this service
 
 
@@ -103,8 +106,8 @@ def publish_stream_cache(
     """
     rows = read_scoring_columns(prepared_dir)
     inputs, fp = _fingerprint(cfg, rows)
-    table, stats = collected(collector)
     expected = set(rows.column("row_id").to_pylist())
+    table, stats = collected(collector, expect_rows=len(expected))
     got = set(table.column("row_id").to_pylist())
     complete = expected <= got
     if complete:
@@ -218,14 +221,30 @@ def _precompute(cfg: Config, rows: pa.Table, **scorer_overrides: Any) -> tuple[p
     init_ray(cfg.ray)
     collector = new_collector()
     try:
-        ds = _prepared_dataset(rows, block_rows=cfg.reference.batch_size * 4)
-        ds = stream_stage(ds, cfg, collector=collector, output_columns=["row_id"], **scorer_overrides)
-        emitted = 0
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            emitted += batch.num_rows
-        table, stats = collected(collector)
-        if emitted != rows.num_rows:  # Ray Data emits each input row once, retries included
-            logger.warning("reference stage emitted %d rows for %d inputs", emitted, rows.num_rows)
-        return table, stats
+        todo = rows
+        for attempt in range(1 + RESCORE_PASSES):
+            ds = _prepared_dataset(todo, block_rows=cfg.reference.batch_size * 4)
+            ds = stream_stage(ds, cfg, collector=collector, output_columns=["row_id"], **scorer_overrides)
+            emitted = 0
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                emitted += batch.num_rows
+            if emitted != todo.num_rows:  # Ray Data emits each input row once, retries included
+                logger.warning("reference stage emitted %d rows for %d inputs", emitted, todo.num_rows)
+            table, stats = collected(collector, expect_rows=rows.num_rows)
+            todo = unscored_rows(rows, table)
+            if todo.num_rows == 0 or attempt == RESCORE_PASSES:
+                return table, stats
+            logger.warning(
+                "reference: %d rows' reports were lost with their scorer; scoring them again", todo.num_rows
+            )
+        raise AssertionError("unreachable")
     finally:
         ray.kill(collector)
+
+
+def unscored_rows(rows: pa.Table, scored: pa.Table) -> pa.Table:
+    """The rows of `rows` (in their order) whose row_id `scored` lacks."""
+    import pyarrow.compute as pc
+
+    done = scored.column("row_id").combine_chunks()
+    return rows.filter(pc.invert(pc.is_in(rows.column("row_id"), value_set=done)))

@@ -7,10 +7,11 @@ as the offline method, send its adapter to the rollout actors; then for every st
 3. score hint + response with the task's verifier (a child process, a time limit per rollout);
 4. group-normalized advantages, then `rft.updates_per_step` optimizer steps, one per mini-batch of whole GRPO
    groups (`update_minibatches`), each grouped by length into micro-batches: first the no-grad passes of every
-   micro-batch (the reference's with the adapter off, no second model; the old log-probs), then per micro-batch
-   the policy's per-token log-probs and entropies in one forward and its backward; all three (policy, old,
-   reference) from logits at the scored positions only, divided by `rft.temperature` as the rollouts sampled
-   them (`scaled_token_logprobs`); the loss of `uft_ray.losses.hint_rft_loss` as a global token mean;
+   micro-batch (the reference's, no second model: the initial policy, `reference_adapter`; the old log-probs),
+   then per micro-batch the policy's per-token log-probs and entropies in one forward and its backward; all
+   three (policy, old, reference) from logits at the scored positions only, divided by `rft.temperature` as the
+   rollouts sampled them (`scaled_token_logprobs`); the loss of `uft_ray.losses.hint_rft_loss` as a global token
+   mean;
 5. send the new adapter to the actors (only the LoRA tensors; their digests must equal the trainer's);
 6. before the first update (a row with `step` 0, the authors' `val_before_train`), every `eval.every` steps and
    at the end, greedy rollouts without hints on the held-out prompts;
@@ -40,7 +41,7 @@ from uft_ray.config import Config
 from uft_ray.logprobs import model_token_logprobs
 from uft_ray.losses import group_advantages, hint_rft_loss
 from uft_ray.model_store import local_model
-from uft_ray.reference.adapter_off import adapter_disabled
+from uft_ray.reference.adapter_off import reference_model
 from uft_ray.rft.rollout import RolloutPool, adapter_bytes, adapter_digest, request_seed
 from uft_ray.tasks.generic import load_verifier
 from uft_ray.tasks.hints import with_hint
@@ -67,6 +68,7 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
         initial_state={"step": 0, "seeds": {"data": cfg.data.seed, "train": cfg.train.seed}},
         optimizer_steps=total_steps * r.updates_per_step,  # the scheduler moves once per optimizer step
         feed=lambda start: _planned_steps(shard, start, per_rank),
+        reference_adapter=reference_adapter(cfg),
     )
     _check_adapter_dropout(engine, cfg)
     # The actors generate with exactly this adapter from here on (after a restart: the restored one).
@@ -362,10 +364,19 @@ def _forward(
         )
 
 
+def reference_adapter(cfg: Config) -> str | None:
+    """The adapter of hint_rft's KL reference: the reference is the initial policy, as the authors' (veRL's
+    reference is the actor it starts from). `reference.adapter` when set, else `model.adapter` (SFT-then-RFT's
+    stage 2: base + the SFT adapter), else none: a fresh LoRA starts as the base, and the reference is the base
+    (the adapter off). A resumed run keeps it: the checkpoint's adapter is the policy's, never the reference's."""
+    return cfg.reference.adapter or cfg.model.adapter
+
+
 def _reference(engine: Engine, t: dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    """The reference's per-token log-probs: the same model with the adapter off, no grad (through the model
-    inside peft's wrapper, which keeps ZeRO-3's trace: uft_ray.reference.adapter_off)."""
-    with adapter_disabled(engine.peft_model) as base:
+    """The reference's per-token log-probs, no grad: the policy's base with the frozen reference adapter, or with
+    the adapter off (through the model inside peft's wrapper, which keeps ZeRO-3's trace:
+    uft_ray.reference.adapter_off)."""
+    with reference_model(engine.peft_model) as base:
         logp, _ = scaled_token_logprobs(
             base, t["ids"], t["attention"], t["response"], temperature=temperature, with_entropy=False
         )

@@ -209,7 +209,12 @@ class RolloutActor:
         self._dirs: AdapterDirs | None = None
         model_path = local_model(model_path)  # a bucket's model: downloaded once per node
         if backend == "vllm":
-            from vllm import LLM
+            try:
+                from vllm import LLM
+            except ModuleNotFoundError as e:  # a node the pre-check could not see yet (uft_ray.preflight)
+                from uft_ray.preflight import package_missing_error
+
+                raise package_missing_error("vllm", "rft.rollout.backend: vllm", "rollout actors") from e
 
             args = vllm_engine_args(
                 model_path,

@@ -12,11 +12,20 @@ Building the policy, in the order that matters:
    a frozen base still see an input that requires grad).
 3. LoRA from `peft`: a fresh adapter (seeded identically on every rank, since the new LoRA tensors are created
    outside `zero.Init` and each rank would otherwise keep its own random A), or an existing adapter to keep
-   training (`model.adapter`: a sequential stage 2, or a resumed checkpoint).
+   training (`model.adapter`: a sequential stage 2, or a resumed checkpoint); optionally a second, frozen adapter
+   for the reference forward (`reference_adapter`: uft_ray.reference.adapter_off.load_reference_adapter).
 4. `deepspeed.initialize` with AdamW over the LoRA parameters only (`torch_adam`: torch's AdamW works on CPU,
    under CPU offload and on GPU without building DeepSpeed's fused kernels, and the LoRA parameters are few)
    with `train.weight_decay`, and the `train.lr_schedule` (constant, cosine or linear after a linear warmup
-   from 0, `lr_scheduler`), stepped by DeepSpeed once per optimizer step (`initialize`).
+   from 0, `lr_scheduler`), stepped by DeepSpeed once per optimizer step (`initialize`). Its ZeRO buckets are
+   sized from the model it wraps (`param_sizes`, `zero_buckets`), not DeepSpeed's full-model defaults.
+
+Precision: the frozen base is loaded in the compute dtype (`resolve_dtype`); the LoRA weights are float32 masters
+under every ZeRO stage (peft creates them in fp32 over a bf16 / fp16 base). DeepSpeed's bf16 mode is on only under
+ZeRO-3, where zero.Init needs it to load and partition the base in bf16 (and it leaves the fp32 LoRA tensors
+alone); under ZeRO-0/1/2 it would cast every parameter, the LoRA ones included, to bf16. So both stages train and
+save the same fp32 adapter over the same bf16 base (`deepspeed_config`). fp16 keeps DeepSpeed's fp16 mode under
+every stage: its loss scaling is what keeps fp16 activations' gradients from underflowing.
 
 Saving: only the LoRA tensors are gathered (`deepspeed.zero.GatheredParameters` around
 `get_peft_model_state_dict`), never the base model, and written in peft's format. Optimizer and scheduler
@@ -48,6 +57,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from uft_ray.config import Config, compute_dtype
 from uft_ray.config.schema import TrainConfig
 from uft_ray.model_store import local_model
+from uft_ray.reference.adapter_off import load_reference_adapter
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINT_DEEPSPEED
 
 DS_TAG = "state"  # DeepSpeed checkpoint tag inside a checkpoint's ds/ folder
@@ -135,11 +145,71 @@ def device_memory_bytes(use_gpu: bool, local_workers: int) -> int | None:
     return int(psutil.virtual_memory().total // max(1, local_workers))
 
 
-def deepspeed_config(cfg: Config, use_gpu: bool, zero_stage: int) -> dict[str, Any]:
-    """DeepSpeed's config from ours: batch shape, clipping, ZeRO stage and offload, mixed precision, AdamW."""
+# ZeRO's buckets, in elements. DeepSpeed's defaults are sized for training every weight of a large model: a 5e8
+# reduce bucket is a 2 GB fp32 buffer per GPU under ZeRO-3, for the few MB of gradients of a LoRA adapter.
+BUCKET_FLOOR = 1_000_000  # the smallest reduce / allgather / prefetch bucket we configure
+DEEPSPEED_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size / allgather_bucket_size: the cap
+DEEPSPEED_PERSISTENCE = 100_000  # DeepSpeed's stage3_param_persistence_threshold: the least we configure
+
+
+@dataclass(frozen=True)
+class ParamSizes:
+    """Parameter sizes in elements, as DeepSpeed counts them (a ZeRO-3 partitioned parameter at its full size)."""
+
+    trainable: int  # every trained element (the LoRA tensors)
+    largest_trainable: int  # the largest trained tensor
+    largest_frozen: int  # the largest frozen tensor (a base weight, e.g. the embedding)
+
+
+def param_sizes(model: torch.nn.Module) -> ParamSizes:
+    """The `ParamSizes` of a model: trained = `requires_grad`; a partitioned parameter counts its `ds_numel`."""
+    trained, frozen = [], []
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        (trained if p.requires_grad else frozen).append(n)
+    return ParamSizes(trainable=sum(trained), largest_trainable=max(trained, default=0),
+                      largest_frozen=max(frozen, default=0))  # fmt: skip
+
+
+def zero_buckets(sizes: ParamSizes, zero_stage: int) -> dict[str, int]:
+    """ZeRO's bucket sizes for what is trained (elements; keys of DeepSpeed's `zero_optimization`).
+
+    - `reduce_bucket_size` / `allgather_bucket_size`: every trained element in one bucket, at least
+      `BUCKET_FLOOR`, at most DeepSpeed's default (an adapter over 5e8 elements reduces in several buckets, as
+      before). ZeRO-3 allocates the reduce bucket whole, in the gradients' dtype; ZeRO-1/2 use both.
+    - ZeRO-3 only: `stage3_prefetch_bucket_size` = the largest frozen tensor (at least `BUCKET_FLOOR`), so that
+      the next module's weights can be fetched whole while this one computes; `stage3_param_persistence_threshold`
+      = the largest trained tensor (at least DeepSpeed's 1e5), so that every LoRA matrix stays whole on every
+      rank (the adapter's size, replicated) instead of two latency-bound all-gathers per adapted layer per
+      forward and backward. Frozen tensors that small are norms and biases, which DeepSpeed keeps whole anyway.
+    """
+    bucket = min(max(sizes.trainable, BUCKET_FLOOR), DEEPSPEED_BUCKET)
+    out = {"reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if zero_stage == 3:
+        out["stage3_prefetch_bucket_size"] = max(sizes.largest_frozen, BUCKET_FLOOR)
+        out["stage3_param_persistence_threshold"] = max(sizes.largest_trainable, DEEPSPEED_PERSISTENCE)
+    return out
+
+
+def deepspeed_config(
+    cfg: Config,
+    use_gpu: bool,
+    zero_stage: int,
+    *,
+    sizes: ParamSizes | None = None,
+    dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """DeepSpeed's config from ours: batch shape, clipping, ZeRO stage and offload, mixed precision, AdamW.
+
+    `sizes`: the wrapped model's (`param_sizes`), for `zero_buckets`; None leaves DeepSpeed's defaults (the config
+    zero.Init loads the base under, before the adapter exists). `dtype`: the compute dtype, by default
+    `resolve_dtype(cfg, use_gpu)`. DeepSpeed's bf16 mode only under ZeRO-3 (the module docstring's "Precision").
+    """
     tr, ds = cfg.train, cfg.train.deepspeed
-    dtype = resolve_dtype(cfg, use_gpu)
+    dtype = resolve_dtype(cfg, use_gpu) if dtype is None else dtype
     zero: dict[str, Any] = {"stage": zero_stage, "contiguous_gradients": True, "overlap_comm": use_gpu}
+    if sizes is not None:
+        zero.update(zero_buckets(sizes, zero_stage))
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params:
@@ -150,7 +220,7 @@ def deepspeed_config(cfg: Config, use_gpu: bool, zero_stage: int) -> dict[str, A
         "train_batch_size": tr.global_batch_size,
         "gradient_clipping": tr.max_grad_norm,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        "bf16": {"enabled": dtype == torch.bfloat16 and zero_stage == 3},
         "fp16": {"enabled": dtype == torch.float16},
         "optimizer": {
             "type": "AdamW",
@@ -315,12 +385,19 @@ def build_engine(
     use_gpu: bool,
     zero_stage: int,
     adapter: str | None = None,
+    reference_adapter: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Engine:
-    """The policy under DeepSpeed: base model sharded while loading (ZeRO-3), LoRA (fresh, or `adapter` to continue)."""
+    """The policy under DeepSpeed: base model sharded while loading (ZeRO-3), LoRA (fresh, or `adapter` to continue).
+
+    `reference_adapter`: a peft adapter loaded beside the policy's as a frozen second one, for the reference
+    forward (uft_ray.reference.adapter_off.reference_model). `dtype`: the compute dtype, by default
+    `resolve_dtype(cfg, use_gpu)` (tests pass bfloat16 to run a GPU's precision on CPU).
+    """
     # DeepSpeed's comm layer wraps the process group Ray Train already set up (zero.Init reads its world size).
     deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
-    ds_config = deepspeed_config(cfg, use_gpu, zero_stage)
-    dtype = resolve_dtype(cfg, use_gpu)
+    dtype = resolve_dtype(cfg, use_gpu) if dtype is None else dtype
+    ds_config = deepspeed_config(cfg, use_gpu, zero_stage, dtype=dtype)
     # Created before from_pretrained and kept alive (on the Engine): transformers checks it through a weakref
     # to decide whether to load under zero.Init.
     hf_ds_config = None
@@ -355,6 +432,10 @@ def build_engine(
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, lora)
+        if reference_adapter:
+            load_reference_adapter(model, local_model(reference_adapter))
 
+    # The buckets from what is trained: the config initialize gets is the load's plus `zero_buckets`.
+    ds_config = deepspeed_config(cfg, use_gpu, zero_stage, sizes=param_sizes(model), dtype=dtype)
     engine = initialize(model, cfg, ds_config, total_steps)
     return Engine(ds=engine, hf_ds_config=hf_ds_config, sharded_at_load=sharded, zero_stage=zero_stage)

@@ -74,8 +74,12 @@ def restore(
     initial_state: dict[str, Any],
     optimizer_steps: int,
     feed: Callable[[int], Iterator[Any]],
+    reference_adapter: str | None = None,
 ) -> tuple[dict[str, Any], int, Iterator[Any], Engine]:
-    """(state, start step, this rank's feed from `start` on, engine); see the module docstring."""
+    """(state, start step, this rank's feed from `start` on, engine); see the module docstring.
+
+    `reference_adapter`: loaded beside the policy's as a frozen second adapter (`build_engine`), the same on
+    resume (the checkpoint holds only the trained one)."""
     zero_stage = agree_zero_stage(w)
     with _checkpoint_dir(ray.train.get_checkpoint()) as ckpt:
         state = read_state(ckpt) if ckpt else initial_state
@@ -88,6 +92,7 @@ def restore(
             use_gpu=w.use_gpu,
             zero_stage=zero_stage,
             adapter=os.path.join(ckpt, CHECKPOINT_ADAPTER) if ckpt else None,
+            reference_adapter=reference_adapter,
         )
         if ckpt:
             engine.load(ckpt)
