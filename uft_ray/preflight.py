@@ -20,7 +20,7 @@ data or cluster work:
 A missing package raises `BackendMissing` (a `ConfigError`: the CLI exits 2) naming the package, the field, the
 nodes and the image to run there (`infra/Dockerfile --target vllm`, tagged `VLLM_IMAGE`).
 
-The lists and messages are pure (tests/unit/test_preflight.py); the probes need Ray (tests/integration/
+The lists and messages are pure (tests/unit/test_backends_needed.py); the probes need Ray (tests/integration/
 test_preflight.py).
 """
 
