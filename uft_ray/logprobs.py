@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from uft_ray.packing import Packed, forward_kwargs
+
 # 256 scored tokens x 152k vocab is ~156 MB of fp32 per chunk. On CPU smaller chunks ran faster (bench); on a
 # GPU bigger kernels amortize launches. Either way it is small next to the logits themselves.
 DEFAULT_CHUNK_SIZE = 256
@@ -195,7 +197,7 @@ def output_head(model: Any) -> torch.nn.Module | None:
 def scored_logits(
     model: Callable[..., Any],
     input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
+    attention_mask: torch.Tensor | None,
     rows: torch.Tensor,
     cols: torch.Tensor,
     **model_kwargs: Any,
@@ -238,12 +240,35 @@ def scored_logits(
     return logits, None, None
 
 
+def _logits(
+    model: Callable[..., Any],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    rows: torch.Tensor,
+    cols: torch.Tensor,
+    packed: Packed | None,
+    model_kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`scored_logits` at logical positions (rows, cols): on the padded batch, or on its packed layout."""
+    if packed is None:
+        return scored_logits(model, input_ids, attention_mask, rows, cols, **model_kwargs)
+    if "position_ids" in model_kwargs:
+        raise ValueError("a packed forward sets its own position_ids")
+    bins, at = packed.select(rows, cols)
+    # A cache would switch off transformers' packed-sequence masks (they are for training forwards).
+    model_kwargs = {"use_cache": False, **model_kwargs, **forward_kwargs(model, packed)}
+    attention = model_kwargs.pop("attention_mask")
+    return scored_logits(model, packed.input_ids, attention, bins, at, **model_kwargs)
+
+
 def model_sequence_logprobs(
     model: Callable[..., Any],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     loss_mask: torch.Tensor,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    *,
+    packed: Packed | None = None,
     **model_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run a causal LM on a right-padded batch and return `sequence_logprobs` of its response tokens.
@@ -255,6 +280,9 @@ def model_sequence_logprobs(
 
     Columns where every row is padding are cut before the forward; `model_kwargs` go through uncut, so do
     not pass per-token tensors (position_ids) there.
+
+    `packed` (`uft_ray.packing.pack` of this batch): the forward runs on its padding-free layout instead, and the
+    [B, T] tensors only say which tokens to score; the result is the padded forward's, up to rounding.
     """
     if input_ids.shape != attention_mask.shape or input_ids.shape != loss_mask.shape:
         raise ValueError(
@@ -266,14 +294,15 @@ def model_sequence_logprobs(
     attended = attention_mask != 0
     if bool((loss_mask.to(attended.device) != 0).logical_and(~attended).any()):
         raise ValueError("loss_mask selects padding tokens (attention_mask == 0)")
-    # Trailing all-padding columns (a batch padded to a fixed length) change no real token's logits under
-    # right padding: cut them before the forward.
-    used = attended.any(dim=0).nonzero()
-    length = int(used[-1]) + 1 if used.numel() else 1
-    input_ids, attention_mask, loss_mask = input_ids[:, :length], attention_mask[:, :length], loss_mask[:, :length]
+    if packed is None:
+        # Trailing all-padding columns (a batch padded to a fixed length) change no real token's logits under
+        # right padding: cut them before the forward.
+        used = attended.any(dim=0).nonzero()
+        length = int(used[-1]) + 1 if used.numel() else 1
+        input_ids, attention_mask, loss_mask = input_ids[:, :length], attention_mask[:, :length], loss_mask[:, :length]
 
     scored, rows, label_pos, targets = _scored(input_ids, loss_mask, input_ids.device)
-    logits, r, c = scored_logits(model, input_ids, attention_mask, rows, label_pos - 1, **model_kwargs)
+    logits, r, c = _logits(model, input_ids, attention_mask, rows, label_pos - 1, packed, model_kwargs)
     token_logp = _TargetLogProb.apply(logits, r, c, targets.to(logits.device), chunk_size)
     return _row_sums(token_logp, rows, input_ids.shape[0]), scored.sum(dim=1).to(token_logp.device)
 
@@ -398,17 +427,19 @@ def model_token_logprobs(
     *,
     with_entropy: bool = True,
     temperature: float = 1.0,
+    packed: Packed | None = None,
     **model_kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run a causal LM on a right-padded batch and return `token_logprobs` of the masked tokens ([B, T]), with
-    logits at the scored positions only (`scored_logits`), divided by `temperature` first."""
+    logits at the scored positions only (`scored_logits`), divided by `temperature` first. `packed`: as in
+    `model_sequence_logprobs`."""
     if input_ids.shape != attention_mask.shape or input_ids.shape != loss_mask.shape:
         raise ValueError(
             f"input_ids {tuple(input_ids.shape)}, attention_mask {tuple(attention_mask.shape)} and "
             f"loss_mask {tuple(loss_mask.shape)} must have the same shape"
         )
     _, rows, label_pos, targets = _scored(input_ids, loss_mask, input_ids.device)
-    logits, r, c = scored_logits(model, input_ids, attention_mask, rows, label_pos - 1, **model_kwargs)
+    logits, r, c = _logits(model, input_ids, attention_mask, rows, label_pos - 1, packed, model_kwargs)
     if temperature != 1.0:
         # In place, as veRL: a scaled copy would be a second logits tensor; the head's backward does not read
         # its own output.

@@ -88,7 +88,7 @@ def test_heldout_evaluation_scores_the_reference_first(monkeypatch):
     model = tiny_lora()
     events = recorded(model)
     cfg = loss_cfg("sft")
-    cfg.train = SimpleNamespace(micro_batch_size=3)
+    cfg.train = SimpleNamespace(micro_batch_size=3, packing=False)
     shard = SimpleNamespace(iter_batches=lambda batch_size, batch_format: iter([rows(), rows(pairs=True)]))
     train_loop.evaluate_collective(Engine(model, events), cfg, shard, PAD, world=1)
     assert events == [REF, NO_GRAD_POLICY] * 2

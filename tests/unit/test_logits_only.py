@@ -14,70 +14,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fixtures.tiny_lora import (
+    PAD,
+    REL,
+    Engine,
+    V,
+    assert_rel,
+    assert_same_grads,
+    lora_grads,
+    loss_cfg,
+    rows,
+    tiny_lora,
+)
 
 from uft_ray import losses
 from uft_ray.logprobs import model_sequence_logprobs, model_token_logprobs
 from uft_ray.train import loop as train_loop
-
-V = 128
-PAD = 0
-REL = 1e-5
-
-
-def tiny_lora(tied: bool = True, seed: int = 0):
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=tied, attn_implementation="eager",
-    )  # fmt: skip
-    model = Qwen2ForCausalLM(config)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="CAUSAL_LM"))
-    for name, p in peft.named_parameters():
-        if "lora_B" in name:  # peft starts B at 0: the policy would equal its reference
-            torch.nn.init.normal_(p, std=0.05)
-    return peft
-
-
-class Engine:
-    """What the loops use of uft_ray.train.engine.Engine: the forward callable, the peft model, backward."""
-
-    def __init__(self, peft, events: list | None = None):
-        self.module = self.peft_model = peft
-        self.events = events if events is not None else []
-        self.lr = 0.0
-
-    def backward(self, loss: torch.Tensor) -> None:
-        self.events.append("backward")
-        loss.backward()
-
-    def step(self) -> bool:
-        return True
-
-    def train(self, mode: bool = True) -> None:
-        self.peft_model.train(mode)
-
-
-def lora_grads(model) -> dict[str, torch.Tensor]:
-    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return out
-
-
-def assert_rel(got: torch.Tensor, want: torch.Tensor, tol: float = REL) -> None:
-    got, want = got.detach().double(), want.detach().double()
-    assert got.shape == want.shape
-    scale = float(want.abs().max())
-    assert float((got - want).abs().max()) <= tol * max(scale, 1e-12), (got, want)
-
-
-def assert_same_grads(got: dict, want: dict) -> None:
-    assert got.keys() == want.keys() and got
-    for name in want:
-        assert_rel(got[name], want[name])
 
 
 def full_logits(model, ids, attention, mask, temperature: float = 1.0):
@@ -99,36 +51,6 @@ def full_sums(model, ids, attention, mask):
 def full_reference(model, ids, attention, mask):
     with torch.no_grad(), model.disable_adapter():
         return full_sums(model, ids, attention, mask)[0]
-
-
-def rows(pairs: bool = False, n: int = 3, seed: int = 1) -> dict[str, np.ndarray]:
-    """Prepared-like rows: prompts about half the tokens, different lengths (right padding)."""
-    g = np.random.default_rng(seed)
-    lengths, starts = [9, 13, 6, 11][:n], [4, 7, 3, 5][:n]
-    ids = [g.integers(1, V, size=k) for k in lengths]
-    batch = {
-        "row_id": np.array([f"r{i}" for i in range(n)], dtype=object),
-        "source": np.array(["a", "b", "a", "b"][:n], dtype=object),
-        "score": np.array([0.9, 0.2, 0.6, 0.4][:n]),
-        "input_ids": np.array(ids + [None], dtype=object)[:n],
-        "response_start": np.array(starts),
-        "kind": np.array(["pair" if pairs else "score"] * n, dtype=object),
-    }
-    if pairs:
-        rejected = [
-            np.concatenate([x[:s], g.integers(1, V, size=k - s + 2)])
-            for x, s, k in zip(ids, starts, lengths, strict=True)
-        ]
-        batch["rejected_input_ids"] = np.array(rejected + [None], dtype=object)[:n]
-        batch["rejected_response_start"] = np.array(starts)
-    return batch
-
-
-def loss_cfg(loss_type: str, mode: str = "adapter_off"):
-    loss = SimpleNamespace(
-        type=loss_type, beta=0.5, source_weights={"a": 2.0}, kto_desirable_weight=1.0, kto_undesirable_weight=0.5
-    )
-    return SimpleNamespace(loss=loss, reference=SimpleNamespace(mode=mode), needs_reference=loss_type != "sft")
 
 
 def old_micro_batch_loss(model, cfg, batch, t, kto_z):
@@ -317,7 +239,7 @@ def test_heldout_evaluation_matches_full_logits(monkeypatch):
     model = tiny_lora()
     cfg = loss_cfg("uft", mode="actor")
     cfg.needs_reference = False  # an sft-like run: the reference is the adapter-off policy
-    cfg.train = SimpleNamespace(micro_batch_size=3)
+    cfg.train = SimpleNamespace(micro_batch_size=3, packing=False)
     single, pairs = rows(), rows(pairs=True, seed=4)
     train_loop.evaluate_collective(Engine(model), cfg, Shard([single, pairs]), PAD, world=1)
     assert model.training  # back in train mode

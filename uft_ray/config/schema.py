@@ -148,6 +148,15 @@ class TrainConfig:
     max_failures: int = 3
     seed: int = 0
     group_by_length: bool = True
+    # Padding-free micro-batches (uft_ray.packing): the rows side by side, each attending to itself only; the
+    # same rows and the same math as padded ones, without computing pads.
+    packing: bool = True
+    # With packing: a pair's chosen and rejected (a prompt's rollouts) share their prompt, computed once (a 4D
+    # attention mask: model.attn_implementation sdpa or eager).
+    share_prompts: bool = True
+    # With packing: the most tokens in one packed sequence; a micro-batch takes as many as it needs, all in one
+    # forward (bounds the attention's [L, L] cost). null: one sequence per micro-batch.
+    micro_batch_tokens: int | None = None
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     @property
@@ -172,7 +181,9 @@ class RolloutConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 1.0  # used when train.use_gpu
     batch_size: int = 64  # requests per generate call of the hf backend
-    gpu_memory_utilization: float = 0.4  # vllm: the rollout engine shares its GPU with nothing else by default
+    # vllm: the share of the device's memory an actor's engine takes; null: 0.9 x gpus_per_actor (0.9 on a GPU of
+    # its own, 0.45 on half of one: uft_ray.rft.rollout.rollout_memory_fraction)
+    gpu_memory_utilization: float | None = None
 
 
 @dataclass

@@ -78,6 +78,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
         _check_loss(e, cfg)
         _check_reference(e, cfg.reference, check_paths)
     _check_train(e, cfg.train)
+    _check_packing(e, cfg)
     _check_eval(e, cfg, check_paths)
     _check_output(e, cfg.output)
     _check_logging(e, cfg.logging, check_paths)
@@ -221,6 +222,21 @@ def _check_train(e: _Problems, tr: TrainConfig) -> None:
         e.append("train.deepspeed.offload_params: needs train.deepspeed.zero_stage=3 (or auto)")
 
 
+def _check_packing(e: _Problems, cfg: Config) -> None:
+    tr = cfg.train
+    e.positive("train.micro_batch_tokens", tr.micro_batch_tokens)
+    if not tr.packing or cfg.model.attn_implementation != "flash_attention_2":
+        return
+    # flash-attention's variable-length kernels take the rows from the position ids of one sequence: no custom
+    # mask (a shared prompt), no batch of several packed sequences.
+    if tr.share_prompts:
+        e.append("train.share_prompts: needs model.attn_implementation sdpa or eager (flash_attention_2 takes no "
+                 "custom attention mask); set train.share_prompts: false")  # fmt: skip
+    if tr.micro_batch_tokens is not None:
+        e.append("train.micro_batch_tokens: needs model.attn_implementation sdpa or eager (flash_attention_2 packs "
+                 "one sequence per forward); set it to null")  # fmt: skip
+
+
 def _check_logging(e: _Problems, lg: LoggingConfig, check_packages: bool) -> None:
     for i, name in enumerate(lg.trackers):
         e.one_of(f"logging.trackers.{i}", name, TRACKERS)
@@ -278,6 +294,9 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
         e.positive(f"rft.rollout.{name}", getattr(ro, name))
     for name in ("cpus_per_actor", "gpus_per_actor"):
         e.positive(f"rft.rollout.{name}", getattr(ro, name), zero_ok=True)
+    g = ro.gpu_memory_utilization
+    if g is not None and not 0 < g <= 1:
+        e.append(f"rft.rollout.gpu_memory_utilization: a share of the device's memory in (0, 1], or null, got {g!r}")
     if ro.backend == "vllm" and not tr.use_gpu:
         e.append("rft.rollout.backend: vllm needs train.use_gpu=true (use hf on CPU)")
     _check_rft_updates(e, cfg)

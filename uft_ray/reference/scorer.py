@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from uft_ray import packing as packing_lib
 from uft_ray import schema
 from uft_ray.config import Config, compute_dtype
 
@@ -37,6 +38,9 @@ logger = logging.getLogger(__name__)
 # Padded tokens per forward (`reference.batch_tokens`'s default): 8 x 2048 keeps the logits of a 152k-vocab bf16
 # model under 5 GB (only the response positions get logits: uft_ray.logprobs.scored_logits).
 DEFAULT_MAX_TOKENS_PER_FORWARD = 16_384
+# Packed (`train.packing`): a forward's tokens go in sequences of at most this many, so the attention's [L, L] mask
+# and cost stay those of a 4k sequence whatever `reference.batch_tokens` is.
+PACKED_SEQUENCE_TOKENS = 4096
 MAX_REPORTS_IN_FLIGHT = 4  # collector reports a scorer leaves outstanding before it waits for the oldest
 _PAIR_COLUMNS = ("rejected_input_ids", "rejected_response_start")
 SCORER_INPUT_COLUMNS = ("row_id", "input_ids", "response_start", *_PAIR_COLUMNS)
@@ -147,6 +151,8 @@ class ReferenceScorer:
         output_columns: list[str] | None = None,
         collector: Any = None,
         reports_in_flight: int = MAX_REPORTS_IN_FLIGHT,
+        packing: bool = False,
+        share_prompts: bool = True,
     ):
         import torch
 
@@ -158,12 +164,13 @@ class ReferenceScorer:
             revision=revision,
             adapter=adapter,
             dtype=dtype,
-            attn_implementation=attn_implementation,
+            attn_implementation=packing_lib.attn_implementation(attn_implementation, packing),
             trust_remote_code=trust_remote_code,
             gpus=gpus,
         )
         self.device = self.model.get_input_embeddings().weight.device
         self.max_tokens = max_tokens_per_forward
+        self.packing, self.share_prompts = packing, share_prompts
         self.output_columns = output_columns
         self.reports_in_flight = max(0, int(reports_in_flight))
         self.pid = os.getpid()
@@ -175,10 +182,16 @@ class ReferenceScorer:
             ray.get(collector.hello.remote(self.host, self.pid))
         self.collector = collector
 
-    def score(self, sequences: list[np.ndarray], starts: list[int]) -> tuple[np.ndarray, int]:
-        """Summed response log-probs of each sequence (float64), and the number of model forwards."""
+    def score(
+        self, sequences: list[np.ndarray], starts: list[int], pairs: list[list[int]] | None = None
+    ) -> tuple[np.ndarray, int]:
+        """Summed response log-probs of each sequence (float64), and the number of model forwards.
+
+        `pairs`: sequences that share a prompt (a pair's chosen and rejected); packed, it is computed once."""
         from uft_ray.logprobs import model_sequence_logprobs
 
+        if self.packing:
+            return self._score_packed(sequences, starts, pairs or [])
         torch = self._torch
         out = np.zeros(len(sequences), dtype=np.float64)
         groups = length_groups([len(s) for s in sequences], self.max_tokens)
@@ -199,6 +212,43 @@ class ReferenceScorer:
                 out[group] = logp.double().cpu().numpy()
         return out, len(groups)
 
+    def _score_packed(
+        self, sequences: list[np.ndarray], starts: list[int], pairs: list[list[int]]
+    ) -> tuple[np.ndarray, int]:
+        """`score` without padding: units (a pair, or a sequence alone) into forwards of at most `max_tokens`
+        tokens, each laid out by `uft_ray.packing.pack` in sequences of at most `PACKED_SEQUENCE_TOKENS`."""
+        from uft_ray.logprobs import model_sequence_logprobs
+        from uft_ray.packing import pack
+
+        torch = self._torch
+        paired = {i for p in pairs for i in p}
+        units = [list(p) for p in pairs] + [[i] for i in range(len(sequences)) if i not in paired]
+        sizes = [sum(len(sequences[i]) for i in u) for u in units]
+        out = np.zeros(len(sequences), dtype=np.float64)
+        forwards = 0
+        with torch.inference_mode():
+            for chunk in length_groups(sizes, self.max_tokens):  # by size, rows x largest <= budget: a bound
+                members = [i for u in chunk for i in units[u]]
+                width = max(len(sequences[i]) for i in members)
+                ids = torch.zeros(len(members), width, dtype=torch.long)
+                attn = torch.zeros_like(ids)
+                loss = torch.zeros_like(ids)
+                for r, i in enumerate(members):
+                    n = len(sequences[i])
+                    ids[r, :n] = torch.from_numpy(np.asarray(sequences[i], dtype=np.int64))
+                    attn[r, :n] = 1
+                    loss[r, int(starts[i]) : n] = 1
+                local = {i: r for r, i in enumerate(members)}
+                groups = [[local[i] for i in units[u]] for u in chunk if len(units[u]) > 1]
+                ids, attn, loss = ids.to(self.device), attn.to(self.device), loss.to(self.device)
+                packed = pack(
+                    ids, attn, groups=groups, max_tokens=PACKED_SEQUENCE_TOKENS, share_prefix=self.share_prompts
+                )
+                logp, _ = model_sequence_logprobs(self.model, ids, attn, loss, packed=packed)
+                out[members] = logp.double().cpu().numpy()
+                forwards += 1
+        return out, forwards
+
     def __call__(self, batch: pa.Table | dict[str, np.ndarray]) -> pa.Table | dict[str, np.ndarray]:
         is_arrow = isinstance(batch, pa.Table)
 
@@ -212,15 +262,17 @@ class ReferenceScorer:
         chosen, chosen_start = col("input_ids"), col("response_start")
         rejected, rejected_start = col("rejected_input_ids"), col("rejected_response_start")
         sequences, starts, slots = [], [], []  # slot: (row, 0 chosen | 1 rejected)
+        pairs = []
         for i in range(n):
             sequences.append(chosen[i])
             starts.append(chosen_start[i])
             slots.append((i, 0))
             if rejected is not None and rejected[i] is not None:
+                pairs.append([len(sequences) - 1, len(sequences)])
                 sequences.append(rejected[i])
                 starts.append(rejected_start[i])
                 slots.append((i, 1))
-        values, forwards = self.score(sequences, starts)
+        values, forwards = self.score(sequences, starts, pairs)
         logp = np.full(n, np.nan)
         logp_rej: list[float | None] = [None] * n
         for (i, side), v in zip(slots, values, strict=True):
@@ -292,4 +344,6 @@ def scorer_kwargs(cfg: Config) -> dict[str, Any]:
         "trust_remote_code": cfg.model.trust_remote_code,
         "gpus": actor_gpus(cfg),
         "max_tokens_per_forward": cfg.reference.batch_tokens,
+        "packing": cfg.train.packing,
+        "share_prompts": cfg.train.share_prompts,
     }

@@ -83,7 +83,7 @@ def start_rollout_actors(cfg: Config, tokenizer: Any, *, into: list[Any]) -> lis
     import ray
 
     from uft_ray.config import compute_dtype
-    from uft_ray.rft.rollout import RolloutActor
+    from uft_ray.rft.rollout import RolloutActor, rollout_memory_fraction
 
     ro, r = cfg.rft.rollout, cfg.rft
     backend = rollout_backend(cfg)
@@ -109,7 +109,7 @@ def start_rollout_actors(cfg: Config, tokenizer: Any, *, into: list[Any]) -> lis
             threads=max(1, int(ro.cpus_per_actor)),
             revision=cfg.model.revision,
             trust_remote_code=cfg.model.trust_remote_code,
-            gpu_memory_utilization=ro.gpu_memory_utilization,
+            gpu_memory_utilization=rollout_memory_fraction(ro.gpu_memory_utilization, ro.gpus_per_actor),
             max_model_len=r.max_prompt_len + r.max_response_len,
         ))  # fmt: skip
     ray.get([a.digest.remote() for a in into])  # loaded (a bad model path fails here, before training)

@@ -37,10 +37,12 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from uft_ray import packing as packing_lib
 from uft_ray.config import Config
 from uft_ray.logprobs import model_token_logprobs
 from uft_ray.losses import group_advantages, hint_rft_loss
 from uft_ray.model_store import local_model
+from uft_ray.packing import Packed
 from uft_ray.reference.adapter_off import reference_model
 from uft_ray.rft.rollout import RolloutPool, adapter_bytes, adapter_digest, request_seed
 from uft_ray.tasks.generic import load_verifier
@@ -56,7 +58,7 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
     w = worker.join(config)
     cfg, run, hooks, rank, world = w.cfg, w.run, w.hooks, w.rank, w.world
     r, total_steps = cfg.rft, int(config["steps"])
-    pool = RolloutPool(config["actors"])
+    pool = RolloutPool(config["actors"], rank, world)
     tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
     eval_rows = config["eval_rows"][rank::world]  # this rank's share of the held-out prompts
     per_rank = r.prompts_per_step // world
@@ -319,8 +321,12 @@ def sync_adapter_collective(w: worker.Worker, engine: Engine, pool: RolloutPool,
 # The updates.
 
 
-def _pad(rollouts: list[dict[str, Any]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """prompt + hint + response, right-padded; masks of the response tokens and of the hint tokens."""
+def _pad(
+    rollouts: list[dict[str, Any]], pad_id: int, device: torch.device, packing: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """prompt + hint + response, right-padded; masks of the response tokens and of the hint tokens. `packing`
+    (uft_ray.packing.args): their padding-free layout too, under "packed", the rollouts of one prompt
+    sharing it (and its hint, when they share one)."""
     seqs = [r["prompt_ids"] + r["hint_ids"] + r["response_ids"] for r in rollouts]
     longest = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
@@ -333,7 +339,13 @@ def _pad(rollouts: list[dict[str, Any]], pad_id: int, device: torch.device) -> d
         attention[i, : len(s)] = 1
         hint[i, p : p + h] = 1
         response[i, p + h : len(s)] = 1
-    return {k: v.to(device) for k, v in dict(ids=ids, attention=attention, response=response, hint=hint).items()}
+    out: dict[str, Any] = {
+        k: v.to(device) for k, v in dict(ids=ids, attention=attention, response=response, hint=hint).items()
+    }
+    if packing is not None:
+        groups = packing_lib.key_groups([r["group"] for r in rollouts])
+        out["packed"] = packing_lib.pack(out["ids"], out["attention"], groups=groups, pad_id=pad_id, **packing)
+    return out
 
 
 def scaled_token_logprobs(
@@ -344,12 +356,13 @@ def scaled_token_logprobs(
     *,
     temperature: float,
     with_entropy: bool,
+    packed: Packed | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`uft_ray.logprobs.model_token_logprobs`: logits at the scored positions only, divided by the sampling
     temperature (veRL's dp_actor does the same for the policy, the old and the reference log-probs): the ratios
     and the KL are then those of the distribution the rollouts were drawn from, not of the temperature-1 one."""
     return model_token_logprobs(
-        model, input_ids, attention_mask, loss_mask, with_entropy=with_entropy, temperature=temperature
+        model, input_ids, attention_mask, loss_mask, with_entropy=with_entropy, temperature=temperature, packed=packed
     )
 
 
@@ -360,7 +373,13 @@ def _forward(
     scored = t["response"] | t["hint"]
     with torch.set_grad_enabled(grad):
         return scaled_token_logprobs(
-            engine.module, t["ids"], t["attention"], scored, temperature=temperature, with_entropy=grad
+            engine.module,
+            t["ids"],
+            t["attention"],
+            scored,
+            temperature=temperature,
+            with_entropy=grad,
+            packed=t.get("packed"),
         )
 
 
@@ -378,7 +397,13 @@ def _reference(engine: Engine, t: dict[str, torch.Tensor], temperature: float) -
     uft_ray.reference.adapter_off)."""
     with reference_model(engine.peft_model) as base:
         logp, _ = scaled_token_logprobs(
-            base, t["ids"], t["attention"], t["response"], temperature=temperature, with_entropy=False
+            base,
+            t["ids"],
+            t["attention"],
+            t["response"],
+            temperature=temperature,
+            with_entropy=False,
+            packed=t.get("packed"),
         )
     return logp
 
@@ -427,11 +452,17 @@ def _train_on(
     hint_loss = sft or (r.hint.mode != "r3" and r.hint_coef > 0)  # R3 reveals hints but does not train on them
     hint_coef = 1.0 if sft else r.hint_coef  # sft: the answer's NLL is the whole loss
     updates = []
+    packing = packing_lib.args(cfg)
     for chunk in update_minibatches(rollouts, r.updates_per_step, 1 if sft else r.n):
-        # Grouped by length: the advantages are already fixed, so the order inside an update is free.
-        chunk = sorted(chunk, key=lambda x: len(x["prompt_ids"]) + len(x["hint_ids"]) + len(x["response_ids"]))
+        # The advantages are already fixed, so the order inside an update is free. Padded: grouped by length.
+        # Packed: no padding to save, and a prompt's rollouts kept together share the prompt's forward.
+        if packing is None:
+            chunk = sorted(chunk, key=lambda x: len(x["prompt_ids"]) + len(x["hint_ids"]) + len(x["response_ids"]))
         updates.append(
-            [_pad(chunk[i : i + mb], pad_id, device) | {"rows": chunk[i : i + mb]} for i in range(0, len(chunk), mb)]
+            [
+                _pad(chunk[i : i + mb], pad_id, device, packing) | {"rows": chunk[i : i + mb]}
+                for i in range(0, len(chunk), mb)
+            ]
         )
     # Every no-grad forward before the first grad forward (uft_ray.reference.adapter_off: ZeRO-3's prefetch
     # order, and no reference activations next to the policy's): the reference's, and the old log-probs,

@@ -78,7 +78,7 @@ def vllm_engine_args(
     dtype: str,
     revision: str | None = None,
     trust_remote_code: bool = False,
-    gpu_memory_utilization: float = 0.4,
+    gpu_memory_utilization: float = 0.9,
     max_model_len: int | None = None,
 ) -> dict[str, Any]:
     """The arguments of the rollout actor's `vllm.LLM`: LoRA on, one adapter at a time, room for its rank."""
@@ -194,7 +194,7 @@ class RolloutActor:
         threads: int = 1,
         revision: str | None = None,
         trust_remote_code: bool = False,
-        gpu_memory_utilization: float = 0.4,
+        gpu_memory_utilization: float = 0.9,
         max_model_len: int | None = None,
     ) -> None:
         import torch
@@ -345,11 +345,36 @@ class RolloutActor:
         return [self._cut(list(o.outputs[0].token_ids)) for o in outs]
 
 
-class RolloutPool:
-    """The actors of a run: requests split into one contiguous slice per actor; the adapter sent to all."""
+def actors_of_rank(n_actors: int, rank: int, world: int) -> list[int]:
+    """The actors a trainer rank sends its requests to: its own contiguous share when there are at least as many
+    actors as ranks (8 actors, 4 ranks: rank 1 gets [2, 3]), else one actor shared by ranks rank % n_actors.
 
-    def __init__(self, actors: list[Any]) -> None:
+    Each rank's requests then go out as one big call per actor, instead of every rank splitting its few prompts
+    over every actor (an actor serves its calls one after another: W small calls cost W round trips and W
+    under-filled batches)."""
+    if n_actors < 1 or world < 1 or not 0 <= rank < world:
+        raise ValueError(f"need n_actors >= 1 and 0 <= rank < world, got {n_actors}, {rank}, {world}")
+    if n_actors < world:
+        return [rank % n_actors]
+    bounds = np.linspace(0, n_actors, world + 1).round().astype(int)
+    return list(range(bounds[rank], bounds[rank + 1]))
+
+
+def rollout_memory_fraction(gpu_memory_utilization: float | None, gpus_per_actor: float) -> float:
+    """vLLM's `gpu_memory_utilization` (a share of the whole device): the configured value, else 0.9 of the share
+    of the GPU the actor holds (a dedicated GPU 0.9; half of one 0.45, leaving the other half to its neighbour)."""
+    if gpu_memory_utilization is not None:
+        return float(gpu_memory_utilization)
+    return round(0.9 * min(1.0, max(gpus_per_actor, 0.0)) or 0.9, 4)
+
+
+class RolloutPool:
+    """The actors one trainer rank uses (`actors_of_rank`): its requests split into one contiguous slice per
+    actor of its own; the adapter (rank 0's sync) sent to every actor."""
+
+    def __init__(self, actors: list[Any], rank: int = 0, world: int = 1) -> None:
         self.actors = list(actors)
+        self.own = [self.actors[i] for i in actors_of_rank(len(self.actors), rank, world)]
 
     def generate(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
         """`responses` in request order, `seconds` (the slowest actor's), `versions` (adapter versions used)."""
@@ -357,10 +382,10 @@ class RolloutPool:
 
         if not requests:
             return {"responses": [], "seconds": 0.0, "versions": set()}
-        n = len(self.actors)
+        n = len(self.own)
         bounds = np.linspace(0, len(requests), n + 1).round().astype(int)
         calls = [
-            self.actors[i].generate.remote(requests[bounds[i] : bounds[i + 1]])
+            self.own[i].generate.remote(requests[bounds[i] : bounds[i + 1]])
             for i in range(n)
             if bounds[i + 1] > bounds[i]
         ]

@@ -57,6 +57,7 @@ from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 from uft_ray.config import Config, compute_dtype
 from uft_ray.config.schema import TrainConfig
 from uft_ray.model_store import local_model
+from uft_ray.packing import attn_implementation
 from uft_ray.reference.adapter_off import load_reference_adapter
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINT_DEEPSPEED
 
@@ -409,7 +410,8 @@ def build_engine(
         local_model(cfg.model.path),  # a bucket's model: downloaded once per node
         revision=cfg.model.revision,
         dtype=dtype,
-        attn_implementation=cfg.model.attn_implementation,
+        # packed runs: sdpa per row (uft_ray.packing.segment_attention)
+        attn_implementation=attn_implementation(cfg.model.attn_implementation, cfg.train.packing),
         trust_remote_code=cfg.model.trust_remote_code,
     )
     sharded = hf_ds_config is not None and all(hasattr(p, "ds_shape") and p.numel() == 0 for p in model.parameters())

@@ -27,6 +27,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from uft_ray import packing as packing_lib
 from uft_ray.config import Config
 from uft_ray.logprobs import model_sequence_logprobs
 from uft_ray.losses import dpo_loss, kto_loss, per_source_metrics, rank_scale, sft_loss, uft_loss, una_bce_loss
@@ -41,6 +42,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg, run, hooks, rank, world, device = w.cfg, w.run, w.hooks, w.rank, w.world, w.device
     total_steps, sources = int(config["steps"]), list(config["sources"])
     mb, ga = cfg.train.micro_batch_size, cfg.train.grad_accum
+    packing = packing_lib.args(cfg)
 
     # 1-3. Where to start (the last checkpoint's driver state: step, rows consumed per source, seeds; or step
     # 0), this rank's planned micro-batches in plan order from there on, and the policy under DeepSpeed (on
@@ -74,7 +76,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             batch = next(batches)
             acc.wait_s += time.perf_counter() - t0
             _check_plan_position(batch, step, micro, rank)
-            step_batches.append((batch, collate(batch, config["pad_id"], device, pairs=cfg.loss.type == "dpo")))
+            tensors = collate(batch, config["pad_id"], device, pairs=cfg.loss.type == "dpo", packing=packing)
+            step_batches.append((batch, tensors))
         kto_z, refs = kto_reference_point(engine, cfg, step_batches) if cfg.loss.type == "kto" else (None, None)
         for micro, (batch, tensors) in enumerate(step_batches):
             ref = refs[micro] if refs else None
@@ -143,15 +146,30 @@ def _pad(seqs: list[np.ndarray], starts: list[int], pad_id: int, device: torch.d
     return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "loss_mask": loss_mask.to(device)}
 
 
-def collate(batch: dict[str, np.ndarray], pad_id: int, device: torch.device, *, pairs: bool) -> dict[str, Any]:
-    """Tensors of one micro-batch. Pairs: chosen rows then rejected rows, padded together for one forward."""
+def collate(
+    batch: dict[str, np.ndarray],
+    pad_id: int,
+    device: torch.device,
+    *,
+    pairs: bool,
+    packing: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Tensors of one micro-batch. Pairs: chosen rows then rejected rows, padded together for one forward.
+
+    `packing` (`uft_ray.packing.args(cfg)`): also their padding-free layout under "packed" (uft_ray.packing), a pair's
+    chosen and rejected sharing their prompt; the forwards run on it. "tokens": the rows' tokens; "computed" and
+    "padded": the positions the forward computes that hold a token, and all of them."""
     seqs, starts = list(batch["input_ids"]), [int(x) for x in batch["response_start"]]
     if pairs:
         seqs += list(batch["rejected_input_ids"])
         starts += [int(x) for x in batch["rejected_response_start"]]
     out: dict[str, Any] = _pad(seqs, starts, pad_id, device)
-    out["tokens"] = int(sum(len(s) for s in seqs))
+    out["tokens"] = out["computed"] = int(sum(len(s) for s in seqs))
     out["padded"] = int(out["input_ids"].numel())
+    if packing is not None:
+        groups = packing_lib.pair_groups(len(batch["row_id"])) if pairs else None
+        packed = packing_lib.pack(out["input_ids"], out["attention_mask"], groups=groups, pad_id=pad_id, **packing)
+        out |= {"packed": packed, "computed": packed.tokens, "padded": packed.size}
     return out
 
 
@@ -167,7 +185,11 @@ def _reference_logprobs(
     policy forward (uft_ray.reference.adapter_off: ZeRO-3's prefetch order, peak memory)."""
     if cfg.reference.mode == "adapter_off":
         ref, _ = adapter_off_logprobs(
-            engine.peft_model, tensors["input_ids"], tensors["attention_mask"], tensors["loss_mask"]
+            engine.peft_model,
+            tensors["input_ids"],
+            tensors["attention_mask"],
+            tensors["loss_mask"],
+            packed=tensors.get("packed"),
         )
         return ref
     columns = [REF_LOGP, REF_LOGP_REJECTED] if cfg.loss.type == "dpo" else [REF_LOGP]
@@ -192,7 +214,9 @@ def kto_reference_point(
     with torch.no_grad():
         for batch, t in step_batches:
             ref = _reference_logprobs(engine, cfg, batch, t, t["input_ids"].device)
-            policy, _ = model_sequence_logprobs(engine.module, t["input_ids"], t["attention_mask"], t["loss_mask"])
+            policy, _ = model_sequence_logprobs(
+                engine.module, t["input_ids"], t["attention_mask"], t["loss_mask"], packed=t.get("packed")
+            )
             ref = ref.to(policy.device)
             total += torch.tensor([float((policy.double() - ref.double()).sum()), float(len(batch["row_id"]))])
             refs.append(ref)
@@ -222,7 +246,7 @@ def micro_batch_loss(
     loss_type, beta = cfg.loss.type, cfg.loss.beta
     if ref is None and loss_type != "sft":
         ref = _reference_logprobs(engine, cfg, batch, tensors, ids.device)
-    policy, n_tokens = model_sequence_logprobs(engine.module, ids, attention, loss_mask)
+    policy, n_tokens = model_sequence_logprobs(engine.module, ids, attention, loss_mask, packed=tensors.get("packed"))
     device = policy.device
     weights = cfg.loss.source_weights or {}
     weight = torch.tensor([weights.get(s, 1.0) for s in batch["source"]], dtype=policy.dtype, device=device)
@@ -283,14 +307,14 @@ def evaluate_collective(engine: Engine, cfg: Config, shard: Any, pad_id: int, wo
                 model_sequence_logprobs(engine.module, ids, torch.ones_like(ids), torch.zeros_like(ids))
                 continue
             batch, pairs = parts[i]
-            t = collate(batch, pad_id, device, pairs=pairs)
-            ids, attention, mask = t["input_ids"], t["attention_mask"], t["loss_mask"]
+            t = collate(batch, pad_id, device, pairs=pairs, packing=packing_lib.args(cfg))
+            ids, attention, mask, packed = t["input_ids"], t["attention_mask"], t["loss_mask"], t.get("packed")
             if cached:
                 columns = [REF_LOGP, REF_LOGP_REJECTED] if pairs else [REF_LOGP]
                 ref = torch.as_tensor(np.concatenate([batch[c] for c in columns]).astype(np.float64))
             else:
-                ref, _ = adapter_off_logprobs(engine.peft_model, ids, attention, mask)
-            policy, n_tokens = model_sequence_logprobs(engine.module, ids, attention, mask)
+                ref, _ = adapter_off_logprobs(engine.peft_model, ids, attention, mask, packed=packed)
+            policy, n_tokens = model_sequence_logprobs(engine.module, ids, attention, mask, packed=packed)
             n = len(batch["row_id"])
             for j in range(n):
                 rec = {
@@ -323,6 +347,7 @@ class _StepRecord:
         self.rows: dict[str, list[float]] = {}
         self.tokens = 0
         self.padded = 0
+        self.computed = 0
         self.wait_s = 0.0
         self.scaled_loss = 0.0
         self.lr = 0.0
@@ -336,6 +361,7 @@ class _StepRecord:
                 self.rows.setdefault(key, []).extend(value.double().cpu().tolist())
         self.tokens += tensors["tokens"]
         self.padded += tensors["padded"]
+        self.computed += tensors["computed"]
         self.scaled_loss += scaled_loss
         self.epoch = int(batch["epoch"][0])
         if "kto_z" in metrics:
@@ -354,6 +380,7 @@ def _aggregate_collective(acc: _StepRecord, world: int) -> dict[str, Any]:
         "n_rows": len(sources),
         "tokens": sum(g["tokens"] for g in gathered),
         "padded": sum(g["padded"] for g in gathered),
+        "computed": sum(g["computed"] for g in gathered),
         "wait_s": sum(g["wait_s"] for g in gathered) / world,
         "scaled_loss": sum(g["scaled_loss"] for g in gathered),
         "lr": gathered[0]["lr"],
@@ -392,7 +419,8 @@ def _metrics_row(
         {
             "tokens_per_s": record["tokens"] / step_time,
             "samples_per_s": record["n_rows"] / step_time,
-            "padding_frac": 1.0 - record["tokens"] / record["padded"],
+            # positions computed that hold no token (packed: a shared prompt is one computed token, not two)
+            "padding_frac": 1.0 - record["computed"] / record["padded"],
             "data_wait_frac": min(record["wait_s"] / step_time, 1.0),
             "step_time_s": step_time,
             "lr": record["lr"],
