@@ -31,6 +31,10 @@ from fixtures import procs
 
 # Before anything starts: every process of this session inherits it (Ray's, moto's, the CLIs the tests run).
 os.environ.setdefault(procs.SESSION, uuid.uuid4().hex)
+# Ray Train's controller notices a finished (or reporting) worker group when it next polls, every 2 s by default:
+# about 1 s lost at the end of each of the suite's ~40 fits. A missed poll is only retried (a worker counts as
+# hung after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min), so polling more often is safe on 2 busy cores.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 STRAY_GRACE_S = 30  # processes still shutting down when the session ends (Ray's raylet after `ray.shutdown`)
 DEEPSPEED_BUILD_S = 600
 

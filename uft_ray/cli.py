@@ -10,6 +10,7 @@
     uft-ray eval RUN_DIR|ADAPTER --tasks T[,T...]       benchmarks with lm-evaluation-harness (or --preset uft-paper)
     uft-ray compare RECIPE.yaml [k=v ...]               run every arm of a comparison, then its table
     uft-ray tasks check PATH --task TASK                hint_rft task files: does every row's own answer score 1.0?
+    uft-ray evidence NAME [--seeds 0,1,2]               a paper's claim in miniature on CPU: curves, table, plot
 
 Exit codes: 0 success; 1 the run or job failed (or the cluster could not be reached); 2 bad usage or config.
 """
@@ -486,6 +487,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo-assets", action="store_true", help="first make the demo's tiny model and shards")
     p.set_defaults(fn=cmd_compare)
 
+    p = add("evidence", "a small CPU experiment per seed paper, seeded and repeated: curves, table, plot "
+            "(uft_ray/evidence.py; `uft-ray evidence hints --help`)",
+            "  uft-ray evidence hints --results docs/results.md\n"
+            "  uft-ray evidence hints --seeds 0 --steps 20 --arms uft,rft")  # fmt: skip
+    p.add_argument("args", nargs=argparse.REMAINDER, metavar="NAME [OPTIONS]")
+    p.set_defaults(fn=cmd_evidence)
+
     p = add("eval", "benchmarks with lm-evaluation-harness on base + adapter, in Ray actors (one per GPU)",
             "  uft-ray eval runs/demo --tasks my_task --include-path tasks/ --limit 8\n"
             "  uft-ray eval /shared/runs/mistral7b-uft --preset uft-paper --address auto\n"
@@ -519,6 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
             "  uft-ray tasks check s3://bucket/kk/test.parquet --task knights_knaves --rules strict")  # fmt: skip
     add_tasks_parser(p)
     return parser
+
+
+def cmd_evidence(args: argparse.Namespace) -> int:
+    from uft_ray import evidence
+
+    return evidence.main(list(args.args))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

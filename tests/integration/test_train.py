@@ -6,14 +6,14 @@ what they did through test hooks (tests/fixtures/recorder.py):
 - `uft20`: 20 steps (2 epochs of 40 rows, global batch 4), checkpoints every 5; tests 1, 2, 3 and 5 read it.
 - `interrupted`: the same config, a worker killed by its pid after step 6 (FailureConfig restarts from
   checkpoint 5), then stopped after step 10 and rerun to the end (tests 3 and 4).
-- `one_worker` / `accumulated` / `adapter_off`: 2 steps with 1 worker x micro-batch 4, a checkpoint after each
-  (test 5 reads its first step; it is also the sweep's beta-0.1 run in turn); one step with micro-batch 1 x
-  accumulation 4; one step with `reference.mode: adapter_off` (test 5, one change each).
-- `sequential`: sft stage 1 on UltraChat, uft stage 2 on HelpSteer2 against base + stage-1 adapter (test 6).
+- `one_worker` / `adapter_off`: 2 steps with 1 worker x micro-batch 4, a checkpoint after each (test 5 reads its
+  first step; it is also the sweep's beta-0.1 run in turn); one step with micro-batch 1 x accumulation 4 and
+  `reference.mode: adapter_off` (test 5: two invariances in one run).
+- The sequential recipe (stage 2 against base + stage-1 adapter) runs in tests/integration/test_compare.py.
 - `dpo` / `dpo_accumulated`, `kto` / `kto_accumulated`: 2 steps on HelpSteer2 pairs / binary rows, 2 workers x
   micro-batch 2, and 2 workers x micro-batch 1 x accumulation 2 on the same prepared rows (recipes).
-- `sweep`: two runs with different `loss.beta` sharing one prepared directory, at the same time, and the same
-  two one after the other (`one_worker` is the first) (test 7).
+- `sweep`: two runs with different `loss.beta` sharing one prepared directory at the same time; `one_worker` is
+  the first of them in turn (test 7).
 
 Run: `pytest tests/integration/test_train.py -q` (several minutes on 2 cores).
 """
@@ -32,7 +32,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 from fixtures.eval_tasks import MC, write_local_tasks
 from fixtures.recorder import Recorder
 from safetensors.torch import load_file
@@ -152,43 +151,15 @@ def zero0(make_config, uft_prepared) -> RunResult:
 
 
 @pytest.fixture(scope="module")
-def accumulated(make_config, uft_prepared) -> RunResult:
-    cfg = make_config(
-        "w1-mb1-ga4",
-        train={"num_workers": 1, "micro_batch_size": 1, "grad_accum": 4, "max_steps": 1, "warmup_ratio": 0.0},
-    )
-    return driver.run(cfg, prepared_dir=uft_prepared)
-
-
-@pytest.fixture(scope="module")
 def adapter_off(make_config, uft_prepared) -> RunResult:
-    """`one_worker`'s first step with the reference as the policy's own forward with LoRA disabled."""
+    """`one_worker`'s first step (micro-batch 4) as micro-batch 1 x accumulation 4, with the reference as the
+    policy's own forward with LoRA disabled: one run for both invariances (each fit costs ~25 s)."""
     cfg = make_config(
-        "w1-mb4-adapter-off",
-        train={"num_workers": 1, "micro_batch_size": 4, "max_steps": 1, "warmup_ratio": 0.0},
+        "w1-mb1-ga4-adapter-off",
+        train={"num_workers": 1, "micro_batch_size": 1, "grad_accum": 4, "max_steps": 1, "warmup_ratio": 0.0},
         reference={"mode": "adapter_off"},
     )
     return driver.run(cfg, prepared_dir=uft_prepared)
-
-
-@pytest.fixture(scope="module")
-def sequential(make_config, tiny_assets) -> tuple[RunResult, RunResult]:
-    stage1 = make_config(
-        "seq-stage1-sft",
-        data={
-            "sources": [{"name": "ultrachat", "format": "ultrachat_200k", "path": tiny_assets["ultrachat_200k_train"]}]
-        },
-        mixture={"counts": {"ultrachat": 12}},
-        loss={"type": "sft"},
-        train={"max_steps": 3, "epochs": 1},
-    )
-    stage2 = make_config(
-        "seq-stage2-uft",
-        data={"sources": [{"name": "helpsteer2", "format": "helpsteer2", "path": tiny_assets["helpsteer2_train"]}]},
-        mixture={"counts": {"helpsteer2": 12}},
-        train={"max_steps": 2, "epochs": 1},
-    )
-    return driver.run_sequential(stage1, stage2)
 
 
 def _helpsteer2_run(make_config, tiny_assets, name: str, loss: str, kind: str, **train: Any) -> Any:
@@ -420,8 +391,8 @@ def test_adapter_off_reference_trains_the_same_first_step_as_the_actor_cache(ada
     assert abs(a["reward/helpsteer2"]) < 1e-4  # policy == reference before the first update, by construction
 
 
-def test_micro_batch_1_x_accumulation_4_equals_micro_batch_4_x_accumulation_1(accumulated, one_worker):
-    a, b = metrics(accumulated.run_dir)[0], metrics(one_worker.run_dir)[0]
+def test_micro_batch_1_x_accumulation_4_equals_micro_batch_4_x_accumulation_1(adapter_off, one_worker):
+    a, b = metrics(adapter_off.run_dir)[0], metrics(one_worker.run_dir)[0]
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert a["lr"] == b["lr"] > 0  # the first step's rate, whatever the schedule's length
@@ -429,34 +400,12 @@ def test_micro_batch_1_x_accumulation_4_equals_micro_batch_4_x_accumulation_1(ac
     # Adam's first step is lr * g / (|g| + eps): about lr * sign(g), so float noise in a near-zero g shows at
     # ~1e-4 * lr, while a dropped or double-counted micro-batch flips signs (2 * lr). Scale errors, which the
     # sign hides, show in grad_norm above.
-    after_a, after_b = adapter(accumulated.adapter_dir), adapter(checkpoint(one_worker.run_dir, 1) + "/adapter")
+    after_a, after_b = adapter(adapter_off.adapter_dir), adapter(checkpoint(one_worker.run_dir, 1) + "/adapter")
     changed = 0
     for k in after_a:
         torch.testing.assert_close(after_a[k], after_b[k], rtol=0, atol=1e-3 * 1e-2)
         changed += int((after_b[k] != 0).any()) if "lora_B" in k else 0
     assert changed == 14  # the first update moved every B matrix (A gets no gradient while B is 0)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# 6. Sequential recipe
-
-
-def test_sequential_stage2_continues_stage1_adapter_with_it_as_reference(sequential):
-    first, second = sequential
-    assert [r["step"] for r in metrics(first.run_dir)] == [1, 2, 3]
-    assert [r["step"] for r in metrics(second.run_dir)] == [1, 2]
-    config = yaml.safe_load((Path(second.run_dir) / "config.yaml").read_text())
-    assert config["model"]["adapter"] == config["reference"]["adapter"] == first.adapter_dir
-    step1 = metrics(second.run_dir)[0]
-    # Stage 2's policy starts as base + stage-1 adapter, and so does its reference: r == 0 at its first step.
-    assert abs(step1["reward/helpsteer2"]) < 1e-4
-    stage1 = adapter(first.adapter_dir)
-    assert any((v != 0).any() for k, v in stage1.items() if "lora_B" in k)  # stage 1 trained something
-    stage2 = adapter(second.adapter_dir)
-    assert stage2.keys() == stage1.keys()
-    assert any(not torch.equal(stage1[k], stage2[k]) for k in stage1)  # stage 2 kept training it
-    prepared = json.loads((Path(second.run_dir) / "prepared" / "summary.json").read_text())
-    assert prepared["reference"]["rows"] == 12
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -525,8 +474,8 @@ def _tree_digest(root: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def sweep(make_config, uft_prepared, train_root, one_worker) -> dict[str, Any]:
     """beta 0.1 and 0.5, `one_worker`'s 2 steps on 1 worker each, from `uft_prepared` with a fresh reference
-    cache: first both at once (both miss the cache and race to publish it), then again one after the other:
-    beta 0.1 is `one_worker` (the module's cache), beta 0.5 runs now (it hits the fresh cache)."""
+    cache, both at once (both miss the cache and race to publish it); beta 0.1 again in turn is `one_worker`
+    (the module's cache)."""
     cache = str(train_root / "sweep-cache")
     before = _tree_digest(uft_prepared)
 
@@ -550,7 +499,6 @@ def sweep(make_config, uft_prepared, train_root, one_worker) -> dict[str, Any]:
     if errors:
         raise errors[0]
     results["after-0.1"] = one_worker  # the same config but its run name and reference cache
-    results["after-0.5"] = driver.run(cfg("after-0.5", 0.5), prepared_dir=uft_prepared)
     return {"results": results, "before": before, "after": _tree_digest(uft_prepared), "cache": cache}
 
 
@@ -559,13 +507,12 @@ def test_sweep_runs_share_a_prepared_directory_at_once_with_the_numbers_of_runs_
     assert sweep["after"] == sweep["before"]  # no run rewrote the prepared rows or quarantine
     published = list(Path(sweep["cache"], "ref_logp").glob("*/manifest.json"))
     assert len(published) == 1  # both concurrent runs scored; one cache was kept
-    for beta in (0.1, 0.5):
-        together, in_turn = metrics(runs[f"sweep-{beta}"].run_dir), metrics(runs[f"after-{beta}"].run_dir)
-        assert [r["step"] for r in together] == [r["step"] for r in in_turn] == [1, 2]
-        np.testing.assert_allclose([r["loss"] for r in together], [r["loss"] for r in in_turn], rtol=1e-5)
-        a, b = adapter(runs[f"sweep-{beta}"].adapter_dir), adapter(runs[f"after-{beta}"].adapter_dir)
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
+    together, in_turn = metrics(runs["sweep-0.1"].run_dir), metrics(runs["after-0.1"].run_dir)
+    assert [r["step"] for r in together] == [r["step"] for r in in_turn] == [1, 2]
+    np.testing.assert_allclose([r["loss"] for r in together], [r["loss"] for r in in_turn], rtol=1e-5)
+    a, b = adapter(runs["sweep-0.1"].adapter_dir), adapter(runs["after-0.1"].adapter_dir)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5)
     low, high = metrics(runs["sweep-0.1"].run_dir), metrics(runs["sweep-0.5"].run_dir)
     assert low[0]["loss"] == pytest.approx(high[0]["loss"], rel=1e-6)  # r == 0 at step 1: beta does not matter
     assert abs(low[-1]["loss"] - high[-1]["loss"]) > 1e-4  # and then it does: two different runs

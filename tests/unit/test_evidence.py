@@ -1,0 +1,124 @@
+"""Issue 23's pieces that need no run: the toy task (rows, held-out split, verifier) and the experiment's outputs
+(the final table, the plot, the docs section). The runs themselves: tests/integration/test_evidence.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from uft_ray import evidence
+from uft_ray.tasks import toy
+
+
+def test_toy_rows_split_the_digit_strings_and_their_answers_score_one():
+    train, held = toy.generate(70, 30, length=2, seed=0)
+    assert len(train) == 70 and len(held) == 30
+    assert not {r["digits"] for r in train} & {r["digits"] for r in held}  # held-out strings are new
+    assert {r["digits"] for r in train} | {r["digits"] for r in held} == {
+        f"{a} {b}" for a in range(10) for b in range(10)
+    }
+    row = train[0]
+    assert row["answer"] == "".join(row["hint"]) == f"<answer> {row['digits']} </answer>"
+    assert row["prompt"] == f"copy {row['digits']} :"
+    assert toy.verify(row, row["answer"]) == 1.0
+    assert toy.verify(row, "<answer>" + row["digits"].replace(" ", "  ") + "</answer> trailing") == 1.0
+    assert toy.verify(row, "<answer> 0 0 0 </answer>") == 0.1
+    assert toy.verify(row, row["digits"]) == 0.0  # no answer tags: nothing
+    assert toy.generate(70, 30, seed=0) == (train, held) and toy.generate(70, 30, seed=1)[0] != train
+    with pytest.raises(ValueError, match="need more"):
+        toy.generate(90, 20, length=2)
+
+
+def test_the_toy_file_reads_as_a_generic_task(tmp_path):
+    from uft_ray.tasks.files import read_rows
+
+    train, _ = toy.generate(5, 1)
+    rows = read_rows(toy.write(train, tmp_path / "t.jsonl"), toy.VERIFIER)
+    assert [r["row_id"] for r in rows] == [r["row_id"] for r in train]
+    assert [r["hint"] for r in rows] == [r["hint"] for r in train]
+
+
+RESULT = {
+    "name": "hints",
+    "seeds": [0, 1],
+    "metrics": {
+        "eval/accuracy": {
+            "uft": {"0": [[0, 0.0], [5, 0.5], [10, 0.75]], "1": [[0, 0.0], [5, 0.25], [10, 0.25]]},
+            "rft": {"0": [[0, 0.0], [5, 0.0], [10, 0.0]], "1": [[0, 0.0], [5, 0.0], [10, 0.0]]},
+        }
+    },
+}
+LABELS = {"eval/accuracy": "held-out accuracy"}
+
+
+def test_the_table_gives_each_arms_final_mean_spread_and_seeds():
+    table = evidence.final_table(RESULT, "eval/accuracy", "held-out accuracy")
+    assert table.startswith("| arm | final held-out accuracy: mean | min - max | seed 0 | seed 1 |")
+    assert "| uft | 0.500 | 0.250 - 0.750 | 0.750 | 0.250 |" in table
+    assert "| rft | 0.000 | 0.000 - 0.000 | 0.000 | 0.000 |" in table
+
+
+def test_the_plot_is_a_png_and_the_section_is_replaced_in_place(tmp_path):
+    evidence.plot(RESULT, tmp_path / "hints.png", LABELS)
+    assert (tmp_path / "hints.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = tmp_path / "results.md"
+    md.write_text("# Results\n\nbefore\n")
+    evidence.write_section(md, "hints", "first")
+    evidence.write_section(md, "hints", "second")
+    text = md.read_text()
+    assert text.count("<!-- evidence:hints -->") == 1 and "second" in text and "first" not in text
+    assert text.startswith("# Results\n\nbefore\n")
+
+
+def test_every_arm_has_its_configs_and_sft_then_rft_splits_the_steps(tmp_path):
+    from uft_ray.demo.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    train, held = toy.generate(4, 2)
+    files = {"train": toy.write(train, tmp_path / "a.jsonl"), "eval": toy.write(held, tmp_path / "b.jsonl")}
+    arms = evidence.hint_configs(
+        str(evidence.ROOT / evidence.RECIPES["hints"]), Path(tmp_path), 3, 9, str(model), files
+    )
+    assert list(arms) == ["uft", "rft", "sft", "sft_then_rft"]
+    assert [c.train.max_steps for c in arms["sft_then_rft"]] == [4, 5] and arms["uft"][0].train.max_steps == 9
+    assert [c.rft.objective for c in arms["sft_then_rft"]] == ["sft", "grpo"]
+    assert arms["rft"][0].rft.hint.mode == "rft" and arms["uft"][0].rft.hint.mode == "cosine"
+    assert {c.train.seed for cs in arms.values() for c in cs} == {3} and arms["uft"][0].data.seed == 3
+    assert len({c.output.run_name for cs in arms.values() for c in cs}) == 5
+
+
+def test_a_two_stage_curve_counts_stage_two_on_from_stage_one(tmp_path):
+    from uft_ray.run_dir import RunDir
+
+    for name, rows in (("a", [(0, 3.0), (2, 2.0), (4, 1.0)]), ("b", [(0, 1.0), (3, 1.5)])):
+        run = RunDir(tmp_path / name)
+        for step, v in rows:
+            run.append_metrics({"step": step, "eval/nll/skill": v, "loss": 0.0})
+    curve = evidence.stage_curve([(str(tmp_path / "a"), 4), (str(tmp_path / "b"), 3)], "eval/nll/skill")
+    assert curve == [(0, 3.0), (2, 2.0), (4, 1.0), (7, 1.5)]  # stage 2's step 0 is stage 1's last model
+
+
+def test_the_forgetting_data_is_written_in_the_datasets_layouts(tmp_path):
+    import gzip
+    import json
+
+    import pyarrow.parquet as pq
+
+    from uft_ray.demo.samples import ULTRACHAT_SCHEMA
+
+    paths = toy.write_forgetting_data(tmp_path, n_skill=8, n_skill_eval=2, n_align=3, n_align_eval=1)
+    train = pq.read_table(paths["skill_train"])
+    assert train.schema.equals(ULTRACHAT_SCHEMA) and train.num_rows == 8
+    row = train.to_pylist()[0]
+    digits = row["prompt"].removeprefix("copy ").removesuffix(" :")
+    assert row["messages"][1] == {"content": f"<answer> {digits} </answer>", "role": "assistant"}
+    test = {r["prompt"] for r in pq.read_table(paths["skill_test"]).to_pylist()}
+    assert len(test) == 2 and not test & {r["prompt"] for r in train.to_pylist()}
+    with gzip.open(paths["align_train"], "rt") as f:
+        hs2 = [json.loads(line) for line in f]
+    assert len(hs2) == 6 and hs2[0]["prompt"] == hs2[1]["prompt"]  # two rated responses per prompt
+    assert hs2[0]["helpfulness"] == 4 and hs2[1]["helpfulness"] == 0
+    d = hs2[0]["prompt"].removeprefix("next ").removesuffix(" :").split()
+    assert hs2[1]["response"] == f"<answer> {' '.join(d)} </answer>"  # the copy is the rejected answer
+    assert hs2[0]["response"].split()[-2] == str((int(d[-1]) + 1) % 10)

@@ -1,0 +1,285 @@
+"""Evidence in miniature (issue 23): a small CPU experiment per seed paper, seeded and repeated, with a plot and a
+table for docs/results.md. `uft-ray evidence NAME` runs one:
+
+    uft-ray evidence hints        # Liu et al.: hints rescue RL where plain RL gets no reward
+    uft-ray evidence forgetting   # Wang et al.: one stage forgets less than SFT then alignment
+
+`hints` trains the demo's tiny random-init model on a toy it cannot solve by chance (uft_ray/tasks/toy.py) four
+ways from the same start, each arm a real run (Ray, DeepSpeed, rollout actors, the verifier process):
+`uft` (hint-guided RFT on the cosine schedule), `rft` (no hints), `sft` (the NLL of whole answers) and
+`sft_then_rft` (SFT for half the steps, then RFT from its adapter). Its metric is held-out accuracy: greedy
+answers to prompts no training row has, without hints (`eval/accuracy`), every `eval.every` steps. Each arm runs
+under every seed (`train.seed` and `data.seed`: the LoRA start, the prompt order, the hints and the rollouts).
+
+`forgetting` runs the compare recipe jobs/evidence/forgetting.yaml under every seed on the toy data of
+uft_ray/tasks/toy.py (`write_forgetting_data`): a skill taught by SFT (held-out NLL, `eval/nll/skill`) and
+alignment data that prefers another answer to a look-alike prompt (held-out pair accuracy,
+`eval/pair_accuracy/align_pairs`); arms sft, sft-dpo, sft-uft (stage 2 continuing the SFT run) and uft-mix (one
+stage). A two-stage arm's curve runs on through its stage 2, its steps counted on from stage 1's.
+
+Outputs, under `--out` (default `runs/evidence/NAME`): every run's directory, `{name}.json` (each metric's curve per
+arm and seed), `{name}.png` (a panel per metric: the mean over seeds, the band from the lowest to the highest seed)
+and `{name}.md` (each metric's final value per arm: mean, spread, per seed). `--results docs/results.md` also replaces that file's section
+between `<!-- evidence:{name} -->` and `<!-- /evidence:{name} -->` with the table and the plot, copied beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uft_ray.config import Config, load_config
+
+RECIPES = {"hints": "jobs/evidence/hints.yaml", "forgetting": "jobs/evidence/forgetting.yaml"}
+METRICS = {
+    "hints": {"eval/accuracy": "held-out accuracy (greedy, no hints)"},
+    "forgetting": {"eval/nll/skill": "skill: held-out NLL per token", "eval/pair_accuracy/align_pairs":
+                   "alignment: held-out pair accuracy"},
+}  # fmt: skip
+ROOT = Path(__file__).resolve().parent.parent
+
+N_TRAIN, N_EVAL = 70, 30  # of the 100 two-digit strings: held-out prompts are strings no training row has
+# arm: its stages, each a list of dotted overrides of the recipe (a stage's share of the steps comes last)
+HINT_ARMS: dict[str, list[list[str]]] = {
+    "uft": [["rft.hint.mode=cosine"]],
+    "rft": [["rft.hint.mode=rft"]],
+    "sft": [["rft.objective=sft"]],
+    "sft_then_rft": [["rft.objective=sft"], ["rft.hint.mode=rft"]],
+}
+
+
+def _sft_batch(prompts_per_step: int, workers: int) -> list[str]:
+    # sft trains one sequence per prompt: its micro-batches hold a rank's prompts of the step
+    return [f"train.micro_batch_size={prompts_per_step // workers}", "train.grad_accum=1"]
+
+
+def hint_configs(recipe: str, out: Path, seed: int, steps: int | None, model: str, files: dict[str, str]) -> dict:
+    """Every arm's stage configs under `seed`: {arm: [Config, ...]}."""
+    common = [
+        f"model.path={model}", f"rft.path={files['train']}", f"rft.eval_path={files['eval']}",
+        f"train.seed={seed}", f"data.seed={seed}", f"output.storage_path={out / 'runs'}",
+    ]  # fmt: skip
+    base = load_config(recipe, common)
+    total = steps or base.train.max_steps
+    arms: dict[str, list[Config]] = {}
+    for arm, stages in HINT_ARMS.items():
+        configs = []
+        for i, overrides in enumerate(stages):
+            share = total // len(stages) if i < len(stages) - 1 else total - total // len(stages) * (len(stages) - 1)
+            extra = list(overrides)
+            if "rft.objective=sft" in overrides:
+                extra += _sft_batch(base.rft.prompts_per_step, base.train.num_workers)
+            name = f"hints-{arm}-s{seed}" + (f"-stage{i + 1}" if len(stages) > 1 else "")
+            extra += [f"train.max_steps={share}", f"output.run_name={name}"]
+            configs.append(load_config(recipe, [*common, *extra]))
+        arms[arm] = configs
+    return arms
+
+
+def _points(run_dir: str, metric: str, offset: int) -> list[tuple[int, float]]:
+    from uft_ray.run_dir import read_metrics
+
+    return [
+        (int(r["step"]) + offset, float(r[metric]))
+        for r in read_metrics(str(Path(run_dir) / "metrics.jsonl"))
+        if r.get(metric) is not None
+    ]
+
+
+def stage_curve(stages: list[tuple[str, int]], metric: str) -> list[tuple[int, float]]:
+    """One curve through an arm's stages [(run_dir, steps)]: a later stage's steps counted on from the earlier
+    stages' (its step-0 evaluation is the previous stage's last model: kept once)."""
+    curve: list[tuple[int, float]] = []
+    offset = 0
+    for run_dir, steps in stages:
+        points = _points(run_dir, metric, offset)
+        curve += [p for p in points if not curve or p[0] > curve[-1][0]]
+        offset += steps
+    return curve
+
+
+def run_hints(
+    out: Path, seeds: list[int], steps: int | None, recipe: str, assets_root: str | None, arms: list[str] | None = None
+) -> dict:
+    """Run every arm under every seed (a finished run is not rerun: the driver resumes it); the curves."""
+    from uft_ray import driver
+    from uft_ray.demo import ensure_demo_assets
+    from uft_ray.tasks import toy
+
+    assets = ensure_demo_assets(assets_root) if assets_root else ensure_demo_assets()
+    train, held = toy.generate(N_TRAIN, N_EVAL, length=2, seed=0)
+    files = {
+        "train": toy.write(train, out / "task" / "train.jsonl"),
+        "eval": toy.write(held, out / "task" / "eval.jsonl"),
+    }
+    arms = arms or list(HINT_ARMS)
+    metric = "eval/accuracy"
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {arm: {} for arm in arms}
+    seconds: dict[str, float] = {}
+    for seed in seeds:
+        for arm, stages in hint_configs(recipe, out, seed, steps, assets["model"], files).items():
+            if arm not in arms:
+                continue
+            t0 = time.monotonic()
+            if len(stages) == 1:
+                results = [driver.run(stages[0])]
+            else:
+                results = list(driver.run_sequential(stages[0], stages[1]))
+            done = [(r.run_dir, c.train.max_steps) for c, r in zip(stages, results, strict=True)]
+            curves[arm][str(seed)] = stage_curve(done, metric)
+            seconds[f"{arm}/s{seed}"] = round(time.monotonic() - t0, 1)
+    return {"name": "hints", "seeds": seeds, "metrics": {metric: curves}, "seconds": seconds,
+            "n_train": len(train), "n_eval": len(held)}  # fmt: skip
+
+
+def run_forgetting(
+    out: Path, seeds: list[int], steps: int | None, recipe: str, assets_root: str | None, arms: list[str] | None
+) -> dict:
+    """The compare recipe under every seed, on the toy data (written once), its table per seed
+    (`{out}/runs/seed{S}/compare.md`); each metric's curves. `steps`: every stage's `train.max_steps`."""
+    from uft_ray import compare
+    from uft_ray.demo import ensure_demo_assets
+    from uft_ray.tasks import toy
+
+    assets = ensure_demo_assets(assets_root) if assets_root else ensure_demo_assets()
+    data = out / "data"
+    toy.write_forgetting_data(data)
+    metrics = METRICS["forgetting"]
+    result: dict[str, Any] = {"name": "forgetting", "seeds": seeds, "metrics": {m: {} for m in metrics}, "seconds": {}}
+    for seed in seeds:
+        # The seed's recipe as a file (the data's paths filled in, its own storage path): `uft-ray compare` on it
+        # with the same overrides resumes or extends this seed's runs.
+        folder = out / f"recipe-s{seed}"
+        folder.mkdir(parents=True, exist_ok=True)
+        base = Path(recipe).with_name(Path(recipe).stem + "_base.yaml")
+        (folder / base.name).write_text(base.read_text().replace("${DATA}", str(data)))
+        raw = yaml.safe_load(Path(recipe).read_text().replace("${DATA}", str(data)))
+        raw["storage_path"] = str(out / "runs" / f"seed{seed}")
+        (folder / Path(recipe).name).write_text(yaml.safe_dump(raw, sort_keys=False))
+        overrides = [f"model.path={assets['model']}", f"train.seed={seed}", f"data.seed={seed}"]
+        overrides += [f"train.max_steps={steps}"] if steps else []
+        rec = compare.load_recipe(folder / Path(recipe).name, overrides)
+        rec.arms = [a for a in rec.arms if not arms or a.name in arms]
+        t0 = time.monotonic()
+        compare.run_arms(rec)
+        compare.write_tables(rec)
+        result["seconds"][f"s{seed}"] = round(time.monotonic() - t0, 1)
+        for arm in rec.arms:
+            done = [(c.output.run_dir, _steps(c.output.run_dir)) for c in arm.stages]
+            for m in metrics:
+                result["metrics"][m].setdefault(arm.name, {})[str(seed)] = stage_curve(done, m)
+    return result
+
+
+def _steps(run_dir: str) -> int:
+    from uft_ray.run_dir import read_metrics
+
+    return max((int(r["step"]) for r in read_metrics(str(Path(run_dir) / "metrics.jsonl"))), default=0)
+
+
+def final_table(result: dict[str, Any], metric: str, label: str) -> str:
+    """Markdown: per arm, the metric's final value: mean, spread (min to max) and each seed's."""
+    seeds = [str(s) for s in result["seeds"]]
+    lines = [f"| arm | final {label}: mean | min - max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|---|" + "---|" * len(seeds)]  # fmt: skip
+    for arm, per_seed in result["metrics"][metric].items():
+        finals = [per_seed[s][-1][1] for s in seeds if per_seed.get(s)]
+        if not finals:
+            continue
+        cells = " | ".join(f"{per_seed[s][-1][1]:.3f}" if per_seed.get(s) else "-" for s in seeds)
+        lines.append(f"| {arm} | {statistics.mean(finals):.3f} | {min(finals):.3f} - {max(finals):.3f} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path, labels: dict[str, str]) -> None:
+    """A panel per metric: the mean over seeds per arm against steps, the band from the lowest to the highest."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(labels), figsize=(6.4 * len(labels), 4.0), dpi=110, squeeze=False)
+    for ax, (metric, label) in zip(axes[0], labels.items(), strict=True):
+        for arm, per_seed in result["metrics"][metric].items():
+            runs = [dict((int(s), v) for s, v in c) for c in per_seed.values() if c]
+            if not runs:
+                continue
+            steps = sorted(set.intersection(*(set(r) for r in runs)))
+            values = [[r[s] for r in runs] for s in steps]
+            ax.plot(steps, [statistics.mean(v) for v in values], label=arm, marker="o", markersize=3)
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        if "accuracy" in metric:
+            ax.set_ylim(-0.02, 1.02)
+        ax.legend()
+    fig.suptitle(f"{result['name']}: {len(result['seeds'])} seeds (mean; band: lowest to highest seed)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_section(results_md: Path, name: str, body: str) -> None:
+    """Replace the section between `<!-- evidence:NAME -->` and `<!-- /evidence:NAME -->` (appended if absent)."""
+    start, end = f"<!-- evidence:{name} -->", f"<!-- /evidence:{name} -->"
+    text = results_md.read_text() if results_md.exists() else ""
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    results_md.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="uft-ray evidence", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("name", choices=sorted(RECIPES))
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--steps", type=int, default=None, help="steps per arm (default: the recipe's train.max_steps)")
+    p.add_argument("--arms", default=None, help=f"comma-separated arms (default: all; hints: {', '.join(HINT_ARMS)})")
+    p.add_argument("--recipe", default=None, help="the recipe (default: jobs/evidence/NAME.yaml)")
+    p.add_argument("--out", default=None, help="the experiment's folder (default: runs/evidence/NAME)")
+    p.add_argument("--assets", default=None, help="the demo assets' root (default: uft-ray demo's)")
+    p.add_argument("--results", default=None, help="also write the section of this markdown file (docs/results.md)")
+    args = p.parse_args(argv)
+    out = Path(args.out or f"runs/evidence/{args.name}").resolve()
+    recipe = args.recipe or str(ROOT / RECIPES[args.name])
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    t0 = time.monotonic()
+    arms = [a for a in (args.arms or "").split(",") if a] or None
+    if args.name == "hints" and arms and (unknown := sorted(set(arms) - set(HINT_ARMS))):
+        p.error(f"--arms: unknown {', '.join(unknown)}; use {', '.join(HINT_ARMS)}")
+    if args.name == "hints":
+        result = run_hints(out, seeds, args.steps, recipe, args.assets, arms)
+    else:
+        result = run_forgetting(out, seeds, args.steps, recipe, args.assets, arms)
+    result["wall_s"] = round(time.monotonic() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
+    labels = METRICS[args.name]
+    plot(result, out / f"{args.name}.png", labels)
+    table = "\n".join(final_table(result, m, label) for m, label in labels.items())
+    (out / f"{args.name}.md").write_text(table)
+    print(table)
+    print(f"[uft-ray] evidence {args.name}: {result['wall_s']:.0f} s; {out / (args.name + '.png')}")
+    if args.results:
+        md = Path(args.results)
+        shutil.copyfile(out / f"{args.name}.png", md.parent / f"evidence_{args.name}.png")
+        cmd = f"uft-ray evidence {args.name} --seeds {args.seeds}" + (f" --steps {args.steps}" if args.steps else "")
+        body = (f"```bash\n{cmd}     # {result['wall_s'] / 60:.1f} min on this machine\n```\n\n{table}\n"
+                f"![{args.name}](evidence_{args.name}.png)\n")  # fmt: skip
+        write_section(md, args.name, body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
