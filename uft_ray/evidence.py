@@ -45,7 +45,7 @@ METRICS = {
 }  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
 
-N_TRAIN, N_EVAL = 70, 30  # of the 100 two-digit strings: held-out prompts are strings no training row has
+N_TRAIN, N_EVAL = 140, 60  # of the 200 (verb, digit) prompts: held-out prompts are pairs no training row has
 # arm: its stages, each a list of dotted overrides of the recipe (a stage's share of the steps comes last)
 HINT_ARMS: dict[str, list[list[str]]] = {
     "uft": [["rft.hint.mode=cosine"]],
@@ -114,7 +114,7 @@ def run_hints(
     from uft_ray.tasks import toy
 
     assets = ensure_demo_assets(assets_root) if assets_root else ensure_demo_assets()
-    train, held = toy.generate(N_TRAIN, N_EVAL, length=2, seed=0)
+    train, held = toy.generate(N_TRAIN, N_EVAL, seed=0)
     files = {
         "train": toy.write(train, out / "task" / "train.jsonl"),
         "eval": toy.write(held, out / "task" / "eval.jsonl"),

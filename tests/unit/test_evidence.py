@@ -11,23 +11,21 @@ from uft_ray import evidence
 from uft_ray.tasks import toy
 
 
-def test_toy_rows_split_the_digit_strings_and_their_answers_score_one():
-    train, held = toy.generate(70, 30, length=2, seed=0)
-    assert len(train) == 70 and len(held) == 30
-    assert not {r["digits"] for r in train} & {r["digits"] for r in held}  # held-out strings are new
-    assert {r["digits"] for r in train} | {r["digits"] for r in held} == {
-        f"{a} {b}" for a in range(10) for b in range(10)
-    }
+def test_toy_rows_split_the_prompts_and_their_answers_score_one():
+    train, held = toy.generate(140, 60, seed=0)
+    assert len(train) == 140 and len(held) == 60
+    assert not {r["prompt"] for r in train} & {r["prompt"] for r in held}  # held-out prompts are new
+    assert {r["digits"] for r in train} == {str(d) for d in range(10)}  # every digit is trained, in other prompts
     row = train[0]
     assert row["answer"] == "".join(row["hint"]) == f"<answer> {row['digits']} </answer>"
-    assert row["prompt"] == f"copy {row['digits']} :"
+    assert row["prompt"].split()[1:] == [row["digits"], ":"] and row["prompt"].split()[0] in toy.VERBS
     assert toy.verify(row, row["answer"]) == 1.0
-    assert toy.verify(row, "<answer>" + row["digits"].replace(" ", "  ") + "</answer> trailing") == 1.0
-    assert toy.verify(row, "<answer> 0 0 0 </answer>") == 0.1
+    assert toy.verify(row, f"<answer>{row['digits']}</answer> trailing") == 1.0
+    assert toy.verify(row, "<answer> 12 </answer>") == 0.1
     assert toy.verify(row, row["digits"]) == 0.0  # no answer tags: nothing
-    assert toy.generate(70, 30, seed=0) == (train, held) and toy.generate(70, 30, seed=1)[0] != train
+    assert toy.generate(140, 60, seed=0) == (train, held) and toy.generate(140, 60, seed=1)[0] != train
     with pytest.raises(ValueError, match="need more"):
-        toy.generate(90, 20, length=2)
+        toy.generate(150, 60)
 
 
 def test_the_toy_file_reads_as_a_generic_task(tmp_path):

@@ -1,14 +1,16 @@
 """A toy task small enough for the demo's tiny random-init model to learn on a CPU in minutes, and that it cannot
-hit by chance: copy the prompt's digits into the Countdown answer format (issue 23, the evidence for Liu et al.).
+hit by chance: copy the prompt's digit into the Countdown answer format (issue 23, the evidence for Liu et al.).
 
-    prompt  "copy 4 7 :"
-    answer  "<answer> 4 7 </answer>"     hint chunks: "<answer>", " 4 7", " </answer>"
+    prompt  "echo 7 :"
+    answer  "<answer> 7 </answer>"     hint chunks: "<answer>", " 7", " </answer>"
 
-The answer takes about 16 of the tiny tokenizer's tokens (`<answer>` alone is 6), so a random policy over its
-~1000-token vocabulary never writes it: plain RL sees reward 0 at every step. The skill itself, copying digits,
-is one attention lookup per digit, which LoRA on a 2-layer model can learn. Rows are a generic task's
-(`prompt`, `hint`, `answer`, uft_ray.tasks.generic), scored by `verify` named as `uft_ray.tasks.toy:verify`.
-Held-out rows are digit strings that no training row has.
+The answer is about 12 of the tiny tokenizer's tokens (`<answer>` alone is 6), so a random policy over its ~1000
+tokens never writes it: plain RL sees reward 0 at every step. The skill, copying the digit two tokens back, is one
+attention lookup, which LoRA on the 2-layer model learns in a few hundred SFT steps once its output head is
+adapted too (a random head's logits are too flat for any confident answer: the recipes add `lm_head` to the LoRA
+targets). Prompts pair one of 20 verbs with a digit: held-out rows are pairs no training row has (every digit and
+every verb is seen in training, never together). Rows are a generic task's (`prompt`, `hint`, `answer`,
+uft_ray.tasks.generic), scored by `verify` named as `uft_ray.tasks.toy:verify`.
 """
 
 from __future__ import annotations
@@ -21,32 +23,31 @@ from typing import Any
 
 from uft_ray.tasks.verifier import CORRECT, FORMATTED, NO_ANSWER, extract_answer
 
-NAME = "copy_digits"
+NAME = "copy_digit"
 VERIFIER = "uft_ray.tasks.toy:verify"
-PROMPT = "copy {digits} :"
+VERBS = ("copy", "echo", "say", "repeat", "give", "write", "print", "show", "tell", "state",
+         "read", "type", "name", "send", "mark", "note", "list", "put", "find", "take")  # fmt: skip
 
 
-def _row(digits: tuple[int, ...], index: int, split: str) -> dict[str, Any]:
-    text = " ".join(str(d) for d in digits)
-    hint = ["<answer>", f" {text}", " </answer>"]
+def _row(verb: str, digit: int, index: int, split: str) -> dict[str, Any]:
+    hint = ["<answer>", f" {digit}", " </answer>"]
     return {
         "row_id": f"{NAME}-{split}-{index}",
-        "prompt": PROMPT.format(digits=text),
+        "prompt": f"{verb} {digit} :",
         "hint": hint,
         "answer": "".join(hint),
-        "digits": text,
+        "digits": str(digit),
     }
 
 
-def generate(n_train: int, n_eval: int, *, length: int = 2, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Training and held-out rows over disjoint digit strings of `length` digits (10**length of them in all),
-    drawn with `seed`."""
-    pool = list(itertools.product(range(10), repeat=length))
+def generate(n_train: int, n_eval: int, *, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Training and held-out rows over disjoint (verb, digit) prompts (200 in all), drawn with `seed`."""
+    pool = list(itertools.product(VERBS, range(10)))
     if n_train + n_eval > len(pool):
-        raise ValueError(f"{n_train} + {n_eval} rows need more than the {len(pool)} strings of {length} digits")
+        raise ValueError(f"{n_train} + {n_eval} rows need more than the {len(pool)} prompts")
     random.Random(f"{NAME}:{seed}").shuffle(pool)
-    train = [_row(d, i, "train") for i, d in enumerate(pool[:n_train])]
-    held = [_row(d, i, "eval") for i, d in enumerate(pool[n_train : n_train + n_eval])]
+    train = [_row(v, d, i, "train") for i, (v, d) in enumerate(pool[:n_train])]
+    held = [_row(v, d, i, "eval") for i, (v, d) in enumerate(pool[n_train : n_train + n_eval])]
     return train, held
 
 
@@ -59,7 +60,7 @@ def write(rows: list[dict[str, Any]], path: str | Path) -> str:
 
 
 def verify(row: dict[str, Any], text: str) -> float:
-    """1.0 when the last `<answer> ... </answer>` of what follows the prompt holds the row's digits (spacing
+    """1.0 when the last `<answer> ... </answer>` of what follows the prompt holds the row's digit(s) (spacing
     free), 0.1 for another answer, 0.0 for none."""
     answer = extract_answer(text)
     if answer is None:
