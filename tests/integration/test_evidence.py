@@ -2,7 +2,7 @@
 end to end (the forgetting evidence is a compare recipe run per seed).
 
 - hints: the `uft` arm (rollouts with hints, the verifier, held-out accuracy); the other arms are its config with
-  other overrides (tests/unit/test_evidence.py), and SFT-then-RFT runs in tests/integration/test_hint_rft.py.
+  other overrides (tests/unit/test_evidence_parts.py), and SFT-then-RFT runs in tests/integration/test_hint_rft.py.
 - forgetting: the `sft` and `sft-dpo` arms, sharing the SFT run: the curves, the evidence table and plot, and the
   compare table of the seed (the same held-out rows for every arm, the best per column), the sequential recipe
   itself (stage 2 continues stage 1's adapter against base + that adapter: r == 0 at its first step), and resume
