@@ -70,3 +70,14 @@ def test_marked_processes_are_found_outside_their_group_and_killed():
     assert len(found) == 1 and os.getpgid(found[0].pid) != os.getpgid(0)
     assert procs.kill(found) == []
     assert procs.marked(procs.HEAD, marker) == []
+
+
+def test_every_test_module_has_a_basename_of_its_own():
+    """pytest imports test modules by basename (rootdir mode, no packages): two `test_x.py` in tests/unit and
+    tests/integration stop the whole collection with 'import file mismatch', which a run of one file never shows."""
+    from collections import Counter
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent.parent
+    names = Counter(p.name for p in tests.rglob("test_*.py"))
+    assert [n for n, c in names.items() if c > 1] == []
