@@ -255,7 +255,7 @@ def _dump(row: Any) -> str:
     return json.dumps(row, ensure_ascii=False)
 
 
-def _write_jsonl(path: Path, rows: Iterator[Any]) -> int:
+def write_jsonl(path: Path, rows: Iterator[Any]) -> int:
     n = 0
     with _open_text(path) as f:
         for row in rows:
@@ -265,7 +265,7 @@ def _write_jsonl(path: Path, rows: Iterator[Any]) -> int:
     return n
 
 
-def _write_parquet(path: Path, rows: Iterator[dict[str, Any]], schema: pa.Schema = ULTRACHAT_SCHEMA) -> int:
+def write_parquet(path: Path, rows: Iterator[dict[str, Any]], schema: pa.Schema = ULTRACHAT_SCHEMA) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     n = 0
     batch: list[dict[str, Any]] = []
@@ -282,7 +282,7 @@ def _write_parquet(path: Path, rows: Iterator[dict[str, Any]], schema: pa.Schema
     return n
 
 
-def _prompt_id(seed: int, split: str, index: int, prompt: str) -> str:
+def prompt_id(seed: int, split: str, index: int, prompt: str) -> str:
     # 64-hex sha256 like the published ids; hashing the position too keeps ids unique when prompts repeat
     return hashlib.sha256(f"{seed}:{split}:{index}:{prompt}".encode()).hexdigest()
 
@@ -310,7 +310,7 @@ def _ultrachat_rows(seed: int, split: str, shard: int, start: int, count: int) -
     gen = TextGen(f"{seed}:ultrachat_200k:{split}:{shard}")
     for i in range(start, start + count):
         turns = gen.conversation(gen.rng.choice((1, 1, 2, 2, 3)))
-        yield {"prompt": turns[0], "prompt_id": _prompt_id(seed, split, i, turns[0]), "messages": _messages(turns)}
+        yield {"prompt": turns[0], "prompt_id": prompt_id(seed, split, i, turns[0]), "messages": _messages(turns)}
 
 
 def _raw_rows(seed: int, shard: int, start: int, count: int) -> Iterator[dict[str, Any]]:
@@ -494,23 +494,23 @@ def write_samples(
         shards = _shards(total)
         for k, (start, cnt) in enumerate(shards):
             name = f"{split}-{k:05d}-of-{len(shards):05d}.parquet"
-            counts[f"ultrachat_200k/data/{name}"] = _write_parquet(
+            counts[f"ultrachat_200k/data/{name}"] = write_parquet(
                 data / name, _ultrachat_rows(seed, split, k, start, cnt)
             )
     for k, (start, cnt) in enumerate(_shards(n_uc)):
-        counts[f"ultrachat_raw/train_{k}.jsonl"] = _write_jsonl(
+        counts[f"ultrachat_raw/train_{k}.jsonl"] = write_jsonl(
             out / f"ultrachat_raw/train_{k}.jsonl", _raw_rows(seed, k, start, cnt)
         )
     hs = out / "helpsteer2"
-    counts["helpsteer2/train.jsonl.gz"] = _write_jsonl(hs / "train.jsonl.gz", _hs2_rows(seed, "train", n_hs))
-    counts["helpsteer2/validation.jsonl.gz"] = _write_jsonl(
+    counts["helpsteer2/train.jsonl.gz"] = write_jsonl(hs / "train.jsonl.gz", _hs2_rows(seed, "train", n_hs))
+    counts["helpsteer2/validation.jsonl.gz"] = write_jsonl(
         hs / "validation.jsonl.gz", _hs2_rows(seed, "validation", max(2, n_hs // 8))
     )
-    counts["helpsteer2/preference/preference.jsonl.gz"] = _write_jsonl(
+    counts["helpsteer2/preference/preference.jsonl.gz"] = write_jsonl(
         hs / "preference/preference.jsonl.gz", _preference_rows(seed, n_preference * scale)
     )
     for fmt in TRL_FORMATS:
-        counts[f"trl/{fmt}.jsonl"] = _write_jsonl(out / f"trl/{fmt}.jsonl", _trl_rows(seed, fmt, n_trl * scale))
+        counts[f"trl/{fmt}.jsonl"] = write_jsonl(out / f"trl/{fmt}.jsonl", _trl_rows(seed, fmt, n_trl * scale))
 
     stamp = {
         "format_version": SAMPLES_FORMAT_VERSION,

@@ -197,20 +197,24 @@ class ReferenceScorer:
         groups = length_groups([len(s) for s in sequences], self.max_tokens)
         with torch.inference_mode():
             for group in groups:
-                width = max(len(sequences[i]) for i in group)
-                ids = torch.zeros(len(group), width, dtype=torch.long)
-                attn = torch.zeros(len(group), width, dtype=torch.long)
-                loss = torch.zeros(len(group), width, dtype=torch.long)
-                for r, i in enumerate(group):
-                    n = len(sequences[i])
-                    ids[r, :n] = torch.from_numpy(np.asarray(sequences[i], dtype=np.int64))
-                    attn[r, :n] = 1
-                    loss[r, int(starts[i]) : n] = 1
-                logp, _ = model_sequence_logprobs(
-                    self.model, ids.to(self.device), attn.to(self.device), loss.to(self.device), use_cache=False
-                )
+                ids, attn, loss = self._padded(sequences, starts, group)
+                logp, _ = model_sequence_logprobs(self.model, ids, attn, loss, use_cache=False)
                 out[group] = logp.double().cpu().numpy()
         return out, len(groups)
+
+    def _padded(self, sequences: list[np.ndarray], starts: list[int], rows: list[int]) -> tuple[Any, Any, Any]:
+        """`rows` of `sequences` right-padded on the model's device: ids, attention mask, response mask."""
+        torch = self._torch
+        width = max(len(sequences[i]) for i in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        loss = torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            n = len(sequences[i])
+            ids[r, :n] = torch.from_numpy(np.asarray(sequences[i], dtype=np.int64))
+            attn[r, :n] = 1
+            loss[r, int(starts[i]) : n] = 1
+        return ids.to(self.device), attn.to(self.device), loss.to(self.device)
 
     def _score_packed(
         self, sequences: list[np.ndarray], starts: list[int], pairs: list[list[int]]
@@ -229,18 +233,9 @@ class ReferenceScorer:
         with torch.inference_mode():
             for chunk in length_groups(sizes, self.max_tokens):  # by size, rows x largest <= budget: a bound
                 members = [i for u in chunk for i in units[u]]
-                width = max(len(sequences[i]) for i in members)
-                ids = torch.zeros(len(members), width, dtype=torch.long)
-                attn = torch.zeros_like(ids)
-                loss = torch.zeros_like(ids)
-                for r, i in enumerate(members):
-                    n = len(sequences[i])
-                    ids[r, :n] = torch.from_numpy(np.asarray(sequences[i], dtype=np.int64))
-                    attn[r, :n] = 1
-                    loss[r, int(starts[i]) : n] = 1
+                ids, attn, loss = self._padded(sequences, starts, members)
                 local = {i: r for r, i in enumerate(members)}
                 groups = [[local[i] for i in units[u]] for u in chunk if len(units[u]) > 1]
-                ids, attn, loss = ids.to(self.device), attn.to(self.device), loss.to(self.device)
                 packed = pack(
                     ids, attn, groups=groups, max_tokens=PACKED_SEQUENCE_TOKENS, share_prefix=self.share_prompts
                 )

@@ -86,7 +86,7 @@ def write_forgetting_data(out: str | Path, *, n_skill: int = 400, n_skill_eval: 
     strings) and the alignment data as HelpSteer2 (two rated responses per prompt, jsonl.gz: train / validation):
     to `next 4 7 1 :` the answer `<answer> 4 7 2 </answer>` is rated 4 on every attribute, the copy
     `<answer> 4 7 1 </answer>` 0. Pairs prefer moving on; scores say the same. Returns the paths by name."""
-    from uft_ray.demo.samples import _prompt_id, _write_jsonl, _write_parquet
+    from uft_ray.demo.samples import prompt_id, write_jsonl, write_parquet
 
     out = Path(out)
     pool = list(itertools.product(range(10), repeat=length))
@@ -102,7 +102,7 @@ def write_forgetting_data(out: str | Path, *, n_skill: int = 400, n_skill_eval: 
             prompt = SKILL_PROMPT.format(digits=_digits(d))
             answer = f"<answer> {_digits(d)} </answer>"
             messages = [{"content": prompt, "role": "user"}, {"content": answer, "role": "assistant"}]
-            out_rows.append({"prompt": prompt, "prompt_id": _prompt_id(seed, split, i, prompt), "messages": messages})
+            out_rows.append({"prompt": prompt, "prompt_id": prompt_id(seed, split, i, prompt), "messages": messages})
         return out_rows
 
     def align(rows: list[tuple[int, ...]]) -> list[dict[str, Any]]:
@@ -126,8 +126,8 @@ def write_forgetting_data(out: str | Path, *, n_skill: int = 400, n_skill_eval: 
         "align_train": str(out / "helpsteer2" / "train.jsonl.gz"),
         "align_validation": str(out / "helpsteer2" / "validation.jsonl.gz"),
     }
-    _write_parquet(Path(paths["skill_train"]), iter(skill(pool[:n_skill], "train_sft")))
-    _write_parquet(Path(paths["skill_test"]), iter(skill(pool[n_skill:need], "test_sft")))
-    _write_jsonl(Path(paths["align_train"]), iter(align(align_pool[:n_align])))
-    _write_jsonl(Path(paths["align_validation"]), iter(align(align_pool[n_align : n_align + n_align_eval])))
+    write_parquet(Path(paths["skill_train"]), iter(skill(pool[:n_skill], "train_sft")))
+    write_parquet(Path(paths["skill_test"]), iter(skill(pool[n_skill:need], "test_sft")))
+    write_jsonl(Path(paths["align_train"]), iter(align(align_pool[:n_align])))
+    write_jsonl(Path(paths["align_validation"]), iter(align(align_pool[n_align : n_align + n_align_eval])))
     return paths
