@@ -1,26 +1,33 @@
 """The whole GPU tier in one short window: one command, each part under its own time limit, one JSON of figures.
 
-On the device machine (one H200, ~15 minutes a lease, machine start included), from the repository root:
+On the device machine (one H200, 15 minutes a lease with the machine's start; no network), from the repository root:
 
-    OUT=/some/dir python bench/gpu_check.py --install                # `$OUT/gpu_check.json` + `gpu_check.log`
-    python bench/gpu_check.py --install --wheels .whl                 # offline: the missing packages as wheels
+    python bench/gpu_bundle.py --out .gpu-bundle                      # here, once: what the image lacks (< 60 MiB)
+    OUT=/some/dir python bench/gpu_check.py --bundle .gpu-bundle      # there: `$OUT/gpu_check.json` + `gpu_check.log`
+    python bench/gpu_check.py --install                               # a networked machine: pip install -e .[test]
     python bench/gpu_check.py --only env,train_7b --budget 300        # a subset; names below
-    python bench/gpu_check.py --dry-run                               # print the plan and the commands only
+    python bench/gpu_check.py --dry-run                               # print the plan, the limits and their sum
 
-Here (no GPU) `python bench/gpu_check.py` runs the environment probe and records every GPU check as skipped.
+Here (no GPU) `python bench/gpu_check.py` runs the environment probe and records every GPU check as skipped;
+`--cpu-smoke` adds two CPU steps of the 0.5B-shape train check (how `make gpu-bundle-proof` proves a bundle).
 
 Checks, in order, each a subprocess with its own limit (a hang costs only its share; on a timeout the child's
-whole process tree is killed, Ray's daemons included), all inside `--budget` seconds (default 470, install
-included: the issue's 8 minutes less a margin). A check that would get less than its minimum is skipped.
+whole process tree is killed, Ray's daemons included), all inside `--budget` seconds (default 600: the lease's
+15 minutes less the machine's start and a margin). The limits add up to the budget (`--dry-run` prints the sum;
+a test holds it), so every check gets its whole limit; a check that would get less than its minimum is skipped.
 
-    install         (--install) torch's CUDA build when torch sees no GPU, then `pip install -e .[test]`
-    env             torch, CUDA, the device, NCCL and package versions (a child probe: `--probe PATH`)
+    install         (--bundle DIR) the bundle's wheels into a private folder (`pip install --no-index --no-deps
+                    --target`), on every child's PYTHONPATH after the checkout; (--install) torch's CUDA build
+                    when torch sees no GPU, then `pip install -e .[test]`
+    env             torch, CUDA, the device, NCCL, package versions, and every module the checks import
+                    (a child probe: `--probe PATH`)
     pytest_gpu      `pytest tests/gpu -v` (bf16 chunked log-probs vs fp32 and their memory; bf16 scorer vs fp32),
                     read back through `--junitxml`
     train_0.5b      bench/train_throughput.py on the Qwen2-0.5B shape: Ray Train, NCCL, ZeRO-3, bf16, LoRA;
                     loss falls, reward 0 at step 1, adapter reloaded by peft, tokens/s, MFU, peak GPU memory
     train_7b        the same step on Mistral-7B's shape (real MistralConfig, random init, bf16, gradient
-                    checkpointing): tokens/s, MFU (goal >= 45%), peak GPU memory
+                    checkpointing) under ZeRO stage `auto`, as production picks it (ZeRO-0 on one GPU where the
+                    model fits): tokens/s, MFU (goal >= 45%), peak GPU memory
     reference_0.5b  bench/reference.py: the reference actor's tokens/s in bf16 on the 0.5B shape, cache miss vs hit
     vllm_lora       vLLM generation with a LoRA adapter, and
     eval_vllm       `uft-ray eval` with model=vllm: run as `pytest` of their GPU test files once vllm, the
@@ -31,11 +38,11 @@ no weight gradients of the base) against `--peak-tflops` (790: the bf16 matrix r
 Peak GPU memory of a training run is nvidia-smi's memory.used sampled by the bench (the worker is a Ray
 process): CUDA contexts and the caching allocator's reserve are in it.
 
-Installing. The device machine reaches no network: torch's CUDA build comes from `--wheels DIR` if it holds
-one, else from https://download.pytorch.org/whl/cuXYZ, the newest CUDA tag that the driver's CUDA version
-(nvidia-smi's header) supports; when neither works the torch already there is kept and the table says so.
-A torch that already sees the GPU is never replaced. The package goes in with `pip install -e .[test]`
-(`--no-index --find-links DIR` with `--wheels`), skipped when every needed distribution is already there.
+Installing with --install (a machine with a network, or `--wheels DIR`): torch's CUDA build comes from
+`--wheels DIR` if it holds one, else from https://download.pytorch.org/whl/cuXYZ, the newest CUDA tag that the
+driver's CUDA version (nvidia-smi's header) supports; when neither works the torch already there is kept and
+the table says so. A torch that already sees the GPU is never replaced. The package goes in with
+`pip install -e .[test]`, skipped when every needed distribution is already there.
 Children run with PYTHONPATH at the repository, so the checkout itself is what they test.
 """
 
@@ -48,6 +55,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,14 +69,20 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PEAK_TFLOPS = 790.0  # H200 bf16, measured on the device machine (8192^3 matmul, random data)
-BUDGET_S = 470.0
-INSTALL_TIMEOUT_S = 240.0
+BUDGET_S = 600.0  # the lease's 15 minutes less the machine's start (~3 min) and a margin for one rerun of a part
+INSTALL_TIMEOUT_S = 240.0  # --install: pip from a network
+BUNDLE_TIMEOUT_S = 45.0  # --bundle: ~40 MiB of wheels unpacked from local files
 MFU_GOAL_7B = 0.45
 STATUSES = ("passed", "failed", "timeout", "skipped")
 # torch's CUDA wheel tags (download.pytorch.org/whl/<tag>), oldest first; the newest the driver supports wins.
 TORCH_CUDA_TAGS = ((11, 8), (12, 1), (12, 4), (12, 6), (12, 8), (12, 9), (13, 0))
 PROBED = ("torch", "ray", "deepspeed", "transformers", "peft", "pytest", "pytest-timeout", "uft-ray", "vllm")
-REQUIRED = ("torch", "ray", "deepspeed", "transformers", "peft", "pytest", "pytest-timeout", "uft-ray")
+REQUIRED = ("torch", "ray", "deepspeed", "transformers", "peft", "pytest", "pytest-timeout")
+# Every module a check imports (the children's own imports, not only the distributions): a bundle that lacks one
+# fails here, in seconds, instead of minutes into a training check.
+IMPORTS = ("torch", "transformers", "peft", "safetensors", "pyarrow", "ray", "ray.data", "ray.train", "ray.train.torch",
+           "deepspeed", "pydantic", "hjson", "pytest_timeout", "uft_ray.driver", "uft_ray.train.loop",
+           "uft_ray.train.engine", "uft_ray.reference.scorer")  # fmt: skip
 TAIL_CHARS = 4000
 
 
@@ -308,6 +322,11 @@ def judge_env(figures: dict[str, Any], rc: int) -> tuple[str, str | None]:
     missing = [d for d in REQUIRED if not (figures.get("packages") or {}).get(d)]
     if missing:
         return "failed", f"not installed: {', '.join(missing)}"
+    broken = [f"{m} ({e})" for m, e in (figures.get("imports") or {}).items() if e is not True]
+    if broken:
+        return "failed", f"cannot import: {'; '.join(broken)}"
+    if figures.get("uft_ray_path") != str(REPO / "uft_ray"):
+        return "failed", f"uft_ray comes from {figures.get('uft_ray_path')}, not from this checkout"
     if not figures.get("cuda_available"):
         return "passed", f"no CUDA device (torch {figures.get('torch')}): the GPU checks are skipped"
     return "passed", None
@@ -375,7 +394,7 @@ FEATURES = (
     # name, title, uft_ray modules (any one), GPU test file
     ("vllm_lora", "vLLM generation with a LoRA adapter (hint-guided RFT)", ("rollout", "rft"),
      "tests/gpu/test_vllm_rollout.py"),
-    ("eval_vllm", "uft-ray eval with model=vllm", ("eval",), "tests/gpu/test_eval_vllm.py"),
+    ("eval_vllm", "uft-ray eval with model=vllm", ("evaluation",), "tests/gpu/test_eval_vllm.py"),
 )  # fmt: skip
 
 
@@ -402,50 +421,74 @@ def feature_skip_reason(
 
 TRAIN_ARGS = {  # sized to fit their limits with a machine's cold caches
     "0.5b": ["--steps", "12", "--rows", "128", "--micro-batch", "8", "--max-len", "512", "--check-adapter"],
+    # ZeRO stage auto, as a production run picks it (one GPU that holds the bf16 model: ZeRO-0, no partitioning)
     "7b": ["--steps", "6", "--rows", "256", "--micro-batch", "16", "--grad-accum", "2", "--max-len", "1024",
-           "--no-plain"],
+           "--no-plain", "--zero-stage", "auto"],
 }  # fmt: skip
+# The CPU smoke of the 0.5B-shape step (--cpu-smoke): two steps of tiny lengths, fp32, ZeRO-3 on gloo.
+CPU_SMOKE_ARGS = ["--steps", "2", "--rows", "8", "--micro-batch", "2", "--max-len", "128", "--no-plain"]
+CPU_SMOKE_LIMIT_S = 600.0  # 2 CPU cores: writing the 0.5B model, Ray, a DeepSpeed op's first build, two fp32 steps
 TRAIN_SHOW = (("tokens_per_s", "{:.0f} tok/s"), ("mfu", "MFU {:.1%}"), ("gpu_mem_peak_gib", "peak {:.1f} GiB"))
+# Each check's limit (s): with the bundle's install they add up to BUDGET_S, so none is cut short by the budget.
+LIMITS = {"env": 45, "pytest_gpu": 75, "train_0.5b": 120, "train_7b": 180, "reference_0.5b": 60, "vllm_lora": 40,
+          "eval_vllm": 35}  # fmt: skip
 
 
-def plan_checks(work: Path, peak_tflops: float = PEAK_TFLOPS, python: str = sys.executable) -> list[Check]:
+def window(limits: dict[str, float] | None = None, install_s: float = BUNDLE_TIMEOUT_S) -> dict[str, float]:
+    """The GPU window's arithmetic: the bundle's install plus every check's limit, against the budget."""
+    limits = LIMITS if limits is None else limits
+    total = install_s + sum(limits.values())
+    return {"install_s": install_s, "checks_s": float(sum(limits.values())), "total_s": total, "budget_s": BUDGET_S,
+            "spare_s": BUDGET_S - total}  # fmt: skip
+
+
+def plan_checks(
+    work: Path, peak_tflops: float = PEAK_TFLOPS, python: str = sys.executable, cpu_smoke: bool = False
+) -> list[Check]:
     py = [python]
     features = [(REPO / test) for *_, test in FEATURES]
     checks = [
-        Check("env", "torch, CUDA, device, NCCL, packages", py + [str(Path(__file__).resolve()), "--probe",
-              str(work / "env.json")], timeout_s=60, min_s=10, json_path=work / "env.json", needs_cuda=False,
-              judge=judge_env, show=(("device", "{}"), ("torch", "torch {}"), ("nccl", "NCCL {}"))),
-        Check("pytest_gpu", "pytest tests/gpu -v", py + ["-m", "pytest", "tests/gpu", "-v", "--timeout", "80",
+        Check("env", "torch, CUDA, device, NCCL, packages, imports", py + [str(Path(__file__).resolve()), "--probe",
+              str(work / "env.json")], timeout_s=LIMITS["env"], min_s=10, json_path=work / "env.json",
+              needs_cuda=False, judge=judge_env,
+              show=(("device", "{}"), ("torch", "torch {}"), ("nccl", "NCCL {}"))),
+        Check("pytest_gpu", "pytest tests/gpu -v", py + ["-m", "pytest", "tests/gpu", "-v", "--timeout", "60",
               "--junitxml", str(work / "pytest_gpu.xml"), *[f"--ignore={f}" for f in features]],
-              timeout_s=100, min_s=30, junit_path=work / "pytest_gpu.xml", judge=judge_pytest,
+              timeout_s=LIMITS["pytest_gpu"], min_s=30, junit_path=work / "pytest_gpu.xml", judge=judge_pytest,
               show=(("passed", "{} passed"), ("failed", "{} failed"), ("skipped", "{} skipped"))),
     ]  # fmt: skip
-    for shape, timeout, min_s, goal in (("0.5b", 150, 60, None), ("7b", 210, 90, MFU_GOAL_7B)):
-        out = work / f"train_{shape}.json"
+    for shape, min_s, goal in (("0.5b", 60, None), ("7b", 90, MFU_GOAL_7B)):
+        name, out = f"train_{shape}", work / f"train_{shape}.json"
         title = "Ray Train, NCCL, ZeRO-3, bf16, LoRA on the " + (
-            "Qwen2-0.5B shape" if shape == "0.5b" else "Mistral-7B shape, gradient checkpointing"
+            "Qwen2-0.5B shape" if shape == "0.5b" else "Mistral-7B shape, ZeRO auto, gradient checkpointing"
         )
+        args = ["--gpu", "--model", shape, "--runs", "grouped", *TRAIN_ARGS[shape], "--peak-tflops", str(peak_tflops)]
+        needs_cuda, limit = True, LIMITS[name]
+        if cpu_smoke and shape == "0.5b":
+            title, args, needs_cuda = "CPU smoke: two steps of the Qwen2-0.5B shape", ["--model", shape, "--runs",
+                                      "grouped", *CPU_SMOKE_ARGS], False  # fmt: skip
+            limit = CPU_SMOKE_LIMIT_S
         checks.append(
-            Check(f"train_{shape}", title, py + ["bench/train_throughput.py", "--gpu", "--model", shape, "--runs",
-                  "grouped", *TRAIN_ARGS[shape], "--peak-tflops", str(peak_tflops), "--root",
-                  str(work / f"train-{shape}"), "--json", str(out)], timeout_s=timeout, min_s=min_s, json_path=out,
+            Check(name, title, py + ["bench/train_throughput.py", *args, "--root", str(work / f"train-{shape}"),
+                  "--json", str(out)], timeout_s=limit, min_s=min_s, json_path=out, needs_cuda=needs_cuda,
                   derive=derive_train(peak_tflops, goal),
                   judge=lambda f, rc: judge_json(f, rc, ("tokens_per_s", "n_params")), show=TRAIN_SHOW)
         )  # fmt: skip
     checks.append(
         Check("reference_0.5b", "reference actor in bf16, Qwen2-0.5B shape, cache miss vs hit", py + [
-              "bench/reference.py", "--models", "0.5b", "--actors", "1", "--rows", "512", "--min-len", "128",
+              "bench/reference.py", "--models", "0.5b", "--actors", "1", "--rows", "256", "--min-len", "128",
               "--max-len", "512", "--batch-size", "16", "--root", str(work / "reference"), "--json",
-              str(work / "reference.json")], timeout_s=90, min_s=40, json_path=work / "reference.json",
-              derive=derive_reference, judge=lambda f, rc: judge_json(f, rc, ("steady_tokens_per_s",)),
+              str(work / "reference.json")], timeout_s=LIMITS["reference_0.5b"], min_s=40,
+              json_path=work / "reference.json", derive=derive_reference,
+              judge=lambda f, rc: judge_json(f, rc, ("steady_tokens_per_s",)),
               show=(("steady_tokens_per_s", "steady {:.0f} tok/s"), ("e2e_tokens_per_s", "e2e {:.0f} tok/s"),
                     ("miss_over_hit", "miss/hit {:.0f}x")))
     )  # fmt: skip
     for name, title, modules, test in FEATURES:
         xml = work / f"{name}.xml"
         checks.append(
-            Check(name, title, py + ["-m", "pytest", test, "-v", "--junitxml", str(xml)], timeout_s=120, min_s=30,
-                  junit_path=xml, skip_reason=feature_skip_reason(modules, test), judge=judge_pytest,
+            Check(name, title, py + ["-m", "pytest", test, "-v", "--junitxml", str(xml)], timeout_s=LIMITS[name],
+                  min_s=30, junit_path=xml, skip_reason=feature_skip_reason(modules, test), judge=judge_pytest,
                   show=(("passed", "{} passed"), ("failed", "{} failed")))
         )  # fmt: skip
     return checks
@@ -479,6 +522,13 @@ def probe() -> dict[str, Any]:
             out["packages"][dist] = None
     spec = importlib.util.find_spec("uft_ray")
     out["uft_ray_path"] = str(Path(spec.origin).parent) if spec and spec.origin else None
+    out["imports"] = {}
+    for module in IMPORTS:
+        try:
+            importlib.import_module(module)
+            out["imports"][module] = True
+        except Exception as e:  # a missing or broken dependency is a finding: name it
+            out["imports"][module] = f"{type(e).__name__}: {e}"[:300]
     try:
         import torch
 
@@ -593,11 +643,42 @@ def install(work: Path, deadline: float, env: dict[str, str], wheels: str | None
     return _announce(r)
 
 
+def bundle_site(work: Path) -> Path:
+    return work / "bundle-site"
+
+
+def install_bundle(bundle: Path, work: Path, deadline: float, timeout_s: float = BUNDLE_TIMEOUT_S) -> Result:
+    """Every wheel of `bundle` (bench/gpu_bundle.py) into a private folder, from those files only: no index, no
+    dependency resolution, nothing outside the folder touched (the image stays as it is)."""
+    t0 = time.monotonic()
+    site = bundle_site(work)
+    wheels = sorted(bundle.glob("*.whl")) if bundle.is_dir() else []
+    figures: dict[str, Any] = {"bundle": str(bundle), "site": str(site), "wheels": len(wheels),
+                               "bytes": sum(w.stat().st_size for w in wheels)}  # fmt: skip
+    r = Result("install", f"the bundle's wheels into {site}", "passed", timeout_s=timeout_s, figures=figures)
+    if not wheels:
+        r.status, r.reason = "failed", f"{bundle} holds no wheels: build it with bench/gpu_bundle.py --out {bundle}"
+        return _announce(r)
+    if site.exists():
+        shutil.rmtree(site)  # what a bundle of another day left must not mix with this one
+    cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-index", "--no-deps",
+           "--no-compile", "--target", str(site), *map(str, wheels)]  # fmt: skip
+    log = work / "install-bundle.log"
+    rc, seconds = run_process(cmd, max(1.0, min(timeout_s, deadline - time.monotonic())), log)
+    r.seconds, r.returncode, r.log, r.command = round(time.monotonic() - t0, 1), rc, str(log), shlex.join(cmd)
+    if rc != 0:
+        r.status = "timeout" if rc is None else "failed"
+        r.reason, r.output_tail = f"pip install of the bundle: exit {rc}", tail(log)
+    return _announce(r)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Report.
 
 
 def _figures_line(check: Check | None, r: Result) -> str:
+    if r.name == "install" and "wheels" in r.figures:  # --bundle
+        return f"{r.figures['wheels']} wheels, {r.figures['bytes'] / 2**20:.1f} MiB"
     if r.name == "install":
         f = r.figures
         return f"torch {f.get('torch')}, CUDA {f.get('cuda_available')}, {len(f.get('steps', []))} pip steps"
@@ -643,10 +724,14 @@ def write_report(results: list[Result], out_dir: Path, meta: dict[str, Any]) -> 
     return path
 
 
-def child_env() -> dict[str, str]:
+def child_env(site: Path | None = None) -> dict[str, str]:
+    """The children's environment: the checkout first on PYTHONPATH, then the bundle's folder (`site`)."""
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"  # a killed child's log still holds what it printed
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
+    paths = [str(REPO), *([str(site)] if site else []), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    if site:  # the bundle's console scripts (ray's), for any child that starts one
+        env["PATH"] = os.pathsep.join([str(site / "bin"), env.get("PATH", "")])
     env.setdefault("HF_HUB_OFFLINE", "1")  # nothing can be fetched: never wait on a hub timeout
     env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -657,6 +742,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--install", action="store_true", help="install torch's CUDA build and the package first")
     p.add_argument("--wheels", default=None, help="a folder of wheels to install from, offline (--no-index)")
+    p.add_argument(
+        "--bundle",
+        default=None,
+        metavar="DIR",
+        help="install only DIR's wheels (bench/gpu_bundle.py) into a private folder, run from the checkout",
+    )
+    p.add_argument("--cpu-smoke", action="store_true", help="train_0.5b as two CPU steps of tiny lengths")
     p.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for everything, install included")
     p.add_argument("--install-timeout", type=float, default=INSTALL_TIMEOUT_S)
     p.add_argument("--peak-tflops", type=float, default=PEAK_TFLOPS, help="bf16 dense peak for MFU")
@@ -674,18 +766,31 @@ def main(argv: list[str] | None = None) -> int:
     deadline = t_start + args.budget
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    checks = select(plan_checks(work, args.peak_tflops), args.only, args.skip)  # bad names fail before install
+    if args.bundle and args.install:
+        p.error("--bundle and --install: choose one")
+
+    def plan() -> list[Check]:
+        return select(plan_checks(work, args.peak_tflops, cpu_smoke=args.cpu_smoke), args.only, args.skip)
+
+    checks = plan()  # bad names fail before any install
     if args.dry_run:
         for c in checks:
             state = f"skip: {c.skip_reason}" if c.skip_reason else f"limit {c.timeout_s:.0f} s, min {c.min_s:.0f} s"
             print(f"{c.name:<16} {state}\n{'':<16} {shlex.join(c.cmd) if c.cmd else '-'}")
+        w = window()
+        print(f"window: bundle install {w['install_s']:.0f} s + checks {w['checks_s']:.0f} s = {w['total_s']:.0f} s "
+              f"of a {w['budget_s']:.0f} s budget")  # fmt: skip
         return 0
 
-    env = child_env()
     results: list[Result] = []
+    site = None
+    if args.bundle:
+        results.append(install_bundle(Path(args.bundle).resolve(), work, deadline))
+        site = bundle_site(work)
+    env = child_env(site)
     if args.install:
         results.append(install(work, deadline, env, args.wheels, args.install_timeout))
-        checks = select(plan_checks(work, args.peak_tflops), args.only, args.skip)  # what the install brought
+        checks = plan()  # what the install brought
     cuda = False
     for check in checks:
         if check.needs_cuda and not cuda and not check.skip_reason:

@@ -60,8 +60,11 @@ def _sft_batch(prompts_per_step: int, workers: int) -> list[str]:
     return [f"train.micro_batch_size={prompts_per_step // workers}", "train.grad_accum=1"]
 
 
-def hint_configs(recipe: str, out: Path, seed: int, steps: int | None, model: str, files: dict[str, str]) -> dict:
-    """Every arm's stage configs under `seed`: {arm: [Config, ...]}."""
+def hint_configs(
+    recipe: str, out: Path, seed: int, steps: int | None, model: str, files: dict[str, str], rl_lr: float | None = None
+) -> dict:
+    """Every arm's stage configs under `seed`: {arm: [Config, ...]}; `rl_lr`: the learning rate of every RL stage
+    (uft, rft, sft_then_rft's second), the SFT stages keeping the recipe's."""
     common = [
         f"model.path={model}", f"rft.path={files['train']}", f"rft.eval_path={files['eval']}",
         f"train.seed={seed}", f"data.seed={seed}", f"output.storage_path={out / 'runs'}",
@@ -76,6 +79,8 @@ def hint_configs(recipe: str, out: Path, seed: int, steps: int | None, model: st
             extra = list(overrides)
             if "rft.objective=sft" in overrides:
                 extra += _sft_batch(base.rft.prompts_per_step, base.train.num_workers)
+            elif rl_lr is not None:
+                extra += [f"train.lr={rl_lr}"]
             name = f"hints-{arm}-s{seed}" + (f"-stage{i + 1}" if len(stages) > 1 else "")
             extra += [f"train.max_steps={share}", f"output.run_name={name}"]
             configs.append(load_config(recipe, [*common, *extra]))
@@ -106,7 +111,13 @@ def stage_curve(stages: list[tuple[str, int]], metric: str) -> list[tuple[int, f
 
 
 def run_hints(
-    out: Path, seeds: list[int], steps: int | None, recipe: str, assets_root: str | None, arms: list[str] | None = None
+    out: Path,
+    seeds: list[int],
+    steps: int | None,
+    recipe: str,
+    assets_root: str | None,
+    arms: list[str] | None = None,
+    rl_lr: float | None = None,
 ) -> dict:
     """Run every arm under every seed (a finished run is not rerun: the driver resumes it); the curves."""
     from uft_ray import driver
@@ -124,7 +135,7 @@ def run_hints(
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {arm: {} for arm in arms}
     seconds: dict[str, float] = {}
     for seed in seeds:
-        for arm, stages in hint_configs(recipe, out, seed, steps, assets["model"], files).items():
+        for arm, stages in hint_configs(recipe, out, seed, steps, assets["model"], files, rl_lr).items():
             if arm not in arms:
                 continue
             t0 = time.monotonic()
@@ -246,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--steps", type=int, default=None, help="steps per arm (default: the recipe's train.max_steps)")
     p.add_argument("--arms", default=None, help=f"comma-separated arms (default: all; hints: {', '.join(HINT_ARMS)})")
+    p.add_argument(
+        "--rl-lr", type=float, default=None, help="hints: the RL stages' learning rate (default: the recipe's)"
+    )
     p.add_argument("--recipe", default=None, help="the recipe (default: jobs/evidence/NAME.yaml)")
     p.add_argument("--out", default=None, help="the experiment's folder (default: runs/evidence/NAME)")
     p.add_argument("--assets", default=None, help="the demo assets' root (default: uft-ray demo's)")
@@ -259,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "hints" and arms and (unknown := sorted(set(arms) - set(HINT_ARMS))):
         p.error(f"--arms: unknown {', '.join(unknown)}; use {', '.join(HINT_ARMS)}")
     if args.name == "hints":
-        result = run_hints(out, seeds, args.steps, recipe, args.assets, arms)
+        result = run_hints(out, seeds, args.steps, recipe, args.assets, arms, args.rl_lr)
     else:
         result = run_forgetting(out, seeds, args.steps, recipe, args.assets, arms)
     result["wall_s"] = round(time.monotonic() - t0, 1)
@@ -275,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         md = Path(args.results)
         shutil.copyfile(out / f"{args.name}.png", md.parent / f"evidence_{args.name}.png")
         cmd = f"uft-ray evidence {args.name} --seeds {args.seeds}" + (f" --steps {args.steps}" if args.steps else "")
+        cmd += f" --rl-lr {args.rl_lr:g}" if args.rl_lr is not None else ""
         body = (f"```bash\n{cmd}     # {result['wall_s'] / 60:.1f} min on this machine\n```\n\n{table}\n"
                 f"![{args.name}](evidence_{args.name}.png)\n")  # fmt: skip
         write_section(md, args.name, body)

@@ -84,6 +84,14 @@ def test_every_arm_has_its_configs_and_sft_then_rft_splits_the_steps(tmp_path):
     assert arms["rft"][0].rft.hint.mode == "rft" and arms["uft"][0].rft.hint.mode == "cosine"
     assert {c.train.seed for cs in arms.values() for c in cs} == {3} and arms["uft"][0].data.seed == 3
     assert len({c.output.run_name for cs in arms.values() for c in cs}) == 5
+    assert {c.train.lr for cs in arms.values() for c in cs} == {3e-3}  # the recipe's rate for every stage
+
+    # --rl-lr: the RL stages (uft, rft, sft_then_rft's second) at that rate, the SFT stages at the recipe's
+    slow = evidence.hint_configs(
+        str(evidence.ROOT / evidence.RECIPES["hints"]), Path(tmp_path), 3, 9, str(model), files, rl_lr=3e-4
+    )
+    assert [c.train.lr for c in slow["sft_then_rft"]] == [3e-3, 3e-4] and slow["sft"][0].train.lr == 3e-3
+    assert slow["uft"][0].train.lr == 3e-4 and slow["rft"][0].train.lr == 3e-4
 
 
 def test_a_two_stage_curve_counts_stage_two_on_from_stage_one(tmp_path):

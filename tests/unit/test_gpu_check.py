@@ -339,3 +339,70 @@ def test_main_on_this_machine_writes_the_json_to_out(tmp_path: Path) -> None:
             assert by[name]["status"] == "skipped" and by[name]["reason"].startswith("no CUDA device")
         for name in ("vllm_lora", "eval_vllm"):
             assert by[name]["status"] == "skipped" and by[name]["reason"]
+
+
+# --- the window, the bundle's install, the import stage (issue 20, item 7) --------------------------------
+
+
+def test_the_window_adds_up_within_the_budget_and_the_7b_check_runs_zero_auto(tmp_path: Path) -> None:
+    """Every check's limit is its LIMITS entry, and the bundle's install plus all limits fit the default budget:
+    no check is cut short by the budget (the old plan had 850 s of limits against 470 s)."""
+    checks = gc.plan_checks(tmp_path)
+    assert {c.name: c.timeout_s for c in checks} == gc.LIMITS
+    w = gc.window()
+    assert w["total_s"] == gc.BUNDLE_TIMEOUT_S + sum(c.timeout_s for c in checks) <= gc.BUDGET_S
+    assert all(c.min_s <= c.timeout_s for c in checks)
+    seven = next(c for c in checks if c.name == "train_7b").cmd
+    assert seven[seven.index("--zero-stage") + 1] == "auto"
+    smoke = next(c for c in gc.plan_checks(tmp_path, cpu_smoke=True) if c.name == "train_0.5b")
+    assert "--gpu" not in smoke.cmd and not smoke.needs_cuda and smoke.cmd[smoke.cmd.index("--steps") + 1] == "2"
+
+
+def test_the_import_stage_names_a_module_that_does_not_import() -> None:
+    ok = {"packages": dict.fromkeys(gc.REQUIRED, "1"), "imports": dict.fromkeys(gc.IMPORTS, True),
+          "uft_ray_path": str(gc.REPO / "uft_ray"), "cuda_available": True}  # fmt: skip
+    assert gc.judge_env(ok, 0) == ("passed", None)
+    broken = ok | {"imports": ok["imports"] | {"deepspeed": "ModuleNotFoundError: No module named 'hjson'"}}
+    assert gc.judge_env(broken, 0) == (
+        "failed",
+        "cannot import: deepspeed (ModuleNotFoundError: No module named 'hjson')",
+    )
+    elsewhere = ok | {"uft_ray_path": "/usr/lib/python3/site-packages/uft_ray"}
+    status, reason = gc.judge_env(elsewhere, 0)
+    assert status == "failed" and "not from this checkout" in reason
+
+
+def _wheel(folder: Path, name: str, body: str) -> Path:
+    """A minimal real wheel: one module, its dist-info."""
+    import zipfile
+
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    info = f"{name}-1.0.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}.py", body)
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def test_the_bundle_installs_from_its_files_only_into_a_private_folder_on_the_childrens_path(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    _wheel(bundle, "uft_bundle_probe", "VALUE = 41 + 1\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    r = gc.install_bundle(bundle, work, time.monotonic() + 60)
+    assert r.status == "passed", r.output_tail
+    assert "--no-index" in r.command and "--no-deps" in r.command and "--target" in r.command
+    site = gc.bundle_site(work)
+    assert (site / "uft_bundle_probe.py").is_file()
+    env = gc.child_env(site)
+    assert env["PYTHONPATH"].split(os.pathsep)[:2] == [str(gc.REPO), str(site)]
+    out = subprocess.run([sys.executable, "-c", "import uft_bundle_probe; print(uft_bundle_probe.VALUE)"],
+                         env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "42", out.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = gc.install_bundle(empty, work, time.monotonic() + 60)
+    assert r.status == "failed" and "holds no wheels" in r.reason

@@ -164,3 +164,62 @@ def test_logprobs_divide_the_logits_by_the_temperature():
     assert none is None and float(old[0, 1]) == pytest.approx(math.log(2 / 3), abs=1e-12)
     assert float(one[0, 1]) == pytest.approx(math.log(4 / 5), abs=1e-12)
     assert z.detach()[0, 0, 1] == pytest.approx(math.log(4.0))  # the model's own weights are untouched
+
+
+# --- the direction of a GRPO update through the loop -------------------------------------------------------
+
+
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_one_grpo_step_through_the_loop_raises_each_groups_rewarded_rollout(monkeypatch, packing):
+    """The loop's own update (`_train_on`: advantages, mini-batches, padding or packing, the loss, backward) on the
+    tiny LoRA model, with an SGD step: in each group the rewarded rollout's sequence log-prob rises more than any
+    unrewarded one's, and the advantage-weighted sum of the changes is positive (the surrogate rose). A sign error
+    or rewards matched to the wrong rows (sorting, packing's order) fails it."""
+    from test_forward_order import quiet_collectives
+    from test_logits_only import PAD, Engine, tiny_lora
+
+    from uft_ray.rft import loop as rft_loop
+
+    quiet_collectives(monkeypatch, rft_loop)
+    cfg = _cfg(
+        "train.grad_accum=1", "train.micro_batch_size=8", "rft.kl_coef=0.0", "rft.entropy_coef=0.0",
+        f"train.packing={str(packing).lower()}",
+    )  # fmt: skip
+    model = tiny_lora(seed=3)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    class SGD(Engine):
+        def step(self) -> bool:
+            with torch.no_grad():
+                for p in params:
+                    p -= 0.05 * p.grad
+                    p.grad = None
+            return True
+
+    g = torch.Generator().manual_seed(0)
+    rollouts = []
+    for i in range(8):  # 2 groups of 4, lengths differ so the padded path reorders them
+        prompt = torch.randint(1, 100, (5,), generator=g).tolist()
+        rollouts.append(
+            {"group": i // 4, "prompt_ids": prompt if i % 4 == 0 else rollouts[-1]["prompt_ids"], "hint_ids": [],
+             "response_ids": torch.randint(1, 100, (2 + (5 * i) % 7,), generator=g).tolist(),
+             "reward": float(i in (2, 5))}
+        )  # fmt: skip
+
+    def seq_logp() -> torch.Tensor:
+        t = rft_loop._pad(rollouts, PAD, torch.device("cpu"))
+        with torch.no_grad():
+            logp, _ = rft_loop.scaled_token_logprobs(
+                model, t["ids"], t["attention"], t["response"], temperature=1.0, with_entropy=False
+            )
+        return (logp * t["response"]).sum(1)
+
+    before = seq_logp()
+    rft_loop._train_on(SGD(model), cfg, [dict(r) for r in rollouts], PAD, world=1)
+    gain = seq_logp() - before
+    adv = torch.tensor([0.0] * 8)
+    for x in (2, 5):
+        adv[x] = 1.0
+    assert float(((adv - 0.25) * gain).sum()) > 0
+    for rewarded, group in ((2, range(0, 4)), (5, range(4, 8))):
+        assert all(gain[rewarded] > gain[j] for j in group if j != rewarded), (rewarded, gain.tolist())
