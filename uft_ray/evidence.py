@@ -29,6 +29,8 @@ import argparse
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -118,18 +120,20 @@ def run_hints(
     assets_root: str | None,
     arms: list[str] | None = None,
     rl_lr: float | None = None,
+    write_data: bool = True,
 ) -> dict:
-    """Run every arm under every seed (a finished run is not rerun: the driver resumes it); the curves."""
+    """Run every arm under every seed (a finished run is not rerun: the driver resumes it); the curves.
+    `write_data` False: the task files are already in `out` (a seed's process of `--jobs`)."""
     from uft_ray import driver
     from uft_ray.demo import ensure_demo_assets
     from uft_ray.tasks import toy
 
     assets = ensure_demo_assets(assets_root) if assets_root else ensure_demo_assets()
     train, held = toy.generate(N_TRAIN, N_EVAL, seed=0)
-    files = {
-        "train": toy.write(train, out / "task" / "train.jsonl"),
-        "eval": toy.write(held, out / "task" / "eval.jsonl"),
-    }
+    files = {"train": str(out / "task" / "train.jsonl"), "eval": str(out / "task" / "eval.jsonl")}
+    if write_data:
+        toy.write(train, files["train"])
+        toy.write(held, files["eval"])
     arms = arms or list(HINT_ARMS)
     metric = "eval/accuracy"
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {arm: {} for arm in arms}
@@ -151,7 +155,13 @@ def run_hints(
 
 
 def run_forgetting(
-    out: Path, seeds: list[int], steps: int | None, recipe: str, assets_root: str | None, arms: list[str] | None
+    out: Path,
+    seeds: list[int],
+    steps: int | None,
+    recipe: str,
+    assets_root: str | None,
+    arms: list[str] | None,
+    write_data: bool = True,
 ) -> dict:
     """The compare recipe under every seed, on the toy data (written once), its table per seed
     (`{out}/runs/seed{S}/compare.md`); each metric's curves. `steps`: every stage's `train.max_steps`."""
@@ -161,7 +171,8 @@ def run_forgetting(
 
     assets = ensure_demo_assets(assets_root) if assets_root else ensure_demo_assets()
     data = out / "data"
-    toy.write_forgetting_data(data)
+    if write_data:
+        toy.write_forgetting_data(data)
     metrics = METRICS["forgetting"]
     result: dict[str, Any] = {"name": "forgetting", "seeds": seeds, "metrics": {m: {} for m in metrics}, "seconds": {}}
     for seed in seeds:
@@ -250,6 +261,47 @@ def write_section(results_md: Path, name: str, body: str) -> None:
     results_md.write_text(text)
 
 
+def merge(parts: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """One result from the per-seed results of `--jobs`: every metric's curves and every run's seconds."""
+    result: dict[str, Any] = {k: v for k, v in parts[0].items() if k not in ("metrics", "seconds", "seeds")}
+    result |= {"seeds": seeds, "metrics": {}, "seconds": {}}
+    for part in parts:
+        result["seconds"] |= part["seconds"]
+        for metric, arms in part["metrics"].items():
+            for arm, curves in arms.items():
+                result["metrics"].setdefault(metric, {}).setdefault(arm, {}).update(curves)
+    return result
+
+
+def fan_out(name: str, seeds: list[int], jobs: int, out: Path, passthrough: list[str]) -> dict[str, Any]:
+    """Each seed in a process of its own (its own local Ray), `jobs` at a time: the toy's runs use about one core
+    each (the rollout actor and the trainer take turns), so two seeds share 2 cores. A seed's output goes to
+    `{out}/logs/seed{S}.log`; a failed seed fails the whole experiment, naming its log."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    todo, running, failed = list(seeds), [], []
+    while todo or running:
+        while todo and len(running) < jobs:
+            seed = todo.pop(0)
+            log = open(out / "logs" / f"seed{seed}.log", "w")  # noqa: SIM115 - closed when the process ends
+            cmd = [sys.executable, "-m", "uft_ray.evidence", name, "--seeds", str(seed), "--out", str(out), "--part"]
+            running.append((seed, log, subprocess.Popen([*cmd, *passthrough], stdout=log, stderr=subprocess.STDOUT)))
+            print(f"[uft-ray] evidence {name}: seed {seed} started (log {log.name})", flush=True)
+        time.sleep(1.0)
+        for entry in list(running):
+            seed, log, proc = entry
+            if proc.poll() is not None:
+                running.remove(entry)
+                log.close()
+                print(f"[uft-ray] evidence {name}: seed {seed} exit {proc.returncode}", flush=True)
+                if proc.returncode != 0:
+                    failed.append(f"seed {seed} ({log.name})")
+    if failed:
+        raise SystemExit(f"evidence {name}: failed: {', '.join(failed)}")
+    parts = [json.loads((out / "parts" / f"{name}-s{seed}.json").read_text()) for seed in seeds]
+    return merge(parts, seeds)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="uft-ray evidence", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -264,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="the experiment's folder (default: runs/evidence/NAME)")
     p.add_argument("--assets", default=None, help="the demo assets' root (default: uft-ray demo's)")
     p.add_argument("--results", default=None, help="also write the section of this markdown file (docs/results.md)")
+    p.add_argument("--jobs", type=int, default=2, help="seeds run at once, each in its own process (default 2)")
+    p.add_argument("--part", action="store_true", help=argparse.SUPPRESS)  # one seed's process of --jobs
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs: at least 1")
     out = Path(args.out or f"runs/evidence/{args.name}").resolve()
     recipe = args.recipe or str(ROOT / RECIPES[args.name])
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -272,7 +328,23 @@ def main(argv: list[str] | None = None) -> int:
     arms = [a for a in (args.arms or "").split(",") if a] or None
     if args.name == "hints" and arms and (unknown := sorted(set(arms) - set(HINT_ARMS))):
         p.error(f"--arms: unknown {', '.join(unknown)}; use {', '.join(HINT_ARMS)}")
-    if args.name == "hints":
+    if args.part:  # one seed of a fan-out: the data is written, the parent tables and plots
+        if args.name == "hints":
+            result = run_hints(out, seeds, args.steps, recipe, args.assets, arms, args.rl_lr, write_data=False)
+        else:
+            result = run_forgetting(out, seeds, args.steps, recipe, args.assets, arms, write_data=False)
+        (out / "parts" / f"{args.name}-s{seeds[0]}.json").write_text(json.dumps(result))
+        return 0
+    if args.jobs > 1 and len(seeds) > 1:
+        # the data and the model once, here, before the seeds' processes read them
+        if args.name == "hints":
+            run_hints(out, [], args.steps, recipe, args.assets, arms, args.rl_lr)
+        else:
+            run_forgetting(out, [], args.steps, recipe, args.assets, arms)
+        passthrough = [f"--recipe={recipe}"] + [f"--{k.replace('_', '-')}={v}" for k, v in (
+            ("steps", args.steps), ("arms", args.arms), ("rl_lr", args.rl_lr), ("assets", args.assets)) if v is not None]  # fmt: skip
+        result = fan_out(args.name, seeds, args.jobs, out, passthrough)
+    elif args.name == "hints":
         result = run_hints(out, seeds, args.steps, recipe, args.assets, arms, args.rl_lr)
     else:
         result = run_forgetting(out, seeds, args.steps, recipe, args.assets, arms)
@@ -289,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         md = Path(args.results)
         shutil.copyfile(out / f"{args.name}.png", md.parent / f"evidence_{args.name}.png")
         cmd = f"uft-ray evidence {args.name} --seeds {args.seeds}" + (f" --steps {args.steps}" if args.steps else "")
+        cmd += f" --jobs {args.jobs}" if args.jobs != 2 else ""
         cmd += f" --rl-lr {args.rl_lr:g}" if args.rl_lr is not None else ""
         body = (f"```bash\n{cmd}     # {result['wall_s'] / 60:.1f} min on this machine\n```\n\n{table}\n"
                 f"![{args.name}](evidence_{args.name}.png)\n")  # fmt: skip

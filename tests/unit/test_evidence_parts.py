@@ -128,3 +128,23 @@ def test_the_forgetting_data_is_written_in_the_datasets_layouts(tmp_path):
     d = hs2[0]["prompt"].removeprefix("next ").removesuffix(" :").split()
     assert hs2[1]["response"] == f"<answer> {' '.join(d)} </answer>"  # the copy is the rejected answer
     assert hs2[0]["response"].split()[-2] == str((int(d[-1]) + 1) % 10)
+
+
+def test_seeds_run_apart_merge_into_one_result():
+    """--jobs: each seed's process leaves its own result; merged, the curves of every arm hold every seed."""
+    a = {"name": "hints", "seeds": [0], "n_eval": 60, "seconds": {"uft/s0": 3.0},
+         "metrics": {"eval/accuracy": {"uft": {"0": [[0, 0.0], [2, 0.5]]}, "rft": {"0": [[0, 0.0]]}}}}  # fmt: skip
+    b = {"name": "hints", "seeds": [1], "n_eval": 60, "seconds": {"uft/s1": 4.0},
+         "metrics": {"eval/accuracy": {"uft": {"1": [[0, 0.1]]}, "rft": {"1": [[0, 0.2]]}}}}  # fmt: skip
+    merged = evidence.merge([a, b], [0, 1])
+    assert merged["seeds"] == [0, 1] and merged["n_eval"] == 60 and merged["name"] == "hints"
+    assert merged["seconds"] == {"uft/s0": 3.0, "uft/s1": 4.0}
+    assert merged["metrics"]["eval/accuracy"]["uft"] == {"0": [[0, 0.0], [2, 0.5]], "1": [[0, 0.1]]}
+    assert set(merged["metrics"]["eval/accuracy"]["rft"]) == {"0", "1"}
+    assert a["seconds"] == {"uft/s0": 3.0}  # the parts are not changed
+
+
+def test_a_seed_process_that_fails_fails_the_experiment_naming_its_log(tmp_path):
+    with pytest.raises(SystemExit, match=r"evidence hints: failed: seed 0 \(.*seed0\.log\), seed 1 \(.*seed1\.log\)"):
+        evidence.fan_out("hints", [0, 1], 2, tmp_path, ["--recipe=/nonexistent/recipe.yaml"])
+    assert "nonexistent" in (tmp_path / "logs" / "seed0.log").read_text()
