@@ -255,3 +255,20 @@ def test_hint_rfts_reference_adapter_is_checked_at_load(tmp_path: Path) -> None:
     assert messages(cfg) == [f"reference.adapter: '{tmp_path}/no-adapter' does not exist (a peft adapter directory)"]
     cfg["reference"]["adapter"] = str(tmp_path)
     assert load_config(cfg).reference.adapter == str(tmp_path)
+
+
+def test_hint_rft_task_files_resolve_against_the_yaml_like_every_input(tmp_path: Path, monkeypatch) -> None:
+    """rft.path / rft.eval_path are inputs too: relative to the YAML's folder, then the working directory."""
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs/configs/demo_hint_rft.yaml").read_text())
+    folder = tmp_path / "exp"
+    (folder / "task").mkdir(parents=True)
+    for name in ("train.jsonl", "eval.jsonl"):
+        (folder / "task" / name).write_text('{"prompt": "echo 1 :", "answer": "1"}\n')
+    recipe["model"] = {"path": str(tmp_path)}
+    recipe["rft"] |= {"task": "uft_ray.tasks.toy:verify", "path": "task/train.jsonl", "eval_path": "task/*.jsonl",
+                      "n_train": None}  # fmt: skip
+    (folder / "cfg.yaml").write_text(yaml.safe_dump(recipe))
+    monkeypatch.chdir(tmp_path)  # not the YAML's folder
+    cfg = load_config(folder / "cfg.yaml")
+    assert cfg.rft.path == str(folder / "task" / "train.jsonl")
+    assert cfg.rft.eval_path == str(folder / "task" / "*.jsonl")

@@ -162,9 +162,9 @@ def load_config(
     Raises `ConfigError` listing every problem. With `resolve_paths` (the default; off only for a config that
     is shipped to another machine, whose paths are that machine's), every path field is normalized in one
     place before anything loads (`resolve_config_paths`): `~` is expanded, and a relative input path (a source,
-    the model, an adapter) becomes absolute against the YAML file's directory when it exists there, else
-    against the working directory when it exists there; one that exists in neither is left as written (a hub
-    id such as `Qwen/Qwen2.5-0.5B`).
+    the model, an adapter, a hint_rft task file) becomes absolute against the YAML file's directory when it
+    exists there, else against the working directory when it exists there; one that exists in neither is left
+    as written (a hub id such as `Qwen/Qwen2.5-0.5B`).
     """
     base_dir = None
     if path is None:
@@ -226,6 +226,8 @@ def resolve_config_paths(cfg: Config, base: Path | None = None) -> None:
     for s in cfg.eval.sources:
         s.path = _resolve_input(s.path, base) or s.path
     cfg.eval.include_path = _resolve_input(cfg.eval.include_path, base)
+    cfg.rft.path = _resolve_input(cfg.rft.path, base)
+    cfg.rft.eval_path = _resolve_input(cfg.rft.eval_path, base)
     for holder, name in ((cfg.output, "storage_path"), (cfg.reference, "cache_dir")):
         value = getattr(holder, name)
         if value and not is_remote(value):
