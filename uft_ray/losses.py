@@ -349,7 +349,7 @@ def k3_kl(
 def hint_rft_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     entropy: torch.Tensor,
@@ -368,9 +368,10 @@ def hint_rft_loss(
     pg, kl and entropy are token means over generated tokens (`mask`); the hint sits in the prompt, so it gets
     no policy gradient, KL or entropy, only its mean NLL (`hint_logp` per token over `hint_mask`). Without a
     hint (no revealed chunk, `r3`, evaluation) the hint term is 0. Coefficients default to the authors'.
+    `ref_logp` None (no KL term, `kl_coef` 0): the reference is not needed, and kl is 0.
     """
     pg, clip_frac = clipped_pg_loss(logp, old_logp, advantages, mask, clip, n_tokens)
-    kl = k3_kl(logp, ref_logp, mask, n_tokens)
+    kl = k3_kl(logp, ref_logp, mask, n_tokens) if ref_logp is not None else logp.new_zeros(())
     ent = _token_mean(entropy, mask, n_tokens)
     if hint_logp is not None and hint_mask is not None and bool(hint_mask.any()):
         hint_nll = _token_mean(-hint_logp, hint_mask, n_hint_tokens)

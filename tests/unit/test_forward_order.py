@@ -15,6 +15,7 @@ pre-hook on the embedding (every forward starts there) while the loops' own func
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from test_logits_only import PAD, Engine, loss_cfg, rows, tiny_lora
 
@@ -116,3 +117,32 @@ def test_hint_rft_runs_every_no_grad_forward_before_the_first_grad_forward(monke
     ]  # fmt: skip
     rft_loop._train_on(Engine(model, events), cfg, rollouts, PAD, world=1)
     assert events == [REF] * 4 + [NO_GRAD_POLICY] * 4 + [POLICY, "backward"] * 4
+
+
+def test_hint_rft_without_a_kl_term_runs_no_reference_forward(monkeypatch):
+    """rft.kl_coef 0: the reference feeds nothing, so none of its forwards run, the loss is the same as with the
+    reference computed (kl weighs 0), and the step reports no kl."""
+    from uft_ray.config import load_config
+    from uft_ray.rft import loop as rft_loop
+
+    quiet_collectives(monkeypatch, rft_loop)
+    g = np.random.default_rng(1)
+    rollouts = [
+        {"group": i // 4, "prompt_ids": g.integers(1, 100, 5).tolist(), "hint_ids": g.integers(1, 100, i % 3).tolist(),
+         "response_ids": g.integers(1, 100, 3 + i % 4).tolist(), "reward": float(i % 3 == 0)}
+        for i in range(8)
+    ]  # fmt: skip
+    out = {}
+    for kl in (0.0, 1e-12):  # a KL term too small to change the loss, but computed
+        cfg = load_config(
+            "jobs/configs/demo_hint_rft.yaml",
+            ["model.path=/tmp", "train.grad_accum=1", "train.micro_batch_size=8", f"rft.kl_coef={kl}"],
+            check_paths=False,
+        )
+        model = tiny_lora()
+        events = recorded(model)
+        out[kl] = (rft_loop._train_on(Engine(model, events), cfg, [dict(r) for r in rollouts], PAD, world=1), events)
+    (without, events_without), (with_, events_with) = out[0.0], out[1e-12]
+    assert events_without == [POLICY, "backward"] and events_with == [REF, POLICY, "backward"]
+    assert without["with_kl"] is False and with_["with_kl"] is True and without["kl"] == 0.0 and with_["kl"] > 0
+    assert without["loss"] == pytest.approx(with_["loss"], rel=1e-6)

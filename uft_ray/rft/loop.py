@@ -468,7 +468,10 @@ def _train_on(
     # order, and no reference activations next to the policy's): the reference's, and the old log-probs,
     # recomputed just before the updates (with one update they equal the training forward's).
     old: list[list[torch.Tensor | None]] = [[None] * len(micros) for micros in updates]
-    refs = [[_reference(engine, t, r.temperature) for t in micros] for micros in updates]
+    # The reference feeds only the KL term: with rft.kl_coef 0 it is not computed at all (as veRL builds no
+    # reference policy without a KL loss), and no "kl" is logged.
+    with_kl = r.kl_coef > 0
+    refs = [[_reference(engine, t, r.temperature) if with_kl else None for t in micros] for micros in updates]
     if r.updates_per_step > 1:
         for u, micros in enumerate(updates):
             for j, t in enumerate(micros):
@@ -505,7 +508,8 @@ def _train_on(
                 # clip_frac is the micro-batch's own fraction: weigh it by its share of the update's tokens
                 sums[k] += float(m[k]) * (local / max(n_resp, 1.0) if k == "clip_frac" else 1.0)
             tokens += int(t["attention"].sum())
-    return {**{k: v / r.updates_per_step for k, v in sums.items()}, "train_tokens": float(tokens), "lr": lr}
+    return {**{k: v / r.updates_per_step for k, v in sums.items()}, "train_tokens": float(tokens), "lr": lr,
+            "with_kl": with_kl}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -578,7 +582,6 @@ def _metrics_row_collective(
         "reward/format": g["formatted"] / g["rollouts"],
         "hint/share": g["hint_share"] / g["prompts"],
         "response/length": g["response_tokens"] / g["rollouts"],
-        "kl": g["kl"],
         "entropy": g["entropy"],
         "clip_frac": g["clip_frac"],
         "time/generate_frac": min(gen_s / step_s, 1.0),
@@ -591,6 +594,8 @@ def _metrics_row_collective(
         "lr": train["lr"],
         "grad_norm": engine.grad_norm,
     }
+    if train["with_kl"]:
+        row["kl"] = g["kl"]
     if g["hint_tokens"] > 0:  # no hint revealed anywhere: no hint term, and no number to log
         row["hint_nll"] = g["hint_nll"]
     if accuracy is not None:
