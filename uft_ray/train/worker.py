@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -101,6 +102,13 @@ def restore(
     return state, start, batches, engine
 
 
+def say(line: str) -> None:
+    """One `[uft-ray]` line from a training worker to the console. Not `print`: Ray Train patches it in its workers
+    to tee to the (wrapped) stdout and to log the line as well, which shows every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def agree_zero_stage(w: Worker) -> int:
     """`choose_zero_stage` on every rank, agreed on by all (a collective; the largest wins: one rank that cannot
     hold the base makes every rank shard it; ranks disagreeing on the stage would hang in the first collective)."""
@@ -112,7 +120,7 @@ def agree_zero_stage(w: Worker) -> int:
         why = "another rank cannot hold the frozen base: every rank shards it"
     if w.rank == 0:
         threads = "" if w.use_gpu else f", {torch.get_num_threads()} CPU threads per worker"
-        print(f"[uft-ray] DeepSpeed ZeRO-{int(agreed)}: {why}{threads}", flush=True)
+        say(f"[uft-ray] DeepSpeed ZeRO-{int(agreed)}: {why}{threads}")
     return int(agreed)
 
 
