@@ -19,8 +19,10 @@ stage). A two-stage arm's curve runs on through its stage 2, its steps counted o
 
 Outputs, under `--out` (default `runs/evidence/NAME`): every run's directory, `{name}.json` (each metric's curve per
 arm and seed), `{name}.png` (a panel per metric: the mean over seeds, the band from the lowest to the highest seed)
-and `{name}.md` (each metric's final value per arm: mean, spread, per seed). `--results docs/results.md` also replaces that file's section
-between `<!-- evidence:{name} -->` and `<!-- /evidence:{name} -->` with the table and the plot, copied beside it.
+and `{name}.md` (each metric's final value per arm: mean, spread, per seed). `--results docs/results.md` also
+replaces that file's section between `<!-- evidence:{name} -->` and `<!-- /evidence:{name} -->` with the table and
+the plot, copied beside it. `--jobs N` (default 2) runs N seeds at once, each in a process of its own with its own
+local Ray (`{out}/logs/seed{S}.log`); a seed's runs are the same whether run alone or beside another.
 """
 
 from __future__ import annotations
@@ -280,22 +282,29 @@ def fan_out(name: str, seeds: list[int], jobs: int, out: Path, passthrough: list
     (out / "logs").mkdir(parents=True, exist_ok=True)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     todo, running, failed = list(seeds), [], []
-    while todo or running:
-        while todo and len(running) < jobs:
-            seed = todo.pop(0)
-            log = open(out / "logs" / f"seed{seed}.log", "w")  # noqa: SIM115 - closed when the process ends
-            cmd = [sys.executable, "-m", "uft_ray.evidence", name, "--seeds", str(seed), "--out", str(out), "--part"]
-            running.append((seed, log, subprocess.Popen([*cmd, *passthrough], stdout=log, stderr=subprocess.STDOUT)))
-            print(f"[uft-ray] evidence {name}: seed {seed} started (log {log.name})", flush=True)
-        time.sleep(1.0)
-        for entry in list(running):
-            seed, log, proc = entry
-            if proc.poll() is not None:
-                running.remove(entry)
-                log.close()
-                print(f"[uft-ray] evidence {name}: seed {seed} exit {proc.returncode}", flush=True)
-                if proc.returncode != 0:
-                    failed.append(f"seed {seed} ({log.name})")
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                seed = todo.pop(0)
+                log = open(out / "logs" / f"seed{seed}.log", "w")  # noqa: SIM115 - closed when the process ends
+                cmd = [sys.executable, "-m", "uft_ray.evidence", name, "--seeds", str(seed), "--out", str(out)]
+                proc = subprocess.Popen([*cmd, "--part", *passthrough], stdout=log, stderr=subprocess.STDOUT)
+                running.append((seed, log, proc))
+                print(f"[uft-ray] evidence {name}: seed {seed} started (log {log.name})", flush=True)
+            time.sleep(1.0)
+            for entry in list(running):
+                seed, log, proc = entry
+                if proc.poll() is not None:
+                    running.remove(entry)
+                    log.close()
+                    print(f"[uft-ray] evidence {name}: seed {seed} exit {proc.returncode}", flush=True)
+                    if proc.returncode != 0:
+                        failed.append(f"seed {seed} ({log.name})")
+    finally:  # interrupted: no seed's process (nor its Ray) outlives the command
+        for _, log, proc in running:
+            proc.terminate()
+            proc.wait()
+            log.close()
     if failed:
         raise SystemExit(f"evidence {name}: failed: {', '.join(failed)}")
     parts = [json.loads((out / "parts" / f"{name}-s{seed}.json").read_text()) for seed in seeds]
