@@ -7,7 +7,10 @@ table for docs/results.md. `uft-ray evidence NAME` runs one:
 `hints` trains the demo's tiny random-init model on a toy it cannot solve by chance (uft_ray/tasks/toy.py) four
 ways from the same start, each arm a real run (Ray, DeepSpeed, rollout actors, the verifier process):
 `uft` (hint-guided RFT on the cosine schedule), `rft` (no hints), `sft` (the NLL of whole answers) and
-`sft_then_rft` (SFT for half the steps, then RFT from its adapter). Its metric is held-out accuracy: greedy
+`sft_then_rft` (SFT for half the steps, then RFT from its adapter). `sft_then_rft`'s SFT half is the `sft` arm's
+first half: it branches from that run's checkpoint at half the steps instead of training the same steps again (a
+constant learning rate and a plan whose first steps do not depend on its length make them the same computation:
+the separate stage-1 runs this replaced had bit-identical losses and evaluations to step 120, 3 seeds). Its metric is held-out accuracy: greedy
 answers to prompts no training row has, without hints (`eval/accuracy`), every `eval.every` steps. Each arm runs
 under every seed (`train.seed` and `data.seed`: the LoRA start, the prompt order, the hints and the rollouts).
 
@@ -42,7 +45,8 @@ from typing import Any
 
 import yaml
 
-from uft_ray.config import Config, load_config
+from uft_ray.config import Config, ConfigError, load_config, validate
+from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir
 
 RECIPES = {"hints": "jobs/evidence/hints.yaml", "forgetting": "jobs/evidence/forgetting.yaml"}
 METRICS = {
@@ -53,13 +57,15 @@ METRICS = {
 ROOT = Path(__file__).resolve().parent.parent
 
 N_TRAIN, N_EVAL = 140, 60  # of the 200 (verb, digit) prompts: held-out prompts are pairs no training row has
-# arm: its stages, each a list of dotted overrides of the recipe (a stage's share of the steps comes last)
-HINT_ARMS: dict[str, list[list[str]]] = {
-    "uft": [["rft.hint.mode=cosine"]],
-    "rft": [["rft.hint.mode=rft"]],
-    "sft": [["rft.objective=sft"]],
-    "sft_then_rft": [["rft.objective=sft"], ["rft.hint.mode=rft"]],
+# arm: its overrides of the recipe
+HINT_ARMS: dict[str, list[str]] = {
+    "uft": ["rft.hint.mode=cosine"],
+    "rft": ["rft.hint.mode=rft"],
+    "sft": ["rft.objective=sft"],
+    "sft_then_rft": ["rft.hint.mode=rft"],
 }
+# arm: the arm whose run it continues from half the steps, on its own overrides for the rest
+BRANCHES = {"sft_then_rft": "sft"}
 
 
 def _sft_batch(prompts_per_step: int, workers: int) -> list[str]:
@@ -69,49 +75,61 @@ def _sft_batch(prompts_per_step: int, workers: int) -> list[str]:
 
 def hint_configs(
     recipe: str, out: Path, seed: int, steps: int | None, model: str, files: dict[str, str], rl_lr: float | None = None
-) -> dict:
+) -> dict[str, list[Config]]:
     """Every arm's stage configs under `seed`: {arm: [Config, ...]}; `rl_lr`: the learning rate of every RL stage
-    (uft, rft, sft_then_rft's second), the SFT stages keeping the recipe's."""
+    (uft, rft, sft_then_rft's second), the SFT stages keeping the recipe's. A branching arm's stages are the arm
+    it branches from (the same run, checkpointed at half the steps) and its own run from that checkpoint's
+    adapter for the other half (paths checked when it starts: the checkpoint is written by the first stage)."""
     common = [
         f"model.path={model}", f"rft.path={files['train']}", f"rft.eval_path={files['eval']}",
         f"train.seed={seed}", f"data.seed={seed}", f"output.storage_path={out / 'runs'}",
     ]  # fmt: skip
     base = load_config(recipe, common)
     total = steps or base.train.max_steps
+    half = total // 2
+
+    def overrides(arm: str) -> list[str]:
+        extra = list(HINT_ARMS[arm])
+        if "rft.objective=sft" in extra:
+            extra += _sft_batch(base.rft.prompts_per_step, base.train.num_workers)
+        elif rl_lr is not None:
+            extra += [f"train.lr={rl_lr}"]
+        return extra
+
     arms: dict[str, list[Config]] = {}
-    for arm, stages in HINT_ARMS.items():
-        configs = []
-        for i, overrides in enumerate(stages):
-            share = total // len(stages) if i < len(stages) - 1 else total - total // len(stages) * (len(stages) - 1)
-            extra = list(overrides)
-            if "rft.objective=sft" in overrides:
-                extra += _sft_batch(base.rft.prompts_per_step, base.train.num_workers)
-            elif rl_lr is not None:
-                extra += [f"train.lr={rl_lr}"]
-            name = f"hints-{arm}-s{seed}" + (f"-stage{i + 1}" if len(stages) > 1 else "")
-            extra += [f"train.max_steps={share}", f"output.run_name={name}"]
-            configs.append(load_config(recipe, [*common, *extra]))
-        arms[arm] = configs
-    return arms
+    for arm in HINT_ARMS:
+        if arm in BRANCHES:
+            continue
+        save_half = [f"train.checkpoint_every={half}"] if arm in BRANCHES.values() and half else []
+        name = f"output.run_name=hints-{arm}-s{seed}"
+        arms[arm] = [load_config(recipe, [*common, *overrides(arm), *save_half, f"train.max_steps={total}", name])]
+    for arm, parent in BRANCHES.items():
+        first = arms[parent][0]
+        adapter = str(Path(RunDir(first.output.run_dir).checkpoint(half)) / CHECKPOINT_ADAPTER)
+        rest = [f"train.max_steps={total - half}", f"output.run_name=hints-{arm}-s{seed}",
+                f"model.adapter={adapter}", f"reference.adapter={adapter}"]  # fmt: skip
+        arms[arm] = [first, load_config(recipe, [*common, *overrides(arm), *rest], check_paths=False)]
+    return {arm: arms[arm] for arm in HINT_ARMS}
 
 
-def _points(run_dir: str, metric: str, offset: int) -> list[tuple[int, float]]:
+def _points(run_dir: str, metric: str, offset: int, steps: int) -> list[tuple[int, float]]:
     from uft_ray.run_dir import read_metrics
 
     return [
         (int(r["step"]) + offset, float(r[metric]))
         for r in read_metrics(str(Path(run_dir) / "metrics.jsonl"))
-        if r.get(metric) is not None
+        if r.get(metric) is not None and int(r["step"]) <= steps
     ]
 
 
 def stage_curve(stages: list[tuple[str, int]], metric: str) -> list[tuple[int, float]]:
-    """One curve through an arm's stages [(run_dir, steps)]: a later stage's steps counted on from the earlier
-    stages' (its step-0 evaluation is the previous stage's last model: kept once)."""
+    """One curve through an arm's stages [(run_dir, steps)]: a stage's points up to its `steps` (a branch's first
+    stage is a longer run), a later stage's steps counted on from the earlier stages' (its step-0 evaluation is
+    the previous stage's last model: kept once)."""
     curve: list[tuple[int, float]] = []
     offset = 0
     for run_dir, steps in stages:
-        points = _points(run_dir, metric, offset)
+        points = _points(run_dir, metric, offset, steps)
         curve += [p for p in points if not curve or p[0] > curve[-1][0]]
         offset += steps
     return curve
@@ -144,15 +162,21 @@ def run_hints(
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {arm: {} for arm in arms}
     seconds: dict[str, float] = {}
     for seed in seeds:
+        ran: dict[str, str] = {}  # run name: its directory, each run once (a branch's first stage is its parent)
         for arm, stages in hint_configs(recipe, out, seed, steps, assets["model"], files, rl_lr).items():
             if arm not in arms:
                 continue
             t0 = time.monotonic()
-            if len(stages) == 1:
-                results = [driver.run(stages[0])]
-            else:
-                results = list(driver.run_sequential(stages[0], stages[1]))
-            done = [(r.run_dir, c.train.max_steps) for c, r in zip(stages, results, strict=True)]
+            for cfg in stages:
+                if cfg.output.run_name not in ran:
+                    problems = validate(cfg)  # a branch's checkpoint exists now
+                    if problems:
+                        raise ConfigError(problems)
+                    ran[cfg.output.run_name] = driver.run(cfg).run_dir
+            shares = [c.train.max_steps for c in stages]
+            if arm in BRANCHES:  # the parent's run counts up to the branch point: where the second stage starts
+                shares[0] -= shares[1]
+            done = [(ran[c.output.run_name], n) for c, n in zip(stages, shares, strict=True)]
             curves[arm][str(seed)] = stage_curve(done, metric)
             seconds[f"{arm}/s{seed}"] = round(time.monotonic() - t0, 1)
     return {"name": "hints", "seeds": seeds, "metrics": {metric: curves}, "seconds": seconds,

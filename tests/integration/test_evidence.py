@@ -1,8 +1,9 @@
 """Issue 23: the evidence recipes keep working, each shortened to 2 steps a stage and one seed, and `uft-ray compare`
 end to end (the forgetting evidence is a compare recipe run per seed).
 
-- hints: the `uft` arm (rollouts with hints, the verifier, held-out accuracy); the other arms are its config with
-  other overrides (tests/unit/test_evidence_parts.py), and SFT-then-RFT runs in tests/integration/test_hint_rft.py.
+- hints: the `sft_then_rft` arm, two runs: the `sft` arm's run, checkpointed at half its steps, and RFT from that
+  checkpoint's adapter (rollouts, the verifier, held-out accuracy); the `uft` and `rft` arms are the recipe with
+  another hint mode (tests/unit/test_evidence_parts.py), hint-guided runs in tests/integration/test_hint_rft.py.
 - forgetting: the `sft` and `sft-dpo` arms, sharing the SFT run: the curves, the evidence table and plot, and the
   compare table of the seed (the same held-out rows for every arm, the best per column), the sequential recipe
   itself (stage 2 continues stage 1's adapter against base + that adapter: r == 0 at its first step), and resume
@@ -28,13 +29,23 @@ pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 def test_the_hints_evidence_runs_and_writes_curves_table_plot_and_section(tiny_assets, tmp_path):
     results = tmp_path / "results.md"
     results.write_text("# Results\n")
-    argv = ["hints", "--seeds", "0", "--steps", "2", "--arms", "uft", "--out", str(tmp_path / "ev"),
+    argv = ["hints", "--seeds", "0", "--steps", "2", "--arms", "sft_then_rft", "--out", str(tmp_path / "ev"),
             "--assets", tiny_assets["root"], "--results", str(results)]  # fmt: skip
     assert evidence.main(argv) == 0
+    runs = tmp_path / "ev" / "runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["hints-sft-s0", "hints-sft_then_rft-s0"]  # no stage-1 run
+    assert sorted(p.name for p in (runs / "hints-sft-s0" / "checkpoints").glob("checkpoint_0*")) == [
+        "checkpoint_000001", "checkpoint_000002"]  # fmt: skip
+    stage2 = yaml.safe_load((runs / "hints-sft_then_rft-s0" / "config.yaml").read_text())
+    assert stage2["model"]["adapter"] == str(runs / "hints-sft-s0" / "checkpoints" / "checkpoint_000001" / "adapter")
+    assert stage2["rft"]["objective"] == "grpo" and stage2["train"]["max_steps"] == 1
+    rl = [r for r in read_metrics(str(runs / "hints-sft_then_rft-s0" / "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in rl] == [1] and "reward/mean" in rl[0]  # rollouts scored by the verifier
     data = json.loads((tmp_path / "ev" / "hints.json").read_text())
-    curve = data["metrics"]["eval/accuracy"]["uft"]["0"]
-    assert [s for s, _ in curve] == [0, 2] and all(0.0 <= a <= 1.0 for _, a in curve)  # start and end, held out
-    assert "| uft |" in (tmp_path / "ev" / "hints.md").read_text()
+    curve = data["metrics"]["eval/accuracy"]["sft_then_rft"]["0"]
+    # held out: the start, the branch point (stage 2's first evaluation), the end
+    assert [s for s, _ in curve] == [0, 1, 2] and all(0.0 <= a <= 1.0 for _, a in curve)
+    assert "| sft_then_rft |" in (tmp_path / "ev" / "hints.md").read_text()
     text = results.read_text()
     assert "<!-- evidence:hints -->" in text and "![hints](evidence_hints.png)" in text
     assert (tmp_path / "evidence_hints.png").read_bytes()[:4] == b"\x89PNG"

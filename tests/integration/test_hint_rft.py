@@ -320,3 +320,23 @@ def test_two_updates_a_step_follow_the_schedule_at_the_sampling_temperature(tiny
     assert two["kl"] > 1e-6  # step 1's second update (rate lr) moved the adapter away from the reference
     syncs = [json.loads(line) for line in (Path(cfg.output.run_dir) / "debug" / "sync.jsonl").read_text().splitlines()]
     assert [s["step"] for s in syncs] == [0, 1, 2] and len({s["trainer"] for s in syncs}) == 3
+
+
+def test_a_rollout_actor_that_cannot_load_fails_the_first_adapter_sync_with_its_error(tiny_assets, root):
+    """The driver does not wait for the actors to load (the trainer starts meanwhile): the loop's first call to
+    them, the adapter sync before any rollout, is where a failed load surfaces, with the actor's own error."""
+    from transformers import AutoTokenizer
+
+    from uft_ray.rft.driver import start_rollout_actors, stop_rollout_actors
+    from uft_ray.rft.rollout import RolloutPool
+
+    cfg = rft_config(tiny_assets, root, "bad-actor")
+    cfg.model.path = str(root / "no-such-model")
+    actors: list[Any] = []
+    try:
+        start_rollout_actors(cfg, AutoTokenizer.from_pretrained(tiny_assets["model"]), into=actors)
+        assert len(actors) == cfg.rft.rollout.actors
+        with pytest.raises(Exception, match="no-such-model"):
+            RolloutPool(actors).load_adapter({}, 0)
+    finally:
+        stop_rollout_actors(actors, close_timeout_s=5.0)

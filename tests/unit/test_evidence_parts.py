@@ -79,11 +79,17 @@ def test_every_arm_has_its_configs_and_sft_then_rft_splits_the_steps(tmp_path):
         str(evidence.ROOT / evidence.RECIPES["hints"]), Path(tmp_path), 3, 9, str(model), files
     )
     assert list(arms) == ["uft", "rft", "sft", "sft_then_rft"]
-    assert [c.train.max_steps for c in arms["sft_then_rft"]] == [4, 5] and arms["uft"][0].train.max_steps == 9
-    assert [c.rft.objective for c in arms["sft_then_rft"]] == ["sft", "grpo"]
+    # sft_then_rft branches from the sft run (the same config: one run), checkpointed at half the steps
+    sft, rft_half = arms["sft_then_rft"]
+    assert sft is arms["sft"][0] and sft.train.max_steps == 9 and sft.train.checkpoint_every == 4
+    assert rft_half.train.max_steps == 5 and arms["uft"][0].train.max_steps == 9
+    adapter = str(tmp_path / "runs" / "hints-sft-s3" / "checkpoints" / "checkpoint_000004" / "adapter")
+    assert rft_half.model.adapter == rft_half.reference.adapter == adapter
+    assert [c.rft.objective for c in arms["sft_then_rft"]] == ["sft", "grpo"] and rft_half.rft.hint.mode == "rft"
     assert arms["rft"][0].rft.hint.mode == "rft" and arms["uft"][0].rft.hint.mode == "cosine"
     assert {c.train.seed for cs in arms.values() for c in cs} == {3} and arms["uft"][0].data.seed == 3
-    assert len({c.output.run_name for cs in arms.values() for c in cs}) == 5
+    assert len({c.output.run_name for cs in arms.values() for c in cs}) == 4
+    assert arms["uft"][0].train.checkpoint_every == arms["rft"][0].train.checkpoint_every == 1000  # the recipe's
     assert {c.train.lr for cs in arms.values() for c in cs} == {3e-3}  # the recipe's rate for every stage
 
     # --rl-lr: the RL stages (uft, rft, sft_then_rft's second) at that rate, the SFT stages at the recipe's
@@ -103,6 +109,9 @@ def test_a_two_stage_curve_counts_stage_two_on_from_stage_one(tmp_path):
             run.append_metrics({"step": step, "eval/nll/skill": v, "loss": 0.0})
     curve = evidence.stage_curve([(str(tmp_path / "a"), 4), (str(tmp_path / "b"), 3)], "eval/nll/skill")
     assert curve == [(0, 3.0), (2, 2.0), (4, 1.0), (7, 1.5)]  # stage 2's step 0 is stage 1's last model
+    # a branch: stage 1 is a longer run, counted up to the branch point (step 2), stage 2 on from there
+    curve = evidence.stage_curve([(str(tmp_path / "a"), 2), (str(tmp_path / "b"), 3)], "eval/nll/skill")
+    assert curve == [(0, 3.0), (2, 2.0), (5, 1.5)]
 
 
 def test_the_forgetting_data_is_written_in_the_datasets_layouts(tmp_path):

@@ -41,8 +41,8 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> RunResult:
     logger.info("plan: %d steps of %d prompts x %d rollouts; starting at step %d",
                 plan.summary.steps, cfg.rft.prompts_per_step, cfg.rft.n, start)  # fmt: skip
 
-    # 2. Each rank's prompts, built while the rollout actors load the base model; the actors are stopped
-    # whatever happens, from the first one started on.
+    # 2. Each rank's prompts, built while the rollout actors load the base model (they go on loading while the
+    # trainer starts); the actors are stopped whatever happens, from the first one started on.
     checkpoint = last
     if start < plan.summary.steps:
         building = Background(rank_feeds, run_dir, plan, cfg, start)
@@ -112,8 +112,10 @@ def start_rollout_actors(cfg: Config, tokenizer: Any, *, into: list[Any]) -> lis
             gpu_memory_utilization=rollout_memory_fraction(ro.gpu_memory_utilization, ro.gpus_per_actor),
             max_model_len=r.max_prompt_len + r.max_response_len,
         ))  # fmt: skip
-    ray.get([a.digest.remote() for a in into])  # loaded (a bad model path fails here, before training)
-    logger.info("rollout actors: %d x %s", len(into), backend)
+    # Not waited for here: they load their model while the trainer starts (on a GPU, vLLM's start and DeepSpeed's
+    # overlap). The loop's first call, the adapter sync before any rollout, waits for them, and an actor that
+    # failed to load fails the run there on every rank, with the actor's error.
+    logger.info("rollout actors: %d x %s, loading", len(into), backend)
     return into
 
 
