@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_logits_only import PAD, Engine, loss_cfg, rows, tiny_lora
+from fixtures.tiny_lora import PAD, Engine, loss_cfg, quiet_collectives, rows, tiny_lora
 
 from uft_ray.train import loop as train_loop
 
@@ -38,12 +38,6 @@ def recorded(model) -> list:
         lambda m, a: events.append((not lora.disable_adapters, torch.is_grad_enabled(), bool(inside)))
     )
     return events
-
-
-def quiet_collectives(monkeypatch, module) -> None:
-    """One rank: collectives change nothing, the device is the CPU."""
-    monkeypatch.setattr(module.dist, "all_reduce", lambda tensor, op=None: None)
-    monkeypatch.setattr(module.ray.train.torch, "get_device", lambda: torch.device("cpu"))
 
 
 def test_uft_micro_batch_scores_the_reference_first():

@@ -175,8 +175,7 @@ def test_one_grpo_step_through_the_loop_raises_each_groups_rewarded_rollout(monk
     tiny LoRA model, with an SGD step: in each group the rewarded rollout's sequence log-prob rises more than any
     unrewarded one's, and the advantage-weighted sum of the changes is positive (the surrogate rose). A sign error
     or rewards matched to the wrong rows (sorting, packing's order) fails it."""
-    from test_forward_order import quiet_collectives
-    from test_logits_only import PAD, Engine, tiny_lora
+    from fixtures.tiny_lora import PAD, Engine, quiet_collectives, tiny_lora
 
     from uft_ray.rft import loop as rft_loop
 
