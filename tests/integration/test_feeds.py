@@ -186,3 +186,20 @@ def test_heldout_feeds_give_each_rank_its_rank_share_in_order(tmp_path: Path, nu
         assert set(t["step"].to_pylist()) | set(t["micro"].to_pylist()) | set(t["epoch"].to_pylist()) <= {0}
         assert t["input_ids"].to_pylist() == [tokens[r] for r in share]
         assert t["ref_logp"].to_pylist() == [-float(r[3:]) for r in share]  # joined into these rows
+
+
+def test_a_parquet_read_starts_one_footer_reader_not_ray_datas_pool_of_32(tmp_path):
+    """init_ray (the ray_local fixture) sets Ray Data's footer-reader pool to one actor per read: the default
+    registers 32 per `read_parquet` (counted: 130 actors for four reads of one small file)."""
+    import ray
+    import ray._private.state as ray_state
+
+    def footer_readers() -> int:
+        return sum(1 for a in ray_state.actors().values() if a.get("ActorClassName", "").endswith("FooterReader"))
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"a": list(range(140))}), path)
+    before = footer_readers()
+    for _ in range(2):
+        assert ray.data.read_parquet(str(path)).materialize().count() == 140
+    assert footer_readers() - before == 2
