@@ -10,9 +10,10 @@ ways from the same start, each arm a real run (Ray, DeepSpeed, rollout actors, t
 `sft_then_rft` (SFT for half the steps, then RFT from its adapter). `sft_then_rft`'s SFT half is the `sft` arm's
 first half: it branches from that run's checkpoint at half the steps instead of training the same steps again (a
 constant learning rate and a plan whose first steps do not depend on its length make them the same computation:
-the separate stage-1 runs this replaced had bit-identical losses and evaluations to step 120, 3 seeds). Its metric is held-out accuracy: greedy
-answers to prompts no training row has, without hints (`eval/accuracy`), every `eval.every` steps. Each arm runs
-under every seed (`train.seed` and `data.seed`: the LoRA start, the prompt order, the hints and the rollouts).
+the separate stage-1 runs this replaced had bit-identical losses and evaluations to step 120, 3 seeds). Its metric
+is held-out accuracy: greedy answers to prompts no training row has, without hints (`eval/accuracy`), every
+`eval.every` steps. Each arm runs under every seed (`train.seed` and `data.seed`: the LoRA start, the prompt
+order, the hints and the rollouts).
 
 `forgetting` runs the compare recipe jobs/evidence/forgetting.yaml under every seed on the toy data of
 uft_ray/tasks/toy.py (`write_forgetting_data`): a skill taught by SFT (held-out NLL, `eval/nll/skill`) and
