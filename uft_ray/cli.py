@@ -117,6 +117,14 @@ def _print_result(result: RunResult) -> None:
     print(f"  report    {result.report_path or '(not written: rebuild with `uft-ray report RUN_DIR`)'}")
 
 
+def _fmt(m: dict[str, Any], key: str, spec: str) -> str | None:
+    """`m[key]` formatted, or None when the row has no number there (absent, null, a string)."""
+    v = m.get(key)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    return format(v, spec)
+
+
 class _Progress:
     """One line per optimizer step, read from metrics.jsonl (rank 0 writes it) while the driver trains.
 
@@ -129,11 +137,12 @@ class _Progress:
         self.last = self._steps_in_file()  # a resumed run prints only its new steps
         self.total: int | None = None
         self._first: tuple[int, float] | None = None  # (step, when) of the first step line: the pace for the ETA
+        self._warned = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="uft-ray-progress", daemon=True)
 
     def _steps_in_file(self) -> int:
-        return max((m.get("step", 0) for m in self.run.read_metrics()), default=0)
+        return max((s for m in self.run.read_metrics() if isinstance(s := m.get("step"), int)), default=0)
 
     def _total(self) -> int | None:
         if self.total is None and storage.is_file(self.run.plan):
@@ -146,31 +155,39 @@ class _Progress:
         return self.total
 
     def line(self, m: dict[str, Any]) -> str:
+        """The step's line from whatever the row holds: a term a config leaves out (hint_rft's `kl` at
+        rft.kl_coef 0, `hint_nll` with no hint revealed) or a value that is not a number is left out."""
         total = self._total()
-        parts = [f"step {m.get('step')}" + (f"/{total}" if total else ""), f"loss {m.get('loss', float('nan')):.4f}"]
+        parts = [f"step {m.get('step')}" + (f"/{total}" if total else "")]
+        if (loss := _fmt(m, "loss", ".4f")) is not None:
+            parts.append(f"loss {loss}")
         for s in self.sources:
-            if f"loss/{s}" not in m and f"mixture/{s}/cumulative" not in m:
-                continue
             bits = [s]
-            if f"loss/{s}" in m:
-                bits.append(f"loss {m[f'loss/{s}']:.4f}")
-            if f"reward/{s}" in m:
-                bits.append(f"r {m[f'reward/{s}']:+.3f}")
-            if f"mixture/{s}/cumulative" in m:
-                bits.append(f"share {m[f'mixture/{s}/cumulative']:.2f} (target {m.get(f'mixture/{s}/target', 0):.2f})")
-            parts.append(" ".join(bits))
+            if (v := _fmt(m, f"loss/{s}", ".4f")) is not None:
+                bits.append(f"loss {v}")
+            if (v := _fmt(m, f"reward/{s}", "+.3f")) is not None:
+                bits.append(f"r {v}")
+            if (v := _fmt(m, f"mixture/{s}/cumulative", ".2f")) is not None:
+                target = _fmt(m, f"mixture/{s}/target", ".2f")
+                bits.append(f"share {v}" + (f" (target {target})" if target is not None else ""))
+            if len(bits) > 1:
+                parts.append(" ".join(bits))
         if "reward/mean" in m:  # hint_rft
-            parts.append(
-                f"reward {m['reward/mean']:.3f} acc {m['reward/accuracy']:.3f} format {m['reward/format']:.3f}"
-            )
-            nll = f" nll {m['hint_nll']:.3f}" if "hint_nll" in m else ""
-            parts.append(f"hint {m['hint/share']:.2f}{nll} | kl {m['kl']:.4f}")
-            parts.append(f"generate {m['time/generate_frac']:.0%}")
-            if "eval/accuracy" in m:
-                parts.append(f"eval/accuracy {m['eval/accuracy']:.3f}")
-        if "tokens_per_s" in m:
-            parts.append(f"{m['tokens_per_s']:.0f} tok/s")
-        return "[uft-ray] " + " | ".join(parts)
+            names = (("reward", "reward/mean", ".3f"), ("acc", "reward/accuracy", ".3f"),
+                     ("format", "reward/format", ".3f"))  # fmt: skip
+            parts.append(" ".join(f"{n} {v}" for n, k, f in names if (v := _fmt(m, k, f)) is not None))
+            share, nll, kl = _fmt(m, "hint/share", ".2f"), _fmt(m, "hint_nll", ".3f"), _fmt(m, "kl", ".4f")
+            if share is not None:
+                parts.append(f"hint {share}" + (f" nll {nll}" if nll is not None else ""))
+            if kl is not None:  # only with a KL term (rft.kl_coef > 0)
+                parts.append(f"kl {kl}")
+            if (v := _fmt(m, "time/generate_frac", ".0%")) is not None:
+                parts.append(f"generate {v}")
+            if (v := _fmt(m, "eval/accuracy", ".3f")) is not None:
+                parts.append(f"eval/accuracy {v}")
+        if (v := _fmt(m, "tokens_per_s", ".0f")) is not None:
+            parts.append(f"{v} tok/s")
+        return "[uft-ray] " + " | ".join(p for p in parts if p)
 
     def eta(self, step: int, now: float) -> str | None:
         """Time left at this run's pace so far, e.g. `eta 3m05s`; None before a second step or a known total."""
@@ -183,11 +200,19 @@ class _Progress:
         return f"eta {int(left // 60)}m{int(left % 60):02d}s"
 
     def _emit(self) -> None:
-        for m in self.run.read_metrics():
-            if m.get("step", 0) > self.last:
-                self.last = m["step"]
-                eta = self.eta(m["step"], time.monotonic())
-                print(self.line(m) + (f" | {eta}" if eta else ""), flush=True)
+        """Print the new steps' lines. The display never fails the run it shows: a problem here (a row it does not
+        understand, a metrics file it cannot read) is said once on stderr and the run goes on."""
+        try:
+            for m in self.run.read_metrics():
+                step = m.get("step", 0)
+                if isinstance(step, int) and step > self.last:
+                    self.last = step
+                    eta = self.eta(step, time.monotonic())
+                    print(self.line(m) + (f" | {eta}" if eta else ""), flush=True)
+        except Exception as e:
+            if not self._warned:
+                self._warned = True
+                err(f"warning: the progress line failed ({type(e).__name__}: {e}); the run goes on")
 
     def _loop(self) -> None:
         while not self._stop.wait(self.poll_s):
