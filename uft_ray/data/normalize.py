@@ -96,12 +96,25 @@ def _text(rec: Any, name: str) -> str:
     return value
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """A value for a quarantine detail: scalars as repr, cut; containers by type and size only (a huge or deeply
+    nested value must not make a huge detail, or recurse)."""
+    if isinstance(value, (list, dict)):
+        return f"a {type(value).__name__} of {len(value)}"
+    text = repr(value) if not isinstance(value, int) or value.bit_length() < 200 else f"<{value.bit_length()}-bit int>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Reject(q.WRONG_TYPE, f"`{name}` must be a number, got {type(value).__name__} {value!r}")
-    if math.isnan(value):
+        raise Reject(q.WRONG_TYPE, f"`{name}` must be a number, got {type(value).__name__} {_short(value)}")
+    try:
+        number = float(value)  # an integer past float's range (a 400-digit rating) overflows
+    except OverflowError:
+        raise Reject(q.RATING_OUT_OF_RANGE, f"`{name}` is {_short(value)}, past any range") from None
+    if math.isnan(number):
         raise Reject(q.RATING_OUT_OF_RANGE, f"`{name}` is NaN")
-    return float(value)
+    return number
 
 
 def _blank(s: str) -> bool:
@@ -195,6 +208,8 @@ def ultrachat_raw(src: SourceConfig, rec: Any, relpath: str, pos: int) -> list[R
     check_conversation(msgs, "data")
     # the file is part of the identity: the original release may number each file from 0
     rid = rec.get("id")
+    if isinstance(rid, (list, dict)):
+        raise Reject(q.WRONG_TYPE, f"`id` must be a string or a number, got {type(rid).__name__}")
     identity: tuple[object, ...] = (relpath, f"id={rid}") if rid is not None else (relpath, pos)
     return unfold(src.name, identity, msgs)
 
@@ -372,7 +387,7 @@ def trl_unpaired(src: SourceConfig, rec: Any, relpath: str, pos: int) -> list[Ro
     response = _trl_completion(rec, "completion")
     label = _field(rec, "label")
     if not isinstance(label, bool):
-        raise Reject(q.WRONG_TYPE, f"`label` must be true or false, got {type(label).__name__} {label!r}")
+        raise Reject(q.WRONG_TYPE, f"`label` must be true or false, got {type(label).__name__} {_short(label)}")
     score = 1.0 if label else 0.0
     return [unified_row(make_row_id(src.name, relpath, pos), src.name, "binary", prompt, response, score=score)]
 
@@ -452,6 +467,10 @@ class Normalizer:
     def _bad(self, reason: str, detail: str, where: str, raw: str) -> Quarantined:
         return Quarantined(reason, self.src.name, f"{where}: {detail}", raw)
 
+    def _unexpected(self, e: Exception, where: str, rec: RawRecord) -> Quarantined:
+        detail = f"cannot be read as a {self.src.format} row: {type(e).__name__}: {_short(str(e), 200)}"
+        return self._bad(q.WRONG_TYPE, detail, where, rec.raw())
+
     def add(self, rec: RawRecord, relpath: str, where: str) -> list[Outcome]:
         if rec.error is not None:
             return [self._bad(rec.kind, rec.error, where, rec.raw())]
@@ -461,6 +480,8 @@ class Normalizer:
             rows = self.fn(self.src, rec.value, relpath, rec.pos)
         except Reject as e:
             return [self._bad(e.reason, e.detail, where, rec.raw())]
+        except Exception as e:  # noqa: BLE001  # no single row may end the read: whatever it is, it is quarantined
+            return [self._unexpected(e, where, rec)]
         origin = f"{relpath}:{rec.pos}"
         for r in rows:
             r["_origin"] = origin
@@ -471,6 +492,8 @@ class Normalizer:
             prompt_text, prompt, response, s = helpsteer2_fields(self.src, rec.value)
         except Reject as e:
             return [self._bad(e.reason, e.detail, where, rec.raw())]
+        except Exception as e:  # noqa: BLE001  # as in `add`
+            return [self._unexpected(e, where, rec)]
         item = _HS2(rec.pos, rec.raw(), where, prompt_text, prompt, response, s)
         out: list[Outcome] = []
         if self._group and (self._group[0].prompt_text != prompt_text or relpath != self._relpath):

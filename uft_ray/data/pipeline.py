@@ -17,7 +17,9 @@ per tokenized row, never the rows):
 2. *Band passes.* For each source still short of its quota, read and normalize again (cheap) but keep only
    rows whose seeded rank falls in the next band (`mixture.next_band_end`, about quota / N of the source),
    tokenize those, and stage them under DIR/_work. Usually one pass; a second one when more rows than
-   expected were too long. Only the band is ever tokenized, not the whole source.
+   expected were too long. Only the band is ever tokenized, not the whole source. A file that breaks part way
+   in a band pass (and not, or elsewhere, in the normalize pass) is quarantined as `unreadable_file`, so a
+   sample that differs from a clean prepare says why in the summary.
 3. *Select pass.* From the staged rows keep, per source, the quota smallest ranks (`mixture.plan_take`),
    copies for upsampling, and write DIR/rows. Too-long rows (and duplicate row ids) that the seeded walk
    reached before the quota filled go to quarantine here. The staged files, `tokenize_block` that writes them
@@ -116,7 +118,11 @@ def read_part(
         for out in outs:
             if isinstance(out, Quarantined):
                 n_bad += 1
-                if mode == "stats" and qdir is not None:
+                if out.reason == q.UNREADABLE_FILE and qdir is not None:
+                    # in every pass, not only the normalize pass (a band pass reading less than it would change
+                    # the sample silently); named by the failure, so a pass breaking the same way rewrites it
+                    q.write_records(qdir, q.file_name("unreadable", src.name, index, out.detail), [out])
+                elif mode == "stats" and qdir is not None:
                     bad.append(out)
                 continue
             n_ok += 1
@@ -146,7 +152,8 @@ class SourceFilesDatasource(Datasource):
     """Ray Data datasource over the file parts of one or more sources: one read task per part.
 
     mode "stats": normalize, write quarantine, yield one count row per part.
-    mode "rows": yield unified rows (READ_SCHEMA) whose rank is in their source's band.
+    mode "rows": yield unified rows (READ_SCHEMA) whose rank is in their source's band; a file that breaks part way
+    is quarantined here too (`unreadable_file`).
     """
 
     def __init__(
@@ -270,7 +277,7 @@ def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
     qdir = prep.quarantine_dir(out_dir)
 
     counts = _normalize_pass(cfg, parts, active, quota, qdir)  # 1.
-    bands = _band_passes(cfg, parts, active, quota, counts["normalized"], prep.work_dir(out_dir))  # 2.
+    bands = _band_passes(cfg, parts, active, quota, counts["normalized"], prep.work_dir(out_dir), qdir)  # 2.
     _select_pass(out_dir, bands, qdir)  # 3.
     summary = _summary(cfg, out_dir, parts, quota, counts, bands, seconds=time.time() - t0)
     for s in bands.takes:
@@ -322,6 +329,7 @@ def _band_passes(
     quota: dict[str, int],
     normalized: Counter[str],
     work: str,
+    qdir: str,
 ) -> _Bands:
     """Tokenize bands of the seeded order, staged under `work`, until every source's quota is met."""
     m_key, t_key = encoder_key(cfg.model, cfg.tokenize)
@@ -334,7 +342,9 @@ def _band_passes(
         }
         stage = storage.join(work, f"pass{len(found.stage_dirs)}")
         band_parts = [p for p in parts if p[0].name in bands]
-        ds = to_dataset(SourceFilesDatasource(band_parts, seed=cfg.data.seed, mode="rows", bands=bands))
+        ds = to_dataset(
+            SourceFilesDatasource(band_parts, seed=cfg.data.seed, mode="rows", bands=bands, quarantine_dir=qdir)
+        )
         ds = ds.map_batches(
             tokenize_block,
             fn_kwargs={"model_key": m_key, "tokenize_key": t_key},

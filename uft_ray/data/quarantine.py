@@ -40,6 +40,7 @@ ZERO_PREFERENCE = "zero_preference"
 UNREADABLE_FILE = "unreadable_file"
 NO_PAIR = "no_pair"  # a HelpSteer2 binary/pair row whose partner response is missing or malformed
 DUPLICATE = "duplicate"  # a second row with the same row_id (same prompt_id twice): the first one is kept
+INVALID_TEXT = "invalid_text"  # a string that is not Unicode text: invalid UTF-8 bytes, a lone UTF-16 surrogate
 
 REASONS = (
     JSON_PARSE_ERROR,
@@ -57,6 +58,7 @@ REASONS = (
     UNREADABLE_FILE,
     NO_PAIR,
     DUPLICATE,
+    INVALID_TEXT,
 )
 
 
@@ -79,14 +81,25 @@ class Quarantined:
     raw: str
 
 
+def _text(s: str) -> str:
+    """`s` as valid UTF-8 for Arrow: a lone surrogate (from a file name or a hostile row) becomes its escape."""
+    if s.isascii():
+        return s
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return s
+
+
 def to_table(records: Iterable[Quarantined]) -> pa.Table:
     records = list(records)
     return pa.table(
         {
             "reason": pa.array([r.reason for r in records], pa.string()),
-            "source": pa.array([r.source for r in records], pa.string()),
-            "detail": pa.array([r.detail for r in records], pa.string()),
-            "raw": pa.array([r.raw for r in records], pa.string()),
+            "source": pa.array([_text(r.source) for r in records], pa.string()),
+            "detail": pa.array([_text(r.detail) for r in records], pa.string()),
+            "raw": pa.array([_text(r.raw) for r in records], pa.string()),
         },
         schema=schema.QUARANTINE,
     )

@@ -13,7 +13,12 @@ decision taken here is what counts as unreadable:
 - a JSON line that does not parse is a record with `error` set (quarantined as `json_parse_error`), so one bad
   line costs one row;
 - a compressed file that breaks part way (truncated download) keeps the rows read before the break and ends
-  with one `unreadable_file` record saying where it stopped.
+  with one `unreadable_file` record saying where it stopped;
+- a record larger than `MAX_RECORD_BYTES` (a minified JSON array on one line) is a `too_long` record holding only
+  the line's first bytes: reading stays linear in the file and memory stays at one record;
+- JSON nested deeper than `MAX_NESTING` levels is a `json_parse_error` record; a string that is not Unicode text
+  (a lone UTF-16 surrogate escape such as `"\\ud800"` in JSON, invalid UTF-8 in a parquet string column) makes an
+  `invalid_text` record. So no value that reaches the normalizer can break Arrow, JSON or recursion later.
 
 Every file is read whole by one task (parquet files may be split by row groups, see `plan_parts`), in order:
 that is what keeps HelpSteer2's consecutive response pairs together and gives every row a stable position.
@@ -42,6 +47,9 @@ _TYPES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson":
 _COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".zstd": "zstd", ".lz4": "lz4"}
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _READ_CHUNK = 1 << 16  # small enough that a file breaking part way keeps nearly every line before the break
+MAX_RECORD_BYTES = 16 << 20  # one JSON line (one row) at most 16 MiB; a longer line is quarantined as too_long
+MAX_NESTING = 100  # JSON arrays/objects nested deeper than this are refused (rows nest 3-4 levels)
+_RAW_PREFIX = 4096  # what a too_long record keeps of its line, for the quarantine file
 
 
 class SourceError(StorageError):
@@ -56,7 +64,7 @@ class RawRecord:
     value: Any = None
     text: str | None = None
     error: str | None = None  # set: the row is unusable (`kind` says why)
-    kind: str = "ok"  # ok | json_parse_error | unreadable_file
+    kind: str = "ok"  # ok | json_parse_error | unreadable_file | too_long | invalid_text (quarantine reasons)
 
     def raw(self) -> str:
         """The row as JSON text, for quarantine."""
@@ -256,24 +264,29 @@ def iter_records(part: FilePart) -> Iterator[RawRecord]:
     return iter_jsonl(part.uri, part.compression)
 
 
-def iter_jsonl(uri: str, compression: str | None = None) -> Iterator[RawRecord]:
+def iter_jsonl(
+    uri: str, compression: str | None = None, *, max_record_bytes: int | None = None
+) -> Iterator[RawRecord]:
     """JSON lines, parsed one at a time: a bad line is a record with an error, not the end of the file.
 
-    Blank lines are skipped. Streams: memory is one read chunk, whatever the file size.
+    Blank lines are skipped. Streams in linear time: memory is one read chunk plus one record, whatever the file
+    size; a line longer than `max_record_bytes` (default `MAX_RECORD_BYTES`) is a `too_long` record keeping only
+    its first bytes.
     """
+    limit = MAX_RECORD_BYTES if max_record_bytes is None else max_record_bytes
     fs, p = filesystem_for(uri)
     try:
         stream = fs.open_input_stream(p, compression=compression)
     except (OSError, pa.ArrowException) as e:
         raise SourceError(f"cannot open {uri}: {e}") from e
+    line = _Line(limit)
     line_no = 0
-    buf = b""
     with stream:
         while True:
             try:
                 chunk = stream.read(_READ_CHUNK)
             except (OSError, EOFError, zlib.error, pa.ArrowException) as e:
-                if line_no == 0:
+                if line_no == 0 and not line.size:
                     raise SourceError(f"cannot read {uri}: {e}") from e
                 # a file that breaks part way keeps what was read before the break
                 yield RawRecord(
@@ -282,18 +295,56 @@ def iter_jsonl(uri: str, compression: str | None = None) -> Iterator[RawRecord]:
                 return
             if not chunk:
                 break
-            buf += chunk
-            *lines, buf = buf.split(b"\n")
-            for line in lines:
+            # only the new chunk is searched for newlines: a line spanning many chunks costs its bytes once
+            start = 0
+            while (end := chunk.find(b"\n", start)) >= 0:
+                line.add(chunk, start, end)
                 line_no += 1
-                rec = _parse_line(line, line_no)
+                rec = line.take(line_no)
                 if rec is not None:
                     yield rec
-        if buf:
+                start = end + 1
+            line.add(chunk, start, len(chunk))
+        if line.size:
             line_no += 1
-            rec = _parse_line(buf, line_no)
+            rec = line.take(line_no)
             if rec is not None:
                 yield rec
+
+
+class _Line:
+    """The line being read: its pieces while it fits `limit` bytes, only its first bytes once it does not."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, chunk: bytes, start: int, end: int) -> None:
+        n = end - start
+        if n <= 0:
+            return
+        if self.size + n <= self.limit:
+            self.parts.append(chunk[start:end])
+        elif self.size <= self.limit:  # the line just went over: keep its head for the quarantine record
+            head = b"".join(self.parts)
+            head += chunk[start : start + max(0, _RAW_PREFIX - len(head))]
+            self.parts = [head[:_RAW_PREFIX]]
+        self.size += n
+
+    def take(self, line_no: int) -> RawRecord | None:
+        data = b"".join(self.parts)
+        size, self.parts, self.size = self.size, [], 0
+        if size > self.limit:
+            head = data[:_RAW_PREFIX].decode("utf-8", "replace")
+            return RawRecord(
+                line_no,
+                text=head,
+                error=f"a line of {size} bytes, over the {self.limit}-byte record limit (MAX_RECORD_BYTES); "
+                "uft-ray reads JSON lines, one row per line: a JSON array on one line must be split into lines",
+                kind="too_long",
+            )
+        return _parse_line(data, line_no)
 
 
 def _parse_line(line: bytes, line_no: int) -> RawRecord | None:
@@ -306,9 +357,52 @@ def _parse_line(line: bytes, line_no: int) -> RawRecord | None:
             line_no, text=line.decode("utf-8", "replace"), error=f"not UTF-8: {e}", kind="json_parse_error"
         )
     try:
-        return RawRecord(line_no, json.loads(text), text)
+        value = json.loads(text)
+    except RecursionError:
+        return RawRecord(
+            line_no, text=text, error=f"JSON nested deeper than {MAX_NESTING} levels", kind="json_parse_error"
+        )
     except ValueError as e:
         return RawRecord(line_no, text=text, error=f"invalid JSON: {e}", kind="json_parse_error")
+    problem = check_value(value)
+    if problem is not None:
+        return RawRecord(line_no, text=text, error=problem[1], kind=problem[0])
+    return RawRecord(line_no, value, text)
+
+
+def check_value(value: Any) -> tuple[str, str] | None:
+    """(reason, detail) when a parsed JSON value cannot be a row whatever its format: nested deeper than
+    `MAX_NESTING`, or a string (key or value) that is not Unicode text (a lone surrogate). Iterative: a value
+    nested just below the parser's limit cannot exhaust the stack here."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            if not v.isascii() and not _is_text(v):
+                return "invalid_text", f"a string with a lone UTF-16 surrogate: {_surrogate_context(v)}"
+        elif isinstance(v, (list, dict)):
+            if depth >= MAX_NESTING:
+                return "json_parse_error", f"JSON nested deeper than {MAX_NESTING} levels"
+            if isinstance(v, dict):
+                for k, x in v.items():
+                    stack.append((k, depth))
+                    stack.append((x, depth + 1))
+            else:
+                stack.extend((x, depth + 1) for x in v)
+    return None
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate_context(s: str) -> str:
+    i = next(i for i, c in enumerate(s) if "\ud800" <= c <= "\udfff")
+    return ascii(s[max(0, i - 20) : i + 20])
 
 
 def iter_parquet(part: FilePart, batch_rows: int = 1024) -> Iterator[RawRecord]:
@@ -332,6 +426,35 @@ def iter_parquet(part: FilePart, batch_rows: int = 1024) -> Iterator[RawRecord]:
                 return
             if batch is None:
                 return
-            for row in batch.to_pylist():
-                yield RawRecord(pos, row)
+            try:
+                rows = batch.to_pylist()
+            except (UnicodeDecodeError, pa.ArrowException):  # a string that is not UTF-8: find its row
+                rows = None
+            for i in range(batch.num_rows):
+                yield RawRecord(pos, rows[i]) if rows is not None else _parquet_row(batch, i, pos)
                 pos += 1
+
+
+def _parquet_row(batch: pa.RecordBatch, i: int, pos: int) -> RawRecord:
+    """Row `i` of a batch that did not convert as a whole: the row, or an `invalid_text` record whose raw text
+    shows the undecodable strings with replacement characters."""
+    row: dict[str, Any] = {}
+    bad: list[str] = []
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        try:
+            row[name] = column[i].as_py()
+        except (UnicodeDecodeError, pa.ArrowException) as e:
+            bad.append(f"`{name}`: {e}")
+            row[name] = _replaced(column.slice(i, 1))
+    if not bad:
+        return RawRecord(pos, row)
+    raw = json.dumps(row, ensure_ascii=False, default=str)
+    return RawRecord(pos, text=raw, error=f"not UTF-8 text in {'; '.join(bad)}", kind="invalid_text")
+
+
+def _replaced(cell: pa.Array) -> Any:
+    """A string cell's bytes decoded with replacement characters (other types: a placeholder)."""
+    if pa.types.is_string(cell.type) or pa.types.is_large_string(cell.type):
+        data = cell.cast(pa.large_binary())[0].as_py()
+        return None if data is None else data.decode("utf-8", "replace")
+    return f"<{cell.type} with text that is not UTF-8>"

@@ -18,22 +18,25 @@ Layouts, told apart per record:
   `module:function` task.
 
 A record that cannot be a row is quarantined with its reason (`malformed`, `missing_field`, `wrong_type`,
-`duplicate`, `out_of_scope`, `unreadable_file`), the file and its index there, never dropped silently.
+`duplicate`, `out_of_scope`, `unreadable_file`, `too_long`, `invalid_text`), the file and its index there, never
+dropped silently.
 """
 
 from __future__ import annotations
 
-import io
-import json
+import math
 import re
 from typing import Any
 
-from uft_ray import storage
 from uft_ray.tasks import countdown, generic, knights_knaves, math_answers
 from uft_ray.tasks.rules import verifier_for
 
 MALFORMED, UNREADABLE, OUT_OF_SCOPE = "malformed", "unreadable_file", "out_of_scope"
 MISSING_FIELD, WRONG_TYPE, DUPLICATE = "missing_field", "wrong_type", "duplicate"
+TOO_LONG, INVALID_TEXT = "too_long", "invalid_text"  # a record over the readers' size limit; a string not Unicode
+# the data plane readers' record kinds, as this module's reasons
+_READ_REASONS = {"json_parse_error": MALFORMED, "unreadable_file": UNREADABLE, "too_long": TOO_LONG,
+                 "invalid_text": INVALID_TEXT}  # fmt: skip
 BUILTIN = (countdown.NAME, knights_knaves.NAME, math_answers.NAME)
 
 
@@ -47,34 +50,26 @@ class RowError(ValueError):
 
 def records(path: str, quarantined: list[dict[str, Any]]) -> list[tuple[str, int, dict[str, Any]]]:
     """`(file, index in it, record)` of every task file `path` names (a file, directory or glob, local or a URI: the
-    data plane's listing rule), read through uft_ray.storage's filesystems; unreadable files and lines quarantined."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from uft_ray.data.sources import list_files
+    data plane's listing rule), read by the data plane's readers (uft_ray.data.sources: linear in the file, a record
+    size limit, nesting and text checks); unreadable files and records quarantined with their reason."""
+    from uft_ray.data.sources import FilePart, SourceError, file_type, iter_records, list_files
 
     out: list[tuple[str, int, dict[str, Any]]] = []
     for f in list_files(path)[0]:
-        fs, inner = storage.filesystem_for(f)
+        kind, compression = file_type(f)  # type: ignore[misc]  # list_files keeps known types only
+        parquet = kind == "parquet"
         try:
-            if f.endswith(".parquet"):
-                out += [(f, i, rec) for i, rec in enumerate(pq.read_table(inner, filesystem=fs).to_pylist())]
-                continue
-            # compression from the name (.gz, .bz2, .zst, .lz4), as the data plane's readers take it
-            with fs.open_input_stream(inner, compression="detect") as raw, io.TextIOWrapper(raw, "utf-8") as fh:
-                for n, line in enumerate(fh):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except ValueError as e:
-                        quarantined.append({"file": f, "line": n + 1, "reason": MALFORMED, "detail": str(e)[:200]})
-                        continue
-                    if isinstance(rec, dict):
-                        out.append((f, n, rec))
-                    else:
-                        quarantined.append({"file": f, "line": n + 1, "reason": MALFORMED, "detail": "not an object"})
-        except (OSError, pa.ArrowException, UnicodeDecodeError) as e:
+            for rec in iter_records(FilePart(f, f, kind, compression)):
+                at = {"index": rec.pos} if parquet else {"line": rec.pos}
+                if rec.error is not None:
+                    reason = _READ_REASONS.get(rec.kind, MALFORMED)
+                    quarantined.append({"file": f, **({} if reason == UNREADABLE else at), "reason": reason,
+                                        "detail": rec.error[:200]})  # fmt: skip
+                elif not isinstance(rec.value, dict):
+                    quarantined.append({"file": f, **at, "reason": MALFORMED, "detail": "not an object"})
+                else:
+                    out.append((f, rec.pos if parquet else rec.pos - 1, rec.value))
+        except SourceError as e:
             quarantined.append({"file": f, "reason": UNREADABLE, "detail": str(e)[:200]})
     return out
 
@@ -129,7 +124,7 @@ def _task_fields(task: str, rec: dict[str, Any]) -> dict[str, Any]:
     if task == countdown.NAME:
         nums = _list_of(rec, f"{gt}.numbers", int, "a list of integers")
         target = _typed(rec, f"{gt}.target", (int, float), "a number")
-        if target != int(target):
+        if isinstance(target, float) and (not math.isfinite(target) or target != int(target)):
             raise RowError(WRONG_TYPE, f"{gt}.target: an integer, got {target!r}")
         return {"nums": nums, "target": int(target)}
     if task == knights_knaves.NAME:
@@ -246,6 +241,10 @@ def read_rows(
                     raise RowError(MALFORMED, str(e)) from None
         except RowError as e:
             found.append({"file": f, "index": index, "reason": e.reason, "detail": e.detail})
+            continue
+        except Exception as e:  # noqa: BLE001  # no single record may end the read: it is quarantined
+            detail = f"cannot be a {task} row: {type(e).__name__}: {str(e)[:200]}"
+            found.append({"file": f, "index": index, "reason": MALFORMED, "detail": detail})
             continue
         if row["row_id"] in seen:
             found.append({"file": f, "index": index, "reason": DUPLICATE, "detail": f"row_id {row['row_id']!r}"})
