@@ -7,6 +7,9 @@ implement them, so validating a config imports no task, tracker or data-pipeline
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 from typing import Any
 
 from uft_ray.config.paths import is_remote, looks_local, path_exists
@@ -47,7 +50,7 @@ class _Problems(list):
             self.append(f"{where}: {value!r} is not allowed; use one of: {', '.join(map(str, allowed))}")
 
     def positive(self, where: str, value: float | int | None, *, zero_ok: bool = False) -> None:
-        if value is None:
+        if value is None or not _finite(value):  # a non-finite number is reported once, by _check_finite
             return
         if value < 0 or (value == 0 and not zero_ok):
             self.append(f"{where}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
@@ -66,6 +69,7 @@ def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
     `check_paths` off skips the existence of local paths (a config whose paths are a cluster's).
     """
     e = _Problems()
+    nonfinite = _check_finite(e, cfg)
     e.one_of("method", cfg.method, METHODS)
     _check_model(e, cfg, check_paths)
     _check_lora(e, cfg.lora)
@@ -82,7 +86,51 @@ def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
     _check_eval(e, cfg, check_paths)
     _check_output(e, cfg.output)
     _check_logging(e, cfg.logging, check_paths)
-    return list(e)
+    _check_numbers(e, cfg)
+    # a non-finite field gets its one message; the range checks that also trip on it would only repeat it
+    said = tuple(m.split(":")[0] + ":" for m in e[:nonfinite])
+    return e[:nonfinite] + [m for m in e[nonfinite:] if not (said and m.startswith(said))]
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _check_finite(e: _Problems, cfg: Config) -> int:
+    """Every float anywhere in the config (a field, a mapping's value, a list's item) is a number: NaN and Inf
+    compare false with every bound, so each later range check would let them through. Returns how many."""
+
+    def walk(value: Any, where: str) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name), f"{where}.{f.name}" if where else f.name)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(value, list | tuple):
+            for i, v in enumerate(value):
+                walk(v, f"{where}.{i}")
+        elif not _finite(value):
+            e.append(f"{where}: must be a finite number, got {value!r}")
+
+    walk(cfg, "")
+    return len(e)
+
+
+SEED_LIMIT = 2**32  # numpy's and Ray Data's seeds: 0 <= seed < 2**32
+
+
+def _check_numbers(e: _Problems, cfg: Config) -> None:
+    """Ranges that span sections, or that no section's own check covers."""
+    for where, seed in (("data.seed", cfg.data.seed), ("train.seed", cfg.train.seed)):
+        if not 0 <= seed < SEED_LIMIT:
+            e.append(f"{where}: must be in [0, 2**32), got {seed!r}")
+    tr = cfg.train
+    if tr.use_gpu and _finite(tr.gpus_per_worker) and tr.gpus_per_worker <= 0:
+        e.append(f"train.gpus_per_worker: must be > 0 with train.use_gpu: true, got {tr.gpus_per_worker!r} "
+                 "(set train.use_gpu: false to train on CPU)")  # fmt: skip
+    if cfg.ray.num_cpus is not None and cfg.ray.num_cpus <= 0:
+        e.append(f"ray.num_cpus: must be > 0, got {cfg.ray.num_cpus!r}")
 
 
 def _check_model(e: _Problems, cfg: Config, check_paths: bool) -> None:
@@ -180,6 +228,10 @@ def _check_loss(e: _Problems, cfg: Config) -> None:
             if s.format in FORMAT_KINDS and s.resolved_kind not in LOSS_KINDS[loss.type]:
                 e.append(f"data.sources.{i}.kind: loss.type {loss.type} cannot train {s.resolved_kind!r} rows "
                          f"(source {s.name}); it takes: {', '.join(LOSS_KINDS[loss.type])}")  # fmt: skip
+    for name in ("kto_desirable_weight", "kto_undesirable_weight"):
+        e.positive(f"loss.{name}", getattr(loss, name), zero_ok=True)
+    if loss.type == "kto" and loss.kto_desirable_weight == 0 == loss.kto_undesirable_weight:
+        e.append("loss.kto_desirable_weight / loss.kto_undesirable_weight: both 0 train nothing; give one > 0")
     for k, v in (loss.source_weights or {}).items():
         if k not in names:
             e.append(f"loss.source_weights.{k}: no source named {k!r}")
@@ -249,9 +301,15 @@ def _check_logging(e: _Problems, lg: LoggingConfig, check_packages: bool) -> Non
         e.append(f"logging.trackers: {', '.join(missing)} not installed here; {INSTALL}")
 
 
+# One path segment under storage_path, the same locally and as an object key: no separator, no `.` or `..`, nothing
+# a shell, a URL or a bucket reads specially; a leading `-` would read as a command-line flag.
+RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+@-]{0,127}")
+
+
 def _check_output(e: _Problems, out: OutputConfig) -> None:
-    if not out.run_name or "/" in out.run_name:
-        e.append(f"output.run_name: a non-empty name without '/', got {out.run_name!r}")
+    if not RUN_NAME.fullmatch(out.run_name or ""):
+        e.append("output.run_name: one path segment of at most 128 ASCII letters, digits and . _ - = + @, not "
+                 f"starting with '.' or '-', got {out.run_name!r}")  # fmt: skip
     if not out.storage_path:
         e.append("output.storage_path: required (a local dir or shared storage URI)")
 
@@ -282,6 +340,9 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
         e.append(f"rft.top_p: must be in (0, 1], got {r.top_p!r}")
     h = r.hint
     e.one_of("rft.objective", r.objective, ("grpo", "sft"))
+    if r.objective == "grpo" and 0 < r.n < 2:
+        # a group's advantages are its rewards minus their mean: one rollout is always 0, no gradient at all
+        e.append(f"rft.n: GRPO needs at least 2 rollouts per prompt (one has no advantage), got {r.n}")
     e.one_of("rft.reward_rules", r.reward_rules, REWARD_RULES)
     e.one_of("rft.hint.mode", h.mode, ("cosine", "rft", "r3", "staged"))
     if not 0 <= h.p_low <= h.p_high <= 1:
@@ -297,6 +358,8 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
     g = ro.gpu_memory_utilization
     if g is not None and not 0 < g <= 1:
         e.append(f"rft.rollout.gpu_memory_utilization: a share of the device's memory in (0, 1], or null, got {g!r}")
+    if ro.backend == "vllm" and tr.use_gpu and _finite(ro.gpus_per_actor) and ro.gpus_per_actor <= 0:
+        e.append(f"rft.rollout.gpus_per_actor: must be > 0 with rft.rollout.backend vllm, got {ro.gpus_per_actor!r}")
     if ro.backend == "vllm" and not tr.use_gpu:
         e.append("rft.rollout.backend: vllm needs train.use_gpu=true (use hf on CPU)")
     _check_rft_updates(e, cfg)
@@ -341,8 +404,10 @@ def _check_eval(e: _Problems, cfg: Config, check_paths: bool) -> None:
     e.positive("eval.max_rows", ev.max_rows)
     e.positive("eval.max_model_len", ev.max_model_len)
     e.positive("eval.tensor_parallel_size", ev.tensor_parallel_size)
-    if ev.limit is not None:
-        e.positive("eval.limit", ev.limit)
+    if ev.limit is not None and _finite(ev.limit):
+        # lm_eval: below 1 a fraction of each task, else a number of rows
+        if not (0 < ev.limit < 1 or (ev.limit >= 1 and float(ev.limit).is_integer())):
+            e.append(f"eval.limit: a fraction in (0, 1) or a whole number of rows, got {ev.limit!r}")
     e.local_path("eval.include_path", ev.include_path, "a folder of lm_eval task YAMLs", check_paths)
     if ev.preset is not None:
         e.one_of("eval.preset", ev.preset, ("uft-paper",))
