@@ -51,6 +51,43 @@ DEFAULT_EXCLUDES = (
     ".benchmarks/",
     "*.egg-info/",
 )
+# Names that carry credentials: never packed unless a pattern in `includes` (`uft-ray submit --include`) names
+# them. The package sits in Ray's GCS, where anyone with dashboard access can fetch it.
+SECRET_EXCLUDES = (
+    ".env",
+    ".env.*",
+    "*.env",
+    ".envrc",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "*.jks",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".netrc",
+    "_netrc",
+    ".git-credentials",
+    ".pypirc",
+    ".npmrc",
+    "credentials",
+    "credentials.json",
+    "*service-account*.json",
+    ".aws/",
+    ".ssh/",
+    ".gnupg/",
+    ".azure/",
+    ".kube/",
+    ".docker/",
+    ".config/gcloud/",
+    ".gcloud/",
+    ".huggingface/",
+    ".ray/",
+    "wandb/",
+    "mlruns/",
+)
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
@@ -151,9 +188,15 @@ def pack_working_dir(
     *,
     extra_files: dict[str, str] | None = None,
     excludes: Sequence[str] = (),
+    includes: Sequence[str] = (),
     limit: int | None = None,
 ) -> int:
     """Zip `working_dir` (minus excludes, .gitignore and .rayignore) plus `extra_files` into `dest`.
+
+    Links are never followed out of the working dir: a link to a file inside it is packed as that file, every
+    other link (to a file or folder outside, to a folder, dangling) is left out. Secret-bearing names
+    (`SECRET_EXCLUDES`: `.env`, keys, `.aws/`, `.ssh/`, `wandb/`, `mlruns/`, ...) are left out unless a pattern in
+    `includes` names them. What was left out for either reason is one `UserWarning` line.
 
     Returns the package size in bytes. Raises `UploadTooLarge` as soon as the package passes `limit`, naming
     the largest entries so the user knows what to exclude. Nothing has been uploaded at that point.
@@ -164,6 +207,10 @@ def pack_working_dir(
     limit = upload_limit_bytes() if limit is None else limit
     by_top: dict[str, int] = defaultdict(int)
     patterns = list(DEFAULT_EXCLUDES) + list(excludes)
+    secret = _ignore_matcher(root, SECRET_EXCLUDES)
+    included = _ignore_matcher(root, includes) if includes else (lambda p: False)
+    secrets_out: list[str] = []
+    links_out: list[str] = []
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         fp = zf.fp
 
@@ -177,11 +224,19 @@ def pack_working_dir(
             for p in entries:
                 if any(m(p) for m in matchers):
                     continue
+                rel = p.relative_to(root)
+                if p.is_symlink():
+                    target = p.resolve()
+                    if not (target.is_file() and target.is_relative_to(root)):
+                        links_out.append(str(rel))
+                        continue
+                if secret(p) and not included(p):
+                    secrets_out.append(str(rel) + ("/" if p.is_dir() and not p.is_symlink() else ""))
+                    continue
                 if p.is_dir() and not p.is_symlink():
                     walk(p, matchers)
                 elif p.is_file():
-                    rel = p.relative_to(root)
-                    zf.write(p, str(rel))
+                    zf.write(p.resolve() if p.is_symlink() else p, str(rel))
                     by_top[rel.parts[0]] += p.stat().st_size
                     size = fp.tell() if fp is not None else 0
                     if size >= limit:
@@ -200,7 +255,25 @@ def pack_working_dir(
     size = os.path.getsize(dest)
     if size >= limit:
         raise UploadTooLarge(f"working_dir package is {_mib(size)}, over Ray's {_mib(limit)} limit for a job upload")
+    if secrets_out or links_out:
+        warnings.warn(_left_out(secrets_out, links_out), UserWarning, stacklevel=2)
     return size
+
+
+def _left_out(secrets: list[str], links: list[str], shown: int = 20) -> str:
+    """One line: what the job package left out and how to pack a secret-bearing name anyway."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:shown]) + (f", ... ({len(names) - shown} more)" if len(names) > shown else "")
+
+    parts = []
+    if secrets:
+        parts.append(f"{len(secrets)} secret-bearing {'name' if len(secrets) == 1 else 'names'} ({some(secrets)}; "
+                     "--include PATTERN packs one anyway)")  # fmt: skip
+    if links:
+        parts.append(f"{len(links)} {'link' if len(links) == 1 else 'links'} to a folder or out of the working dir "
+                     f"({some(links)})")  # fmt: skip
+    return "left out of the job package: " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -314,6 +387,7 @@ def submit(
     env: Sequence[str] = (),
     runtime_env: dict | str | os.PathLike | None = None,
     excludes: Sequence[str] = (),
+    includes: Sequence[str] = (),
     submission_id: str | None = None,
     headers: dict[str, str] | None = None,
     verbose: bool = False,
@@ -326,11 +400,13 @@ def submit(
         address: the dashboard address, `http://head:8265` (default: RAY_API_SERVER_ADDRESS / RAY_ADDRESS,
             else 127.0.0.1:8265).
         working_dir: the directory shipped to the job (default: the runtime_env's, else "."); `runs/`, `.git`,
-            caches, .gitignore and .rayignore entries are left out. Refused before upload if over Ray's limit.
+            caches, .gitignore and .rayignore entries are left out, and so are secret-bearing names and links
+            out of it (`pack_working_dir`). Refused before upload if over Ray's limit.
         overrides: dotted `key=value` overrides, applied before validation.
         env: names of environment variables to copy from this process into the job (e.g. HF_TOKEN).
         runtime_env: a dict or YAML file (e.g. infra/runtime_env.yaml) merged under the above.
         excludes: more gitignore-style patterns to leave out of the working dir.
+        includes: gitignore-style patterns of secret-bearing names (`SECRET_EXCLUDES`) to pack anyway.
         verbose: the job keeps Ray's own output (Ray Data's progress bars), as `uft-ray train --verbose`.
     """
     cfg, text = _job_config_yaml(config, overrides)
@@ -369,7 +445,8 @@ def submit(
     )
     with tempfile.TemporaryDirectory(prefix="uft-ray-submit-") as tmp:
         pkg = os.path.join(tmp, "working_dir.zip")
-        pack_working_dir(wd, pkg, extra_files={JOB_CONFIG: text}, excludes=pats)  # refuses before any contact
+        # refuses before any contact
+        pack_working_dir(wd, pkg, extra_files={JOB_CONFIG: text}, excludes=pats, includes=includes)
         c = client(address, headers)
         renv_out = {k: v for k, v in renv.items() if k not in ("working_dir", "excludes", "env_vars")}
         renv_out["working_dir"] = pkg

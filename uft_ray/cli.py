@@ -474,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy this environment variable (e.g. HF_TOKEN) into the job; repeatable; never logged")  # fmt: skip
     p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="gitignore-style pattern left out of the upload; repeatable")  # fmt: skip
+    p.add_argument("--include", action="append", default=[], metavar="PATTERN",
+                   help="pack a secret-bearing name (.env, *.pem, .aws/, wandb/, ...) anyway; repeatable")  # fmt: skip
     p.add_argument("--submission-id", help="job id to use (default: Ray picks one)")
     p.add_argument("--no-wait", action="store_true", help="return after submitting")
     _add_verbose(p)

@@ -56,6 +56,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 env=args.env,
                 runtime_env=args.runtime_env,
                 excludes=args.exclude,
+                includes=args.include,
                 submission_id=args.submission_id,
                 verbose=args.verbose,
             )
