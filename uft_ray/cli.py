@@ -541,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "task; 0: one CPU actor)")  # fmt: skip
     p.add_argument("--batch-size", metavar="B", help="lm_eval batch size (default: auto on GPU, 8 on CPU)")
     p.add_argument("--base", metavar="PATH", help="base model, instead of the one the run or adapter names")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (never taken "
+                   "from a run directory's config.yaml)")  # fmt: skip
     p.add_argument("--out", metavar="DIR", help="results folder (default: RUN_DIR/eval or ADAPTER/eval)")
     p.add_argument("--log-samples", action="store_true", help="also write samples_{task}.jsonl (per-doc records)")
     p.add_argument("--offline", action="store_true", help="no hub access (default: offline when the hub is "

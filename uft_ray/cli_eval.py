@@ -46,7 +46,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from uft_ray.evaluation import harness
 
     try:
-        target = harness.resolve_target(args.target, base=args.base, out_dir=args.out)
+        target = harness.resolve_target(
+            args.target, base=args.base, out_dir=args.out, trust_remote_code=args.trust_remote_code
+        )
         specs, preset = _eval_specs(args)
         include = os.path.abspath(os.path.expanduser(args.include_path)) if args.include_path else None
         harness.check_tasks([s.task for s in specs], harness.task_manager(include, [s.task for s in specs]))

@@ -155,8 +155,14 @@ def _out_dir(path: str) -> str:
     return path if storage.is_remote(path) else os.path.abspath(os.path.expanduser(path))
 
 
-def resolve_target(path: str, *, base: str | None = None, out_dir: str | None = None) -> EvalTarget:
-    """RUN_DIR or ADAPTER -> base model, adapter and results folder. Raises `EvalError` for anything else."""
+def resolve_target(
+    path: str, *, base: str | None = None, out_dir: str | None = None, trust_remote_code: bool = False
+) -> EvalTarget:
+    """RUN_DIR or ADAPTER -> base model, adapter and results folder. Raises `EvalError` for anything else.
+
+    Remote code runs only when the caller says so (`trust_remote_code`: `uft-ray eval --trust-remote-code`, or the
+    user's own config after training): a config.yaml found on storage cannot switch it on, and one that asks for
+    it is an EvalError naming the flag."""
     # A run directory or adapter in object storage stays a URI: the eval workers download what they load.
     path = path.rstrip("/") if storage.is_remote(path) else os.path.abspath(os.path.expanduser(path))
     if not storage.is_dir(path):
@@ -179,7 +185,12 @@ def resolve_target(path: str, *, base: str | None = None, out_dir: str | None = 
         adapter, where = rd.adapter, f"model.path in {rd.config}"
         resolved_base = base or str(model["path"])
         dtype = str(model.get("dtype") or "auto")
-        trust, revision = bool(model.get("trust_remote_code", False)), model.get("revision")
+        revision = model.get("revision")
+        if model.get("trust_remote_code") is True and not trust_remote_code:
+            raise EvalError(
+                f"{rd.config} has model.trust_remote_code: true, and a config found on storage cannot switch "
+                f"remote code on: pass --trust-remote-code if you trust {base or model['path']}"
+            )
         default_out = rd.eval
         engine = _run_eval_engine(run_dir)
     elif _is_adapter(path):
@@ -187,7 +198,7 @@ def resolve_target(path: str, *, base: str | None = None, out_dir: str | None = 
         resolved_base = base or _read_json_file(storage.join(path, _ADAPTER_CONFIG)).get("base_model_name_or_path")
         if not resolved_base:
             raise EvalError(f"{path}: {_ADAPTER_CONFIG} names no base_model_name_or_path; pass --base PATH")
-        dtype, trust, revision = "auto", False, None
+        dtype, revision = "auto", None
         default_out = storage.join(path, "eval")
         engine = {}
     else:
@@ -200,7 +211,7 @@ def resolve_target(path: str, *, base: str | None = None, out_dir: str | None = 
         lora_r=_adapter_rank(adapter),
         dtype=dtype,
         tokenizer=adapter if has_tokenizer else None,
-        trust_remote_code=trust,
+        trust_remote_code=trust_remote_code,
         revision=revision,
         run_dir=run_dir,
         **engine,

@@ -259,7 +259,7 @@ def run_benchmarks(cfg: Config, run_dir: str) -> dict[str, Any] | None:
     from uft_ray.evaluation.worker import run_eval
     from uft_ray.run_dir import EVAL_SUMMARY
 
-    target = harness.resolve_target(run_dir)
+    target = harness.resolve_target(run_dir, trust_remote_code=cfg.model.trust_remote_code)  # the user's config
     limit = cfg.eval.limit
     limit = int(limit) if limit is not None and limit >= 1 else limit
     preset = cfg.eval.preset
