@@ -74,7 +74,7 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
     cfg, run_dir = run_.cfg, run_.dir
 
     # 1. Data plane (reused when already prepared for this data config).
-    prepared = prepared_dir or _prepare(cfg, run_dir)
+    prepared = prepared_dir or _prepare(cfg, run_dir, resuming=run_.resuming)
     summary, why = prep.read_summary(prepared), ""
     quarantined = summary.get("quarantine") or {}
     if quarantined:
@@ -171,17 +171,29 @@ def prepare_key(cfg: Config) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def _prepare(cfg: Config, run_dir: RunDir) -> str:
-    return _prepare_into(cfg, run_dir.prepared, run_dir.prepared_key)
+def _prepare(cfg: Config, run_dir: RunDir, *, resuming: bool = False) -> str:
+    return _prepare_into(cfg, run_dir.prepared, run_dir.prepared_key, resuming=resuming)
 
 
-def _prepare_into(cfg: Config, out: str, key_path: str) -> str:
+def _prepare_into(cfg: Config, out: str, key_path: str, *, resuming: bool = False) -> str:
+    """Rows prepared for `cfg` in `out`: reused when its key matches; else prepared afresh, except in a run that
+    has trained on rows of another key (the same config with another tokenizer's files): that is refused, and
+    the rows its checkpoints were trained on are left in place."""
     from uft_ray.data.pipeline import prepare
 
     key = prepare_key(cfg)
-    if prep.is_prepared(out) and (storage.read_json(key_path) or {}).get("key") == key:
+    saved = (storage.read_json(key_path) or {}).get("key")
+    if prep.is_prepared(out) and saved == key:
         logger.info("reusing prepared rows in %s", out)
         return out
+    if resuming and saved is not None and saved != key:
+        raise ConfigError(
+            [
+                f"{out}: the run's checkpoints were trained on rows prepared with another tokenizer or data "
+                f"(key {saved[:12]}, now {key[:12]}: the tokenizer's files or the data changed under the same "
+                "config); use a new output.run_name, or remove the run directory to start over"
+            ]
+        )
     storage.remove_tree(out)
     prepare(cfg, out)
     storage.write_json(key_path, {"key": key})

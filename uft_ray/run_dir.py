@@ -44,9 +44,6 @@ PREPARED_EVAL = "prepared_eval"  # eval.sources: the held-out splits, prepared l
 PREPARED_EVAL_KEY = "prepared_eval.key.json"
 PLAN = "plan.parquet"
 CHECKPOINTS = "checkpoints"
-CHECKPOINT_SNAPSHOT = (
-    "checkpoint_manager_snapshot.json"  # inside checkpoints/: Ray Train's record of what it committed
-)
 ADAPTER = "adapter"
 METRICS = "metrics.jsonl"
 QUARANTINE = "quarantine"
@@ -64,6 +61,20 @@ RAY_LOG = "ray.log"
 STATE = "state.json"  # step, rows consumed per source, seeds, plan fingerprint
 CHECKPOINT_ADAPTER = "adapter"  # peft format, gathered LoRA weights only
 CHECKPOINT_DEEPSPEED = "ds"  # DeepSpeed's optimizer/scheduler state, one partition per rank
+
+
+def checkpoint_snapshot_name() -> str:
+    """Inside checkpoints/: Ray Train's record of the checkpoints it committed, by Ray Train's own name for it
+    (imported when first asked: this module loads without Ray)."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    return CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+
+def __getattr__(name: str) -> str:
+    if name == "CHECKPOINT_SNAPSHOT":
+        return checkpoint_snapshot_name()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def checkpoint_name(step: int) -> str:
@@ -123,7 +134,7 @@ class RunDir:
 
     @property
     def checkpoint_snapshot(self) -> str:
-        return storage.join(self.checkpoints, CHECKPOINT_SNAPSHOT)
+        return storage.join(self.checkpoints, checkpoint_snapshot_name())
 
     def checkpoint(self, step: int) -> str:
         return storage.join(self.checkpoints, checkpoint_name(step))

@@ -31,6 +31,7 @@ from typing import Any
 from uft_ray import storage
 from uft_ray.config import Config, ConfigError
 from uft_ray.model_store import local_model
+from uft_ray.rerun import check_rerun
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, RAY_LOG, RunDir, read_state
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ class Run:
     tokenizer: Any
     previous: dict[str, Any] | None = field(default=None, repr=False)  # the run directory's config.yaml, if any
     ray_log: str | None = None  # the local file Ray's worker output goes to (uft_ray.ray_utils.route_worker_output)
+    resuming: bool = False  # the directory holds trained work (uft_ray.rerun): nothing is rewritten before keep_plan
 
     @property
     def pad_id(self) -> int:
@@ -85,6 +87,7 @@ def open_run(cfg: Config) -> Run:
     run_dir = RunDir(cfg.output.run_dir)
     storage.makedirs(run_dir.path)
     previous = yaml.safe_load(storage.read_bytes(run_dir.config)) if storage.is_file(run_dir.config) else None
+    resuming = check_rerun(run_dir, cfg, previous)  # a changed config is refused here, before any work
     logger.info("uft-ray %s run %s, resolved config:\n%s", cfg.method, run_dir.path, cfg.to_yaml())
     check_benchmarks(cfg)  # an unknown eval.tasks name fails now, not after training
     init_ray(cfg.ray, num_cpus=local_cluster_cpus(cfg))
@@ -97,7 +100,7 @@ def open_run(cfg: Config) -> Run:
     check_cluster(cfg)  # a cluster that can never hold the run fails now, not in a silent hang
     check_backends(cfg)  # vllm / lm_eval where the actors that import them will run, not minutes into the run
     tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
-    return Run(cfg, run_dir, tokenizer, previous, ray_log)
+    return Run(cfg, run_dir, tokenizer, previous, ray_log, resuming)
 
 
 def _local_ray_log(run_dir: RunDir) -> str:
@@ -137,12 +140,13 @@ def start_step(checkpoint: str | None) -> int:
 
 def keep_plan(run: Run, plan: Any, checkpoint: str | None) -> None:
     """Save the plan and the config, unless the run directory has a committed checkpoint of another plan: then
-    refuse, naming what changed since (e.g. `train.max_steps 4 -> 8`)."""
+    refuse, naming what changed since (e.g. `train.micro_batch_size 4 -> 8`). A longer plan (train.max_steps or
+    train.epochs grown) is the same plan when its first steps are the saved plan's: the run goes on past its end."""
     from uft_ray.train.plan import read_plan_summary
 
     if checkpoint is not None and storage.is_file(run.dir.plan):
         saved = read_plan_summary(run.dir.plan)
-        if saved.fingerprint != plan.summary.fingerprint:
+        if not _same_prefix(plan, saved):
             changed = config_changes(run.previous, run.cfg.to_dict()) if run.previous is not None else []
             what = "; ".join(changed[:8]) if changed else "the data or batch config"
             raise ConfigError(
@@ -153,6 +157,20 @@ def keep_plan(run: Run, plan: Any, checkpoint: str | None) -> None:
             )
     plan.save(run.dir.plan)
     storage.atomic_write(run.dir.config, run.cfg.to_yaml().encode())
+
+
+def _same_prefix(plan: Any, saved: Any) -> bool:
+    """Whether `plan` starts with the saved plan's steps, row for row (the whole of it, when as long)."""
+    import pyarrow.compute as pc
+
+    from uft_ray.train.plan import fingerprint
+
+    if plan.summary.fingerprint == saved.fingerprint:
+        return True
+    if plan.summary.steps <= saved.steps:
+        return False
+    head = plan.table.filter(pc.less(plan.table["step"], saved.steps))
+    return fingerprint(head) == saved.fingerprint
 
 
 def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:

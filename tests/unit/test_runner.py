@@ -51,17 +51,19 @@ def test_a_changed_plan_is_refused_naming_what_changed(tmp_path):
     keep_plan(run, _plan(cfg), checkpoint=None)  # a first run: plan and config saved
     assert (tmp_path / cfg.output.run_name / "config.yaml").is_file()
 
-    longer = load_config(
-        str(CONFIGS["uft"]), [f"output.storage_path={tmp_path}", "train.max_steps=8"], check_paths=False
+    other = load_config(
+        str(CONFIGS["uft"]),
+        [f"output.storage_path={tmp_path}", "train.max_steps=4", "train.grad_accum=2"],
+        check_paths=False,
     )
-    rerun = Run(longer, run.dir, tokenizer=None, previous=cfg.to_dict())
+    rerun = Run(other, run.dir, tokenizer=None, previous=cfg.to_dict())
     before = (tmp_path / cfg.output.run_name / "config.yaml").read_text()
-    with pytest.raises(ConfigError, match=r"changed: train\.max_steps 4 -> 8"):
-        keep_plan(rerun, _plan(longer), checkpoint="some/checkpoint_000004")
+    with pytest.raises(ConfigError, match=r"changed: train\.grad_accum 1 -> 2"):
+        keep_plan(rerun, _plan(other), checkpoint="some/checkpoint_000004")
     assert (tmp_path / cfg.output.run_name / "config.yaml").read_text() == before  # left as it was
     # without a committed checkpoint the new plan simply replaces the old one
-    keep_plan(rerun, _plan(longer), checkpoint=None)
-    assert "max_steps: 8" in (tmp_path / cfg.output.run_name / "config.yaml").read_text()
+    keep_plan(rerun, _plan(other), checkpoint=None)
+    assert "grad_accum: 2" in (tmp_path / cfg.output.run_name / "config.yaml").read_text()
 
 
 def test_config_changes_lists_only_what_differs():

@@ -23,20 +23,26 @@ logger = logging.getLogger(__name__)
 
 def run(cfg: Config, *, hooks: TrainHooks | None = None) -> RunResult:
     """Train one hint_rft run end to end; rerun the same config and run name to resume."""
-    from uft_ray.rft.prompts import make_rft_plan, rank_feeds, read_prompts, write_prompts
+    from uft_ray.rft.prompts import build_prompts, check_prompts, make_rft_plan, rank_feeds, save_prompts
     from uft_ray.trackers import open_trackers
 
     run_ = open_run(cfg)
     cfg, run_dir = run_.cfg, run_.dir
 
-    # 1. Prompts (deterministic: a rerun writes the same rows) and the plan (a changed one is refused).
-    counts = write_prompts(cfg, run_dir, run_.tokenizer)
-    quarantined = counts["quarantine"]
+    # 1. Prompts (deterministic: a rerun builds the same rows) and the plan (a changed one is refused), decided
+    # before anything is written: a refused rerun leaves the run directory as it was.
+    prompts = build_prompts(cfg, run_.tokenizer)
+    counts, quarantined = prompts.counts, prompts.counts["quarantine"]
     say(f"prompts: {counts['train']} train, {counts['eval']} held out, "
         f"quarantined {sum(quarantined.values())} {quarantined or ''}".rstrip())  # fmt: skip
+    if counts["train"] < cfg.rft.prompts_per_step:
+        if not run_.resuming:  # the quarantine says why; a trained run's own files are left as they are
+            save_prompts(prompts, run_dir)
+        check_prompts(cfg, prompts, run_dir)
     last = last_checkpoint(run_dir)
-    plan = make_rft_plan(read_prompts(run_dir, "train"), cfg)
+    plan = make_rft_plan(prompts.train, cfg)
     keep_plan(run_, plan, last)
+    save_prompts(prompts, run_dir)
     start = start_step(last)
     logger.info("plan: %d steps of %d prompts x %d rollouts; starting at step %d",
                 plan.summary.steps, cfg.rft.prompts_per_step, cfg.rft.n, start)  # fmt: skip

@@ -24,6 +24,7 @@ offline feeds are.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -120,34 +121,65 @@ def _table(rows: list[dict[str, Any]], tokenizer: Any, max_len: int, quarantined
     )
 
 
-def write_prompts(cfg: Config, run_dir: RunDir, tokenizer: Any) -> dict[str, Any]:
-    """Build `{run_dir}/prompts/{train,eval}.parquet` and the quarantine file; returns the counts."""
-    storage.makedirs(run_dir.prompts)
-    storage.makedirs(run_dir.quarantine)
+@dataclass
+class Prompts:
+    """A run's task rows, built in memory (`build_prompts`) and written (`save_prompts`) once the run may write."""
+
+    train: pa.Table
+    eval: pa.Table
+    quarantined: list[dict[str, Any]]  # each with its split and reason
+    counts: dict[str, Any]  # train, eval, train_usable, quarantine (rows by reason)
+
+
+def build_prompts(cfg: Config, tokenizer: Any) -> Prompts:
+    """The task's train and eval prompts and the quarantined records; writes nothing."""
     counts: dict[str, Any] = {}
     quarantined: list[dict[str, Any]] = []
+    tables = {}
     for split in ("train", "eval"):
         found: list[dict[str, Any]] = []
         table = _table(task_rows(cfg, split, found), tokenizer, cfg.rft.max_prompt_len, found)
         if split == "train":
             counts["train_usable"] = table.num_rows
             table = draw_train(table, cfg.rft.n_train, cfg.data.seed)
-        storage.atomic_write(run_dir.prompts_file(split), lambda f, t=table: pq.write_table(t, f))
+        tables[split] = table
         counts[split] = table.num_rows
         quarantined += [{"split": split, **q} for q in found]
-    lines = "".join(json.dumps(q) + "\n" for q in quarantined)
-    storage.atomic_write(run_dir.quarantine_prompts, lines.encode())
     by_reason: dict[str, int] = {}
     for q in quarantined:
         by_reason[q["reason"]] = by_reason.get(q["reason"], 0) + int(q.get("rows", 1))
     counts["quarantine"] = by_reason
-    storage.write_json(run_dir.quarantine_counts, by_reason, sort_keys=True)
-    if counts["train"] < cfg.rft.prompts_per_step:
+    return Prompts(tables["train"], tables["eval"], quarantined, counts)
+
+
+def check_prompts(cfg: Config, prompts: Prompts, run_dir: RunDir) -> None:
+    """Enough training prompts for one step, or a ValueError naming the quarantine."""
+    if prompts.counts["train"] < cfg.rft.prompts_per_step:
         raise ValueError(
-            f"rft: {counts['train']} usable training prompts, fewer than rft.prompts_per_step "
-            f"({cfg.rft.prompts_per_step}); quarantined {by_reason}, see {run_dir.quarantine_prompts}"
+            f"rft: {prompts.counts['train']} usable training prompts, fewer than rft.prompts_per_step "
+            f"({cfg.rft.prompts_per_step}); quarantined {prompts.counts['quarantine']}, see "
+            f"{run_dir.quarantine_prompts}"
         )
-    return counts
+
+
+def save_prompts(prompts: Prompts, run_dir: RunDir) -> None:
+    """`{run_dir}/prompts/{train,eval}.parquet` and the quarantine file."""
+    storage.makedirs(run_dir.prompts)
+    storage.makedirs(run_dir.quarantine)
+    for split, table in (("train", prompts.train), ("eval", prompts.eval)):
+        storage.atomic_write(run_dir.prompts_file(split), lambda f, t=table: pq.write_table(t, f))
+    lines = "".join(json.dumps(q) + "\n" for q in prompts.quarantined)
+    storage.atomic_write(run_dir.quarantine_prompts, lines.encode())
+    storage.write_json(run_dir.quarantine_counts, prompts.counts["quarantine"], sort_keys=True)
+
+
+def write_prompts(cfg: Config, run_dir: RunDir, tokenizer: Any) -> dict[str, Any]:
+    """Build and write the prompts and the quarantine file (a run's own driver decides before it writes:
+    `build_prompts`, then `save_prompts`); returns the counts."""
+    prompts = build_prompts(cfg, tokenizer)
+    save_prompts(prompts, run_dir)
+    check_prompts(cfg, prompts, run_dir)
+    return prompts.counts
 
 
 def read_prompts(run_dir: RunDir, split: str) -> pa.Table:
