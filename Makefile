@@ -26,10 +26,10 @@ lint:
 format:
 	$(PY) -m ruff check --fix . && $(PY) -m ruff format .
 
-# The GPU checks' packages for the device image (bench/gpu_bundle.py), and their CPU proof in a venv holding only
-# that image's packages (~5 minutes the first time: the venv, the bundle, a DeepSpeed op build, two CPU steps).
+# The GPU window's packages for the device image (gpu/bundle.py), and their CPU proof in a venv holding only that
+# image's packages: every check's CPU variant through gpu/check.py --cpu-smoke (~5 minutes the first time).
 gpu-bundle:
-	$(PY) bench/gpu_bundle.py --out .gpu-bundle
+	$(PY) gpu/bundle.py --out .gpu-bundle
 
 gpu-bundle-proof:
-	$(PY) bench/gpu_bundle.py --proof $${GPU_BUNDLE_PROOF_DIR:-/tmp/uft-gpu-bundle-proof}
+	$(PY) gpu/bundle.py --proof $${GPU_BUNDLE_PROOF_DIR:-/tmp/uft-gpu-bundle-proof}

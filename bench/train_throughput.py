@@ -18,7 +18,7 @@ On the same prepared rows (UltraChat + HelpSteer2 samples, reference log-probs p
    Ray Data feeding and per-step metric aggregation at one worker).
 With --gpu: tokens/s and MFU of the uft-ray run, counting 4 x params x tokens per step (forward plus a backward
 through frozen weights, which need no weight gradients) against the peak bf16 dense FLOP/s given by
---peak-tflops (H100 SXM: 989; bench/gpu_check.py passes the H200's measured 790), and the peak device memory
+--peak-tflops (H100 SXM: 989; gpu/check.py passes the H200's measured 790), and the peak device memory
 while each uft-ray run trains (`nvidia-smi` memory.used sampled every 200 ms: the worker is a Ray process, so
 this process's torch.cuda.max_memory_allocated cannot see it; the figure includes CUDA contexts and the caching
 allocator's reserve).

@@ -1,4 +1,4 @@
-"""bench/gpu_bundle.py: what the GPU checks need beyond the device image, and Ray's trimmed wheel (issue 20, item 7).
+"""gpu/bundle.py: what the GPU checks need beyond the device image, and Ray's trimmed wheel.
 
 The whole bundle, built and installed into a venv of the image's packages, is proven by `make gpu-bundle-proof`
 (minutes: not in the suite); here its parts, on this machine's installed metadata and real wheel files.
@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("gpu_bundle", REPO / "bench" / "gpu_bundle.py")
+spec = importlib.util.spec_from_file_location("gpu_bundle", REPO / "gpu" / "bundle.py")
 assert spec is not None and spec.loader is not None
 gb = importlib.util.module_from_spec(spec)
 sys.modules["gpu_bundle"] = gb
@@ -37,6 +37,9 @@ def test_the_bundle_holds_what_the_image_lacks_and_nothing_it_has() -> None:
     from importlib import metadata
 
     assert all(v == metadata.version(k) for k, v in wanted.items())  # pinned to what the suite runs with
+    # in the image too, but at versions the suite never ran with: carried, ahead of the image's on the path
+    assert {"peft", "typing-extensions"} <= set(wanted)
+    assert "peft" in gb.closure(list(gb.IMAGE), "3.12") and "accelerate" not in wanted  # peft's own needs: the image's
 
 
 def _digest(data: bytes) -> str:
