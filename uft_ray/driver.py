@@ -71,6 +71,13 @@ def run(cfg: Config, *, prepared_dir: str | None = None, hooks: TrainHooks | Non
 
         return run_hint_rft(cfg, hooks=hooks)
     run_ = open_run(cfg)
+    try:
+        return _run(run_, prepared_dir, hooks)
+    finally:
+        run_.close()
+
+
+def _run(run_: Run, prepared_dir: str | None, hooks: TrainHooks | None) -> RunResult:
     cfg, run_dir = run_.cfg, run_.dir
 
     # 1. Data plane (reused when already prepared for this data config).

@@ -9,6 +9,8 @@ names:
   `train.cpus_per_worker: auto`, run the resource pre-check, check the benchmark names, check that the packages the
   backends import (vllm, lm_eval) are on the nodes that will import them (uft_ray.preflight), load the tokenizer;
   before any data or cluster work.
+  Before any of that: a rerun that would resume trained work with another config is refused (uft_ray.rerun), and
+  the run directory's lease is taken (uft_ray.lease: a second live driver is refused); `Run.close` ends it.
 - `last_checkpoint`: where a rerun resumes. Only "there is no checkpoint" means step 0; anything else (auth,
   network, a damaged snapshot) fails naming the run directory, since Ray Train may still restore from it.
 - `keep_plan`: the plan-reuse rule, one for both methods. A run directory with a committed checkpoint must get
@@ -30,6 +32,8 @@ from typing import Any
 
 from uft_ray import storage
 from uft_ray.config import Config, ConfigError
+from uft_ray.lease import Lease, lease_timeout
+from uft_ray.lease import acquire as acquire_lease
 from uft_ray.model_store import local_model
 from uft_ray.rerun import check_rerun
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, RAY_LOG, RunDir, read_state
@@ -62,6 +66,12 @@ class Run:
     previous: dict[str, Any] | None = field(default=None, repr=False)  # the run directory's config.yaml, if any
     ray_log: str | None = None  # the local file Ray's worker output goes to (uft_ray.ray_utils.route_worker_output)
     resuming: bool = False  # the directory holds trained work (uft_ray.rerun): nothing is rewritten before keep_plan
+    lease: Lease | None = field(default=None, repr=False)  # this driver's hold on the run directory (uft_ray.lease)
+
+    def close(self) -> None:
+        """The run is over (finished or failed): its directory's lease goes."""
+        if self.lease is not None:
+            self.lease.release()
 
     @property
     def pad_id(self) -> int:
@@ -76,6 +86,7 @@ def say(msg: str) -> None:
 
 def open_run(cfg: Config) -> Run:
     """The header both methods run before any work (see the module docstring)."""
+    import ray
     import yaml
     from transformers import AutoTokenizer
 
@@ -88,19 +99,30 @@ def open_run(cfg: Config) -> Run:
     storage.makedirs(run_dir.path)
     previous = yaml.safe_load(storage.read_bytes(run_dir.config)) if storage.is_file(run_dir.config) else None
     resuming = check_rerun(run_dir, cfg, previous)  # a changed config is refused here, before any work
-    logger.info("uft-ray %s run %s, resolved config:\n%s", cfg.method, run_dir.path, cfg.to_yaml())
-    check_benchmarks(cfg)  # an unknown eval.tasks name fails now, not after training
-    init_ray(cfg.ray, num_cpus=local_cluster_cpus(cfg))
-    ray_log = _local_ray_log(run_dir)
-    if route_worker_output(ray_log):
-        say(f"Ray's own output: {ray_log}")
-    else:
-        ray_log = None
-    cfg = resolve_worker_cpus(cfg)
-    check_cluster(cfg)  # a cluster that can never hold the run fails now, not in a silent hang
-    check_backends(cfg)  # vllm / lm_eval where the actors that import them will run, not minutes into the run
-    tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
-    return Run(cfg, run_dir, tokenizer, previous, ray_log, resuming)
+    lease = acquire_lease(run_dir.path)  # a second live driver on this run directory is refused here
+    if lease.taken_over is not None:
+        say(f"took over the run directory's stale lease (its owner: host {lease.taken_over.get('host')}, "
+            f"pid {lease.taken_over.get('pid')}; no heartbeat for over {lease_timeout():.0f} s)")  # fmt: skip
+    try:
+        logger.info("uft-ray %s run %s, resolved config:\n%s", cfg.method, run_dir.path, cfg.to_yaml())
+        check_benchmarks(cfg)  # an unknown eval.tasks name fails now, not after training
+        init_ray(cfg.ray, num_cpus=local_cluster_cpus(cfg))
+        ray_log = _local_ray_log(run_dir)
+        if route_worker_output(ray_log):
+            say(f"Ray's own output: {ray_log}")
+        else:
+            ray_log = None
+        cfg = resolve_worker_cpus(cfg)
+        check_cluster(cfg)  # a cluster that can never hold the run fails now, not in a silent hang
+        check_backends(cfg)  # vllm / lm_eval where the actors that import them will run, not minutes into the run
+        model_dir = local_model(cfg.model.path, weights=False)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, revision=cfg.model.revision)
+        lease.beat(ray_job_id=ray.get_runtime_context().get_job_id())
+        lease.start_heartbeat()
+        return Run(cfg, run_dir, tokenizer, previous, ray_log, resuming, lease)
+    except BaseException:
+        lease.release()
+        raise
 
 
 def _local_ray_log(run_dir: RunDir) -> str:

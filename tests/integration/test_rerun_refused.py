@@ -1,6 +1,6 @@
 """A rerun never silently trains the wrong thing: one finished 2-step UFT run (1 worker, the run's own prepared rows),
 then reruns through `uft-ray train` that must be refused with exit 2 before any work, leaving the run directory
-byte for byte as it was (uft_ray/rerun.py). Before, a changed `loss.beta` resumed the old checkpoints, handed back
+byte for byte as it was (uft_ray/rerun.py, uft_ray/lease.py: a second driver while the first lives). Before, a changed `loss.beta` resumed the old checkpoints, handed back
 the old adapter and overwrote config.yaml; a missing Ray Train snapshot restarted at step 0 and truncated
 metrics.jsonl."""
 
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,26 @@ def test_an_allowed_change_reruns_and_hands_back_the_finished_run(finished, caps
     assert _digest(str(Path(run_dir) / "adapter")) == adapter
     saved = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
     assert saved["eval"]["every"] == 1 and saved["train"]["max_failures"] == 2
+
+
+def test_a_second_driver_on_a_live_run_directory_exits_2_naming_the_owner(finished, capsys) -> None:
+    """Another process holds the run directory's lease (a driver still running): `uft-ray train` of the same
+    config is refused before any work. Before, it started a second writer on the same checkpoints."""
+    run_dir, config = finished
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom uft_ray import lease\nlease.acquire(sys.argv[1])\n"
+         "print('held', flush=True)\ntime.sleep(300)", run_dir],
+        stdout=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _digest(run_dir)
+        assert cli.main(["train", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another driver" in err and f"pid {holder.pid}" in err
+        assert _digest(run_dir) == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    (Path(run_dir) / "lease.json").unlink()  # the killed holder's lease (stale after the timeout)

@@ -23,10 +23,17 @@ logger = logging.getLogger(__name__)
 
 def run(cfg: Config, *, hooks: TrainHooks | None = None) -> RunResult:
     """Train one hint_rft run end to end; rerun the same config and run name to resume."""
+    run_ = open_run(cfg)
+    try:
+        return _run(run_, hooks)
+    finally:
+        run_.close()
+
+
+def _run(run_: Run, hooks: TrainHooks | None) -> RunResult:
     from uft_ray.rft.prompts import build_prompts, check_prompts, make_rft_plan, rank_feeds, save_prompts
     from uft_ray.trackers import open_trackers
 
-    run_ = open_run(cfg)
     cfg, run_dir = run_.cfg, run_.dir
 
     # 1. Prompts (deterministic: a rerun builds the same rows) and the plan (a changed one is refused), decided
