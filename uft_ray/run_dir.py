@@ -16,6 +16,7 @@ The one module that knows what a run writes and where (DESIGN.md "A run's output
     eval/                benchmark results (uft_ray.evaluation): lm_eval's JSON per task + summary.json
     tensorboard/         logging.trackers tensorboard's event files, unless logging.tensorboard_dir
     ray.log              what Ray forwarded from its workers, off the console (uft_ray.ray_utils)
+    lease.json           while a driver runs: its owner and heartbeat (uft_ray.lease; one writer per run directory)
 
 The run directory is a local path or an object-store URI (`output.storage_path: s3://bucket/runs`); every path
 here is built with `storage.join` and every read and write goes through `uft_ray.storage`, so one code path
