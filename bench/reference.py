@@ -170,7 +170,7 @@ def main() -> None:
             hit = attach_reference(cfg, prepared)
             hit_s = time.perf_counter() - t0
             assert miss["cache"] == "miss" and hit["cache"] == "hit" and hit["model_forwards"] == 0
-            manifest = json.loads((cache_root(cfg) / miss["fingerprint"] / "manifest.json").read_text())
+            manifest = json.loads((Path(cache_root(cfg)) / miss["fingerprint"] / "manifest.json").read_text())
             workers = manifest["actors"]
             window = max(a.get("last_batch_at", 0) for a in workers) - min(a["ready_at"] for a in workers)
             tokens = miss["tokens_scored"]

@@ -36,6 +36,7 @@ variant are not timed. Per variant: tokens/s (real tokens / timed seconds), medi
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import math
@@ -292,12 +293,14 @@ def main(argv: list[str] | None = None) -> int:
             write_json(args.json, out)
             break
         except torch.cuda.OutOfMemoryError as e:
-            out["variants"][key] = {"oom": True, "error": str(e).splitlines()[0][:300],
-                                    "tokens_per_micro_batch": statistics.mean(
-                                        sum(len(x) for x in b["input_ids"]) for b in part)}  # fmt: skip
-            print(f"[step] {key}: out of memory", flush=True)
-            write_json(args.json, out)
-            torch.cuda.empty_cache()
+            oom = str(e).splitlines()[0][:300]
+        # out of the except block: the traceback no longer holds the failed step's activations
+        gc.collect()
+        torch.cuda.empty_cache()
+        tokens = statistics.mean(sum(len(x) for x in b["input_ids"]) for b in part)
+        out["variants"][key] = {"oom": True, "error": oom, "tokens_per_micro_batch": tokens}
+        print(f"[step] {key}: out of memory at {tokens:.0f} tokens a micro-batch", flush=True)
+        write_json(args.json, out)
     v = out["variants"]
     if "packed" in v and "padded" in v:
         out["packed_over_padded_tokens_per_s"] = v["packed"]["tokens_per_s"] / v["padded"]["tokens_per_s"]
