@@ -216,7 +216,11 @@ class RftConfig:
     kl_coef: float = 0.001
     entropy_coef: float = 0.001
     hint_coef: float = 0.001
-    verifier_timeout_s: float = 2.0
+    verifier_timeout_s: float = 2.0  # per rollout; past it the verifier's child is killed and the rollout scores 0
+    # Each rank's scoring of one step's rollouts (and of one evaluation): rollouts still unscored when it runs out
+    # score 0 without running (metrics: verifier/timeouts); the verifier's child may use this much address space
+    verifier_budget_s: float = 300.0
+    verifier_memory_mb: int = 4096
     # Built-in tasks' rewards (uft_ray.tasks.rules): paper (the authors' reward code) | strict (this project's own,
     # each task's verify); a generic task's module:function verifier is its own rule
     reward_rules: str = "paper"

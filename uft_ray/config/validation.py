@@ -332,8 +332,12 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
         if check_paths and value and not is_remote(value) and not path_exists(value):
             e.append(f"rft.{name}: {value!r} does not exist")
     for name in ("prompts_per_step", "n", "updates_per_step", "max_prompt_len", "max_response_len",
-                 "verifier_timeout_s", "temperature"):  # fmt: skip
+                 "verifier_timeout_s", "verifier_budget_s", "temperature"):  # fmt: skip
         e.positive(f"rft.{name}", getattr(r, name))
+    if r.verifier_memory_mb < 256:  # the verifier's child interpreter needs ~100 MiB before any verifier runs
+        e.append(
+            f"rft.verifier_memory_mb: at least 256 (MiB of address space for the verifier), got {r.verifier_memory_mb}"
+        )
     for name in ("kl_coef", "entropy_coef", "hint_coef", "clip"):
         e.positive(f"rft.{name}", getattr(r, name), zero_ok=True)
     if not 0 < r.top_p <= 1:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -75,10 +76,14 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
     _check_adapter_dropout(engine, cfg)
     # The actors generate with exactly this adapter from here on (after a restart: the restored one).
     sync_adapter_collective(w, engine, pool, version=start)
-    verifier = VerifierProcess(load_verifier(r.task, r.reward_rules), r.verifier_timeout_s)
+    verifier = VerifierProcess(
+        load_verifier(r.task, r.reward_rules), r.verifier_timeout_s, memory_mb=r.verifier_memory_mb
+    )
     try:
         if start == 0:  # the baseline before any update (veRL's val_before_train), as uft's held-out eval has it
-            accuracy = evaluate_collective(w, pool, eval_rows, verifier, tokenizer, expected_version=0)
+            accuracy = evaluate_collective(
+                w, pool, eval_rows, verifier, tokenizer, expected_version=0, budget_s=r.verifier_budget_s
+            )
             if rank == 0:
                 run.append_metrics({"step": 0, "time": time.time(), "eval/accuracy": accuracy})
         hooks.on_start(engine, rank=rank, start_step=start)
@@ -88,6 +93,7 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
             worker.seed_step(w, step)
             t_step = time.perf_counter()
             times: dict[str, float] = {}
+            failed: Counter[str] = Counter()  # rollouts the verifier gave no verdict on, by reason
 
             # 2. This rank's prompts of the step, with their hints.
             t0 = time.perf_counter()
@@ -107,7 +113,7 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
                 # 3. Rollouts from the actor pool, scored by the verifier.
                 rollouts = rollouts_collective(w, engine, pool, prompts, step, expected_version=step)
                 times["generate"] = time.perf_counter() - t0
-                _score(rollouts, verifier, tokenizer)
+                failed = _score(rollouts, verifier, tokenizer, r.verifier_budget_s)
                 hooks.on_rollouts(rank=rank, step=step, rollouts=rollouts)
 
             # 4. GRPO + hint NLL updates on this rank's rollouts (every rank takes part in every collective).
@@ -122,12 +128,14 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
             every = cfg.eval.every
             accuracy = None
             if (every and (step + 1) % every == 0) or step + 1 == total_steps:
-                accuracy = evaluate_collective(w, pool, eval_rows, verifier, tokenizer, expected_version=step + 1)
+                accuracy = evaluate_collective(
+                    w, pool, eval_rows, verifier, tokenizer, expected_version=step + 1, budget_s=r.verifier_budget_s
+                )
 
             # 7. Metrics over all ranks, then the checkpoint.
             step_time = time.perf_counter() - t_step
             row = _metrics_row_collective(
-                step, prompts, rollouts, train, times, step_time, sync_s, sync_bytes, accuracy, engine
+                step, prompts, rollouts, train, times, step_time, sync_s, sync_bytes, accuracy, engine, failed
             )
             if r.objective == "sft":  # no rollouts: nothing sampled, rewarded or clipped to report
                 row = {k: v for k, v in row.items() if k not in _ROLLOUT_ONLY}
@@ -263,11 +271,16 @@ def _agree_stale(w: worker.Worker, versions: set[int], expected: int) -> bool:
     return bool(int(flag))
 
 
-def _score(rollouts: list[dict[str, Any]], verifier: VerifierProcess, tokenizer: Any) -> None:
-    """reward = verifier(row, hint + response): what follows the prompt, as the policy sees it."""
+def _score(rollouts: list[dict[str, Any]], verifier: VerifierProcess, tokenizer: Any, budget_s: float) -> Counter:
+    """reward = verifier(row, hint + response): what follows the prompt, as the policy sees it, within the step's
+    `budget_s`. Returns the rollouts that scored 0 for want of a verdict, by reason (VerifierProcess.failures)."""
+    before = Counter(verifier.failures)
     texts = [r["hint_text"] + tokenizer.decode(r["response_ids"], skip_special_tokens=True) for r in rollouts]
-    for r, reward in zip(rollouts, verifier.score([r["row"] for r in rollouts], texts), strict=True):
+    for r, reward in zip(
+        rollouts, verifier.score([r["row"] for r in rollouts], texts, budget_s=budget_s), strict=True
+    ):
         r["reward"] = float(reward)
+    return verifier.failures - before
 
 
 def evaluate_collective(
@@ -278,6 +291,7 @@ def evaluate_collective(
     tokenizer: Any,
     *,
     expected_version: int,
+    budget_s: float | None = None,
 ) -> float:
     """Greedy rollouts without hints on this rank's held-out prompts: the share answered correctly, over all
     ranks (a collective)."""
@@ -289,7 +303,7 @@ def evaluate_collective(
     worker.agree_failure(w, failure)  # every rank raises, or none
     if rows:
         texts = [tokenizer.decode(resp, skip_special_tokens=True) for resp in out["responses"]]
-        rewards = verifier.score([json.loads(r["row_json"]) for r in rows], texts)
+        rewards = verifier.score([json.loads(r["row_json"]) for r in rows], texts, budget_s=budget_s)
         correct = sum(1 for x in rewards if x == CORRECT)
     totals = torch.tensor([float(correct), float(len(rows))], dtype=torch.float64, device=ray.train.torch.get_device())
     dist.all_reduce(totals)
@@ -516,7 +530,8 @@ def _train_on(
 # Metrics.
 
 _ROLLOUT_ONLY = ("pg_loss", "reward/mean", "reward/accuracy", "reward/format", "response/length", "kl", "entropy",
-                 "clip_frac", "time/generate_frac", "rollout/tokens_per_s")  # fmt: skip
+                 "clip_frac", "time/generate_frac", "rollout/tokens_per_s", "verifier/timeouts",
+                 "verifier/failed")  # fmt: skip
 _SUMMED = (
     "reward",
     "correct",
@@ -533,6 +548,8 @@ _SUMMED = (
     "entropy",
     "hint_nll",
     "clip_frac",
+    "verifier_timeouts",
+    "verifier_failed",
 )
 
 
@@ -547,6 +564,7 @@ def _metrics_row_collective(
     sync_bytes: int,
     accuracy: float | None,
     engine: Engine,
+    failed: Counter[str],
 ) -> dict[str, Any]:
     """One metrics.jsonl line (names of issue 11 / docs/internals.md); sums over ranks in one all-reduce."""
     rewards = [x["reward"] for x in rollouts]
@@ -560,6 +578,9 @@ def _metrics_row_collective(
         "hint_tokens": sum(len(x["hint_ids"]) for x in rollouts),
         "response_tokens": sum(len(x["response_ids"]) for x in rollouts),
         "train_tokens": train["train_tokens"],
+        # rollouts scored 0 without the verifier's verdict: past the time limit or the step's budget, or any reason
+        "verifier_timeouts": failed["timeout"] + failed["step_budget"],
+        "verifier_failed": sum(failed.values()),
         # the loss terms are already global means (each rank holds its share of the sum)
         **{k: train[k] for k in ("loss", "pg_loss", "kl", "entropy", "hint_nll", "clip_frac")},
     }
@@ -593,6 +614,8 @@ def _metrics_row_collective(
         "step_time_s": step_s,
         "lr": train["lr"],
         "grad_norm": engine.grad_norm,
+        "verifier/timeouts": int(g["verifier_timeouts"]),
+        "verifier/failed": int(g["verifier_failed"]),
     }
     if train["with_kl"]:
         row["kl"] = g["kl"]
