@@ -30,6 +30,9 @@ every stage: its loss scaling is what keeps fp16 activations' gradients from und
 Saving: only the LoRA tensors are gathered (`deepspeed.zero.GatheredParameters` around
 `get_peft_model_state_dict`), never the base model, and written in peft's format. Optimizer and scheduler
 state go through DeepSpeed's own checkpoint (each rank writes its partition; the Ray checkpoint merges them).
+Loading never unpickles: every file DeepSpeed reads back goes through `load_state_file` (`torch.load` with
+`weights_only=True` and `CHECKPOINT_GLOBALS`, DeepSpeed's four plain data classes), so a checkpoint that anyone
+with write access to `storage_path` replaced cannot run code on the workers: it fails with `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import glob
 import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +67,58 @@ from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINT_DEEPSPEED
 
 DS_TAG = "state"  # DeepSpeed checkpoint tag inside a checkpoint's ds/ folder
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# What DeepSpeed's optimizer/scheduler files hold besides tensors, containers, numbers and strings (torch's own
+# weights_only allow-list): ZeRO's stage enum, the loss scalers' state, ZeRO-1/2's fragment addresses.
+CHECKPOINT_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that holds more than tensors and plain data: refused, never unpickled."""
+
+
+def _checkpoint_globals() -> list[Any]:
+    import importlib
+
+    out = []
+    for dotted in CHECKPOINT_GLOBALS:
+        module, _, name = dotted.rpartition(".")
+        out.append(getattr(importlib.import_module(module), name))
+    return out
+
+
+def load_state_file(path: str, map_location: Any = None) -> Any:
+    """A checkpoint file's content, loaded with `weights_only=True` and only `CHECKPOINT_GLOBALS` allowed: any other
+    object (a pickle payload that would run code) raises `CheckpointError` naming the file and what it held."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(_checkpoint_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)|(Unsupported operand[^.]*)", str(e))
+        what = (found.group(1) or found.group(2)) if found else "an object it cannot name"
+        raise CheckpointError(
+            f"{path}: refused: it holds {what}, outside the checkpoint allow-list, so it is not unpickled (a "
+            "checkpoint uft-ray wrote holds none: was the run directory written by someone else?)"
+        ) from None
+
+
+class _SafeLoads:
+    """DeepSpeed's checkpoint engine with `load` through `load_state_file` (the only way DeepSpeed reads one)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return load_state_file(path, map_location)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 def resolve_dtype(cfg: Config, use_gpu: bool) -> torch.dtype:
@@ -275,6 +331,7 @@ def initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any], t
         lr_scheduler=lambda opt: lr_scheduler(opt, cfg.train, total_steps),
         dist_init_required=False,  # the process group is already up
     )
+    engine.checkpoint_engine = _SafeLoads(engine.checkpoint_engine)  # nothing is unpickled on load
     return engine
 
 
