@@ -85,7 +85,29 @@ def load_cache(directory: str | os.PathLike, expected_ids: Iterable[str]) -> tup
         return None, f"rows do not match: cache {table.num_rows}, expected {len(expected)}"
     if table.column(schema.REF_LOGP).null_count:
         return None, "ref_logp has nulls"
+    if bad := nonfinite_values(table):
+        return None, f"values that are not numbers: {bad}"
     return table, "ok"
+
+
+def nonfinite_values(table: pa.Table, show: int = 3) -> str:
+    """'' when every reference value is a finite number (a null rejected side is fine), else which are not: a
+    NaN or infinite reference log-prob would make the policy's loss NaN for good once trained on."""
+    import pyarrow.compute as pc
+
+    out = []
+    for name in (schema.REF_LOGP, schema.REF_LOGP_REJECTED):
+        if name not in table.column_names:
+            continue
+        values = table.column(name)
+        bad = pc.invert(pc.is_finite(values)).fill_null(False)
+        n = pc.sum(bad).as_py() or 0
+        if n:
+            rows = table.filter(bad).slice(0, show)
+            shown = ", ".join(f"{r} = {v}" for r, v in zip(rows["row_id"].to_pylist(), rows[name].to_pylist(),
+                                                            strict=True))  # fmt: skip
+            out.append(f"{name} of {n} rows ({shown}{', ...' if n > show else ''})")
+    return "; ".join(out)
 
 
 def write_cache(
@@ -102,6 +124,8 @@ def write_cache(
     A trusted cache already there (an identical run published first) is kept and ours is not written.
     """
     final = storage.join(os.fspath(root), fp)
+    if bad := nonfinite_values(table):  # never published: every run of this fingerprint would train on it
+        raise ValueError(f"reference log-probs for {final}: {bad} are not numbers; nothing was written")
     ids = table.column("row_id").to_pylist()
     if load_cache(final, ids)[0] is not None:
         return final

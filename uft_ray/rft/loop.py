@@ -51,6 +51,7 @@ from uft_ray.tasks.hints import with_hint
 from uft_ray.tasks.verifier import CORRECT, FORMATTED, VerifierProcess
 from uft_ray.train import worker
 from uft_ray.train.engine import Engine
+from uft_ray.train.nonfinite import StepWatch
 
 
 def rft_loop_per_worker(config: dict[str, Any]) -> None:
@@ -116,9 +117,12 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
                 failed = _score(rollouts, verifier, tokenizer, r.verifier_budget_s)
                 hooks.on_rollouts(rank=rank, step=step, rollouts=rollouts)
 
-            # 4. GRPO + hint NLL updates on this rank's rollouts (every rank takes part in every collective).
+            # 4. GRPO + hint NLL updates on this rank's rollouts (every rank takes part in every collective); a loss
+            # or gradient that is not a number stops every rank here, before the adapter reaches the actors.
             t0 = time.perf_counter()
-            train = _train_on(engine, cfg, rollouts, config["pad_id"], world)
+            watch = StepWatch()
+            train = _train_on(engine, cfg, rollouts, config["pad_id"], world, watch)
+            watch.check(step, rank, world, engine.grad_norm, ray.train.torch.get_device())
             times["train"] = time.perf_counter() - t0
 
             # 5. Only the adapter goes to the actors.
@@ -453,9 +457,15 @@ def _check_adapter_dropout(engine: Engine, cfg: Config) -> None:
 
 
 def _train_on(
-    engine: Engine, cfg: Config, rollouts: list[dict[str, Any]], pad_id: int, world: int
+    engine: Engine,
+    cfg: Config,
+    rollouts: list[dict[str, Any]],
+    pad_id: int,
+    world: int,
+    watch: StepWatch | None = None,
 ) -> dict[str, float]:
-    """`rft.updates_per_step` optimizer steps over this rank's rollouts; the loss terms' global means."""
+    """`rft.updates_per_step` optimizer steps over this rank's rollouts; the loss terms' global means. `watch`
+    records each micro-batch's loss terms that are not numbers (uft_ray.train.nonfinite)."""
     r, mb, ga = cfg.rft, cfg.train.micro_batch_size, cfg.train.grad_accum
     device = ray.train.torch.get_device()
     sft = r.objective == "sft"
@@ -514,6 +524,8 @@ def _train_on(
                 clip=r.clip, kl_coef=r.kl_coef, entropy_coef=r.entropy_coef, hint_coef=hint_coef,
                 n_tokens=n_resp, n_hint_tokens=n_hint,
             )  # fmt: skip
+            if watch is not None:
+                watch.loss(u * len(micros) + j, loss, m, [x.get("row_id", x.get("task", "")) for x in t["rows"]])
             # DeepSpeed divides by grad_accum and averages over ranks: scaling by both leaves the global mean.
             engine.backward(loss * world * ga)
             engine.step()

@@ -35,6 +35,7 @@ from uft_ray.reference.adapter_off import adapter_off_logprobs
 from uft_ray.schema import REF_LOGP, REF_LOGP_REJECTED
 from uft_ray.train import worker
 from uft_ray.train.engine import Engine
+from uft_ray.train.nonfinite import StepWatch
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -79,9 +80,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tensors = collate(batch, config["pad_id"], device, pairs=cfg.loss.type == "dpo", packing=packing)
             step_batches.append((batch, tensors))
         kto_z, refs = kto_reference_point(engine, cfg, step_batches) if cfg.loss.type == "kto" else (None, None)
+        watch = StepWatch()
         for micro, (batch, tensors) in enumerate(step_batches):
             ref = refs[micro] if refs else None
             loss, metrics = micro_batch_loss(engine, cfg, batch, tensors, kto_z=kto_z, ref=ref)
+            watch.loss(micro, loss, {k: v for k, v in metrics.items() if k.startswith("rows/")}, batch["source"])
             scaled = loss * rank_scale(len(batch["row_id"]), cfg.train.global_batch_size, world, ga)
             acc.lr = engine.lr  # the rate this update uses (the scheduler moves on at the step)
             engine.backward(scaled)
@@ -89,6 +92,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             acc.add(batch, tensors, metrics, float(scaled.detach()))
             hooks.on_micro_batch(rank=rank, step=step, micro=micro, batch=batch)
         step_time = time.perf_counter() - t_step
+        # A loss or gradient that is not a number stops every rank here, before this step's metrics or checkpoint.
+        watch.check(step, rank, world, engine.grad_norm, device)
 
         # 4. The step's metrics over the whole global batch (every rank takes part: a collective).
         record = _aggregate_collective(acc, world)
