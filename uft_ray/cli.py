@@ -321,6 +321,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     try:
         init_ray(cfg.ray)
         summary = prepare(cfg, out)
+        from uft_ray.driver import write_prepared_key
+
+        write_prepared_key(cfg, out)  # a run given these rows checks they were made for its config
         if cfg.needs_reference and cfg.reference.mode == "actor" and cfg.reference.run == "precompute":
             from uft_ray.reference import attach_reference
 

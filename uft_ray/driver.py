@@ -32,14 +32,15 @@ from typing import Any
 from uft_ray import storage
 from uft_ray.config import Config, ConfigError, validate
 from uft_ray.data import prepared as prep
-from uft_ray.run_dir import RunDir
+from uft_ray.run_dir import PREPARED_KEY, RunDir
 from uft_ray.runner import Run, RunResult, finish, fit, keep_plan, last_checkpoint, open_run, result, say, start_step
 from uft_ray.trackers import open_trackers
 from uft_ray.train.feeds import Background, rank_feeds, table_feeds
 from uft_ray.train.hooks import TrainHooks
 from uft_ray.train.plan import Plan, make_plan, rank_assignment
 
-__all__ = ["RunResult", "run", "run_sequential", "target_fraction", "prepare_key"]
+__all__ = ["RunResult", "check_prepared_key", "prepare_key", "run", "run_sequential", "target_fraction",
+           "write_prepared_key"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def _run(run_: Run, prepared_dir: str | None, hooks: TrainHooks | None) -> RunRe
     cfg, run_dir = run_.cfg, run_.dir
 
     # 1. Data plane (reused when already prepared for this data config).
+    if prepared_dir is not None:
+        check_prepared_key(cfg, prepared_dir)  # rows made for another tokenizer, max_len or mixture are refused
     prepared = prepared_dir or _prepare(cfg, run_dir, resuming=run_.resuming)
     summary, why = prep.read_summary(prepared), ""
     quarantined = summary.get("quarantine") or {}
@@ -164,18 +167,59 @@ def target_fraction(cfg: Config, plan: Plan | None = None) -> dict[str, float]:
 # Steps of `run`.
 
 
-def prepare_key(cfg: Config) -> str:
-    """What the prepared rows depend on: the data, mixture and tokenization config and the tokenizer, by its
-    files' content (the same tokenizer path with other files makes other token ids)."""
+def prepare_key_inputs(cfg: Config) -> dict[str, Any]:
+    """What the prepared rows depend on: the data, mixture and tokenization config (each source's kind among
+    them) and the tokenizer, by its files' content (the same tokenizer path with other files makes other ids)."""
     from uft_ray.reference.fingerprint import tokenizer_identity
 
-    key = {
-        "data": cfg.to_dict()["data"],
-        "mixture": cfg.to_dict()["mixture"],
-        "tokenize": cfg.to_dict()["tokenize"],
+    d = cfg.to_dict()
+    return {
+        "data": d["data"],
+        "mixture": d["mixture"],
+        "tokenize": d["tokenize"],
         "tokenizer": tokenizer_identity(cfg),
     }
+
+
+def prepare_key(cfg: Config, inputs: dict[str, Any] | None = None) -> str:
+    key = inputs if inputs is not None else prepare_key_inputs(cfg)
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def write_prepared_key(cfg: Config, out: str, key_path: str | None = None) -> None:
+    """The key of rows prepared for `cfg` into `out` (`{out}/prepared.key.json` unless given): its hash and the
+    inputs it hashes, so that a run given other rows can name what differs."""
+    inputs = prepare_key_inputs(cfg)
+    storage.write_json(
+        key_path or storage.join(out, PREPARED_KEY), {"key": prepare_key(cfg, inputs), "inputs": inputs}
+    )
+
+
+def check_prepared_key(cfg: Config, prepared_dir: str) -> None:
+    """Refuse rows prepared for another config (`driver.run(cfg, prepared_dir=DIR)`), naming the fields that
+    differ; rows without a key (prepared by an older version, or by `pipeline.prepare` itself) are trusted with a
+    warning."""
+    from uft_ray.rerun import changes
+
+    saved = storage.read_json(storage.join(prepared_dir, PREPARED_KEY))
+    if not isinstance(saved, dict) or "inputs" not in saved:
+        logger.warning("%s: no %s: cannot check that its rows were prepared for this config", prepared_dir,
+                       PREPARED_KEY)  # fmt: skip
+        return
+    inputs = prepare_key_inputs(cfg)
+    if saved.get("key") == prepare_key(cfg, inputs):
+        return
+    changed = changes(saved["inputs"], inputs) or [("(the key)", saved.get("key"), prepare_key(cfg, inputs))]
+    raise ConfigError(
+        [
+            f"{k}: the rows in {prepared_dir} were prepared with {old!r}, this config has {new!r}"
+            for k, old, new in changed
+        ]
+        + [
+            f"{prepared_dir}: prepare rows for this config (uft-ray prepare CONFIG --out NEW_DIR) or train without "
+            "prepared_dir"
+        ]  # fmt: skip
+    )
 
 
 def _prepare(cfg: Config, run_dir: RunDir, *, resuming: bool = False) -> str:
@@ -203,7 +247,7 @@ def _prepare_into(cfg: Config, out: str, key_path: str, *, resuming: bool = Fals
         )
     storage.remove_tree(out)
     prepare(cfg, out)
-    storage.write_json(key_path, {"key": key})
+    write_prepared_key(cfg, out, key_path)
     return out
 
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from uft_ray import cli, driver
+from uft_ray.config import ConfigError
 from uft_ray.run_dir import RunDir
 
 pytestmark = pytest.mark.integration
@@ -108,3 +109,18 @@ def test_a_second_driver_on_a_live_run_directory_exits_2_naming_the_owner(finish
         holder.kill()
         holder.wait(timeout=30)
     (Path(run_dir) / "lease.json").unlink()  # the killed holder's lease (stale after the timeout)
+
+
+def test_rows_prepared_for_another_config_are_refused_naming_the_fields(finished, make_config, tmp_path) -> None:
+    """A sweep arm given a prepared directory made for another max_len: refused before training, naming it.
+    Before, `prepared_dir` was trusted blindly and the arm trained on rows cut for another config."""
+    run_dir, _ = finished
+    rows = tmp_path / "prepared"
+    shutil.copytree(Path(run_dir) / "prepared", rows)
+    driver.write_prepared_key(make_config("rerun", train=STEPS), str(rows))
+    before = _digest(str(rows))
+    other = make_config("other-max-len", train=STEPS, tokenize={"max_prompt_len": 96, "max_len": 120})
+    with pytest.raises(ConfigError, match=r"tokenize\.max_len: the rows in .* were prepared with 128, this config "):
+        driver.run(other, prepared_dir=str(rows))
+    assert _digest(str(rows)) == before
+    assert not (Path(other.output.run_dir) / "checkpoints").exists()
