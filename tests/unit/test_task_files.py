@@ -17,6 +17,7 @@ from uft_ray import cli, storage
 from uft_ray.config import ConfigError, load_config
 from uft_ray.rft.prompts import _table, task_rows
 from uft_ray.tasks import countdown, knights_knaves, read_rows, verify
+from uft_ray.tasks.files import content_id
 
 AUTHORS = Path(__file__).resolve().parents[1] / "fixtures" / "uft_authors"
 FILES = [
@@ -44,11 +45,12 @@ def test_rows_keep_the_authors_prompt_and_hint_chunks_byte_for_byte(name: str, t
 
 def test_the_ground_truth_becomes_the_tasks_fields() -> None:
     cd = read_rows(str(AUTHORS / "countdown_train.parquet"), "countdown")[0]
-    assert cd["nums"] == [44, 19, 35] and cd["target"] == 98 and cd["row_id"] == "countdown-0"
+    assert cd["nums"] == [44, 19, 35] and cd["target"] == 98
+    assert cd["row_id"] == "countdown-" + content_id(_raw("countdown_train.parquet")[0])  # by content
     assert cd["extra_info"] == {"index": 0, "split": "train"} and cd["data_source"] == "countdown"
     kk = read_rows(str(AUTHORS / "kk_logic_train.parquet"), "knights_knaves", split="train")[0]
     assert kk["names"] == ["Michael", "Zoey", "Ethan"] and kk["roles"] == ["knight"] * 3
-    assert kk["row_id"] == "knights_knaves-train-0"
+    assert kk["row_id"] == "knights_knaves-train-" + content_id(_raw("kk_logic_train.parquet")[0])
     math = read_rows(str(AUTHORS / "math_test.parquet"), "math")[0]
     assert math["truth"] == "8000" and math["level"] == 5 and math["type"] == "Number Theory"
 
@@ -94,14 +96,16 @@ def test_malformed_rows_are_quarantined_with_their_reasons(tmp_path: Path, capsy
     path = _broken(tmp_path)
     quarantined: list[dict[str, Any]] = []
     rows = read_rows(str(path), "countdown", quarantined=quarantined)
-    assert [r["row_id"] for r in rows] == ["countdown-0", "countdown-3"]
+    raw = pq.read_table(path).to_pylist()
+    assert [r["row_id"] for r in rows] == [f"countdown-{content_id(raw[i])}" for i in (0, 3)]
     assert [(q["index"], q["reason"], q["detail"]) for q in quarantined] == [
         (1, "missing_field", "reward_model.ground_truth.numbers: missing"),
         (2, "wrong_type", "prompt: a one-message list [{'role': 'user', 'content': TEXT}]"),
     ]
     assert cli.main(["tasks", "check", str(path), "--task", "countdown"]) == 1  # row 3's own answer is wrong
     out = capsys.readouterr().out
-    assert "reward 1.0: 1\n" in out and "reward 0.1: 1\n" in out and "countdown-3: reward 0.1" in out
+    assert "reward 1.0: 1\n" in out and "reward 0.1: 1\n" in out
+    assert f"countdown-{content_id(raw[3])}: reward 0.1" in out
     assert "quarantined: 2" in out and "missing_field: 1" in out and "wrong_type: 1" in out
     assert "reward_model.ground_truth.numbers: missing" in out
 
@@ -150,7 +154,8 @@ def test_a_path_gives_a_generated_task_the_files_rows_and_the_prompt_ids_are_its
     cfg = _cfg(f"rft.path={AUTHORS / 'countdown_train.parquet'}")
     quarantined: list[dict[str, Any]] = []
     rows = task_rows(cfg, "train", quarantined)
-    assert [r["row_id"] for r in rows] == [f"countdown-train-{i}" for i in range(4)] and not quarantined
+    raw = _raw("countdown_train.parquet")
+    assert [r["row_id"] for r in rows] == [f"countdown-train-{content_id(rec)}" for rec in raw] and not quarantined
     table = _table(rows, CharTokenizer(), 10_000, quarantined)
     raw = _raw("countdown_train.parquet")
     assert ["".join(map(chr, ids)) for ids in table.column("prompt_ids").to_pylist()] == [

@@ -24,6 +24,8 @@ dropped silently.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from typing import Any
@@ -192,6 +194,13 @@ def from_rows(rec: dict[str, Any], task: str, row_id: str) -> dict[str, Any]:
     return row
 
 
+def content_id(rec: dict[str, Any]) -> str:
+    """16 hex digits of the record's canonical JSON: the same record gives the same id wherever it sits in its file
+    (two identical records are one row, the second quarantined as a duplicate)."""
+    canonical = json.dumps(rec, sort_keys=True, default=str, ensure_ascii=True)  # lone surrogates escaped, not raised
+    return hashlib.sha1(canonical.encode()).hexdigest()[:16]
+
+
 def layout(rec: dict[str, Any]) -> str:
     """`verl`, `lighteval` (MATH-lighteval), or `rows` (this project's rows, or a generic task's records)."""
     if "reward_model" in rec or isinstance(rec.get("prompt"), (list, tuple)):
@@ -211,8 +220,10 @@ def read_rows(
 ) -> list[dict[str, Any]]:
     """The task rows of the file(s) `path` names (local or a URI), for `task` (`countdown`, `knights_knaves`, `math`
     or a generic task's `module:function`), in any layout of the module docstring. Records that cannot be rows go to
-    `quarantined` (when given) with their reason; `split` goes into positional row ids (`{task}-{split}-{i}`), so
-    the train and test files of one layout never share one. MATH-lighteval records keep `levels` (the paper's 3-5)."""
+    `quarantined` (when given) with their reason. A row's id is its record's content (`{task}-{split}-{digest}`,
+    `content_id`; a record's own `row_id` where it has one), never its position: an edited or reshuffled file gives
+    other ids, so a rerun cannot resume its plan on other prompts; `split` keeps the train and test files of one
+    layout apart. MATH-lighteval records keep `levels` (the paper's 3-5)."""
     found: list[dict[str, Any]] = [] if quarantined is None else quarantined
     base = task if task in BUILTIN else "task"  # a generic task's rows are named as generic.task_row names them
     prefix = f"{base}-{split}" if split else base
@@ -220,7 +231,7 @@ def read_rows(
     seen: set[str] = set()
     out_of_scope = 0
     for i, (f, index, rec) in enumerate(records(path, found)):
-        row_id = f"{prefix}-{i}"
+        row_id = f"{prefix}-{content_id(rec)}"
         try:
             kind = layout(rec)
             if kind == "verl":
@@ -236,7 +247,7 @@ def read_rows(
                 row = from_rows(rec, task, row_id)
             else:
                 try:
-                    row = generic.task_row(rec, i, name=prefix)
+                    row = generic.task_row({"row_id": row_id, **rec}, i, name=prefix)
                 except ValueError as e:
                     raise RowError(MALFORMED, str(e)) from None
         except RowError as e:
