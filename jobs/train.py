@@ -1,6 +1,7 @@
 """Ray job entrypoint: validate a config, then run it to completion in the cluster the job runs in.
 
     ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/demo.yaml --demo-assets
+    ray job submit --working-dir . -- python jobs/train.py --config jobs/configs/demo_tiny.yaml --demo-assets
     ray job submit --runtime-env infra/runtime_env.yaml -- python jobs/train.py \
         --config jobs/configs/mistral7b_uft.yaml train.lr=1e-5 output.run_name=lr1e-5
 
@@ -26,7 +27,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--demo-assets",
         action="store_true",
-        help="first make the tiny model and sample shards (what demo.yaml points at) if they are missing",
+        help="first make what a demo config points at if it is missing: the sample shards and the packaged SmolLM2 "
+        "(demo.yaml, demo_hint_rft.yaml), or the tiny model and synthetic shards (demo_tiny.yaml, ...)",
     )
     p.add_argument(
         "--demo-root", default=DEMO_ROOT, metavar="DIR", help=f"where --demo-assets puts them ({DEMO_ROOT})"
@@ -38,6 +40,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     args = parse()
-    method = (yaml.safe_load(open(args.config)) or {}).get("method", "uft") if args.demo_assets else "uft"
-    overrides = (demo_overrides(args.demo_root, method) if args.demo_assets else []) + args.overrides
+    raw = yaml.safe_load(open(args.config)) or {}
+    method = raw.get("method", "uft")
+    tiny = "tiny-model" in str((raw.get("model") or {}).get("path"))  # the tiny demo configs' model
+    overrides = (demo_overrides(args.demo_root, method, tiny=tiny) if args.demo_assets else []) + args.overrides
     sys.exit(main(["train", args.config, *(["--verbose"] if args.verbose else []), *overrides]))

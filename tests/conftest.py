@@ -35,6 +35,10 @@ os.environ.setdefault(procs.SESSION, uuid.uuid4().hex)
 # about 1 s lost at the end of each of the suite's ~40 fits. A missed poll is only retried (a worker counts as
 # hung after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min), so polling more often is safe on 2 busy cores.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The model cache (converted GGUF models, downloaded buckets' models) under the pytest cache, so later sessions
+# reuse the real model's conversion and nothing is written to the user's own cache; set before Ray starts, so
+# its workers look there too.
+os.environ.setdefault("UFT_RAY_MODEL_CACHE", str(Path(__file__).resolve().parents[1] / ".pytest_cache/d/uft-models"))
 STRAY_GRACE_S = 30  # processes still shutting down when the session ends (Ray's raylet after `ray.shutdown`)
 DEEPSPEED_BUILD_S = 600
 

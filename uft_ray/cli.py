@@ -1,6 +1,6 @@
 """`uft-ray`: the command line. One typed config (YAML + dotted `key=value` overrides) drives every command.
 
-    uft-ray demo                                        the embedded default: tiny model, local Ray, a real UFT run
+    uft-ray demo [--tiny]                               the embedded default: SmolLM2-135M, local Ray, a real UFT run
     uft-ray validate CONFIG [--cluster FILE] [k=v ...]  check a config (and that it fits a cluster file); no Ray
     uft-ray prepare CONFIG --out DIR [k=v ...]          data plane only: rows, quarantine, summary (+ reference)
     uft-ray train CONFIG [k=v ...]                      run here: the current Ray cluster or a local one
@@ -11,6 +11,7 @@
     uft-ray compare RECIPE.yaml [k=v ...]               run every arm of a comparison, then its table
     uft-ray tasks check PATH --task TASK                hint_rft task files: does every row's own answer score 1.0?
     uft-ray evidence NAME [--seeds 0,1,2]               a paper's claim in miniature on CPU: curves, table, plot
+    uft-ray models [prepare [SOURCE]]                   the model cache; convert a GGUF model (SmolLM2 by default)
 
 Exit codes: 0 success; 1 the run or job failed (or the cluster could not be reached); 2 bad usage or config.
 """
@@ -35,10 +36,13 @@ from uft_ray import storage
 from uft_ray.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_error, err
 from uft_ray.cli_eval import cmd_eval
 from uft_ray.cli_jobs import cmd_logs, cmd_status, cmd_stop, cmd_submit
+from uft_ray.cli_models import add_models_parser
 from uft_ray.cli_tasks import add_tasks_parser
 from uft_ray.config import Config, ConfigError, load_config
 from uft_ray.demo import DEMO_ROOT, demo_config_text, demo_overrides
+from uft_ray.demo.before_after import demo_checks
 from uft_ray.evaluation.presets import PRESETS
+from uft_ray.model_gguf import GGUFError
 from uft_ray.run_dir import RunDir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -274,7 +278,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    raw = yaml.safe_load(demo_config_text(args.method))
+    raw = yaml.safe_load(demo_config_text(args.method, tiny=args.tiny))
     root = args.out or DEMO_ROOT
     extra = [f"output.storage_path={os.path.join(os.path.expanduser(args.out), 'runs')}"] if args.out else []
     try:
@@ -282,26 +286,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except ConfigError as e:
         return config_error(e, "demo config")
     t0 = time.monotonic()
-    print(f"uft-ray demo: making the tiny model and sample shards under {os.path.expanduser(root)} ...", flush=True)
-    overrides = demo_overrides(root, args.method) + extra + list(args.overrides)
+    what_assets = "the tiny model and sample shards" if args.tiny else "the sample shards and the packaged SmolLM2"
+    print(f"uft-ray demo: making {what_assets} under {os.path.expanduser(root)} ...", flush=True)
     try:
+        overrides = demo_overrides(root, args.method, tiny=args.tiny) + extra + list(args.overrides)
         cfg = load_config(raw, overrides)
     except ConfigError as e:
         return config_error(e, "demo config")
+    except GGUFError as e:
+        err(str(e))
+        return EXIT_USAGE
     what = (
         f"  a rollout actor pool samples {cfg.rft.n} continuations of each prompt + hint, a verifier scores them, "
-        f"and {cfg.train.num_workers} DeepSpeed workers with LoRA train GRPO + the hint NLL."
+        f"and {cfg.train.num_workers} DeepSpeed worker(s) with LoRA train GRPO + the hint NLL."
         if cfg.method == "hint_rft"
-        else f"  reference log-probs by a Ray actor pool, then {cfg.train.num_workers} DeepSpeed workers "
+        else f"  reference log-probs by a Ray actor pool, then {cfg.train.num_workers} DeepSpeed worker(s) "
         f"(ZeRO stage {cfg.train.deepspeed.zero_stage}) with LoRA train on the mixed UltraChat + HelpSteer2 rows."
     )
     print(
         f"  ready in {time.monotonic() - t0:.0f} s.\n"
         f"uft-ray demo: a real {cfg.method} run on a local Ray cluster: {_summary_line(cfg)}\n{what}\n"
-        "  The first run on a machine JIT-builds a DeepSpeed op (about 100 s).",
+        "  The first run on a machine JIT-builds a DeepSpeed op (about 100 s) and converts the GGUF model (about 30 s).",
         flush=True,
     )
     rc = _run(cfg, args.verbose)
+    if rc == EXIT_OK and not args.tiny:
+        rc = demo_checks(cfg, root)
     if rc == EXIT_OK:
         print(f"demo done in {time.monotonic() - t0:.0f} s. Open the report in a browser; rerun with "
               "`uft-ray demo train.max_steps=...` or any other key=value override.")  # fmt: skip
@@ -452,14 +462,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "offline: a Ray cluster-launcher YAML or a KubeRay RayCluster / RayJob manifest")  # fmt: skip
     p.set_defaults(fn=cmd_validate)
 
-    p = add("demo", "the embedded default: tiny model + sample shards, local Ray, a real UFT run on CPU",
+    p = add("demo", "the embedded default: SmolLM2-135M-Instruct + sample shards, local Ray, a real UFT run on CPU",
             "  uft-ray demo\n"
             "  uft-ray demo --out /tmp/uft-demo train.max_steps=4\n"
             "  uft-ray demo loss.type=una_bce output.run_name=demo-una\n"
             "  uft-ray demo --method hint_rft train.max_steps=4")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the demo config")
     p.add_argument("--method", choices=("uft", "hint_rft"), default="uft",
-                   help="uft: the offline UFT run (default); hint_rft: hint-guided SFT + RFT on Countdown")  # fmt: skip
+                   help="uft: the offline UFT run (default); hint_rft: hint-guided SFT + RFT")  # fmt: skip
+    p.add_argument("--tiny", action="store_true",
+                   help="the tiny random-init Qwen2 and synthetic shards instead of SmolLM2 (seconds a step)")  # fmt: skip
     p.add_argument("--out", metavar="DIR", help=f"where the tiny assets and runs/ go (default: assets in {DEMO_ROOT}, "
                    "the run in ./runs/demo)")  # fmt: skip
     _add_verbose(p)
@@ -558,6 +570,12 @@ def build_parser() -> argparse.ArgumentParser:
             "  uft-ray tasks check data/countdown/train.parquet --task countdown\n"
             "  uft-ray tasks check s3://bucket/kk/test.parquet --task knights_knaves --rules strict")  # fmt: skip
     add_tasks_parser(p)
+
+    p = add("models", "the model cache: list it, or `prepare` a GGUF model (the packaged SmolLM2 by default)",
+            "  uft-ray models\n"
+            "  uft-ray models prepare\n"
+            "  uft-ray models prepare ~/models/Qwen2.5-0.5B-Instruct-Q8_0.gguf")  # fmt: skip
+    add_models_parser(p)
     return parser
 
 

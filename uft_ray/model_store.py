@@ -15,7 +15,9 @@ later call downloads again what changed in the bucket (size or mtime) and a loca
 matches; a local file whose mtime changed is re-hashed and downloaded again unless its sha256 is the recorded
 one (a corrupted or edited copy); files gone from the bucket are removed.
 
-Local paths and hub ids pass through unchanged.
+A GGUF file (local or in a bucket), or a folder holding one, becomes a converted model directory in the same
+cache (uft_ray.model_gguf): converted once per node, keyed by the file's content. Other local paths and hub ids
+pass through unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import json
 import os
 from typing import Any
 
-from uft_ray import storage
+from uft_ray import model_gguf, storage
 
 RECORD = ".uft-ray-files.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt")
@@ -34,6 +36,21 @@ _CHUNK = 1 << 22
 
 def cache_dir() -> str:
     return os.path.expanduser(os.environ.get("UFT_RAY_MODEL_CACHE") or "~/.cache/uft-ray/models")
+
+
+def gguf_cache() -> str:
+    """Where GGUF files are converted to model directories (uft_ray.model_gguf)."""
+    return os.path.join(cache_dir(), "gguf")
+
+
+def check_gguf(path: str | None) -> None:
+    """Raise `model_gguf.GGUFError` when `path` is a local GGUF source transformers cannot load (the message names
+    its architecture). Cheap once converted; a bucket's GGUF file is checked when it is converted."""
+    if not path or storage.is_remote(path):
+        return
+    local = model_gguf.gguf_file(path)
+    if local is not None and model_gguf.record(model_gguf.converted_dir(local, gguf_cache())) is None:
+        model_gguf.check_supported(local)
 
 
 def local_dir_for(uri: str) -> str:
@@ -45,10 +62,22 @@ def local_dir_for(uri: str) -> str:
 def local_model(path: str | None, *, weights: bool = True) -> str | None:
     """A local directory holding `path`'s files (downloaded on first use when `path` is a URI), else `path`.
 
-    `weights=False` fetches everything but the weight files (a tokenizer, a config): what the driver needs.
+    `weights=False` fetches everything but the weight files (a tokenizer, a config): what the driver needs. A GGUF
+    source is converted whatever `weights` says: its tokenizer lives inside the weights file.
     """
-    if path is None or not storage.is_remote(path):
+    if path is None:
         return path
+    if not storage.is_remote(path):
+        local = model_gguf.gguf_file(path)
+        return model_gguf.converted(local, gguf_cache()) if local is not None else path
+    if model_gguf.is_gguf_name(path):
+        return model_gguf.converted(_downloaded_file(path), gguf_cache())
+    dest = _downloaded_dir(path, weights)
+    local = model_gguf.gguf_file(dest)
+    return model_gguf.converted(local, gguf_cache()) if local is not None else dest
+
+
+def _downloaded_dir(path: str, weights: bool) -> str:
     from filelock import FileLock
 
     dest = local_dir_for(path)
@@ -57,6 +86,10 @@ def local_model(path: str | None, *, weights: bool = True) -> str | None:
         remote = remote_files(path)
         if not remote:
             raise FileNotFoundError(f"{path}: no files there (model.path / adapter must be a directory of files)")
+        for rel in remote:
+            _inside(dest, rel, path)
+        # A folder of one GGUF file: its tokenizer is inside the weights file, so it is fetched either way.
+        weights = weights or ("config.json" not in remote and any(model_gguf.is_gguf_name(r) for r in remote))
         record = _read_record(dest)
         for rel, (size, mtime) in sorted(remote.items()):
             if not weights and rel.endswith(WEIGHT_SUFFIXES):
@@ -72,14 +105,54 @@ def local_model(path: str | None, *, weights: bool = True) -> str | None:
     return dest
 
 
+def _downloaded_file(uri: str) -> str:
+    """A single remote file (a GGUF checkpoint) as a local file, downloaded once per node and re-fetched when
+    its size or modification time in the bucket changes."""
+    from filelock import FileLock
+
+    fs, path = storage.filesystem_for(uri)
+    info = fs.get_file_info(path)
+    if info.size is None or info.type.name != "File":
+        raise FileNotFoundError(f"{uri}: no such file")
+    dest = local_dir_for(uri)
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    os.makedirs(dest, exist_ok=True)
+    mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+    with FileLock(dest + ".lock"):
+        record = _read_record(dest)
+        if not _is_current(dest, name, int(info.size), mtime, record.get(name)):
+            parent = uri.rstrip("/").rsplit("/", 1)[0]
+            record = {name: _download(parent, dest, name, int(info.size), mtime)}
+            _write_record(dest, record)
+    return os.path.join(dest, name)
+
+
+def _unsafe(rel: str) -> bool:
+    """A listed key that is absolute or climbs out (`..`): a bucket's listing is input, never trusted as a path."""
+    parts = rel.replace("\\", "/").split("/")
+    return not rel or rel.startswith(("/", "\\")) or ".." in parts or (len(rel) > 1 and rel[1] == ":")
+
+
+def _inside(dest: str, rel: str, uri: str) -> str:
+    """`dest/rel`, refusing a listed key that would land outside `dest`, so a hostile key cannot write over the
+    node's files."""
+    target = os.path.normpath(os.path.join(dest, rel))
+    if _unsafe(rel) or os.path.commonpath([dest, target]) != os.path.normpath(dest):
+        raise ValueError(f"{uri}: refusing the key {rel!r}: it would be written outside the model cache ({dest})")
+    return target
+
+
 def remote_files(uri: str) -> dict[str, tuple[int, float]]:
     """{path relative to `uri`: (size, mtime)} for every file under it."""
     fs, files = storage.list_files(uri)
     base = storage.filesystem_for(uri)[1].rstrip("/") + "/"
     out = {}
     for info in fs.get_file_info(files):
+        rel = info.path[len(base) :]
+        if _unsafe(rel) or info.size is None:
+            raise ValueError(f"{uri}: refusing the key {rel!r}: it would be written outside the model cache")
         mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
-        out[info.path[len(base) :]] = (int(info.size), mtime)
+        out[rel] = (int(info.size), mtime)
     return out
 
 

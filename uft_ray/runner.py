@@ -34,6 +34,7 @@ from uft_ray import storage
 from uft_ray.config import Config, ConfigError
 from uft_ray.lease import Lease, lease_timeout
 from uft_ray.lease import acquire as acquire_lease
+from uft_ray.model_gguf import describe as describe_gguf
 from uft_ray.model_store import local_model
 from uft_ray.rerun import check_rerun
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, RAY_LOG, RunDir, read_state
@@ -95,6 +96,9 @@ def open_run(cfg: Config) -> Run:
     from uft_ray.ray_utils import init_ray, route_worker_output
     from uft_ray.resources import check_cluster, local_cluster_cpus, resolve_worker_cpus
 
+    model_dir = local_model(cfg.model.path, weights=False)  # a GGUF source is converted here, once per node
+    if (note := describe_gguf(model_dir)) is not None:
+        say(note)
     run_dir = RunDir(cfg.output.run_dir)
     storage.makedirs(run_dir.path)
     previous = yaml.safe_load(storage.read_bytes(run_dir.config)) if storage.is_file(run_dir.config) else None
@@ -115,7 +119,6 @@ def open_run(cfg: Config) -> Run:
         cfg = resolve_worker_cpus(cfg)
         check_cluster(cfg)  # a cluster that can never hold the run fails now, not in a silent hang
         check_backends(cfg)  # vllm / lm_eval where the actors that import them will run, not minutes into the run
-        model_dir = local_model(cfg.model.path, weights=False)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, revision=cfg.model.revision)
         lease.beat(ray_job_id=ray.get_runtime_context().get_job_id())
         lease.start_heartbeat()

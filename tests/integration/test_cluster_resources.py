@@ -2,7 +2,7 @@
 token authentication on), and a driver connected to each the way a job's driver is (RAY_ADDRESS).
 
 1. Fixed cluster, the reported scenario: `ray start --head --num-cpus=2`, then the documented entrypoint
-   `python jobs/train.py --config jobs/configs/demo.yaml --demo-assets ...`. The demo needs 2 workers x 1 CPU
+   `python jobs/train.py --config jobs/configs/demo_tiny.yaml --demo-assets ...`. The demo needs 2 workers x 1 CPU
    + 1 CPU for data tasks: it must exit 2 within seconds naming those numbers and keys, before any data work,
    instead of training into a placement group that leaves the data tasks no CPU.
 2. Autoscaling cluster: a head of 0 CPUs whose autoscaler (the fake multi-node provider) can add up to four
@@ -37,7 +37,7 @@ def test_the_new_user_demo_on_a_two_cpu_head_fails_at_once_with_the_numbers(tiny
     head = RayHead(tmp_path, num_cpus=2)
     try:
         head.wait_ready()
-        cmd = [sys.executable, "jobs/train.py", "--config", "jobs/configs/demo.yaml", "--demo-assets",
+        cmd = [sys.executable, "jobs/train.py", "--config", "jobs/configs/demo_tiny.yaml", "--demo-assets",
                "--demo-root", tiny_assets["root"], f"output.storage_path={tmp_path / 'runs'}",
                f"reference.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
         t0 = time.monotonic()
@@ -52,7 +52,7 @@ def test_the_new_user_demo_on_a_two_cpu_head_fails_at_once_with_the_numbers(tiny
     # train.cpus_per_worker auto on a one-node CPU cluster: what fits the 2-CPU node (1: nothing does), at most
     # the driver's cores // 2 workers
     cpw = auto_worker_cpus(
-        load_config("jobs/configs/demo.yaml", check_paths=False), node_cpus=2, cores=os.cpu_count() or 1
+        load_config("jobs/configs/demo_tiny.yaml", check_paths=False), node_cpus=2, cores=os.cpu_count() or 1
     )
     expected = (
         f"cluster: while training the run needs {2 * cpw + 1} CPUs: 2 training workers x {cpw} CPU{'s' * (cpw > 1)} "
@@ -72,12 +72,12 @@ CHECK = """
 import json, sys
 import ray
 from uft_ray.config import load_config
-from uft_ray.demo import CONFIGS
+from uft_ray.demo import TINY_CONFIGS
 from uft_ray.resources import ClusterTooSmall, check_cluster
 
 ray.init(log_to_driver=False)
 for overrides in json.loads(sys.argv[1]):
-    cfg = load_config(str(CONFIGS["uft"]), ["train.cpus_per_worker=1", *overrides], check_paths=False)
+    cfg = load_config(str(TINY_CONFIGS["uft"]), ["train.cpus_per_worker=1", *overrides], check_paths=False)
     try:
         fit = check_cluster(cfg)
         out = {"status": fit.status, "line": fit.line, "autoscaler": fit.view.autoscaler}

@@ -38,7 +38,7 @@ STEPS = 6
 
 def rft_config(assets: dict[str, str], root: Path, name: str, *overrides: str) -> Config:
     return load_config(
-        "jobs/configs/demo_hint_rft.yaml",
+        "jobs/configs/demo_hint_rft_tiny.yaml",
         [
             f"model.path={assets['model']}",
             f"output.storage_path={root}",

@@ -29,7 +29,7 @@ from uft_ray.run_dir import RunDir
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = "jobs/configs/demo.yaml"
+DEMO = "jobs/configs/demo_tiny.yaml"
 JOB_TIMEOUT = 900
 
 
@@ -175,7 +175,7 @@ def test_demo_in_process_writes_a_report_with_every_plot(
 ) -> None:
     """`uft-ray demo` itself: assets reused from the session's tiny_assets root, local Ray in this process."""
     t0 = time.monotonic()
-    rc = cli.main(["demo", "--out", tiny_assets["root"], f"output.storage_path={tmp_path}",
+    rc = cli.main(["demo", "--tiny", "--out", tiny_assets["root"], f"output.storage_path={tmp_path}",
                    f"reference.cache_dir={ref_cache}"])  # fmt: skip
     out = capsys.readouterr().out
     assert rc == 0, out[-4000:]

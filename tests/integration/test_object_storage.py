@@ -166,7 +166,7 @@ def rft_bucket_run(tiny_assets, s3_server, ray_local, tmp_path_factory):
 
     bucket = s3_server.new_bucket("rft")
     cfg = load_config(
-        "jobs/configs/demo_hint_rft.yaml",
+        "jobs/configs/demo_hint_rft_tiny.yaml",
         [
             f"model.path={tiny_assets['model']}",
             f"output.storage_path={bucket}/runs",

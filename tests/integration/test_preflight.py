@@ -13,7 +13,7 @@ import time
 import pytest
 
 from uft_ray.config import load_config
-from uft_ray.demo import CONFIGS
+from uft_ray.demo import TINY_CONFIGS
 from uft_ray.preflight import VLLM_BUILD, VLLM_IMAGE, BackendMissing, check_backends
 
 pytestmark = pytest.mark.integration
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 def _vllm_rollouts(*overrides: str):
     return load_config(
-        str(CONFIGS["hint_rft"]),
+        str(TINY_CONFIGS["hint_rft"]),
         ["train.use_gpu=true", "rft.rollout.backend=vllm", "rft.rollout.gpus_per_actor=0", *overrides],
         check_paths=False,
     )
@@ -51,7 +51,7 @@ def test_a_probe_no_node_can_take_is_deferred_not_failed(ray_local, capsys):
 def test_benchmarks_with_lm_eval_installed_pass(ray_local, capsys):
     import importlib.metadata
 
-    cfg = load_config(str(CONFIGS["uft"]), ["eval.tasks=[arc_easy]"], check_paths=False)
+    cfg = load_config(str(TINY_CONFIGS["uft"]), ["eval.tasks=[arc_easy]"], check_paths=False)
     answers = check_backends(cfg, timeout_s=60)
     assert [(a["package"], a["found"]) for a in answers] == [("lm_eval", True)]
     version = importlib.metadata.version("lm_eval")

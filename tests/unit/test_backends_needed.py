@@ -11,7 +11,7 @@ import importlib.metadata
 import pytest
 
 from uft_ray.config import ConfigError, load_config
-from uft_ray.demo import CONFIGS
+from uft_ray.demo import TINY_CONFIGS
 from uft_ray.preflight import (
     VLLM_BUILD,
     VLLM_IMAGE,
@@ -26,11 +26,11 @@ from uft_ray.preflight import (
 
 def _rft(*overrides: str):
     """The demo's hint_rft config: 1 hf rollout actor of 1 CPU, no benchmarks."""
-    return load_config(str(CONFIGS["hint_rft"]), list(overrides), check_paths=False)
+    return load_config(str(TINY_CONFIGS["hint_rft"]), list(overrides), check_paths=False)
 
 
 def _uft(*overrides: str):
-    return load_config(str(CONFIGS["uft"]), list(overrides), check_paths=False)
+    return load_config(str(TINY_CONFIGS["uft"]), list(overrides), check_paths=False)
 
 
 GPU_VLLM = ("train.use_gpu=true", "rft.rollout.backend=vllm", "rft.rollout.cpus_per_actor=4")

@@ -18,7 +18,7 @@ from uft_ray import api, cli
 from uft_ray.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-DEMO = ROOT / "jobs/configs/demo.yaml"
+DEMO = ROOT / "jobs/configs/demo_tiny.yaml"
 MISTRAL = ROOT / "jobs/configs/mistral7b_uft.yaml"
 COMMANDS = (
     "train",
@@ -186,13 +186,13 @@ def test_jobs_sequential_validates_both_stages():
 def test_demo_overrides_point_at_the_demo_assets(tmp_path):
     from uft_ray.demo import demo_config_text, demo_overrides
 
-    overrides = demo_overrides(tmp_path)
+    overrides = demo_overrides(tmp_path, tiny=True)
     assert overrides == [
         f"model.path={tmp_path / 'tiny-model'}",
         f"data.sources.0.path={tmp_path / 'samples/ultrachat_200k/data/train_sft-*.parquet'}",
         f"data.sources.1.path={tmp_path / 'samples/helpsteer2/train.jsonl.gz'}",
     ]
-    raw = yaml.safe_load(demo_config_text())
+    raw = yaml.safe_load(demo_config_text(tiny=True))
     assert [s["name"] for s in raw["data"]["sources"]] == ["ultrachat", "helpsteer2"]  # the indices above
     cfg = load_config(raw, overrides)  # paths checked: every one exists
     assert cfg.model.path == str(tmp_path / "tiny-model")

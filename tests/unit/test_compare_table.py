@@ -35,7 +35,7 @@ def _run(root: Path, name: str, rows: list[dict], summary: dict | None = None) -
 
 
 def test_tables_from_run_directories(tmp_path):
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", ["model.path=/tmp"], check_paths=False)
+    cfg = load_config(ROOT / "jobs/configs/demo_tiny.yaml", ["model.path=/tmp"], check_paths=False)
 
     def arm(name: str, *run_names: str) -> Arm:
         stages = []
@@ -70,10 +70,10 @@ def test_recipe_errors_name_the_field(tmp_path):
         load_recipe(tmp_path / "r.yaml")
     assert any(m.startswith("arms:") for m in e.value.messages)
     assert any(m.startswith("eval.sources: required") for m in e.value.messages)
-    (tmp_path / "demo.yaml").write_text((ROOT / "jobs/configs/demo.yaml").read_text())
+    (tmp_path / "demo_tiny.yaml").write_text((ROOT / "jobs/configs/demo_tiny.yaml").read_text())
     (tmp_path / "r.yaml").write_text(
         "name: x\neval: {sources: [{name: u, format: ultrachat_200k, path: /nope}]}\n"
-        "arms: [{name: a, config: demo.yaml, set: {loss: {type: bogus}}}]\n"
+        "arms: [{name: a, config: demo_tiny.yaml, set: {loss: {type: bogus}}}]\n"
     )
-    with pytest.raises(ConfigError, match=r"arms.0 \(demo.yaml\): loss.type: 'bogus'"):
+    with pytest.raises(ConfigError, match=r"arms.0 \(demo_tiny.yaml\): loss.type: 'bogus'"):
         load_recipe(tmp_path / "r.yaml", check_paths=False)

@@ -166,7 +166,7 @@ def test_not_a_mapping_and_missing_file(tmp_path: Path) -> None:
 def test_a_local_model_path_that_does_not_exist_fails_validation(tmp_path: Path) -> None:
     cfg = base(tmp_path)
     cfg["model"]["path"] = "/nope"
-    assert messages(cfg) == ["model.path: '/nope' does not exist (a local model directory)"]
+    assert messages(cfg) == ["model.path: '/nope' does not exist (a local model directory or GGUF file)"]
     cfg["model"]["adapter"] = str(tmp_path / "no-adapter")
     cfg["reference"] = {"model_path": "~/no-such-model-dir", "adapter": "./missing-adapter"}
     got = messages(cfg)
@@ -249,7 +249,7 @@ def test_policy_and_reference_compute_in_one_dtype(tmp_path: Path, dtype: str, u
 
 def test_hint_rfts_reference_adapter_is_checked_at_load(tmp_path: Path) -> None:
     """hint_rft's trainer loads reference.adapter as its KL reference: a missing one fails before any Ray work."""
-    cfg = yaml.safe_load(Path("jobs/configs/demo_hint_rft.yaml").read_text())
+    cfg = yaml.safe_load(Path("jobs/configs/demo_hint_rft_tiny.yaml").read_text())
     cfg["model"]["path"] = str(tmp_path)
     cfg["reference"] = {"adapter": str(tmp_path / "no-adapter")}
     assert messages(cfg) == [f"reference.adapter: '{tmp_path}/no-adapter' does not exist (a peft adapter directory)"]
@@ -259,7 +259,7 @@ def test_hint_rfts_reference_adapter_is_checked_at_load(tmp_path: Path) -> None:
 
 def test_hint_rft_task_files_resolve_against_the_yaml_like_every_input(tmp_path: Path, monkeypatch) -> None:
     """rft.path / rft.eval_path are inputs too: relative to the YAML's folder, then the working directory."""
-    recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs/configs/demo_hint_rft.yaml").read_text())
+    recipe = yaml.safe_load((Path(__file__).resolve().parents[2] / "jobs/configs/demo_hint_rft_tiny.yaml").read_text())
     folder = tmp_path / "exp"
     (folder / "task").mkdir(parents=True)
     for name in ("train.jsonl", "eval.jsonl"):

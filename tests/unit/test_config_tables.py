@@ -35,7 +35,7 @@ def test_validating_a_config_imports_no_task_tracker_or_pipeline_code():
     code = (
         "import sys\n"
         "from uft_ray.config import load_config, validate\n"
-        "for path in ('jobs/configs/demo.yaml', 'jobs/configs/demo_hint_rft.yaml'):\n"
+        "for path in ('jobs/configs/demo_tiny.yaml', 'jobs/configs/demo_hint_rft_tiny.yaml'):\n"
         "    cfg = load_config(path, ['logging.trackers=[tensorboard]'], check_paths=False)\n"
         "    validate(cfg, check_paths=True)  # the tracker package check too\n"
         "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in ('uft_ray', 'ray', 'torch'))))\n"
@@ -43,5 +43,13 @@ def test_validating_a_config_imports_no_task_tracker_or_pipeline_code():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     config = {"uft_ray.config", *(f"uft_ray.config.{m}" for m in ("parsing", "paths", "schema", "validation"))}
-    tables = {"uft_ray.data", "uft_ray.data.formats", "uft_ray.tasks", "uft_ray.tasks.names", "uft_ray.tracker_names"}
+    tables = {
+        "uft_ray.data",
+        "uft_ray.data.formats",
+        "uft_ray.tasks",
+        "uft_ray.tasks.names",
+        "uft_ray.tracker_names",
+        "uft_ray.model_store",
+        "uft_ray.model_gguf",
+    }  # a GGUF path's architecture check (a file header)
     assert set(r.stdout.split()) - {"uft_ray", "uft_ray.storage"} - config - tables == set()

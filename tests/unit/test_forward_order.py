@@ -97,7 +97,7 @@ def test_hint_rft_runs_every_no_grad_forward_before_the_first_grad_forward(monke
 
     quiet_collectives(monkeypatch, rft_loop)
     cfg = load_config(
-        "jobs/configs/demo_hint_rft.yaml",
+        "jobs/configs/demo_hint_rft_tiny.yaml",
         ["model.path=/tmp", "train.grad_accum=1", "rft.updates_per_step=2", "rft.temperature=0.7"],
         check_paths=False,
     )
@@ -129,7 +129,7 @@ def test_hint_rft_without_a_kl_term_runs_no_reference_forward(monkeypatch):
     out = {}
     for kl in (0.0, 1e-12):  # a KL term too small to change the loss, but computed
         cfg = load_config(
-            "jobs/configs/demo_hint_rft.yaml",
+            "jobs/configs/demo_hint_rft_tiny.yaml",
             ["model.path=/tmp", "train.grad_accum=1", "train.micro_batch_size=8", f"rft.kl_coef={kl}"],
             check_paths=False,
         )

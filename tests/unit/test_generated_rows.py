@@ -135,7 +135,7 @@ def test_the_plan_repeats_the_same_n_train_prompts_every_epoch(tmp_path: Path) -
     path = tmp_path / "cd.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in countdown.generate(20, seed=2)))
     cfg = load_config(
-        "jobs/configs/demo_hint_rft.yaml",
+        "jobs/configs/demo_hint_rft_tiny.yaml",
         ["model.path=/tmp", f"rft.path={path}", "rft.n_train=8", "train.max_steps=8", "rft.max_prompt_len=1000"],
         check_paths=False,
     )
@@ -154,7 +154,7 @@ def test_the_plan_repeats_the_same_n_train_prompts_every_epoch(tmp_path: Path) -
 @pytest.mark.parametrize("task", ["countdown", "knights_knaves"])
 def test_generated_training_rows_are_n_train(task: str, tmp_path: Path) -> None:
     cfg = load_config(
-        "jobs/configs/demo_hint_rft.yaml",
+        "jobs/configs/demo_hint_rft_tiny.yaml",
         ["model.path=/tmp", f"rft.task={task}", "rft.n_train=12", "rft.max_prompt_len=4000"],
         check_paths=False,
     )

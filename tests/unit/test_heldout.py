@@ -10,7 +10,7 @@ import pytest
 from uft_ray.config import ConfigError, load_config
 from uft_ray.evaluation import heldout
 
-DEMO = "jobs/configs/demo.yaml"
+DEMO = "jobs/configs/demo_tiny.yaml"
 
 
 def _cfg(*overrides: str):

@@ -18,7 +18,7 @@ from uft_ray.config import load_config
 from uft_ray.demo import demo_config_text
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted(p for p in (ROOT / "jobs" / "configs").glob("*.yaml") if not p.name.startswith("compare_"))
+TINY_CONFIGS = sorted(p for p in (ROOT / "jobs" / "configs").glob("*.yaml") if not p.name.startswith("compare_"))
 RECIPES = sorted((ROOT / "jobs" / "configs").glob("compare_*.yaml"))  # `uft-ray compare` recipes, not run configs
 # KubeRay's RayJob CRD schema, vendored with its source and license (tests/fixtures/kuberay/README.md).
 RAYJOB_SCHEMA = ROOT / "tests" / "fixtures" / "kuberay" / "ray.io_rayjobs.v1.schema.json"
@@ -34,19 +34,19 @@ def _yaml(path: Path):
 
 
 def test_there_is_a_config_per_recipe():
-    names = {p.name for p in CONFIGS}
-    assert {"demo.yaml", "mistral7b_uft.yaml", "qwen25_32b_uft.yaml", "mistral7b_uft_mixture_sweep.yaml"} <= names
+    names = {p.name for p in TINY_CONFIGS}
+    assert {"demo_tiny.yaml", "mistral7b_uft.yaml", "qwen25_32b_uft.yaml", "mistral7b_uft_mixture_sweep.yaml"} <= names
     assert "seq_stage1_sft.yaml" in names
     assert {f"seq_stage2_{x}.yaml" for x in ("dpo", "kto", "una_bce", "uft")} <= names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", TINY_CONFIGS, ids=lambda p: p.name)
 def test_every_config_passes_validate_without_path_checks(path, capsys):
     assert cli.main(["validate", str(path), "--no-check-paths"]) == 0
     assert capsys.readouterr().out.startswith(f"OK: {path}")
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", TINY_CONFIGS, ids=lambda p: p.name)
 def test_every_config_is_headed_by_its_launch_command(path):
     head = []
     for line in path.read_text().splitlines():
@@ -61,7 +61,7 @@ def test_every_config_is_headed_by_its_launch_command(path):
         assert rel in text
     else:
         assert f"python jobs/train.py --config {rel}" in text or (
-            path.name == "demo.yaml" and "uft-ray demo" in text
+            path.name == "demo_tiny.yaml" and "uft-ray demo" in text
         ), text
     # every jobs/configs path named in a header exists
     for named in re.findall(r"jobs/configs/[\w.]+\.yaml", text):
@@ -100,12 +100,11 @@ def test_mixture_sweep_documents_16k_to_260k_against_20k():
 
 
 def test_demo_config_is_one_file_in_two_places():
-    shipped = ROOT / "uft_ray/demo/demo.yaml"
-    assert (ROOT / "jobs/configs/demo.yaml").read_bytes() == shipped.read_bytes()
-    assert demo_config_text() == shipped.read_text()
-    rft = ROOT / "uft_ray/demo/demo_hint_rft.yaml"
-    assert (ROOT / "jobs/configs/demo_hint_rft.yaml").read_bytes() == rft.read_bytes()
-    assert demo_config_text("hint_rft") == rft.read_text()
+    for name, method, tiny in [("demo", "uft", False), ("demo_hint_rft", "hint_rft", False),
+                               ("demo_tiny", "uft", True), ("demo_hint_rft_tiny", "hint_rft", True)]:  # fmt: skip
+        shipped = ROOT / f"uft_ray/demo/{name}.yaml"
+        assert (ROOT / f"jobs/configs/{name}.yaml").read_bytes() == shipped.read_bytes(), name
+        assert demo_config_text(method, tiny=tiny) == shipped.read_text(), name
 
 
 def test_hint_rft_recipes_have_the_papers_settings():
@@ -337,7 +336,7 @@ def test_vllm_recipes_and_the_cluster_files_name_the_vllm_image():
     from uft_ray.preflight import VLLM_BUILD, VLLM_IMAGE
 
     vllm_recipes = []
-    for path in CONFIGS:
+    for path in TINY_CONFIGS:
         cfg = load_config(path, check_paths=False)
         if cfg.method == "hint_rft" and cfg.rft.rollout.backend == "vllm":
             vllm_recipes.append(path.name)

@@ -91,9 +91,9 @@ def test_submit_verbose_reaches_the_jobs_environment(tmp_path: Path, monkeypatch
     c = Client()
     monkeypatch.setattr(api, "client", lambda address=None, headers=None: c)
     (tmp_path / "wd").mkdir()
-    api.submit(ROOT / "jobs/configs/demo.yaml", working_dir=tmp_path / "wd", overrides=["output.storage_path=/x"])
+    api.submit(ROOT / "jobs/configs/demo_tiny.yaml", working_dir=tmp_path / "wd", overrides=["output.storage_path=/x"])
     assert ray_utils.VERBOSE_ENV not in c.runtime_env.get("env_vars", {})
-    api.submit(ROOT / "jobs/configs/demo.yaml", working_dir=tmp_path / "wd", overrides=["output.storage_path=/x"],
+    api.submit(ROOT / "jobs/configs/demo_tiny.yaml", working_dir=tmp_path / "wd", overrides=["output.storage_path=/x"],
                verbose=True)  # fmt: skip
     assert c.runtime_env["env_vars"][ray_utils.VERBOSE_ENV] == "1"
 

@@ -121,7 +121,7 @@ def test_a_model_without_a_reference_adapter_keeps_the_adapter_off_reference(tmp
 
 
 def test_hint_rfts_reference_is_the_initial_policy():
-    cfg = lambda *o: load_config("jobs/configs/demo_hint_rft.yaml", ["model.path=/m", *o], check_paths=False)  # noqa: E731
+    cfg = lambda *o: load_config("jobs/configs/demo_hint_rft_tiny.yaml", ["model.path=/m", *o], check_paths=False)  # noqa: E731
     assert rft_loop.reference_adapter(cfg()) is None  # a fresh LoRA starts as the base
     assert rft_loop.reference_adapter(cfg("model.adapter=/sft")) == "/sft"  # SFT-then-RFT's stage 2
     assert rft_loop.reference_adapter(cfg("model.adapter=/sft", "reference.adapter=/other")) == "/other"

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from uft_ray.config import ConfigError, load_config
-from uft_ray.demo import CONFIGS
+from uft_ray.demo import TINY_CONFIGS
 from uft_ray.reference.collector import wait_for_rows
 from uft_ray.reference.scorer import DEFAULT_MAX_TOKENS_PER_FORWARD, ReferenceScorer, length_groups, scorer_kwargs
 from uft_ray.reference.service import unscored_rows
@@ -43,13 +43,13 @@ def test_a_sequence_over_the_budget_goes_alone():
 
 
 def test_the_budget_is_reference_batch_tokens():
-    cfg = load_config(str(CONFIGS["uft"]), check_paths=False)
+    cfg = load_config(str(TINY_CONFIGS["uft"]), check_paths=False)
     assert cfg.reference.batch_tokens == DEFAULT_MAX_TOKENS_PER_FORWARD == 16384
     assert scorer_kwargs(cfg)["max_tokens_per_forward"] == 16384
-    cfg = load_config(str(CONFIGS["uft"]), ["reference.batch_tokens=4096"], check_paths=False)
+    cfg = load_config(str(TINY_CONFIGS["uft"]), ["reference.batch_tokens=4096"], check_paths=False)
     assert scorer_kwargs(cfg)["max_tokens_per_forward"] == 4096
     with pytest.raises(ConfigError, match="reference.batch_tokens: must be > 0"):
-        load_config(str(CONFIGS["uft"]), ["reference.batch_tokens=0"], check_paths=False)
+        load_config(str(TINY_CONFIGS["uft"]), ["reference.batch_tokens=0"], check_paths=False)
 
 
 def test_the_scorer_makes_one_forward_per_group(tmp_path):

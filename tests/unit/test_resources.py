@@ -12,7 +12,7 @@ import os
 import pytest
 
 from uft_ray.config import ConfigError, load_config
-from uft_ray.demo import CONFIGS
+from uft_ray.demo import TINY_CONFIGS
 from uft_ray.resources import (
     ClusterTooSmall,
     ClusterView,
@@ -28,12 +28,12 @@ from uft_ray.resources import (
 
 def _uft(*overrides: str):
     """The demo's UFT config: 2 CPU workers, reference.run precompute with 1 actor of 1 CPU."""
-    return load_config(str(CONFIGS["uft"]), ["train.cpus_per_worker=1", *overrides], check_paths=False)
+    return load_config(str(TINY_CONFIGS["uft"]), ["train.cpus_per_worker=1", *overrides], check_paths=False)
 
 
 def _rft(*overrides: str):
     """The demo's hint_rft config: 2 CPU workers, 1 hf rollout actor of 1 CPU."""
-    return load_config(str(CONFIGS["hint_rft"]), ["train.cpus_per_worker=1", *overrides], check_paths=False)
+    return load_config(str(TINY_CONFIGS["hint_rft"]), ["train.cpus_per_worker=1", *overrides], check_paths=False)
 
 
 def _phases(cfg):
@@ -125,7 +125,7 @@ def test_hint_rft_needs_its_rollout_actors_while_training():
 
 
 def test_an_unresolved_auto_worker_cpus_is_refused():
-    cfg = load_config(str(CONFIGS["uft"]), check_paths=False)
+    cfg = load_config(str(TINY_CONFIGS["uft"]), check_paths=False)
     assert cfg.train.cpus_per_worker == "auto"
     with pytest.raises(ValueError, match="resolve_worker_cpus"):
         needs(cfg)
@@ -273,20 +273,20 @@ def test_a_stream_run_too_big_for_the_cluster_is_told_about_precompute():
 def test_auto_cpus_leave_room_for_streaming_scorers():
     # The reported case: an 8-CPU node, 2 workers, `reference.run: stream` with 1 actor per rank. The workers'
     # share alone would be 8 // 2 = 3 each, and 2 x 3 + 2 scorers + 1 data CPU = 9 > 8; 2 each makes 7 <= 8.
-    cfg = load_config(str(CONFIGS["uft"]), ["reference.run=stream", "reference.actors=1"], check_paths=False)
+    cfg = load_config(str(TINY_CONFIGS["uft"]), ["reference.run=stream", "reference.actors=1"], check_paths=False)
     assert cfg.train.cpus_per_worker == "auto" and cfg.train.num_workers == 2
     assert auto_worker_cpus(cfg, node_cpus=8, cores=8) == 2
     assert needs(with_worker_cpus(cfg, 2)).total()["CPU"] == 7
     assert auto_worker_cpus(cfg, node_cpus=9, cores=8) == 3  # exactly enough for the cores' share
     # precompute: the scorers end before training, so only the workers and the data CPU count
-    pre = load_config(str(CONFIGS["uft"]), ["reference.run=precompute"], check_paths=False)
+    pre = load_config(str(TINY_CONFIGS["uft"]), ["reference.run=precompute"], check_paths=False)
     assert auto_worker_cpus(pre, node_cpus=8, cores=8) == 3
     assert auto_worker_cpus(pre, node_cpus=4, cores=8) == 1  # 2 x 1 + 1 = 3 <= 4; 2 x 2 + 1 = 5 > 4
 
 
 def test_auto_cpus_count_rollout_actors_and_fall_back_to_one():
     over = ["train.num_workers=2", "rft.rollout.actors=2", "rft.rollout.cpus_per_actor=1"]
-    cfg = load_config(str(CONFIGS["hint_rft"]), over, check_paths=False)
+    cfg = load_config(str(TINY_CONFIGS["hint_rft"]), over, check_paths=False)
     # 2 rollout CPUs + 1 data CPU beside the workers: 7 CPUs hold 2 workers x 2, 6 only 2 x 1
     assert auto_worker_cpus(cfg, node_cpus=7, cores=16) == 2
     assert auto_worker_cpus(cfg, node_cpus=6, cores=16) == 1
@@ -294,6 +294,6 @@ def test_auto_cpus_count_rollout_actors_and_fall_back_to_one():
 
 
 def test_a_local_cluster_holds_what_the_run_needs():
-    cfg = load_config(str(CONFIGS["uft"]), ["reference.run=stream", "reference.actors=4"], check_paths=False)
+    cfg = load_config(str(TINY_CONFIGS["uft"]), ["reference.run=stream", "reference.actors=4"], check_paths=False)
     # 2 workers x 1 (auto at its least) + 2 x 4 scorers + 1 data = 11, more than this machine's cores
     assert local_cluster_cpus(cfg) == max(os.cpu_count() or 1, 11)

@@ -187,10 +187,12 @@ def test_load_verifier_picks_by_rules_and_the_config_defaults_to_paper() -> None
     with pytest.raises(ValueError, match="reward rules 'lenient'"):
         load_verifier("countdown", "lenient")
     base = [f"model.path={ROOT}"]
-    cfg = load_config(ROOT / "jobs/configs/demo_hint_rft.yaml", base, check_paths=False)
+    cfg = load_config(ROOT / "jobs/configs/demo_hint_rft_tiny.yaml", base, check_paths=False)
     assert cfg.rft.reward_rules == "paper"
     with pytest.raises(ConfigError) as e:
-        load_config(ROOT / "jobs/configs/demo_hint_rft.yaml", [*base, "rft.reward_rules=lenient"], check_paths=False)
+        load_config(
+            ROOT / "jobs/configs/demo_hint_rft_tiny.yaml", [*base, "rft.reward_rules=lenient"], check_paths=False
+        )
     assert "rft.reward_rules: 'lenient' is not allowed; use one of: paper, strict" in e.value.messages
 
 

@@ -165,7 +165,7 @@ def test_verifier_process_scores_hostile_output_zero_and_survives_a_hang():
 
 
 def _cfg(*overrides: str):
-    return load_config("jobs/configs/demo_hint_rft.yaml", ["model.path=/tmp", *overrides], check_paths=False)
+    return load_config("jobs/configs/demo_hint_rft_tiny.yaml", ["model.path=/tmp", *overrides], check_paths=False)
 
 
 def test_plan_deals_whole_groups_to_ranks_and_reshuffles_each_epoch():

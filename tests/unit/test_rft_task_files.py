@@ -37,7 +37,7 @@ def _task_files(root: Path) -> Path:
 
 def _rows(train: str, test: str) -> tuple[list[dict], list[dict], list[dict]]:
     cfg = load_config(
-        "jobs/configs/demo_hint_rft.yaml",
+        "jobs/configs/demo_hint_rft_tiny.yaml",
         ["model.path=/tmp", "rft.task=math", f"rft.path={train}", f"rft.eval_path={test}"],
     )  # paths checked: an s3:// rft.path must pass validation
     quarantined: list[dict] = []

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _cfg(*overrides: str):
     """The demo: 2 workers, 4 prompts x 4 rollouts a step: 8 rollouts a rank, micro-batch 4 x accumulation 2."""
-    return load_config("jobs/configs/demo_hint_rft.yaml", ["model.path=/tmp", *overrides], check_paths=False)
+    return load_config("jobs/configs/demo_hint_rft_tiny.yaml", ["model.path=/tmp", *overrides], check_paths=False)
 
 
 def _rollouts(groups: list[int]) -> list[dict]:
@@ -101,7 +101,11 @@ def test_a_continued_adapter_with_dropout_is_refused_at_start():
 
 def _rl_recipes() -> list[Path]:
     paths = [p for p in sorted((ROOT / "jobs/configs").glob("*.yaml")) if "method: hint_rft" in p.read_text()]
-    return [p for p in paths if p.name != "demo_hint_rft.yaml" and "objective: sft" not in p.read_text()]
+    demos = (
+        "demo_hint_rft.yaml",
+        "demo_hint_rft_tiny.yaml",
+    )  # CPU demos: rates for a dozen steps, said in each header
+    return [p for p in paths if p.name not in demos and "objective: sft" not in p.read_text()]
 
 
 def test_rl_recipes_use_the_authors_optimizer_and_say_how_the_lora_rate_was_derived():

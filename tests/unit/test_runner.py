@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from uft_ray.config import ConfigError, load_config
-from uft_ray.demo import CONFIGS
+from uft_ray.demo import TINY_CONFIGS
 from uft_ray.run_dir import CHECKPOINT_SNAPSHOT, RunDir
 from uft_ray.runner import Run, config_changes, keep_plan, last_checkpoint
 from uft_ray.train.plan import make_plan
@@ -46,13 +46,15 @@ def test_an_unreadable_snapshot_fails_naming_the_run_directory(tmp_path):
 
 
 def test_a_changed_plan_is_refused_naming_what_changed(tmp_path):
-    cfg = load_config(str(CONFIGS["uft"]), [f"output.storage_path={tmp_path}", "train.max_steps=4"], check_paths=False)
+    cfg = load_config(
+        str(TINY_CONFIGS["uft"]), [f"output.storage_path={tmp_path}", "train.max_steps=4"], check_paths=False
+    )
     run = Run(cfg, RunDir(cfg.output.run_dir), tokenizer=None)
     keep_plan(run, _plan(cfg), checkpoint=None)  # a first run: plan and config saved
     assert (tmp_path / cfg.output.run_name / "config.yaml").is_file()
 
     other = load_config(
-        str(CONFIGS["uft"]),
+        str(TINY_CONFIGS["uft"]),
         [f"output.storage_path={tmp_path}", "train.max_steps=4", "train.grad_accum=2"],
         check_paths=False,
     )
@@ -67,7 +69,7 @@ def test_a_changed_plan_is_refused_naming_what_changed(tmp_path):
 
 
 def test_config_changes_lists_only_what_differs():
-    cfg = load_config(str(CONFIGS["uft"]), check_paths=False).to_dict()
+    cfg = load_config(str(TINY_CONFIGS["uft"]), check_paths=False).to_dict()
     other = copy.deepcopy(cfg)
     other["train"]["micro_batch_size"] = cfg["train"]["micro_batch_size"] + 1
     other["output"]["run_name"] = "elsewhere"  # not part of the plan

@@ -281,6 +281,7 @@ def test_bad_manifest_shape(bad: dict) -> None:
         "no_pair": "tests/unit/test_normalize.py (a HelpSteer2 pair half without its partner)",
         "duplicate": "tests/integration/test_prepare.py::test_duplicate_row_ids_are_kept_once",
         "unreadable_file": "tests/unit/test_readers.py (a gzip file cut part way)",
+        "invalid_text": "tests/unit/test_hostile_rows.py (lone surrogates, invalid UTF-8 in parquet)",
     }
     assert set(REASONS) - reasons == set(elsewhere), "every other reason code is exercised here"
     assert len(bad["expected"]) == len(bad["entries"])

@@ -147,7 +147,7 @@ class CharTokenizer:
 
 
 def _cfg(*overrides: str):
-    return load_config("jobs/configs/demo_hint_rft.yaml", ["model.path=/tmp", *overrides], check_paths=False)
+    return load_config("jobs/configs/demo_hint_rft_tiny.yaml", ["model.path=/tmp", *overrides], check_paths=False)
 
 
 def test_a_path_gives_a_generated_task_the_files_rows_and_the_prompt_ids_are_its_text() -> None:

@@ -293,7 +293,7 @@ def test_eval_results_are_logged_at_the_last_step(tmp_path: Path) -> None:
 
 
 def test_params_are_the_flattened_resolved_config() -> None:
-    cfg = load_config(ROOT / "jobs/configs/demo.yaml", ["logging.trackers=[wandb, mlflow]"], check_paths=False)
+    cfg = load_config(ROOT / "jobs/configs/demo_tiny.yaml", ["logging.trackers=[wandb, mlflow]"], check_paths=False)
     params = trackers.flat_params(cfg)
     assert params["train.lr"] == json.dumps(cfg.train.lr) and params["output.run_name"] == cfg.output.run_name
     assert params["data.sources.1.name"] == cfg.data.sources[1].name  # lists of mappings by index
@@ -302,7 +302,7 @@ def test_params_are_the_flattened_resolved_config() -> None:
 
 
 def test_bad_logging_config_fails_validation_naming_the_field(monkeypatch: pytest.MonkeyPatch) -> None:
-    demo = ROOT / "jobs/configs/demo.yaml"
+    demo = ROOT / "jobs/configs/demo_tiny.yaml"
     with pytest.raises(ConfigError) as e:
         load_config(demo, ["logging.trackers=[wandb, neptune]", "logging.wandb_mode=cloud"], check_paths=False)
     assert e.value.messages == [

@@ -15,7 +15,7 @@ import yaml
 from uft_ray import cli
 from uft_ray.cluster_spec import check_file, group_resources, k8s_quantity, read_cluster_file
 from uft_ray.config import ConfigError, load_config
-from uft_ray.demo import CONFIGS as DEMO
+from uft_ray.demo import TINY_CONFIGS as DEMO
 from uft_ray.resources import NodeType, run_phases, with_worker_cpus
 
 ROOT = Path(__file__).resolve().parents[2]

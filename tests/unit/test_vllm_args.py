@@ -16,7 +16,7 @@ from uft_ray.evaluation.worker import worker_layout
 from uft_ray.rft.rollout import vllm_engine_args
 
 LORA = {"alpha": 16, "target_modules": ["q_proj"]}
-DEMO = str(Path(__file__).resolve().parents[2] / "jobs" / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).resolve().parents[2] / "jobs" / "configs" / "demo_tiny.yaml")
 
 
 def test_lora_rank_rounds_up_to_a_value_vllm_accepts_never_below_its_default():

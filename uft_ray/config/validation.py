@@ -30,6 +30,8 @@ from uft_ray.config.schema import (
     TrainConfig,
 )
 from uft_ray.data.formats import FORMAT_KINDS, FORMATS, HELPSTEER2_ATTRIBUTES
+from uft_ray.model_gguf import GGUFError
+from uft_ray.model_store import check_gguf
 from uft_ray.tasks.names import FILE_TASKS, GENERATED_TASKS, REWARD_RULES
 from uft_ray.tracker_names import INSTALL, TRACKERS, missing_packages
 
@@ -54,6 +56,17 @@ class _Problems(list):
             return
         if value < 0 or (value == 0 and not zero_ok):
             self.append(f"{where}: must be {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+    def model_source(self, where: str, value: str | None, check: bool) -> None:
+        """A local path must exist; a GGUF file (or a folder of one) must hold an architecture transformers loads."""
+        before = len(self)
+        self.local_path(where, value, "a local model directory or GGUF file", check)
+        if not check or not value or len(self) > before:
+            return
+        try:
+            check_gguf(value)
+        except GGUFError as err:
+            self.append(f"{where}: {err}")
 
     def local_path(self, where: str, value: str | None, what: str, check: bool) -> None:
         # A hub id (`org/name`) cannot be checked here; an absolute or ~ path that is not there fails now,
@@ -136,8 +149,8 @@ def _check_numbers(e: _Problems, cfg: Config) -> None:
 def _check_model(e: _Problems, cfg: Config, check_paths: bool) -> None:
     m = cfg.model
     if not m.path:
-        e.append("model.path: required (a local model directory, s3:// or gs:// prefix, or a hub id)")
-    e.local_path("model.path", m.path, "a local model directory", check_paths)
+        e.append("model.path: required (a local model directory or .gguf file, s3:// or gs:// prefix, or a hub id)")
+    e.model_source("model.path", m.path, check_paths)
     e.local_path("model.adapter", m.adapter, "a peft adapter directory", check_paths)
     e.one_of("model.dtype", m.dtype, ("auto", "bfloat16", "float16", "float32"))
     e.one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
@@ -241,7 +254,7 @@ def _check_loss(e: _Problems, cfg: Config) -> None:
 def _check_reference(e: _Problems, r: ReferenceConfig, check_paths: bool) -> None:
     e.one_of("reference.mode", r.mode, ("actor", "adapter_off"))
     e.one_of("reference.run", r.run, ("precompute", "stream"))
-    e.local_path("reference.model_path", r.model_path, "a local model directory", check_paths)
+    e.model_source("reference.model_path", r.model_path, check_paths)
     e.local_path("reference.adapter", r.adapter, "a peft adapter directory", check_paths)
     if isinstance(r.actors, list):
         if len(r.actors) != 2 or not 1 <= r.actors[0] <= r.actors[1]:
@@ -362,8 +375,6 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
     g = ro.gpu_memory_utilization
     if g is not None and not 0 < g <= 1:
         e.append(f"rft.rollout.gpu_memory_utilization: a share of the device's memory in (0, 1], or null, got {g!r}")
-    if ro.backend == "vllm" and tr.use_gpu and _finite(ro.gpus_per_actor) and ro.gpus_per_actor <= 0:
-        e.append(f"rft.rollout.gpus_per_actor: must be > 0 with rft.rollout.backend vllm, got {ro.gpus_per_actor!r}")
     if ro.backend == "vllm" and not tr.use_gpu:
         e.append("rft.rollout.backend: vllm needs train.use_gpu=true (use hf on CPU)")
     _check_rft_updates(e, cfg)

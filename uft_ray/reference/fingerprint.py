@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from uft_ray import model_store, storage
+from uft_ray import model_gguf, model_store, storage
 from uft_ray.config import Config, compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,16 @@ def _files_identity(directory: Path, patterns: Iterable[str], memo: _HashMemo) -
 
 
 def _weights_identity(path: str, revision: str | None, memo: _HashMemo) -> dict[str, Any]:
+    # A GGUF source by its own bytes (and the converter's version): the converted copy is made from exactly them.
+    if storage.is_remote(path) and model_gguf.is_gguf_name(path):
+        fs, where = storage.filesystem_for(path)
+        info = fs.get_file_info(where)
+        mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
+        return {"gguf": {"uri": path, "file": f"{info.size}:{mtime}"}, "converter": model_gguf.CONVERTER_VERSION}
+    local_gguf = None if storage.is_remote(path) else model_gguf.gguf_file(path)
+    if local_gguf is not None:
+        digest = model_gguf.sha256(local_gguf, model_store.gguf_cache())
+        return {"gguf": {"sha256": digest}, "converter": model_gguf.CONVERTER_VERSION}
     if storage.is_remote(path):  # a bucket's model: its files' sizes and modification times (no download)
         listed = model_store.remote_files(path)
         files = {rel: f"{size}:{mtime}" for rel, (size, mtime) in listed.items() if _is_weight_file(rel)}
