@@ -25,7 +25,10 @@ Outputs, under `--out` (default `runs/evidence/NAME`): every run's directory, `{
 arm and seed), `{name}.png` (a panel per metric: the mean over seeds, the band from the lowest to the highest seed)
 and `{name}.md` (each metric's final value per arm: mean, spread, per seed). `--results docs/results.md` also
 replaces that file's section between `<!-- evidence:{name} -->` and `<!-- /evidence:{name} -->` with the table and
-the plot, copied beside it. `--jobs N` (default 1) runs N seeds at once, each in a process of its own with its own
+the plot, copied beside it. `--set KEY=VALUE` (repeatable) overrides a config value in every stage of every arm, after the recipe's and
+the arm's own values (`--set loss.beta=0.01`: the paper's beta everywhere); without `--out` such a run goes to
+`runs/evidence/NAME@KEY=VALUE,...` and `--results` writes the section `NAME@KEY=VALUE,...`, so it sits beside the
+recipe's own and never resumes or overwrites its runs. `--jobs N` (default 1) runs N seeds at once, each in a process of its own with its own
 local Ray (`{out}/logs/seed{S}.log`): for machines with cores to spare. A seed's curves are the same either way
 (seeds 0 and 1 of `hints` side by side gave exactly the curves they give in turn), but on 2 cores two at a time
 is slower (8.8 min for the pair against 8.0 in turn): a run is not one core's work, Ray's processes take their
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import subprocess
@@ -75,17 +79,26 @@ def _sft_batch(prompts_per_step: int, workers: int) -> list[str]:
 
 
 def hint_configs(
-    recipe: str, out: Path, seed: int, steps: int | None, model: str, files: dict[str, str], rl_lr: float | None = None
+    recipe: str,
+    out: Path,
+    seed: int,
+    steps: int | None,
+    model: str,
+    files: dict[str, str],
+    rl_lr: float | None = None,
+    sets: list[str] | None = None,
 ) -> dict[str, list[Config]]:
     """Every arm's stage configs under `seed`: {arm: [Config, ...]}; `rl_lr`: the learning rate of every RL stage
-    (uft, rft, sft_then_rft's second), the SFT stages keeping the recipe's. A branching arm's stages are the arm
+    (uft, rft, sft_then_rft's second), the SFT stages keeping the recipe's; `sets`: dotted overrides of every
+    stage, applied last (they win over the arm's own). A branching arm's stages are the arm
     it branches from (the same run, checkpointed at half the steps) and its own run from that checkpoint's
     adapter for the other half (paths checked when it starts: the checkpoint is written by the first stage)."""
     common = [
         f"model.path={model}", f"rft.path={files['train']}", f"rft.eval_path={files['eval']}",
         f"train.seed={seed}", f"data.seed={seed}", f"output.storage_path={out / 'runs'}",
     ]  # fmt: skip
-    base = load_config(recipe, common)
+    sets = list(sets or [])
+    base = load_config(recipe, [*common, *sets])
     total = steps or base.train.max_steps
     half = total // 2
 
@@ -103,13 +116,14 @@ def hint_configs(
             continue
         save_half = [f"train.checkpoint_every={half}"] if arm in BRANCHES.values() and half else []
         name = f"output.run_name=hints-{arm}-s{seed}"
-        arms[arm] = [load_config(recipe, [*common, *overrides(arm), *save_half, f"train.max_steps={total}", name])]
+        stage = [*common, *overrides(arm), *save_half, f"train.max_steps={total}", name, *sets]
+        arms[arm] = [load_config(recipe, stage)]
     for arm, parent in BRANCHES.items():
         first = arms[parent][0]
         adapter = str(Path(RunDir(first.output.run_dir).checkpoint(half)) / CHECKPOINT_ADAPTER)
         rest = [f"train.max_steps={total - half}", f"output.run_name=hints-{arm}-s{seed}",
                 f"model.adapter={adapter}", f"reference.adapter={adapter}"]  # fmt: skip
-        arms[arm] = [first, load_config(recipe, [*common, *overrides(arm), *rest], check_paths=False)]
+        arms[arm] = [first, load_config(recipe, [*common, *overrides(arm), *rest, *sets], check_paths=False)]
     return {arm: arms[arm] for arm in HINT_ARMS}
 
 
@@ -145,6 +159,7 @@ def run_hints(
     arms: list[str] | None = None,
     rl_lr: float | None = None,
     write_data: bool = True,
+    sets: list[str] | None = None,
 ) -> dict:
     """Run every arm under every seed (a finished run is not rerun: the driver resumes it); the curves.
     `write_data` False: the task files are already in `out` (a seed's process of `--jobs`)."""
@@ -164,7 +179,7 @@ def run_hints(
     seconds: dict[str, float] = {}
     for seed in seeds:
         ran: dict[str, str] = {}  # run name: its directory, each run once (a branch's first stage is its parent)
-        for arm, stages in hint_configs(recipe, out, seed, steps, assets["model"], files, rl_lr).items():
+        for arm, stages in hint_configs(recipe, out, seed, steps, assets["model"], files, rl_lr, sets).items():
             if arm not in arms:
                 continue
             t0 = time.monotonic()
@@ -192,9 +207,11 @@ def run_forgetting(
     assets_root: str | None,
     arms: list[str] | None,
     write_data: bool = True,
+    sets: list[str] | None = None,
 ) -> dict:
     """The compare recipe under every seed, on the toy data (written once), its table per seed
-    (`{out}/runs/seed{S}/compare.md`); each metric's curves. `steps`: every stage's `train.max_steps`."""
+    (`{out}/runs/seed{S}/compare.md`); each metric's curves. `steps`: every stage's `train.max_steps`; `sets`:
+    dotted overrides of every stage of every arm."""
     from uft_ray import compare
     from uft_ray.demo import ensure_demo_assets
     from uft_ray.tasks import toy
@@ -206,18 +223,7 @@ def run_forgetting(
     metrics = METRICS["forgetting"]
     result: dict[str, Any] = {"name": "forgetting", "seeds": seeds, "metrics": {m: {} for m in metrics}, "seconds": {}}
     for seed in seeds:
-        # The seed's recipe as a file (the data's paths filled in, its own storage path): `uft-ray compare` on it
-        # with the same overrides resumes or extends this seed's runs.
-        folder = out / f"recipe-s{seed}"
-        folder.mkdir(parents=True, exist_ok=True)
-        base = Path(recipe).with_name(Path(recipe).stem + "_base.yaml")
-        (folder / base.name).write_text(base.read_text().replace("${DATA}", str(data)))
-        raw = yaml.safe_load(Path(recipe).read_text().replace("${DATA}", str(data)))
-        raw["storage_path"] = str(out / "runs" / f"seed{seed}")
-        (folder / Path(recipe).name).write_text(yaml.safe_dump(raw, sort_keys=False))
-        overrides = [f"model.path={assets['model']}", f"train.seed={seed}", f"data.seed={seed}"]
-        overrides += [f"train.max_steps={steps}"] if steps else []
-        rec = compare.load_recipe(folder / Path(recipe).name, overrides)
+        rec = forgetting_recipe(out, seed, recipe, data, assets["model"], steps, sets)
         rec.arms = [a for a in rec.arms if not arms or a.name in arms]
         t0 = time.monotonic()
         compare.run_arms(rec)
@@ -228,6 +234,34 @@ def run_forgetting(
             for m in metrics:
                 result["metrics"][m].setdefault(arm.name, {})[str(seed)] = stage_curve(done, m)
     return result
+
+
+def forgetting_recipe(
+    out: Path, seed: int, recipe: str, data: Path, model: str, steps: int | None, sets: list[str] | None = None
+) -> Any:
+    """One seed's compare recipe (uft_ray.compare.Recipe, every arm's configs checked). The seed's recipe is
+    written as a file (the data's paths filled in, its own storage path): `uft-ray compare` on it with the same
+    overrides resumes or extends this seed's runs. `sets` come after the seed's own overrides: they win."""
+    from uft_ray import compare
+
+    folder = out / f"recipe-s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    base = Path(recipe).with_name(Path(recipe).stem + "_base.yaml")
+    (folder / base.name).write_text(base.read_text().replace("${DATA}", str(data)))
+    raw = yaml.safe_load(Path(recipe).read_text().replace("${DATA}", str(data)))
+    raw["storage_path"] = str(out / "runs" / f"seed{seed}")
+    (folder / Path(recipe).name).write_text(yaml.safe_dump(raw, sort_keys=False))
+    overrides = [f"model.path={model}", f"train.seed={seed}", f"data.seed={seed}"]
+    overrides += [f"train.max_steps={steps}"] if steps else []
+    return compare.load_recipe(folder / Path(recipe).name, [*overrides, *(sets or [])])
+
+
+def variant(name: str, sets: list[str]) -> str:
+    """The experiment's name with its `--set` overrides (`forgetting@loss.beta=0.01`): its default folder and its
+    section of the results file, so a variant never shares runs with the recipe as written."""
+    if not sets:
+        return name
+    return name + "@" + re.sub(r"[^A-Za-z0-9._=+,-]", "_", ",".join(sets))
 
 
 def _steps(run_dir: str) -> int:
@@ -272,7 +306,8 @@ def plot(result: dict[str, Any], path: Path, labels: dict[str, str]) -> None:
         if "accuracy" in metric:
             ax.set_ylim(-0.02, 1.02)
         ax.legend()
-    fig.suptitle(f"{result['name']}: {len(result['seeds'])} seeds (mean; band: lowest to highest seed)")
+    title = variant(result["name"], result.get("sets") or []).replace("@", " ")
+    fig.suptitle(f"{title}: {len(result['seeds'])} seeds (mean; band: lowest to highest seed)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -348,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--rl-lr", type=float, default=None, help="hints: the RL stages' learning rate (default: the recipe's)"
     )
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every stage of every arm (repeatable), e.g. loss.beta=0.01")  # fmt: skip
     p.add_argument("--recipe", default=None, help="the recipe (default: jobs/evidence/NAME.yaml)")
     p.add_argument("--out", default=None, help="the experiment's folder (default: runs/evidence/NAME)")
     p.add_argument("--assets", default=None, help="the demo assets' root (default: uft-ray demo's)")
@@ -357,33 +394,43 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs: at least 1")
-    out = Path(args.out or f"runs/evidence/{args.name}").resolve()
+    if bad := [s for s in args.sets if "=" not in s or not s.split("=", 1)[0].strip()]:
+        p.error(f"--set: KEY=VALUE (a dotted config key), got {', '.join(map(repr, bad))}")
+    label = variant(args.name, args.sets)
+    out = Path(args.out or f"runs/evidence/{label}").resolve()
     recipe = args.recipe or str(ROOT / RECIPES[args.name])
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if args.sets:  # a bad key or value fails here, naming it, before any data, model or cluster work
+        first = recipe if args.name == "hints" else str(Path(recipe).with_name(Path(recipe).stem + "_base.yaml"))
+        try:
+            load_config(first, args.sets, check_paths=False)
+        except ConfigError as e:
+            p.exit(2, "uft-ray evidence: --set: " + "; ".join(e.messages) + "\n")
     t0 = time.monotonic()
     arms = [a for a in (args.arms or "").split(",") if a] or None
     if args.name == "hints" and arms and (unknown := sorted(set(arms) - set(HINT_ARMS))):
         p.error(f"--arms: unknown {', '.join(unknown)}; use {', '.join(HINT_ARMS)}")
     if args.part:  # one seed of a fan-out: the data is written, the parent tables and plots
         if args.name == "hints":
-            result = run_hints(out, seeds, args.steps, recipe, args.assets, arms, args.rl_lr, write_data=False)
+            result = run_hints(out, seeds, args.steps, recipe, args.assets, arms, args.rl_lr, False, args.sets)
         else:
-            result = run_forgetting(out, seeds, args.steps, recipe, args.assets, arms, write_data=False)
+            result = run_forgetting(out, seeds, args.steps, recipe, args.assets, arms, False, args.sets)
         (out / "parts" / f"{args.name}-s{seeds[0]}.json").write_text(json.dumps(result))
         return 0
     if args.jobs > 1 and len(seeds) > 1:
         # the data and the model once, here, before the seeds' processes read them
         if args.name == "hints":
-            run_hints(out, [], args.steps, recipe, args.assets, arms, args.rl_lr)
+            run_hints(out, [], args.steps, recipe, args.assets, arms, args.rl_lr, sets=args.sets)
         else:
-            run_forgetting(out, [], args.steps, recipe, args.assets, arms)
-        passthrough = [f"--recipe={recipe}"] + [f"--{k.replace('_', '-')}={v}" for k, v in (
+            run_forgetting(out, [], args.steps, recipe, args.assets, arms, sets=args.sets)
+        passthrough = [f"--recipe={recipe}", *(f"--set={s}" for s in args.sets)] + [f"--{k.replace('_', '-')}={v}" for k, v in (
             ("steps", args.steps), ("arms", args.arms), ("rl_lr", args.rl_lr), ("assets", args.assets)) if v is not None]  # fmt: skip
         result = fan_out(args.name, seeds, args.jobs, out, passthrough)
     elif args.name == "hints":
-        result = run_hints(out, seeds, args.steps, recipe, args.assets, arms, args.rl_lr)
+        result = run_hints(out, seeds, args.steps, recipe, args.assets, arms, args.rl_lr, sets=args.sets)
     else:
-        result = run_forgetting(out, seeds, args.steps, recipe, args.assets, arms)
+        result = run_forgetting(out, seeds, args.steps, recipe, args.assets, arms, sets=args.sets)
+    result["sets"] = list(args.sets)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
@@ -395,13 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[uft-ray] evidence {args.name}: {result['wall_s']:.0f} s; {out / (args.name + '.png')}")
     if args.results:
         md = Path(args.results)
-        shutil.copyfile(out / f"{args.name}.png", md.parent / f"evidence_{args.name}.png")
+        shutil.copyfile(out / f"{args.name}.png", md.parent / f"evidence_{label}.png")
         cmd = f"uft-ray evidence {args.name} --seeds {args.seeds}" + (f" --steps {args.steps}" if args.steps else "")
         cmd += f" --jobs {args.jobs}" if args.jobs != 1 else ""
         cmd += f" --rl-lr {args.rl_lr:g}" if args.rl_lr is not None else ""
+        cmd += "".join(f" --set {s}" for s in args.sets)
         body = (f"```bash\n{cmd}     # {result['wall_s'] / 60:.1f} min on this machine\n```\n\n{table}\n"
-                f"![{args.name}](evidence_{args.name}.png)\n")  # fmt: skip
-        write_section(md, args.name, body)
+                f"![{label}](evidence_{label}.png)\n")  # fmt: skip
+        write_section(md, label, body)
     return 0
 
 

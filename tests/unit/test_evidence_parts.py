@@ -157,3 +157,53 @@ def test_a_seed_process_that_fails_fails_the_experiment_naming_its_log(tmp_path)
     with pytest.raises(SystemExit, match=r"evidence hints: failed: seed 0 \(.*seed0\.log\), seed 1 \(.*seed1\.log\)"):
         evidence.fan_out("hints", [0, 1], 2, tmp_path, ["--recipe=/nonexistent/recipe.yaml"])
     assert "nonexistent" in (tmp_path / "logs" / "seed0.log").read_text()
+
+
+def test_set_overrides_every_stage_of_every_forgetting_arm(tmp_path):
+    """`--set loss.beta=0.01`: the paper's beta in every stage of every arm, the recipe's 0.1 without it."""
+    from uft_ray.demo.tiny_model import make_tiny_model
+
+    model = str(make_tiny_model(tmp_path / "model"))
+    data = tmp_path / "data"
+    toy.write_forgetting_data(data, n_skill=8, n_skill_eval=2, n_align=3, n_align_eval=1)
+    recipe = str(evidence.ROOT / evidence.RECIPES["forgetting"])
+    plain = evidence.forgetting_recipe(tmp_path / "a", 0, recipe, data, model, 3)
+    assert {c.loss.beta for arm in plain.arms for c in arm.stages} == {0.1}
+    sets = ["loss.beta=0.01", "train.lr=1e-3"]
+    rec = evidence.forgetting_recipe(tmp_path / "b", 2, recipe, data, model, 3, sets)
+    stages = {(arm.name, c.output.run_name): c for arm in rec.arms for c in arm.stages}
+    assert len(stages) == 6  # sft; sft-dpo and sft-uft in two stages each; uft-mix
+    assert len({run for _, run in stages}) == 4  # the two-stage arms' stage 1 is the sft run
+    assert {c.loss.beta for c in stages.values()} == {0.01} and {c.train.lr for c in stages.values()} == {1e-3}
+    # the arms' own values and the seed's are kept
+    assert [c.loss.type for c in next(a for a in rec.arms if a.name == "sft-dpo").stages] == ["sft", "dpo"]
+    assert {c.train.seed for c in stages.values()} == {2} and {c.train.max_steps for c in stages.values()} == {3}
+
+
+def test_set_overrides_every_hints_stage_after_the_arms_own_values(tmp_path):
+    from uft_ray.demo.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model")
+    train, held = toy.generate(4, 2)
+    files = {"train": toy.write(train, tmp_path / "a.jsonl"), "eval": toy.write(held, tmp_path / "b.jsonl")}
+    arms = evidence.hint_configs(
+        str(evidence.ROOT / evidence.RECIPES["hints"]), Path(tmp_path), 0, 8, str(model), files,
+        rl_lr=3e-4, sets=["train.lr=1e-3", "rft.kl_coef=0.01"],
+    )  # fmt: skip
+    stages = [c for cs in arms.values() for c in cs]
+    assert len(stages) == 5 and {c.train.lr for c in stages} == {1e-3}  # over --rl-lr and the recipe's 3e-3
+    assert {c.rft.kl_coef for c in stages} == {0.01}
+    assert arms["uft"][0].rft.hint.mode == "cosine" and arms["sft_then_rft"][1].train.max_steps == 4
+
+
+def test_a_set_variant_has_its_own_folder_and_section_and_a_bad_set_exits_2_before_any_work(tmp_path, capsys):
+    assert evidence.variant("forgetting", []) == "forgetting"
+    assert evidence.variant("forgetting", ["loss.beta=0.01"]) == "forgetting@loss.beta=0.01"
+    assert evidence.variant("hints", ["a.b=x y", "c=1/2"]) == "hints@a.b=x_y,c=1_2"
+    out = tmp_path / "never"
+    for bad in (["--set", "loss.betta=0.01"], ["--set", "loss.beta=-1"], ["--set", "loss.beta"]):
+        with pytest.raises(SystemExit) as e:
+            evidence.main(["forgetting", "--out", str(out), *bad])
+        assert e.value.code == 2
+        assert "--set" in capsys.readouterr().err
+    assert not out.exists()
