@@ -31,6 +31,8 @@ ALLOWED: tuple[str, ...] = (
     "logging",  # trackers
     "output.storage_path",  # where the run directory lives (a run moved elsewhere keeps its name)
     "train.max_failures",
+    "train.on_nonfinite",  # a run stopped at a NaN may go on skipping such steps
+    "train.max_nonfinite_in_a_row",
     "train.checkpoint_every",
     "train.cpus_per_worker",
     "train.gpus_per_worker",

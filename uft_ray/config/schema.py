@@ -146,6 +146,11 @@ class TrainConfig:
     max_steps: int | None = None
     checkpoint_every: int = 200
     max_failures: int = 3
+    # A step whose loss or gradient is not a number: fail (stop the run at that step, before its checkpoint) | skip
+    # (every rank leaves the adapter, optimizer state and lr schedule as they were, the step's rows are consumed and
+    # counted in metrics as nonfinite/skipped; max_nonfinite_in_a_row such steps in a row still fail the run)
+    on_nonfinite: str = "fail"
+    max_nonfinite_in_a_row: int = 3
     seed: int = 0
     group_by_length: bool = True
     # Padding-free micro-batches (uft_ray.packing): the rows side by side, each attending to itself only; the

@@ -279,6 +279,8 @@ def _check_train(e: _Problems, tr: TrainConfig) -> None:
     else:
         e.positive("train.cpus_per_worker", tr.cpus_per_worker, zero_ok=True)
     e.one_of("train.lr_schedule", tr.lr_schedule, LR_SCHEDULES)
+    e.one_of("train.on_nonfinite", tr.on_nonfinite, ("fail", "skip"))
+    e.positive("train.max_nonfinite_in_a_row", tr.max_nonfinite_in_a_row)
     if not 0 <= tr.warmup_ratio < 1:
         e.append(f"train.warmup_ratio: must be in [0, 1), got {tr.warmup_ratio!r}")
     if tr.deepspeed.zero_stage not in (0, 1, 2, 3, "auto"):

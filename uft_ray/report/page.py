@@ -169,6 +169,11 @@ def final_rows(rows: list[dict[str, Any]], sources: list[str]) -> list[Row]:
         return [("steps", "0 (no metrics.jsonl yet)")]
     last = rows[-1]
     out = [("steps", fmt(last.get("step", len(rows))))]
+    skipped = [r for r in rows if r.get("nonfinite/skipped")]
+    if skipped or "nonfinite/skipped_total" in last:  # train.on_nonfinite: skip
+        at = ", ".join(str(r.get("step")) for r in skipped[:10]) + (", ..." if len(skipped) > 10 else "")
+        total = last.get("nonfinite/skipped_total", len(skipped))
+        out.append(("steps skipped (loss or gradient not a number)", f"{total}" + (f" (at {at})" if at else "")))
     if "epoch" in last:
         out.append(("epoch", fmt(last.get("epoch"))))
     times = [r.get("time") for r in rows if isinstance(r.get("time"), (int, float))]

@@ -51,7 +51,7 @@ from uft_ray.tasks.hints import with_hint
 from uft_ray.tasks.verifier import CORRECT, FORMATTED, VerifierProcess
 from uft_ray.train import worker
 from uft_ray.train.engine import Engine
-from uft_ray.train.nonfinite import StepWatch
+from uft_ray.train.nonfinite import Skips, StepWatch, optimizer_step
 
 
 def rft_loop_per_worker(config: dict[str, Any]) -> None:
@@ -88,6 +88,10 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 run.append_metrics({"step": 0, "time": time.time(), "eval/accuracy": accuracy})
         hooks.on_start(engine, rank=rank, start_step=start)
+        skips = None
+        if cfg.train.on_nonfinite == "skip":
+            engine.skip_nonfinite()
+            skips = Skips(cfg.train.max_nonfinite_in_a_row, total=int(state.get("nonfinite_skipped", 0)))
 
         engine.train()
         for step in range(start, total_steps):
@@ -122,7 +126,9 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             watch = StepWatch()
             train = _train_on(engine, cfg, rollouts, config["pad_id"], world, watch)
-            watch.check(step, rank, world, engine.grad_norm, ray.train.torch.get_device())
+            said = watch.check(step, rank, world, engine.grad_norm, ray.train.torch.get_device())
+            if said and rank == 0:
+                worker.say(f"[uft-ray] skipped (train.on_nonfinite: skip): {said}")
             times["train"] = time.perf_counter() - t0
 
             # 5. Only the adapter goes to the actors.
@@ -143,6 +149,9 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
             )
             if r.objective == "sft":  # no rollouts: nothing sampled, rewarded or clipped to report
                 row = {k: v for k, v in row.items() if k not in _ROLLOUT_ONLY}
+            if skips is not None:
+                row = skips.after(row, watch.skipped, said)
+                state["nonfinite_skipped"] = skips.total
             state["step"] = step + 1
             state["prompts_consumed"] = (step + 1) * r.prompts_per_step
             if rank == 0:
@@ -528,7 +537,10 @@ def _train_on(
                 watch.loss(u * len(micros) + j, loss, m, [x.get("row_id", x.get("task", "")) for x in t["rows"]])
             # DeepSpeed divides by grad_accum and averages over ranks: scaling by both leaves the global mean.
             engine.backward(loss * world * ga)
-            engine.step()
+            if watch is not None:
+                optimizer_step(engine, watch)
+            else:
+                engine.step()
             local = float(t["response"].sum())
             for k in sums:
                 # clip_frac is the micro-batch's own fraction: weigh it by its share of the update's tokens

@@ -335,6 +335,59 @@ def initialize(model: torch.nn.Module, cfg: Config, ds_config: dict[str, Any], t
     return engine
 
 
+class _SkipGate:
+    """`train.on_nonfinite: skip`: stands in for the torch optimizer's `step` (the innermost one, which every ZeRO
+    stage calls with this rank's gradients, or its partition of them, in `.grad`).
+
+    All ranks agree (one all-reduce) on skipping when any rank recorded a non-finite loss for this optimizer step
+    (`arm`) or holds a non-finite gradient; a skipped step drops the gradients before the optimizer sees them, so
+    the parameters and AdamW's moments and step count stay as they were. ZeRO-1/2/3 already discard a step whose
+    gradient norm is not finite before calling it (their overflow check, agreed over ranks); ZeRO-0 does not. The
+    decision is latched per optimizer step: ZeRO-3 calls the optimizer once per parameter sub-group."""
+
+    def __init__(self, inner: torch.optim.Optimizer) -> None:
+        self.inner, self.real = inner, inner.step
+        self.local_bad, self.decided, self.skipped = False, False, False
+        inner.step = self  # type: ignore[method-assign]
+
+    def arm(self, local_bad: bool) -> None:
+        self.local_bad, self.decided, self.skipped = local_bad, False, False
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for g in self.inner.param_groups for p in g["params"]]
+
+    def __call__(self, closure: Any = None) -> Any:
+        if not self.decided:
+            bad = self.local_bad or any(
+                p.grad is not None and not torch.isfinite(p.grad).all() for p in self._params()
+            )
+            flag = torch.tensor([float(bad)], device=_collective_device())
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self.decided, self.skipped = True, bool(flag.item())
+        if self.skipped:
+            for p in self._params():
+                p.grad = None  # nothing non-finite reaches the moments
+            return None
+        return self.real(closure) if closure is not None else self.real()
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _torch_optimizer(ds: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside DeepSpeed's wrappers (ZeRO-0: itself; fp16 and ZeRO-1/2/3: `.optimizer`)."""
+    opt = ds.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"no torch optimizer inside {type(ds.optimizer).__name__}")
+    return opt
+
+
 @dataclass
 class Engine:
     ds: Any  # deepspeed.DeepSpeedEngine
@@ -342,6 +395,15 @@ class Engine:
     sharded_at_load: bool  # every base parameter was partitioned as it loaded (ZeRO-3)
     zero_stage: int
     _grad_norm: float | None = None  # ZeRO-0's, taken in `step` (DeepSpeed's own is None there)
+    _gate: _SkipGate | None = None  # `skip_nonfinite`
+    skipped: bool = False  # the last optimizer step was skipped (not a number), nothing applied
+
+    def skip_nonfinite(self) -> None:
+        """`train.on_nonfinite: skip`: from now on an optimizer step whose loss (`step(nonfinite=True)` on any rank)
+        or gradient is not a number is skipped on every rank: parameters, optimizer state and learning-rate
+        schedule stay as they were (`_SkipGate`), and `skipped` says so."""
+        if self._gate is None:
+            self._gate = _SkipGate(_torch_optimizer(self.ds))
 
     @property
     def module(self) -> torch.nn.Module:
@@ -359,15 +421,31 @@ class Engine:
         # DeepSpeed divides by gradient_accumulation_steps here; see uft_ray.losses.rank_scale.
         self.ds.backward(loss)
 
-    def step(self) -> bool:
-        """Call after every micro-batch; returns True when this one completed an optimizer step."""
+    def step(self, nonfinite: bool = False) -> bool:
+        """Call after every micro-batch; returns True when this one completed an optimizer step. `nonfinite`: this
+        rank saw a loss that is not a number since the last optimizer step (used under `skip_nonfinite`)."""
         boundary = self.ds.is_gradient_accumulation_boundary()
+        schedule = None
+        if boundary and self._gate is not None:
+            self._gate.arm(nonfinite)
+            sched = self.ds.lr_scheduler
+            if sched is not None:
+                schedule = (sched, sched.state_dict(), [g["lr"] for g in sched.optimizer.param_groups])
         if boundary and self.zero_stage == 0:
             # DeepSpeed records no gradient norm for a plain fp32 optimizer (ZeRO-0): take it here, before the
             # step clips, from the gradients its backward already averaged over the ranks (LoRA-sized: cheap).
             grads = [p.grad.detach().float() for p in self.lora_parameters() if p.grad is not None]
             self._grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
         self.ds.step()
+        if boundary:
+            gated = self._gate is not None and self._gate.skipped
+            # ZeRO-1/2/3 skip a non-finite gradient norm themselves (and leave the schedule where it was)
+            self.skipped = gated or not self.ds.was_step_applied()
+            if gated and schedule is not None:  # DeepSpeed stepped the schedule: a skipped step does not move it
+                sched, state, lrs = schedule
+                sched.load_state_dict(state)
+                for g, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
+                    g["lr"] = lr
         return boundary
 
     @property

@@ -30,12 +30,22 @@ import torch.distributed as dist
 from uft_ray import packing as packing_lib
 from uft_ray.config import Config
 from uft_ray.logprobs import model_sequence_logprobs
-from uft_ray.losses import dpo_loss, kto_loss, per_source_metrics, rank_scale, sft_loss, uft_loss, una_bce_loss
+from uft_ray.losses import (
+    SATURATED,
+    dpo_loss,
+    kto_loss,
+    per_source_metrics,
+    rank_scale,
+    sft_loss,
+    sft_row_saturation,
+    uft_loss,
+    una_bce_loss,
+)
 from uft_ray.reference.adapter_off import adapter_off_logprobs
 from uft_ray.schema import REF_LOGP, REF_LOGP_REJECTED
 from uft_ray.train import worker
 from uft_ray.train.engine import Engine
-from uft_ray.train.nonfinite import StepWatch
+from uft_ray.train.nonfinite import Skips, StepWatch, optimizer_step
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -65,8 +75,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             run.append_metrics(baseline)
     hooks.on_start(engine, rank=rank, start_step=start)
+    skips = None
+    if cfg.train.on_nonfinite == "skip":
+        engine.skip_nonfinite()
+        skips = Skips(cfg.train.max_nonfinite_in_a_row, total=int(state.get("nonfinite_skipped", 0)))
 
     engine.train()
+    warned = False  # the early-saturation warning: once per run
     for step in range(start, total_steps):
         worker.seed_step(w, step)
         t_step = time.perf_counter()
@@ -88,12 +103,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaled = loss * rank_scale(len(batch["row_id"]), cfg.train.global_batch_size, world, ga)
             acc.lr = engine.lr  # the rate this update uses (the scheduler moves on at the step)
             engine.backward(scaled)
-            engine.step()
+            optimizer_step(engine, watch)
             acc.add(batch, tensors, metrics, float(scaled.detach()))
             hooks.on_micro_batch(rank=rank, step=step, micro=micro, batch=batch)
         step_time = time.perf_counter() - t_step
-        # A loss or gradient that is not a number stops every rank here, before this step's metrics or checkpoint.
-        watch.check(step, rank, world, engine.grad_norm, device)
+        # A loss or gradient that is not a number stops every rank here, before this step's metrics or checkpoint
+        # (train.on_nonfinite: skip: unless the step was skipped on every rank before the optimizer took it).
+        said = watch.check(step, rank, world, engine.grad_norm, device)
+        if said and rank == 0:
+            worker.say(f"[uft-ray] skipped (train.on_nonfinite: skip): {said}")
 
         # 4. The step's metrics over the whole global batch (every rank takes part: a collective).
         record = _aggregate_collective(acc, world)
@@ -101,6 +119,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             state["consumed"][source] = state["consumed"].get(source, 0) + n
         state["step"] = step + 1
         row = _metrics_row(record, state, config, step, step_time, world * ga, engine.grad_norm)
+        if cfg.loss.type == "uft":  # SFT rows that no longer teach; kappa from the first step's rows
+            row.update(sft_row_saturation(record["rows"], record["kinds"], record["sources"], cfg.loss.beta,
+                                          kappa=step == 0))  # fmt: skip
+            if not warned and rank == 0 and (message := saturation_warning(row, step, total_steps, cfg.loss.beta)):
+                worker.say(message)
+                warned = True
+        if skips is not None:
+            row = skips.after(row, watch.skipped, said)
+            state["nonfinite_skipped"] = skips.total
         every = cfg.eval.every
         if heldout is not None and ((every and (step + 1) % every == 0) or step + 1 == total_steps):
             t_eval = time.perf_counter()
@@ -349,6 +376,7 @@ class _StepRecord:
 
     def __init__(self) -> None:
         self.sources: list[str] = []
+        self.kinds: list[str] = []
         self.rows: dict[str, list[float]] = {}
         self.tokens = 0
         self.padded = 0
@@ -361,6 +389,7 @@ class _StepRecord:
 
     def add(self, batch: dict[str, np.ndarray], tensors: dict[str, Any], metrics: dict, scaled_loss: float) -> None:
         self.sources += [str(s) for s in batch["source"]]
+        self.kinds += [str(k) for k in batch["kind"]]
         for key, value in metrics.items():
             if key.startswith("rows/"):
                 self.rows.setdefault(key, []).extend(value.double().cpu().tolist())
@@ -380,6 +409,9 @@ def _aggregate_collective(acc: _StepRecord, world: int) -> dict[str, Any]:
     sources = [s for g in gathered for s in g["sources"]]
     rows = {k: torch.tensor([v for g in gathered for v in g["rows"].get(k, [])]) for k in gathered[0]["rows"]}
     return {
+        "rows": rows,
+        "sources": sources,
+        "kinds": [k for g in gathered for k in g["kinds"]],
         "per_source": per_source_metrics(rows, sources),
         "rows_by_source": {s: sources.count(s) for s in dict.fromkeys(sources)},
         "n_rows": len(sources),
@@ -392,6 +424,27 @@ def _aggregate_collective(acc: _StepRecord, world: int) -> dict[str, Any]:
         "epoch": gathered[0]["epoch"],
         "kto_z": gathered[0]["kto_z"],
     }
+
+
+def saturation_warning(row: dict[str, Any], step: int, total_steps: int, beta: float) -> str | None:
+    """The warning line when instruction rows saturate early: in the run's first quarter of steps, at least half of
+    a source's SFT rows have sigmoid(r) > SATURATED (uft_ray.losses: their pull is under 8% of SFT's at the
+    start). None otherwise. A run whose skill is already learned by then may ignore it; one whose per-token NLL
+    is still high is stuck, and a lower loss.beta (kappa near 1) lets the rows teach longer."""
+    if step + 1 > max(1, -(-total_steps // 4)):
+        return None
+    hot = {k.removeprefix("saturated/"): v for k, v in row.items() if k.startswith("saturated/") and v >= 0.5}
+    if not hot:
+        return None
+    which = ", ".join(f"{s} {v:.0%}" for s, v in sorted(hot.items()))
+    kappas = ", ".join(f"{k.removeprefix('kappa/')} {v:.3g}" for k, v in sorted(row.items()) if k.startswith("kappa/"))
+    return (
+        f"[uft-ray] warning: step {step + 1} of {total_steps}: SFT rows with sigmoid(r) > {SATURATED:g} ({which}) no "
+        f"longer teach: UFT's pull on an SFT row is SFT's scaled by 2 n beta sigmoid(r)(1 - sigmoid(r))^2, which "
+        f"fades once a row's log-ratio to the reference is about 2/beta = {2 / beta:.3g} nats"
+        + (f" (kappa at step 0: {kappas})" if kappas else "")
+        + ". If their per-token NLL is still high, lower loss.beta (kappa about 1 or below)."
+    )
 
 
 def _metrics_row(
