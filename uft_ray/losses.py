@@ -130,6 +130,50 @@ def uft_loss(
     return loss, _report(loss, _scored_rows(policy_logp, ref_logp, r, row_losses, score, n_tokens))
 
 
+# UFT on an SFT row (target 1) is SFT with a fading step size. With u = r and n response tokens,
+# d/dlogp (sigmoid(u) - 1)^2 = -2 beta sigmoid(u) (1 - sigmoid(u))^2, and SFT's row NLL -logp / n has gradient
+# -1 / n: UFT moves the policy along SFT's gradient scaled by rho(u) = 2 n beta sigmoid(u) (1 - sigmoid(u))^2.
+# rho is n beta / 4 at u = 0 and falls like 2 n beta e^-2u: past sigmoid(r) = 0.9 (u = ln 9 = 2.2) a row's pull is
+# under 8% of its start, so a row stops learning once its log-ratio to the reference is about 2 / beta nats.
+SATURATED = 0.9
+
+
+def uft_sft_gain(r: torch.Tensor, n_tokens: torch.Tensor, beta: float) -> torch.Tensor:
+    """rho(r) = 2 n beta sigmoid(r) (1 - sigmoid(r))^2 per row: UFT's gradient on an SFT row (target 1) as a
+    multiple of SFT's (the row's mean token NLL)."""
+    s = torch.sigmoid(r)
+    return 2 * n_tokens.to(r.dtype) * beta * s * (1 - s).square()
+
+
+def sft_row_saturation(
+    rows: dict[str, torch.Tensor], kinds: list[str], sources: list[str], beta: float, *, kappa: bool = False
+) -> dict[str, float]:
+    """Per source, over its SFT rows (kind `sft`, target 1) of a UFT step, from `uft_loss`'s per-row metrics
+    (`rows/reward` r and `rows/logp`):
+
+    - `saturated/{source}`: the share with sigmoid(r) > SATURATED: rows that no longer teach (see rho above).
+    - `kappa/{source}` (with `kappa`, for the run's first step): the mean of `-beta * logp_ref` =
+      `beta * n * (the reference's NLL per token)`. kappa = beta x n x (per-token NLL drop needed) decides whether
+      UFT can teach a row before it saturates (about 1 or below: it can; well above 2: the row saturates first);
+      this estimate takes the drop needed to be the whole reference NLL (the response made certain), an upper
+      bound: a skill learned to a per-token NLL L needs beta n (NLL_ref - L). logp_ref = logp - r / beta.
+    Sources without SFT rows in the step get no key."""
+    groups: dict[str, list[int]] = {}
+    for i, (kind, source) in enumerate(zip(kinds, sources, strict=True)):
+        if kind == "sft":
+            groups.setdefault(source, []).append(i)
+    if not groups:
+        return {}
+    r = rows["rows/reward"].detach().double().cpu()
+    out: dict[str, float] = {}
+    for source, index in groups.items():
+        out[f"saturated/{source}"] = float((torch.sigmoid(r[index]) > SATURATED).double().mean())
+        if kappa:
+            ref = rows["rows/logp"].detach().double().cpu()[index] - r[index] / beta
+            out[f"kappa/{source}"] = float((-beta * ref).mean())
+    return out
+
+
 def una_bce_loss(
     policy_logp: torch.Tensor,
     ref_logp: torch.Tensor,

@@ -253,6 +253,19 @@ def test_uft_run_metrics_file_has_every_design_metric(uft20):
         assert 0 <= row["padding_frac"] < 1 and 0 <= row["data_wait_frac"] <= 1 and row["tokens_per_s"] > 0
 
 
+def test_uft_run_logs_the_saturated_share_of_sft_rows_and_kappa_on_its_first_step(uft20):
+    from uft_ray.config import load_config
+
+    beta = load_config(str(Path(uft20.run_dir) / "config.yaml"), check_paths=False).loss.beta
+    rows = metrics(uft20.run_dir)
+    assert all(0.0 <= r["saturated/ultrachat"] <= 1.0 for r in rows)
+    assert rows[0]["saturated/ultrachat"] == 0.0  # r = 0 before the first update: sigmoid(r) = 0.5
+    assert not any("saturated/helpsteer2" in r or "kappa/helpsteer2" in r for r in rows)  # scored rows only
+    # step 1: the policy is the reference, so kappa = -beta * logp_ref = -beta * logp (means over the same rows)
+    assert rows[0]["kappa/ultrachat"] == pytest.approx(-beta * rows[0]["logp/ultrachat"], rel=1e-3)
+    assert not any("kappa/ultrachat" in r for r in rows[1:])
+
+
 def test_uft_run_realized_mixture_matches_target_within_one_batch(uft20):
     batch = 4
     for row in metrics(uft20.run_dir):

@@ -16,7 +16,8 @@ from uft_ray.report.plots import (
     plot_throughput,
 )
 
-PLOTS = ("loss", "reward", "mixture", "throughput", "optimization", "quarantine")  # + "heldout" after "reward"
+# + "saturation" (a uft loss with SFT rows) and "heldout" (held-out rows) after "reward"
+PLOTS = ("loss", "reward", "mixture", "throughput", "optimization", "quarantine")
 
 _OWN_PLOTS = {
     "reward": ("Reward", "Left: mean implicit reward per source; instruction rows (target 1) should climb above 0. "
@@ -29,6 +30,24 @@ _OWN_PLOTS = {
                 "steps and at the end; score MSE of sigmoid(r) against the target, and for pairs the share with "
                 "r_chosen > r_rejected."),
 }  # fmt: skip
+
+
+def _saturation_note(rows: list[dict[str, Any]], beta: Any) -> str:
+    """The saturation plot's note, with the run's kappa per source (logged on the first step)."""
+    first = next((r for r in rows if any(k.startswith("kappa/") for k in r)), {})
+    kappa = {k.removeprefix("kappa/"): v for k, v in first.items() if k.startswith("kappa/")}
+    where = f" About 2/beta = {2 / beta:.3g} nats here." if isinstance(beta, (int, float)) and beta > 0 else ""
+    est = ", ".join(f"{s} {fmt(v)}" for s, v in kappa.items())
+    return (
+        "Share of each source's SFT rows (target 1) with sigmoid(r) > 0.9. On an SFT row UFT moves the model along "
+        "SFT's gradient scaled by rho(r) = 2 n beta sigmoid(r)(1 - sigmoid(r))^2, which fades once a row's "
+        f"log-ratio to the reference is about 2/beta nats: a saturated row no longer teaches.{where} "
+        "kappa = beta x n x (per-token NLL drop needed) decides whether a row is learned before it saturates "
+        "(about 1 or below: it can be; well above 2: it saturates first); estimated at the first step as beta x n x "
+        "the reference's NLL per token (the drop to a certain response, an upper bound)"
+        + (f": {est}." if est else ".")
+        + " A share that climbs early while the held-out NLL is still high means a lower loss.beta."
+    )
 
 
 def _heldout_panels(sources: list[str], colors: dict[str, str]) -> Panels:
@@ -77,9 +96,15 @@ def write_uft_report(inp: RunInputs) -> str:
         "optimization": plot_optimization(rows, sources, colors),
         "quarantine": plot_quarantine(inp.qcounts, colors),
     }
+    described = SHARED_PLOTS | _OWN_PLOTS
+    saturated = [s for s in sources if any(f"saturated/{s}" in r for r in rows)]
+    if saturated:  # a uft loss with SFT rows (uft_ray.losses.sft_row_saturation)
+        lines = [(f"saturated/{s}", s, colors[s]) for s in saturated]
+        pngs["saturation"] = plot_panels(rows, [("SFT rows with sigmoid(r) > 0.9 (share)", lines)])
+        described["saturation"] = ("Saturated SFT rows", _saturation_note(rows, cfg_get(inp.cfg, "loss", "beta")))
     if any(k.startswith("eval/") for r in rows for k in r):  # held-out metrics (uft_ray.evaluation.heldout)
         pngs["heldout"] = plot_panels(rows, _heldout_panels(sources, colors))
-    order = PLOTS[:2] + ("heldout",) * ("heldout" in pngs) + PLOTS[2:]
-    described = SHARED_PLOTS | _OWN_PLOTS
+    extra = tuple(name for name in ("saturation", "heldout") if name in pngs)
+    order = PLOTS[:2] + extra + PLOTS[2:]
     sections = [(name, *described[name]) for name in order]
     return write_page(inp, pngs, sections, config_rows(inp.cfg), final_rows(rows, sources))
