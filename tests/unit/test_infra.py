@@ -86,6 +86,26 @@ def test_sequential_stage2_configs_pair_each_loss_with_its_row_kind():
     assert load_config(ROOT / "jobs/configs/seq_stage1_sft.yaml", check_paths=False).loss.type == "sft"
 
 
+def test_paper_recipes_use_the_papers_rates_and_betas_and_state_lora_alpha_at_the_rate():
+    """The UNA paper: SFT at lr 1e-4; stage 2 DPO and KTO at beta 0.03, lr 5e-6; UNA-score at beta 0.03, lr 3e-5;
+    one-stage UFT at beta 0.01, lr 3e-5. Every paper recipe says next to its rate that alpha 2r is 4x r/2."""
+    expect = {
+        "seq_stage1_sft": ("sft", None, 1e-4),
+        "seq_stage2_dpo": ("dpo", 0.03, 5e-6),
+        "seq_stage2_kto": ("kto", 0.03, 5e-6),
+        "seq_stage2_uft": ("uft", 0.03, 3e-5),
+        "seq_stage2_una_bce": ("una_bce", 0.03, 3e-5),
+        "mistral7b_uft": ("uft", 0.01, 3e-5),
+    }
+    for name, (loss, beta, lr) in expect.items():
+        path = ROOT / f"jobs/configs/{name}.yaml"
+        cfg = load_config(path, check_paths=False)
+        assert cfg.loss.type == loss and cfg.train.lr == lr and (beta is None or cfg.loss.beta == beta), name
+        assert (cfg.lora.r, cfg.lora.alpha) == (16, 32), name
+        lr_line = next(line for line in path.read_text().splitlines() if line.strip().startswith("lr:"))
+        assert "alpha = r/2" in lr_line and "4x" in lr_line, name
+
+
 def test_mixture_sweep_documents_16k_to_260k_against_20k():
     text = (ROOT / "jobs/configs/mistral7b_uft_mixture_sweep.yaml").read_text()
     points = [int(n) for n in re.search(r"for n in ([\d ]+);", text).group(1).split()]
@@ -267,9 +287,12 @@ def test_compare_recipes_load_with_every_arm_on_the_same_heldout_rows(path):
     recipe = load_recipe(path, check_paths=False)
     assert path.read_text().startswith("#") and f"uft-ray compare jobs/configs/{path.name}" in path.read_text()
     arms = {a.name: a for a in recipe.arms}
-    assert set(arms) == {"sft", "uft", "sft-dpo", "sft-kto", "sft-una", "sft-uft"}
+    assert set(arms) == {"sft", "uft", "sft-dpo", "sft-kto", "sft-una", "ext-sft-una_bce"}
     losses = {name: [c.loss.type for c in a.stages] for name, a in arms.items()}
-    assert losses["uft"] == ["uft"] and losses["sft-dpo"] == ["sft", "dpo"] and losses["sft-una"] == ["sft", "una_bce"]
+    assert losses["uft"] == ["uft"] and losses["sft-dpo"] == ["sft", "dpo"]
+    # the UNA paper's SFT+UNA is UNA-score (MSE onto the scores: the uft loss); BCE on scores is the extension
+    assert losses["sft-una"] == ["sft", "uft"] and losses["ext-sft-una_bce"] == ["sft", "una_bce"]
+    assert {a.stages[1].data.sources[0].resolved_kind for n, a in arms.items() if "una" in n} == {"score"}
     # one SFT run shared by the SFT arm and every stage 1; the same held-out rows everywhere
     assert {a.stages[0].output.run_name for n, a in arms.items() if n != "uft"} == {"sft"}
     heldout = {repr(c.eval.sources) for a in recipe.arms for c in a.stages}
