@@ -95,7 +95,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _validate_cluster(cfg: Config, args: argparse.Namespace) -> int:
     """`validate --cluster FILE`: the file's nodes, then one line per phase; exit 2 when a phase can never fit."""
-    from uft_ray.cluster_spec import check_file, never_fits, read_cluster_file
+    from uft_ray.cluster_spec import check_file, file_worker_cpus, never_fits, read_cluster_file
 
     try:
         spec = read_cluster_file(args.cluster)
@@ -103,6 +103,8 @@ def _validate_cluster(cfg: Config, args: argparse.Namespace) -> int:
         return config_error(e, args.cluster)
     print(f"cluster {args.cluster} ({spec.kind}):")
     print("".join(f"  {line}\n" for line in spec.lines), end="")
+    if (auto := file_worker_cpus(cfg, spec)) is not None:
+        print(f"  {auto.why}")
     fits = check_file(cfg, spec)
     print("".join(f"{f.line()}\n" for f in fits), end="")
     if (e := never_fits(fits)) is not None:

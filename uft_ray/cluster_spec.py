@@ -31,11 +31,13 @@ import yaml
 from uft_ray.config import Config, ConfigError
 from uft_ray.resources import (
     RESOURCES,
+    AutoCpus,
     ClusterTooSmall,
     ClusterView,
     Needs,
     NodeType,
     assess,
+    auto_worker_cpus,
     run_phases,
     with_worker_cpus,
 )
@@ -229,11 +231,18 @@ def k8s_quantity(value: Any) -> float:
 # Holding the run against it
 
 
+def file_worker_cpus(cfg: Config, spec: ClusterSpec) -> AutoCpus | None:
+    """What `train.cpus_per_worker: auto` resolves to on the file's cluster (the run's own rule,
+    `uft_ray.resources.auto_worker_cpus`, without a cap by this machine's cores), or None when it is a number."""
+    return auto_worker_cpus(cfg, spec.view) if cfg.train.cpus_per_worker == "auto" else None
+
+
 def check_file(cfg: Config, spec: ClusterSpec) -> list[PhaseFit]:
     """Every phase of the run against the file, in run order: the reference pass, training (with what lives beside
-    the workers: stream scorers, rollout actors, data tasks), evaluation. `train.cpus_per_worker: auto` counts as 1
-    (what the run resolves it to on GPU or several nodes; the least it can be anywhere)."""
-    sized = with_worker_cpus(cfg, 1) if cfg.train.cpus_per_worker == "auto" else cfg
+    the workers: stream scorers, rollout actors, data tasks), evaluation. `train.cpus_per_worker: auto` is
+    resolved as the run resolves it (`file_worker_cpus`)."""
+    auto = file_worker_cpus(cfg, spec)
+    sized = with_worker_cpus(cfg, auto.cpus) if auto is not None else cfg
     phases = run_phases(sized)
     out = []
     for name in ("reference pass", "training", "evaluation"):

@@ -32,6 +32,7 @@ from typing import Any
 from uft_ray import storage
 from uft_ray.config import Config, ConfigError, validate
 from uft_ray.data import prepared as prep
+from uft_ray.resources import TRAINING_DATA_CPUS
 from uft_ray.run_dir import PREPARED_KEY, RunDir
 from uft_ray.runner import Run, RunResult, finish, fit, keep_plan, last_checkpoint, open_run, result, say, start_step
 from uft_ray.trackers import open_trackers
@@ -339,6 +340,7 @@ def _with_reference(
                 fn_kwargs={"values": {rid: reference[rid] for rid in ids}},
                 batch_format="pyarrow",
                 batch_size=None,
+                num_cpus=TRAINING_DATA_CPUS,  # runs while training: the share the workers leave (resources.py)
             )
         elif collector is not None:
             from uft_ray.reference.service import stream_stage

@@ -6,10 +6,13 @@ hint_rft's rollout actors), and CPUs for Ray Data tasks. Ray Data tasks are not 
 placement group (Ray Train V2 does not capture its workers' child tasks), so a cluster the trainer fills
 leaves them queued forever: the reported hang, `2.0/2.0 CPU used` and pending `{'CPU': 1.0}` tasks.
 
-Data tasks keep a CPU by sizing: `DATA_CPUS` is part of what a run needs, and `check_cluster` refuses to start
-a run the cluster cannot hold with it. Ray 2.60 has no finer reservation to use here: `ExecutionOptions`'
-`exclude_resources` (deprecated) and `resource_limits` only bound Ray Data's own budget and reserve nothing in
-Ray's scheduler, `DataContext.scheduling_strategy` is deprecated, and Train V2 has no `trainer_resources`.
+Data tasks keep CPU by sizing: `DATA_CPUS` (a whole CPU, for the reads and the feeds' sort) during the reference
+pass, and `TRAINING_DATA_CPUS` (a quarter) while training, when the only data tasks left are the reference join,
+which asks for exactly that much; `check_cluster` refuses to start a run the cluster cannot hold with it.
+`train.cpus_per_worker: auto` (`auto_worker_cpus`) gives the workers everything else. Ray 2.60 has no finer
+reservation to use here: `ExecutionOptions`' `exclude_resources` (deprecated) and `resource_limits` only bound Ray
+Data's own budget and reserve nothing in Ray's scheduler, `DataContext.scheduling_strategy` is deprecated, and
+Train V2 has no `trainer_resources`.
 
 `check_cluster(cfg)` runs in the driver after it connects and before any work. What the cluster can become
 comes from, in order: the GCS cluster config (`ray._private.state.state.get_cluster_config()`: node groups
@@ -37,7 +40,11 @@ from uft_ray.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
 
-DATA_CPUS = 1.0  # CPUs left to Ray Data tasks beside the trainer's placement group and the actors
+DATA_CPUS = 1.0  # CPUs left to Ray Data tasks during the reference pass (reads, the feeds' map and sort)
+# While training the only data tasks are the reference join (uft_ray.driver), each asking for this much: the
+# workers get the rest of the cores instead of a whole CPU held back for a few milliseconds' work per block.
+TRAINING_DATA_CPUS = 0.25
+CPU_STEP = 0.25  # `auto` sizes a worker's reservation in quarter CPUs
 RESOURCES = ("CPU", "GPU")  # what uft-ray asks for; memory and custom resources are not checked
 _EPS = 1e-9
 
@@ -136,8 +143,8 @@ def _worker_demand(cfg: Config) -> Demand:
     )
 
 
-def _data_demand() -> Demand:
-    return Demand("data tasks", 1, {"CPU": DATA_CPUS})
+def _data_demand(cpus: float = DATA_CPUS) -> Demand:
+    return Demand("data tasks", 1, {"CPU": cpus})
 
 
 def _reference_bundle(cfg: Config) -> dict[str, float]:
@@ -157,7 +164,7 @@ def needs(cfg: Config) -> Needs:
 
     The trainer's workers; the reference scorers when they stream beside training (`reference.run: stream`:
     each rank's dataset has its own pool of `reference.actors`, so num_workers x actors of them; `precompute`
-    ends before training starts); hint_rft's rollout actors; and `DATA_CPUS` for Ray Data tasks.
+    ends before training starts); hint_rft's rollout actors; and `TRAINING_DATA_CPUS` for Ray Data tasks.
     """
     demands = [_worker_demand(cfg), *beside_workers(cfg)]
     return Needs("while training", tuple(d for d in demands if d.count > 0 and d.bundle))
@@ -165,7 +172,8 @@ def needs(cfg: Config) -> Needs:
 
 def beside_workers(cfg: Config) -> list[Demand]:
     """What holds resources beside the training workers while they train: the actors that live alongside and
-    `DATA_CPUS` for Ray Data tasks (no `train.cpus_per_worker` needed: `auto` sizes the workers from what is left)."""
+    `TRAINING_DATA_CPUS` for Ray Data tasks (no `train.cpus_per_worker` needed: `auto` sizes the workers from what
+    is left)."""
     demands = []
     if cfg.method == "hint_rft":
         ro = cfg.rft.rollout
@@ -189,7 +197,7 @@ def beside_workers(cfg: Config) -> list[Demand]:
                 instead="set reference.run precompute (its actors end before training starts)",
             )
         )
-    demands.append(_data_demand())
+    demands.append(_data_demand(TRAINING_DATA_CPUS))
     return demands
 
 
@@ -200,15 +208,73 @@ def with_worker_cpus(cfg: Config, cpus: float) -> Config:
     return out
 
 
-def auto_worker_cpus(cfg: Config, node_cpus: float, cores: int) -> int:
-    """`train.cpus_per_worker: auto` on a one-node CPU cluster: the largest whole number of CPUs per worker, at
-    most the machine's `cores` shared by the workers, for which everything the run holds while training
-    (`needs`: the workers, the actors beside them, the data tasks) fits the node's `node_cpus`; 1 when none
-    does (the pre-check then names the fields to change)."""
-    for c in range(max(1, cores // cfg.train.num_workers), 0, -1):
-        if needs(with_worker_cpus(cfg, c)).total().get("CPU", 0.0) <= node_cpus + _EPS:
-            return c
-    return 1
+def worker_threads(cpus: float) -> int:
+    """Torch threads for a CPU worker that holds `cpus` (may be fractional): the nearest whole number, at least 1
+    (1.75 CPUs beside 0.25 for data tasks is the whole 2-core machine: 2 threads)."""
+    return max(1, math.floor(cpus + 0.5))
+
+
+def _quarter(x: float) -> float:
+    return math.floor(x / CPU_STEP + _EPS) * CPU_STEP
+
+
+@dataclass(frozen=True)
+class AutoCpus:
+    """What `train.cpus_per_worker: auto` resolved to, and the line saying why."""
+
+    cpus: float
+    why: str
+
+
+def auto_worker_cpus(cfg: Config, view: ClusterView, cores: int | None = None) -> AutoCpus:
+    """`train.cpus_per_worker: auto`: the largest reservation per worker (in quarter CPUs) for which everything the
+    run holds while training (`needs`: the workers, what lives beside them, `TRAINING_DATA_CPUS` for data tasks)
+    passes the pre-check's own test on `view` (`_never_fits`); at most `cores / num_workers` when `cores` is given
+    (a one-node cluster on this machine: logical CPUs declared past the cores add no speed). The same rule on one
+    node, on a cluster and on a cluster file (`uft-ray validate --cluster`). Candidates: each node shape's CPUs
+    (with and without what lives beside the workers) shared by the workers it holds (on GPU, at least as many as
+    its GPUs take). 1 when nothing fits (the pre-check then names the fields to change)."""
+    tr = cfg.train
+    w = tr.num_workers
+    beside = sum(d.amount("CPU") for d in beside_workers(cfg))
+    gpw = tr.gpus_per_worker if tr.use_gpu else 0.0
+    candidates: set[float] = set()
+    for shape in [*view.nodes, *(t.resources for t in view.node_types)]:
+        kmin = min(w, math.floor(shape.get("GPU", 0.0) / gpw + _EPS)) if gpw else 1
+        if kmin < 1:
+            continue
+        for k in range(kmin, w + 1):
+            candidates |= {_quarter((shape.get("CPU", 0.0) - b) / k) for b in (0.0, beside)}
+    cap = _quarter(cores / w) if cores else math.inf
+    tried: set[float] = set()
+    for c in sorted(candidates, reverse=True):
+        c = min(c, cap)
+        if c < CPU_STEP:
+            break
+        if c in tried:
+            continue
+        tried.add(c)
+        sized = needs(with_worker_cpus(cfg, c))
+        if not _never_fits(sized, view):
+            return AutoCpus(c, _auto_why(cfg, c, sized, view, cores))
+    return AutoCpus(
+        1.0,
+        f"train.cpus_per_worker auto: 1 CPU per worker: no larger share fits beside what the run holds while "
+        f"training ({_nodes_line(view)})",
+    )
+
+
+def _auto_why(cfg: Config, c: float, sized: Needs, view: ClusterView, cores: int | None) -> str:
+    tr = cfg.train
+    threads = "" if tr.use_gpu else f" ({worker_threads(c)} torch thread{'s' * (worker_threads(c) > 1)} each)"
+    ref = ""
+    if _scores_with_actors(cfg) and cfg.reference.run == "precompute":
+        ref = "; the reference actors end before training (reference.run precompute)"
+    mine = f", at most {cores} cores / {tr.num_workers}" if cores else ""
+    return (
+        f"train.cpus_per_worker auto: {_n(c)} CPU{'s' * (c != 1)} per worker{threads}, the largest share that fits"
+        f"{mine}: while training the run holds {sized.explain('CPU')}{ref}; {_nodes_line(view)}"
+    )
 
 
 def local_cluster_cpus(cfg: Config) -> int:
@@ -221,20 +287,16 @@ def local_cluster_cpus(cfg: Config) -> int:
     return max(cores, most)
 
 
-def resolve_worker_cpus(cfg: Config) -> Config:
-    """`cfg` with `train.cpus_per_worker: auto` made a number (the one place that decides it): on a one-node CPU
-    cluster (a laptop, the demo) `auto_worker_cpus`, so each worker computes with that many threads; elsewhere 1
-    (GPU workers spend their CPU on feeding, and a multi-node cluster's node sizes are the launcher's business)."""
+def resolve_worker_cpus(cfg: Config, view: ClusterView | None = None) -> Config:
+    """`cfg` with `train.cpus_per_worker: auto` made a number (`auto_worker_cpus` on the connected cluster, capped
+    at this machine's cores when the cluster is one node), and the choice printed with its reason."""
     if cfg.train.cpus_per_worker != "auto":
         return cfg
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    cpus = 1
-    if not cfg.train.use_gpu and len(nodes) == 1:
-        cpus = auto_worker_cpus(cfg, float(ray.cluster_resources().get("CPU", 0)), os.cpu_count() or 1)
-    logger.info("train.cpus_per_worker auto: %d per worker", cpus)
-    return with_worker_cpus(cfg, cpus)
+    view = view or cluster_view()
+    cores = (os.cpu_count() or 1) if len(view.nodes) == 1 else None
+    auto = auto_worker_cpus(cfg, view, cores)
+    _say(auto.why)
+    return with_worker_cpus(cfg, auto.cpus)
 
 
 def reference_pass_needs(cfg: Config) -> Needs | None:
@@ -248,7 +310,8 @@ def reference_pass_needs(cfg: Config) -> Needs | None:
         "reference.actors",
         _REFERENCE_KEYS,
     )
-    return Needs("during the reference pass", tuple(d for d in (actors, _data_demand()) if d.count > 0 and d.bundle))
+    data = _data_demand(DATA_CPUS)
+    return Needs("during the reference pass", tuple(d for d in (actors, data) if d.count > 0 and d.bundle))
 
 
 def evaluation_needs(cfg: Config) -> Needs | None:

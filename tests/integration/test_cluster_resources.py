@@ -2,9 +2,10 @@
 token authentication on), and a driver connected to each the way a job's driver is (RAY_ADDRESS).
 
 1. Fixed cluster, the reported scenario: `ray start --head --num-cpus=2`, then the documented entrypoint
-   `python jobs/train.py --config jobs/configs/demo_tiny.yaml --demo-assets ...`. The demo needs 2 workers x 1 CPU
-   + 1 CPU for data tasks: it must exit 2 within seconds naming those numbers and keys, before any data work,
-   instead of training into a placement group that leaves the data tasks no CPU.
+   `python jobs/train.py --config jobs/configs/demo_tiny.yaml --demo-assets ...` with 1 CPU per worker. The demo
+   then needs 2 workers x 1 CPU + 0.25 CPU for data tasks: it must exit 2 within seconds naming those numbers and
+   keys, before any data work, instead of training into a placement group that leaves the data tasks no CPU.
+   (`train.cpus_per_worker: auto` sizes the workers to fit beside the data tasks: 0.75 each there.)
 2. Autoscaling cluster: a head of 0 CPUs whose autoscaler (the fake multi-node provider) can add up to four
    1-CPU nodes. `check_cluster` in a driver there prints what it waits for on the demo (3 CPUs <= 4), and
    fails naming the numbers for runs the node types can never hold (5 CPUs > 4; a 2-CPU worker on 1-CPU nodes).
@@ -15,7 +16,6 @@ No training: about a minute on 2 cores (two heads, two drivers).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,9 +23,6 @@ from pathlib import Path
 
 import pytest
 from fixtures.ray_head import RayHead, fake_autoscaling_config
-
-from uft_ray.config import load_config
-from uft_ray.resources import auto_worker_cpus
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +36,7 @@ def test_the_new_user_demo_on_a_two_cpu_head_fails_at_once_with_the_numbers(tiny
         head.wait_ready()
         cmd = [sys.executable, "jobs/train.py", "--config", "jobs/configs/demo_tiny.yaml", "--demo-assets",
                "--demo-root", tiny_assets["root"], f"output.storage_path={tmp_path / 'runs'}",
-               f"reference.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+               f"reference.cache_dir={tmp_path / 'cache'}", "train.cpus_per_worker=1"]  # fmt: skip
         t0 = time.monotonic()
         r = subprocess.run(
             cmd, cwd=ROOT, env=head.driver_env(), capture_output=True, text=True, timeout=DRIVER_TIMEOUT
@@ -49,14 +46,9 @@ def test_the_new_user_demo_on_a_two_cpu_head_fails_at_once_with_the_numbers(tiny
         head.stop()
     out = r.stdout + r.stderr
     assert r.returncode == 2, out[-4000:]
-    # train.cpus_per_worker auto on a one-node CPU cluster: what fits the 2-CPU node (1: nothing does), at most
-    # the driver's cores // 2 workers
-    cpw = auto_worker_cpus(
-        load_config("jobs/configs/demo_tiny.yaml", check_paths=False), node_cpus=2, cores=os.cpu_count() or 1
-    )
     expected = (
-        f"cluster: while training the run needs {2 * cpw + 1} CPUs: 2 training workers x {cpw} CPU{'s' * (cpw > 1)} "
-        "(train.num_workers, train.cpus_per_worker) + 1 for data tasks; the cluster has 2 CPUs and no autoscaler"
+        "cluster: while training the run needs 2.25 CPUs: 2 training workers x 1 CPU "
+        "(train.num_workers, train.cpus_per_worker) + 0.25 for data tasks; the cluster has 2 CPUs and no autoscaler"
     )
     assert expected in r.stderr, out[-4000:]
     assert "Lower train.num_workers or train.cpus_per_worker" in r.stderr
@@ -91,9 +83,9 @@ def test_an_autoscaling_cluster_is_waited_for_or_refused_by_what_its_node_types_
     types = {"cpu1": {"resources": {"CPU": 1}, "max_workers": 4}}
     head = RayHead(tmp_path, num_cpus=0, autoscaling=lambda gcs: fake_autoscaling_config(gcs, types))
     cases = [
-        [],  # the demo: 2 x {CPU: 1} + 1 CPU = 3 <= 4 nodes of 1 CPU
-        ["train.num_workers=4", "train.micro_batch_size=1"],  # 4 x 1 + 1 = 5 > 4
-        ["train.num_workers=1", "train.cpus_per_worker=2"],  # 2 + 1 = 3 <= 4, but no 1-CPU node holds 2 CPUs
+        [],  # the demo: 2 x {CPU: 1} + 0.25 CPU = 2.25 <= 4 nodes of 1 CPU
+        ["train.num_workers=4", "train.micro_batch_size=1"],  # 4 x 1 + 0.25 = 4.25 > 4
+        ["train.num_workers=1", "train.cpus_per_worker=2"],  # 2 + 0.25 <= 4, but no 1-CPU node holds 2 CPUs
     ]
     try:
         head.wait_ready()
@@ -113,14 +105,14 @@ def test_an_autoscaling_cluster_is_waited_for_or_refused_by_what_its_node_types_
 
     assert fits["status"] == "waiting" and fits["autoscaler"].startswith("config "), fits
     waiting = (
-        "[uft-ray] waiting for the autoscaler: need 2 x {CPU: 1} for training workers + 1 CPU for data tasks; "
+        "[uft-ray] waiting for the autoscaler: need 2 x {CPU: 1} for training workers + 0.25 CPUs for data tasks; "
         "the cluster has 0 of 0 CPUs free (it can add: cpu1 {CPU: 1} x up to 4)"
     )
     assert waiting in r.stdout
 
     assert five["status"] == "too small", five
     (msg,) = five["messages"]
-    assert "while training the run needs 5 CPUs: 4 training workers x 1 CPU (train.num_workers, " in msg
+    assert "while training the run needs 4.25 CPUs: 4 training workers x 1 CPU (train.num_workers, " in msg
     assert "the cluster has 0 CPUs and its autoscaler can grow it to at most 4" in msg
 
     assert big["status"] == "too small", big

@@ -82,7 +82,7 @@ def test_the_32b_recipe_precomputes_on_three_nodes(capsys):
     out = capsys.readouterr().out
     assert "head (head): resources {} (not given: Ray detects them when the node starts); counted as holding " \
            "nothing schedulable" in out  # fmt: skip
-    assert ("training: 24 x {CPU: 8, GPU: 1} for training workers + 1 CPU for data tasks: fits "
+    assert ("training: 24 x {CPU: 8, GPU: 1} for training workers + 0.25 CPUs for data tasks: fits "
             "(3 of up to 4 gpu_h100x8, or 3 of up to 4 gpu_a100x8)") in out  # fmt: skip
     assert ("reference pass: 24 x {CPU: 4, GPU: 1} for reference actors + 1 CPU for data tasks: fits "
             "(3 of up to 4 gpu_h100x8, or 3 of up to 4 gpu_a100x8)") in out  # fmt: skip
@@ -97,7 +97,7 @@ def test_the_old_32b_shape_never_fits_and_names_gpu_and_the_fields(capsys):
     assert cli.main(argv + ["reference.run=stream", "reference.actors=8"]) == 2
     out, errs = capsys.readouterr()
     assert "reference pass: none (reference.run stream: the scorers run beside training)" in out
-    assert "+ 192 x {CPU: 4, GPU: 1} for reference actors + 1 CPU for data tasks: NEVER FITS" in out
+    assert "+ 192 x {CPU: 4, GPU: 1} for reference actors + 0.25 CPUs for data tasks: NEVER FITS" in out
     assert errs.startswith(f"{QWEN32B} can never run on {LAUNCHER}:")
     assert "while training the run needs 216 GPUs" in errs and "can grow it to at most 64" in errs
     assert "train.num_workers x reference.actors" in errs and "set reference.run precompute" in errs
@@ -114,7 +114,9 @@ def test_a_cluster_check_without_path_checks_still_refuses_a_bad_config(capsys):
 
 
 def test_evaluation_that_no_node_can_hold_exits_2_naming_the_phase(tmp_path, capsys):
-    """4-GPU nodes, at most 2: training 4 workers x {CPU 1, GPU 1} + 1 data CPU fits one node; the reference pass
+    """4-GPU nodes, at most 2: training 4 workers x {CPU 8, GPU 1} (train.cpus_per_worker auto: a 32-CPU node's
+    CPUs shared by the 4 workers its GPUs hold) + 0.25 data CPU fits one node (the data share on the head, or a
+    second node); the reference pass
     (4 actors x {CPU 1, GPU 1} + 1) too. Evaluation: eval.tensor_parallel_size 8 -> one actor of {CPU 1, GPU 8}.
     The cluster's 8 GPUs in all would cover it, but no one node holds 8."""
     cluster = _write(tmp_path, "small.yaml", {
@@ -132,8 +134,10 @@ def test_evaluation_that_no_node_can_hold_exits_2_naming_the_phase(tmp_path, cap
     out, errs = capsys.readouterr()
     assert rc == 2
     assert "head (head): {CPU: 4}" in out and "gpu4: {CPU: 32, GPU: 4}, 0 to 2 nodes" in out
+    assert "train.cpus_per_worker auto: 8 CPUs per worker, the largest share that fits" in out
     assert (
-        "training: 4 x {CPU: 1, GPU: 1} for training workers + 1 CPU for data tasks: fits (1 of up to 2 gpu4)" in out
+        "training: 4 x {CPU: 8, GPU: 1} for training workers + 0.25 CPUs for data tasks: fits (1 of up to 2 gpu4)"
+        in out
     )
     assert "evaluation: 1 x {CPU: 1, GPU: 8} for eval workers: NEVER FITS" in out
     assert (

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from uft_ray.config import Config, load_config
+from uft_ray.resources import worker_threads
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir, checkpoint_name, read_state, write_state
 from uft_ray.train.engine import Engine, base_model_bytes, build_engine, choose_zero_stage, device_memory_bytes
 from uft_ray.train.hooks import TrainHooks
@@ -56,7 +57,7 @@ def join(config: dict[str, Any]) -> Worker:
         raise RuntimeError(f"world size {world} != train.num_workers {cfg.train.num_workers}")
     use_gpu = cfg.train.use_gpu and torch.cuda.is_available()
     if not use_gpu:  # a CPU worker computes with the CPUs Ray gave it (Ray's default for a worker is 1 thread)
-        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+        torch.set_num_threads(worker_threads(float(cfg.train.cpus_per_worker)))
     return Worker(
         cfg=cfg,
         run=RunDir(config["run_dir"]),
