@@ -3,8 +3,11 @@ that a reader never sees half done.
 
 Every module that writes a file whole (a summary, a manifest, a report, a state file, a quarantine part) goes
 through `atomic_write`: locally the bytes go to a dot-named temporary beside the target, are flushed and
-fsynced, then renamed over it, so a crash leaves the old file or the new one; on object stores a single put is
-already atomic. Listings skip dot files, so temporaries are never read as data.
+fsynced, then renamed over it, so a crash leaves the old file or the new one. On object stores the bytes are made
+in full first (a spooled local temporary), put under a unique dot-named key beside the target and only then copied
+to the final name (a server-side copy: the object appears whole or not at all), the temporary deleted: pyarrow
+completes an upload when its stream is closed, even by an exception, so writing the final name directly left half
+a file there. Listings skip dot files, so temporaries are never read as data.
 
 Object stores have no rename and no append. Directories are trees copied whole (`copy_tree`; `local_dir` and
 `local_copy` for code that only writes or reads local paths), the new tree written before the old one goes (a
@@ -125,9 +128,8 @@ def atomic_write(uri: str, data: bytes | Callable[[Any], None]) -> None:
     fs, path = filesystem_for(uri)
     head, name = path.rsplit("/", 1) if "/" in path else (".", path)
     fs.create_dir(head, recursive=True)
-    if not isinstance(fs, pafs.LocalFileSystem):  # an object store's put is atomic already
-        with fs.open_output_stream(path) as out:
-            out.write(data) if isinstance(data, bytes) else data(out)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        _put_whole(fs, head, name, data)
         return
     tmp = os.path.join(head, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -140,6 +142,33 @@ def atomic_write(uri: str, data: bytes | Callable[[Any], None]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_SPOOL_BYTES = 64 << 20  # a writer's output is held in memory up to this size, then in a local temporary file
+
+
+def _put_whole(fs: pafs.FileSystem, head: str, name: str, data: bytes | Callable[[Any], None]) -> None:
+    """`atomic_write` on an object store: nothing reaches the store unless the writer finished; the final name
+    only by a copy of a fully uploaded temporary object."""
+    if isinstance(data, bytes):
+        payload: Any = data
+    else:
+        payload = tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES)
+        data(payload)  # raises before anything is uploaded
+        payload.seek(0)
+    tmp = f"{head}/.{name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as out:
+            if isinstance(payload, bytes):
+                out.write(payload)
+            else:
+                shutil.copyfileobj(payload, out, 8 << 20)
+        fs.copy_file(tmp, f"{head}/{name}")
+    finally:
+        if not isinstance(payload, bytes):
+            payload.close()
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp)
 
 
 def write_json(uri: str, obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> None:
@@ -215,11 +244,11 @@ def copy_tree(src: str, dst: str, *, last: Sequence[str] = COMPLETION_FILES) -> 
 
     `dst` is never removed before the new tree is written. Locally the copy goes into a dot-named sibling of
     `dst` (same parent: one filesystem, so the renames are atomic), then the old tree is renamed aside, the new
-    one renamed in, and the old one removed; a failure leaves the old tree as it was and removes the partial
-    copy. On object stores (no rename) every object of the new tree is put first, the top-level files named in
-    `last` after all the others (a reader that waits for them sees them only once the rest is there), and only
-    then are the objects under `dst` that the new tree lacks deleted; a failure part way deletes nothing (the
-    old objects stay, some of them already overwritten by new ones).
+    one swapped in (`_swapped_in`); a failure leaves the old tree as it was and removes the partial copy. On object
+    stores (no rename) the old tree's completion files (`last`) are deleted first, so that a tree being overwritten
+    is never readable as complete while it mixes old and new objects; then every object of the new tree is put,
+    the files named in `last` after all the others, and only then are the objects under `dst` that the new tree
+    lacks deleted. A failure part way leaves an incomplete tree (no completion file), never a mixed complete one.
     """
     import pyarrow.fs as pafs
 
@@ -235,16 +264,96 @@ def copy_tree(src: str, dst: str, *, last: Sequence[str] = COMPLETION_FILES) -> 
             pafs.copy_files(src_path, tmp, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: this filesystem or kernel cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), a)
+
+
+def _unlocked(path: str) -> bool:
+    """Whether no live writer holds `path` (`_swapped_in` locks its temporary while it fills it)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def settle(path: str) -> None:
+    """Put a local directory replaced by `_swapped_in` back in order after a crash: when `path` is missing and a
+    `.{name}.*.old` sibling is there (the process died between its two renames, where the system cannot swap in
+    one step), the newest comes back as `path`; then the `.tmp` / `.old` siblings no live writer holds are
+    removed."""
+    parent, name = os.path.split(path.rstrip(os.sep))
+    if not os.path.isdir(parent):
+        return
+    siblings = [e for e in os.listdir(parent) if re.fullmatch(rf"\.{re.escape(name)}\.[0-9a-f]{{32}}\.(tmp|old)", e)]
+    olds = sorted(
+        (e for e in siblings if e.endswith(".old")), key=lambda e: os.lstat(os.path.join(parent, e)).st_mtime
+    )
+    if not os.path.lexists(path) and olds:
+        os.rename(os.path.join(parent, olds.pop()), path)
+    for e in siblings:
+        full = os.path.join(parent, e)
+        if os.path.lexists(full) and (e.endswith(".old") or _unlocked(full)):
+            _remove(full)
+
+
 @contextlib.contextmanager
 def _swapped_in(path: str) -> Iterator[str]:
-    """An empty sibling directory of `path` for the block to fill; swapped in for `path` if the block succeeds."""
+    """An empty sibling directory of `path` for the block to fill; swapped in for `path` if the block succeeds.
+
+    The swap is one step where the system allows (`_exchange`): `path` is never missing, even if the process dies
+    there. Elsewhere the old tree is renamed aside and the new one in, and `settle` (run before every swap) brings
+    the old one back if a crash fell between the two. The temporary is locked while it fills, so a concurrent
+    `settle` leaves it alone."""
+    import fcntl
+
     parent, name = os.path.split(path.rstrip(os.sep))
     os.makedirs(parent, exist_ok=True)
+    settle(path)
     tag = uuid.uuid4().hex
     tmp, old = os.path.join(parent, f".{name}.{tag}.tmp"), os.path.join(parent, f".{name}.{tag}.old")
     os.mkdir(tmp)  # not mkdtemp: its 0700 mode would become the tree's
+    lock = os.open(tmp, os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         yield tmp
+        if os.path.lexists(path) and _exchange(tmp, path):
+            os.close(lock)
+            lock = -1
+            _remove(tmp)  # the old tree, now under the temporary's name
+            return
         moved = os.path.lexists(path)
         if moved:
             os.rename(path, old)
@@ -257,10 +366,10 @@ def _swapped_in(path: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old, ignore_errors=True)
-    elif os.path.lexists(old):
-        os.unlink(old)
+    finally:
+        if lock >= 0:
+            os.close(lock)
+    _remove(old)
 
 
 def _tree_files(uri: str, fs: pafs.FileSystem, path: str) -> list[str]:
@@ -294,7 +403,10 @@ def _put_tree(
     new = _tree_files(src, src_fs, src_path)
     base = dst_path.rstrip("/")
     infos = dst_fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-    stale = sorted({i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File} - set(new))
+    old = {i.path[len(base) + 1 :] for i in infos if i.type == pafs.FileType.File}
+    stale = sorted(old - set(new))
+    for rel in sorted(old & last):  # from here on the tree says it is incomplete, until the new ones are in
+        dst_fs.delete_file(f"{base}/{rel}")
 
     def put(rel: str) -> None:
         pafs.copy_files(
