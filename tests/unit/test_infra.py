@@ -83,7 +83,8 @@ def test_sequential_stage2_configs_pair_each_loss_with_its_row_kind():
     for loss, kind in expect.items():
         cfg = load_config(ROOT / f"jobs/configs/seq_stage2_{loss}.yaml", check_paths=False)
         assert cfg.loss.type == loss and cfg.data.sources[0].resolved_kind == kind
-    assert load_config(ROOT / "jobs/configs/seq_stage1_sft.yaml", check_paths=False).loss.type == "sft"
+    stage1 = load_config(ROOT / "jobs/configs/seq_stage1_sft.yaml", check_paths=False)
+    assert stage1.loss.type == "sft" and stage1.loss.sft_reduction == "token"  # the papers' summed token NLL
 
 
 def test_paper_recipes_use_the_papers_rates_and_betas_and_state_lora_alpha_at_the_rate():

@@ -94,6 +94,10 @@ class LossConfig:
     source_weights: dict[str, float] | None = None  # multiplies each row's loss by its source's weight
     kto_desirable_weight: float = 1.0
     kto_undesirable_weight: float = 1.0
+    # loss.type sft: "row" (each row's token mean, then the mean over rows: every row counts the same) or "token"
+    # (the step's token mean over every rank and micro-batch: long responses weigh more, as in the papers' summed
+    # token NLL, up to one factor per step)
+    sft_reduction: str = "row"
 
 
 @dataclass

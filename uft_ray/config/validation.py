@@ -236,6 +236,7 @@ def _check_loss(e: _Problems, cfg: Config) -> None:
     loss, names = cfg.loss, [s.name for s in cfg.data.sources]
     e.one_of("loss.type", loss.type, LOSS_TYPES)
     e.positive("loss.beta", loss.beta)
+    e.one_of("loss.sft_reduction", loss.sft_reduction, ("row", "token"))
     if loss.type in LOSS_KINDS:
         for i, s in enumerate(cfg.data.sources):
             if s.format in FORMAT_KINDS and s.resolved_kind not in LOSS_KINDS[loss.type]:

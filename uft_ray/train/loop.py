@@ -95,12 +95,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             tensors = collate(batch, config["pad_id"], device, pairs=cfg.loss.type == "dpo", packing=packing)
             step_batches.append((batch, tensors))
         kto_z, refs = kto_reference_point(engine, cfg, step_batches) if cfg.loss.type == "kto" else (None, None)
+        step_tokens = step_token_count(cfg, step_batches, device)
         watch = StepWatch()
         for micro, (batch, tensors) in enumerate(step_batches):
             ref = refs[micro] if refs else None
             loss, metrics = micro_batch_loss(engine, cfg, batch, tensors, kto_z=kto_z, ref=ref)
             watch.loss(micro, loss, {k: v for k, v in metrics.items() if k.startswith("rows/")}, batch["source"])
-            scaled = loss * rank_scale(len(batch["row_id"]), cfg.train.global_batch_size, world, ga)
+            scaled = loss * loss_scale(cfg, batch, tensors, step_tokens, world, ga)
             acc.lr = engine.lr  # the rate this update uses (the scheduler moves on at the step)
             engine.backward(scaled)
             optimizer_step(engine, watch)
@@ -257,6 +258,32 @@ def kto_reference_point(
     return float(total[0] / total[1]), refs
 
 
+def scored_tokens(tensors: dict[str, Any]) -> int:
+    """The response tokens a micro-batch's loss scores: the loss mask from the second position on (the first token
+    has no prediction; uft_ray.logprobs counts the same)."""
+    return int((tensors["loss_mask"][:, 1:] != 0).sum())
+
+
+def step_token_count(cfg: Config, step_batches: list[tuple[dict, dict]], device: torch.device) -> int | None:
+    """The scored tokens of the whole optimizer step (every rank, every micro-batch: a collective) for the sft
+    loss's token reduction, whose denominator they are; None for every other loss (rows are the unit)."""
+    if cfg.loss.type != "sft" or cfg.loss.sft_reduction != "token":
+        return None
+    count = torch.tensor([sum(scored_tokens(t) for _, t in step_batches)], dtype=torch.int64, device=device)
+    dist.all_reduce(count)
+    return int(count)
+
+
+def loss_scale(
+    cfg: Config, batch: dict[str, np.ndarray], tensors: dict[str, Any], step_tokens: int | None, world: int, ga: int
+) -> float:
+    """The factor on a micro-batch's loss that makes DeepSpeed's averaging give the global batch's mean
+    (uft_ray.losses.rank_scale): over rows, or over scored tokens for the sft token reduction (`step_tokens`)."""
+    if step_tokens is not None:
+        return rank_scale(scored_tokens(tensors), step_tokens, world, ga)
+    return rank_scale(len(batch["row_id"]), cfg.train.global_batch_size, world, ga)
+
+
 def micro_batch_loss(
     engine: Engine,
     cfg: Config,
@@ -284,7 +311,7 @@ def micro_batch_loss(
     weight = torch.tensor([weights.get(s, 1.0) for s in batch["source"]], dtype=policy.dtype, device=device)
 
     if loss_type == "sft":
-        return sft_loss(policy, n_tokens, weight=weight)
+        return sft_loss(policy, n_tokens, weight=weight, reduction=cfg.loss.sft_reduction)
     ref = ref.to(device)
     if loss_type == "dpo":
         return dpo_loss(
