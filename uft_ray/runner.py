@@ -271,6 +271,10 @@ def finish(run: Run, checkpoint: str | None, tracked: Any = None) -> None:
 
 def result(run: Run, checkpoint: str | None, steps: int) -> RunResult:
     """The report (rebuilt from the run directory), then what the run returns."""
+    try:
+        run.dir.seal_metrics()  # an object store's metrics parts become one metrics.jsonl
+    except OSError as e:  # the parts stay readable as they are
+        logger.warning("could not seal metrics.jsonl: %s", e)
     if run.ray_log and storage.is_remote(run.dir.path) and os.path.isfile(run.ray_log):
         with open(run.ray_log, "rb") as f:
             storage.atomic_write(run.dir.ray_log, f.read())

@@ -144,12 +144,18 @@ def atomic_write(uri: str, data: bytes | Callable[[Any], None]) -> None:
         raise
 
 
+_ONE_PUT_BYTES = 4 << 20  # under the smallest multipart part (5 MiB): the stream sends one put at close
 _SPOOL_BYTES = 64 << 20  # a writer's output is held in memory up to this size, then in a local temporary file
 
 
 def _put_whole(fs: pafs.FileSystem, head: str, name: str, data: bytes | Callable[[Any], None]) -> None:
     """`atomic_write` on an object store: nothing reaches the store unless the writer finished; the final name
-    only by a copy of a fully uploaded temporary object."""
+    only by a copy of a fully uploaded temporary object; bytes small enough for one put go straight there (one
+    PutObject: whole or nothing)."""
+    if isinstance(data, bytes) and len(data) <= _ONE_PUT_BYTES:
+        with fs.open_output_stream(f"{head}/{name}") as out:
+            out.write(data)  # buffered in full: the put happens at close
+        return
     if isinstance(data, bytes):
         payload: Any = data
     else:

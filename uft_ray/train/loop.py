@@ -142,6 +142,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             worker.save_checkpoint(engine, state, row, rank)
         hooks.on_step_end(rank=rank, step=step + 1)
 
+    if rank == 0:
+        run.flush_metrics()  # a row a failed write left pending
     hooks.on_end(engine, rank=rank, cfg=cfg, pad_id=config["pad_id"], device=device)
 
 
