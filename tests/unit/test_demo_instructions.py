@@ -136,7 +136,7 @@ def test_sum3_rows_and_verifier() -> None:
     train, held = sum3.generate(40, 10, seed=0)
     assert not {r["row_id"] for r in train} & {r["row_id"] for r in held}
     row = sum3.row(4, 7, 2)
-    assert row["hint"] == ["4 + 7 = 11\n", "11 + 2 = 13\n"]
+    assert row["hint"] == ["4 + 7 = 11\n", "11 + 2 = 13\n", "<answer>13</answer>"]
     assert row["answer"].endswith("<answer>13</answer>") and row["prompt"].endswith("<|im_start|>assistant\n")
     assert sum3.verify(row, row["answer"]) == 1.0
     assert sum3.verify(row, "4 + 7 = 11\n<answer> 13 </answer>") == 1.0

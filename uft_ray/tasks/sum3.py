@@ -1,15 +1,16 @@
 """Add three one-digit numbers, steps shown, the sum in answer tags: the real-model hint_rft demo's task.
 
     prompt  ChatML: "Add 4, 7 and 2. Show each step on its own line, then give the sum as <answer>sum</answer>."
-    hint    ["4 + 7 = 11\\n", "11 + 2 = 13\\n"]      the solution's lines, revealed on the hint schedule
-    answer  hint + "<answer>13</answer>"             the answer line stays outside the hint (it is the skill)
+    hint    ["4 + 7 = 11\\n", "11 + 2 = 13\\n", "<answer>13</answer>"]   the solution's lines, revealed on the schedule
+    answer  the hint joined
 
 SmolLM2-135M-Instruct does the additions but does not close the answer tag on its own, so plain RL sees almost
-no reward; hints show it the format. The prompt is written in the ChatML turns SmolLM2's chat template makes
-(hint_rft tokenizes a prompt as given, no template applied). Rows are a generic task's (`prompt`, `hint`,
-`answer`; uft_ray.tasks.generic) scored by `verify`, named in configs as `uft_ray.tasks.sum3:verify`, with the
-authors' rule: 1.0 for the right sum in the last `<answer>` tag, 0.1 for another number there, 0.0 otherwise.
-Held-out rows are triples no training row has.
+no reward; hints show it the format. The answer line is the hint's last chunk (the authors keep it outside the
+hint: their models already write the format, and the hint NLL is what teaches it here). The prompt is written in
+the ChatML turns SmolLM2's chat template makes (hint_rft tokenizes a prompt as given, no template applied). Rows
+are a generic task's (`prompt`, `hint`, `answer`; uft_ray.tasks.generic) scored by `verify`, named in configs as
+`uft_ray.tasks.sum3:verify`, with the authors' rule: 1.0 for the right sum in the last `<answer>` tag, 0.1 for
+another number there, 0.0 otherwise. Held-out rows are triples no training row has.
 """
 
 from __future__ import annotations
@@ -34,12 +35,12 @@ _NUMBER = re.compile(r"[+-]?\d+")
 
 
 def row(a: int, b: int, c: int) -> dict[str, Any]:
-    hint = [f"{a} + {b} = {a + b}\n", f"{a + b} + {c} = {a + b + c}\n"]
+    hint = [f"{a} + {b} = {a + b}\n", f"{a + b} + {c} = {a + b + c}\n", f"<answer>{a + b + c}</answer>"]
     return {
         "row_id": f"{NAME}-{a}{b}{c}",  # by content: the same triple is the same row whatever file it is in
         "prompt": CHATML.format(question=QUESTION.format(a=a, b=b, c=c)),
         "hint": hint,
-        "answer": "".join(hint) + f"<answer>{a + b + c}</answer>",
+        "answer": "".join(hint),
         "total": a + b + c,
     }
 
