@@ -194,6 +194,11 @@ class RunDir:
         return storage.join(self.eval, EVAL_SUMMARY)
 
     @property
+    def before_after(self) -> str:
+        """The demo's held-out check of the base model and the adapter (uft_ray.demo.before_after)."""
+        return self._p("before_after.json")
+
+    @property
     def tensorboard(self) -> str:
         return self._p(TENSORBOARD)
 

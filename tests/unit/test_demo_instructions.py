@@ -145,3 +145,20 @@ def test_sum3_rows_and_verifier() -> None:
     assert sum3.verify(row, "<answer>13") == 0.0  # the tag not closed: what the base model does
     assert sum3.verify(row, "<answer>" + "9" * 400 + "</answer>") == 0.0
     assert sum3.verify(row, "<answer>__import__('os')</answer>") == 0.0
+
+
+def test_the_report_shows_the_recorded_before_after_figures(tmp_path: Path) -> None:
+    from uft_ray.report import write_report
+
+    result = _result({"quotes": 0.0, "end_phrase": 0.5}, {"quotes": 0.75, "end_phrase": 0.25})
+    result["n"] = 8
+    before_after.write(str(tmp_path), result)
+    page = Path(write_report(tmp_path)).read_text()
+    section = page[page.index("id='before-after'") :]
+    for cells in (
+        "<td>quotes (n=4)</td><td>0%</td><td>75%</td><td>improved</td>",
+        "<td>end_phrase (n=4)</td><td>50%</td><td>25%</td><td>got worse</td>",
+        "<td>all families</td><td>25%</td><td>50%</td><td>improved</td>",
+        "<td>held-out NLL per token</td><td>2.500</td><td>2.750</td><td>got worse</td>",
+    ):
+        assert cells in section, cells

@@ -17,10 +17,10 @@ from typing import Any
 
 from uft_ray import storage
 from uft_ray.demo.instructions import FAMILIES, Example
+from uft_ray.run_dir import RunDir
 
-FILE = "before_after.json"
 MAX_NEW_TOKENS = 64  # the longest compliant held-out answer is about 45 tokens
-BATCH = 20
+BATCH = 64  # one batch for the demo's 60 prompts: 1.9x faster than batches of 20 on 2 cores
 SHOWN = 3  # answers shown side by side
 
 
@@ -103,7 +103,7 @@ def _nll(model: Any, tokenizer: Any, prompts: list[str], answers: list[str]) -> 
 
 
 def path_in(run_dir: str) -> str:
-    return storage.join(run_dir, FILE)
+    return RunDir(run_dir).before_after
 
 
 def write(run_dir: str, result: dict) -> str:
@@ -163,7 +163,6 @@ def demo_checks(cfg: Any, root: str) -> int:
     from uft_ray.demo import ensure_real_demo_assets
     from uft_ray.demo.instructions import read_heldout
     from uft_ray.report import write_report
-    from uft_ray.run_dir import RunDir
 
     run = RunDir(cfg.output.run_dir)
     if cfg.method == "hint_rft":

@@ -235,6 +235,35 @@ def _data_table(summary: dict[str, Any] | None) -> str:
     return f"<h2>Data</h2><table class='grid'><tr>{head}</tr>{body}</table>"
 
 
+def _before_after_table(run: RunDir) -> str:
+    """The demo's held-out check (before_after.json): pass rate per family and NLL, base against base + adapter."""
+    found = storage.read_json(run.before_after)
+    if not isinstance(found, dict) or not found.get("families"):
+        return ""
+
+    def row(name: str, before: float, after: float, pct: bool = True) -> str:
+        # pass rates: higher is better; an NLL: lower is better
+        f = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.3f}")
+        gain = (after - before) if pct else (before - after)
+        change = "improved" if gain > 0 else "no change" if gain == 0 else "got worse"
+        return f"<tr><td>{html.escape(name)}</td><td>{f(before)}</td><td>{f(after)}</td><td>{change}</td></tr>"
+
+    body = "".join(row(f"{fam} (n={r['n']})", r["before"], r["after"]) for fam, r in found["families"].items())
+    body += row("all families", found["overall"]["before"], found["overall"]["after"])
+    body += row("held-out NLL per token", found["nll"]["before"], found["nll"]["after"], pct=False)
+    shown = "".join(
+        f"<tr><td>{html.escape(a['prompt'])}</td><td>{html.escape(a['before'])}</td><td>{html.escape(a['after'])}</td></tr>"
+        for a in found.get("answers", [])[:: max(1, len(found.get("answers", [])) // 5)][:5]
+    )
+    return (
+        "<h2 id='before-after'>Held-out check: base model against base + adapter</h2>"
+        f"<p class='note'>{found.get('n')} held-out prompts (questions and instruction values no training row has), "
+        "greedy answers scored by exact checkers; NLL of the compliant answers (lower is better).</p>"
+        f"<table class='grid'><tr><th>check</th><th>before</th><th>after</th><th></th></tr>{body}</table>"
+        f"<table class='grid'><tr><th>prompt</th><th>before</th><th>after</th></tr>{shown}</table>"
+    )
+
+
 def _benchmarks_table(run: RunDir) -> str:
     """lm_eval results of `uft-ray eval` / `eval.tasks` (eval/summary.json), metric names as lm_eval reports them."""
     summary = storage.read_json(run.eval_summary) or {}
@@ -317,6 +346,7 @@ def write_page(
         parts.append(f"<img alt='{name}' src='data:image/png;base64,{b64}'>")
         if name == "quarantine":
             parts.append(_data_table(inp.summary))
+    parts.append(_before_after_table(run))
     parts.append(_benchmarks_table(run))
     parts.append("</body></html>")
     storage.atomic_write(run.report, "\n".join(parts).encode())  # a reader never sees a half-written report
