@@ -68,7 +68,8 @@ def test_a_lease_within_the_timeout_is_not_taken_over(run_dir: str, monkeypatch)
     monkeypatch.setenv(lease.TIMEOUT_ENV, "60")
     held = lease.acquire(run_dir)
     _age(run_dir, 50)
-    with pytest.raises(lease.LeaseHeld, match="last heartbeat 50 s ago"):
+    # 50 s and whatever the acquire took on a loaded machine (it once read 51 s on the S3 server)
+    with pytest.raises(lease.LeaseHeld, match=r"last heartbeat 5\d s ago"):
         lease.acquire(run_dir)
     held.release()
 
