@@ -151,7 +151,7 @@ def micro_batches(rows: list[dict[str, Any]], size: int, seed: int, steps: int |
 
 def loss_cfg(loss_type: str) -> SimpleNamespace:
     loss = SimpleNamespace(type=loss_type, beta=0.1, source_weights={}, kto_desirable_weight=1.0,
-                           kto_undesirable_weight=1.0)  # fmt: skip
+                           kto_undesirable_weight=1.0, sft_reduction="row")  # fmt: skip
     return SimpleNamespace(
         loss=loss, reference=SimpleNamespace(mode="adapter_off"), needs_reference=loss_type != "sft"
     )
