@@ -45,7 +45,7 @@ from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE
 
 from uft_ray import api, storage
 from uft_ray.config import Config
-from uft_ray.run_dir import RunDir, checkpoint_name
+from uft_ray.run_dir import RunDir, checkpoint_name, parts_dir
 
 pytestmark = pytest.mark.integration
 
@@ -219,8 +219,15 @@ def storage_root(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def metrics_lines(run: RunDir) -> list[dict[str, Any]]:
     """Every whole line of metrics.jsonl as written (RunDir.read_metrics keeps the last line of each step: here a
-    step written twice must show). A last line without its newline is still being written."""
-    text = storage.read_bytes(run.metrics).decode() if storage.is_file(run.metrics) else ""
+    step written twice must show). In a bucket a live run writes it as parts (uft_ray.run_dir), sealed into the one
+    file when the run ends: the parts' lines in order until then. A last line without its newline is still being
+    written."""
+    if storage.is_file(run.metrics):
+        text = storage.read_bytes(run.metrics).decode()
+    else:
+        _, parts = storage.list_files(parts_dir(run.metrics), ".jsonl", recursive=False)
+        text = "".join(storage.read_bytes(storage.join(parts_dir(run.metrics), p.rsplit("/", 1)[-1])).decode()
+                       for p in sorted(parts))  # fmt: skip
     return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
 
 
