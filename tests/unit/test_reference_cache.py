@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 import os
 from pathlib import Path
@@ -18,7 +19,7 @@ from uft_ray.reference import fingerprint as fp_module
 from uft_ray.reference import service
 from uft_ray.reference.cache import REFERENCE_FIELDS, as_lookup, cache_root, load_cache, write_cache
 from uft_ray.reference.fingerprint import fingerprint, fingerprint_inputs
-from uft_ray.reference.scorer import SCORER_INPUT_COLUMNS, ReferenceScorer, length_groups
+from uft_ray.reference.scorer import SCORER_INPUT_COLUMNS, ReferenceScorer, length_groups, scorer_kwargs
 
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
@@ -440,3 +441,40 @@ def test_a_long_response_keeps_1e4_absolute(tmp_path):
     direct = float(logp[4 : len(ids) - 1].gather(1, x[0, 5:, None]).double().sum())
     got, _ = ReferenceScorer(model_dir).score([np.array(ids)], [5])
     assert got[0] == pytest.approx(direct, abs=1e-4)
+
+
+# The key covers what moves the reference numbers beyond the weights and tokens: the versions of torch and
+# transformers that compute them, a remote-code model's own .py files (its forward is that code), and a separate
+# reference model's pinned revision (`reference.revision`), which the scorer then loads.
+
+
+def test_the_key_names_the_torch_and_transformers_versions(tmp_path: Path) -> None:
+    cfg = make_cfg(fake_model(tmp_path / "model"), tmp_path / "cache")
+    inputs = fingerprint_inputs(cfg, rows_table())
+    assert inputs["versions"] == {"torch": md.version("torch"), "transformers": md.version("transformers")}
+
+
+def test_a_remote_code_models_python_files_are_in_the_key(tmp_path: Path) -> None:
+    model = fake_model(tmp_path / "model")
+    (model / "modeling_odd.py").write_text("def forward(x):\n    return x\n")
+    cfg = make_cfg(model, tmp_path / "cache", model__trust_remote_code=True)
+    rows = rows_table()
+    before = fp_of(cfg, rows)
+    assert list(fingerprint_inputs(cfg, rows)["remote_code"]) == ["modeling_odd.py"]
+    (model / "modeling_odd.py").write_text("def forward(x):\n    return 2 * x\n")
+    assert fp_of(cfg, rows) != before
+    plain = make_cfg(model, tmp_path / "cache")  # no remote code runs: the .py files are not read
+    assert fingerprint_inputs(plain, rows)["remote_code"] is None
+
+
+def test_a_separate_reference_model_can_be_pinned_and_the_scorer_loads_that_revision(tmp_path: Path) -> None:
+    model = fake_model(tmp_path / "model")
+    cfg = make_cfg(model, tmp_path / "cache", reference__model_path="org/ref-model", reference__revision="r1")
+    rows = rows_table()
+    assert fingerprint_inputs(cfg, rows)["model"] == {"id": "org/ref-model", "revision": "r1"}
+    assert scorer_kwargs(cfg)["revision"] == "r1"
+    pinned = fp_of(cfg, rows)
+    cfg.reference.revision = "r2"
+    assert fp_of(cfg, rows) != pinned
+    own = make_cfg(model, tmp_path / "cache", model__revision="m1")  # the policy's own base: model.revision
+    assert scorer_kwargs(own)["revision"] == "m1"

@@ -40,6 +40,7 @@ from uft_ray.config.schema import (
     TokenizeConfig,
     TrainConfig,
     compute_dtype,
+    reference_revision,
 )
 from uft_ray.config.validation import ConfigError, validate
 
@@ -78,6 +79,7 @@ __all__ = [
     "TrainConfig",
     "apply_override",
     "compute_dtype",
+    "reference_revision",
     "is_remote",
     "load_config",
     "resolve_config_paths",

@@ -105,6 +105,7 @@ class ReferenceConfig:
     mode: str = "actor"  # actor | adapter_off
     run: str = "precompute"  # precompute | stream
     model_path: str | None = None  # None = model.path
+    revision: str | None = None  # a hub revision pinning reference.model_path (model.path's is model.revision)
     # a peft adapter on top of the reference base (sequential recipes' stage 1). hint_rft: the KL reference is
     # base + this adapter, by default model.adapter's (the initial policy), loaded frozen in the trainer
     adapter: str | None = None
@@ -327,6 +328,13 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def reference_revision(cfg: Config) -> str | None:
+    """The hub revision the reference base loads: model.revision for the policy's own base, else
+    reference.revision (the scorer and the reference cache key use this one rule)."""
+    ref_path = cfg.reference.model_path or cfg.model.path
+    return cfg.model.revision if ref_path == cfg.model.path else cfg.reference.revision
 
 
 def compute_dtype(cfg: Config) -> str:

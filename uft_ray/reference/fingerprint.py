@@ -16,6 +16,7 @@ import contextlib
 import fnmatch
 import glob
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from uft_ray import model_gguf, model_store, storage
-from uft_ray.config import Config, compute_dtype
+from uft_ray.config import Config, compute_dtype, reference_revision
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,14 @@ def _weights_identity(path: str, revision: str | None, memo: _HashMemo) -> dict[
     return {"id": path, "revision": revision}
 
 
+def _remote_code(path: str, memo: _HashMemo) -> dict[str, str] | None:
+    """{file: sha256} of a local model's .py files: with trust_remote_code its forward is that code."""
+    local = None if storage.is_remote(path) else Path(os.path.expanduser(path))
+    if local is None or not local.is_dir():
+        return None  # a bucket's or hub's model: its files are keyed by the weights' identity and revision
+    return _files_identity(local, ("*.py",), memo)
+
+
 def _chat_template(tokenizer_dir: Path) -> str | None:
     """The template text as transformers would find it: chat_template.jinja, .json, or tokenizer_config.json."""
     jinja = tokenizer_dir / "chat_template.jinja"
@@ -167,7 +176,7 @@ def fingerprint_inputs(cfg: Config, rows: pa.Table, *, memo_path: str | Path | N
     """
     memo = _HashMemo(os.fspath(memo_path) if memo_path is not None else None)
     ref_path = cfg.reference.model_path or cfg.model.path
-    revision = cfg.model.revision if ref_path == cfg.model.path else None
+    revision = reference_revision(cfg)
     # The data plane tokenizes with the policy's tokenizer (from a bucket: its small files, downloaded here).
     tok_dir = Path(os.path.expanduser(model_store.local_model(cfg.model.path, weights=False)))
     template = _chat_template(tok_dir) if tok_dir.is_dir() else None
@@ -186,6 +195,9 @@ def fingerprint_inputs(cfg: Config, rows: pa.Table, *, memo_path: str | Path | N
             "overflow": cfg.tokenize.overflow,
         },
         "numerics": {"dtype": compute_dtype(cfg), "attn_implementation": cfg.model.attn_implementation},
+        # the code that computes them: kernels and defaults move between releases
+        "versions": {name: importlib.metadata.version(name) for name in ("torch", "transformers")},
+        "remote_code": _remote_code(ref_path, memo) if cfg.model.trust_remote_code else None,
         "rows": {"count": len(row_ids), "sha256": hashlib.sha256("\n".join(sorted(row_ids)).encode()).hexdigest()},
         "token_ids": _token_digest(rows),
     }

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from uft_ray import packing as packing_lib
 from uft_ray import schema
-from uft_ray.config import Config, compute_dtype
+from uft_ray.config import Config, compute_dtype, reference_revision
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -332,7 +332,7 @@ def scorer_kwargs(cfg: Config) -> dict[str, Any]:
     ref_path = cfg.reference.model_path or cfg.model.path
     return {
         "model_path": ref_path,
-        "revision": cfg.model.revision if ref_path == cfg.model.path else None,
+        "revision": reference_revision(cfg),
         "adapter": cfg.reference.adapter,
         "dtype": compute_dtype(cfg),
         "attn_implementation": cfg.model.attn_implementation,
