@@ -89,7 +89,7 @@ def load_reference_model(
     trust_remote_code: bool = False,
     gpus: float = 0.0,
 ) -> torch.nn.Module:
-    """The frozen reference: base weights (safetensors only), plus an optional peft adapter merged in, eval mode.
+    """The frozen reference: base weights (safetensors only), plus an optional peft adapter (unmerged), eval mode.
 
     `gpus > 1` spreads the layers over the actor's GPUs with `device_map="auto"` (a model one GPU cannot hold).
     """
@@ -116,8 +116,9 @@ def load_reference_model(
     if adapter:
         from peft import PeftModel
 
-        # Merged: one matmul per layer instead of base + LoRA, and the same frozen function either way.
-        model = PeftModel.from_pretrained(model, os.path.expanduser(local_model(adapter))).merge_and_unload()
+        # Unmerged, as the policy runs it (float32 LoRA beside the base): merged into bf16 weights the reference
+        # was off by bf16 rounding, so r != 0 before the first update of a run that continues this adapter.
+        model = PeftModel.from_pretrained(model, os.path.expanduser(local_model(adapter)))
     model.eval()
     model.requires_grad_(False)
     return model
