@@ -194,6 +194,9 @@ class RolloutConfig:
     # vllm: the share of the device's memory an actor's engine takes; null: 0.9 x gpus_per_actor (0.9 on a GPU of
     # its own, 0.45 on half of one: uft_ray.rft.rollout.rollout_memory_fraction)
     gpu_memory_utilization: float | None = None
+    # Seconds a call to an actor (a rollout batch, an adapter sync) may take, restarts included; the error names
+    # the actor. Under the trainers' process-group timeout (30 min), so a hung engine fails the run with its name.
+    call_timeout_s: float = 900.0
 
 
 @dataclass

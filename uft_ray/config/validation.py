@@ -371,7 +371,7 @@ def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
     e.positive("rft.hint.max_buckets", h.max_buckets)
     ro = r.rollout
     e.one_of("rft.rollout.backend", ro.backend, ROLLOUT_BACKENDS)
-    for name in ("actors", "batch_size"):
+    for name in ("actors", "batch_size", "call_timeout_s"):
         e.positive(f"rft.rollout.{name}", getattr(ro, name))
     for name in ("cpus_per_actor", "gpus_per_actor"):
         e.positive(f"rft.rollout.{name}", getattr(ro, name), zero_ok=True)

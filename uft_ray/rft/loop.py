@@ -37,6 +37,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.exceptions import RayActorError
 
 from uft_ray import packing as packing_lib
 from uft_ray.config import Config
@@ -45,6 +46,7 @@ from uft_ray.losses import group_advantages, hint_rft_loss
 from uft_ray.model_store import local_model
 from uft_ray.packing import Packed
 from uft_ray.reference.adapter_off import reference_model
+from uft_ray.rft.actor_calls import ActorCallTimeout
 from uft_ray.rft.rollout import RolloutPool, adapter_bytes, adapter_digest, request_seed
 from uft_ray.tasks.generic import load_verifier
 from uft_ray.tasks.hints import with_hint
@@ -60,7 +62,7 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
     w = worker.join(config)
     cfg, run, hooks, rank, world = w.cfg, w.run, w.hooks, w.rank, w.world
     r, total_steps = cfg.rft, int(config["steps"])
-    pool = RolloutPool(config["actors"], rank, world)
+    pool = RolloutPool(config["actors"], rank, world, timeout_s=cfg.rft.rollout.call_timeout_s)
     tokenizer = AutoTokenizer.from_pretrained(local_model(cfg.model.path, weights=False), revision=cfg.model.revision)
     eval_rows = config["eval_rows"][rank::world]  # this rank's share of the held-out prompts
     per_rank = r.prompts_per_step // world
@@ -262,20 +264,28 @@ def rollouts_collective(
         for p in prompts
         for k in range(n)
     ]
-    out = pool.generate(requests)
-    if _agree_stale(w, out["versions"], expected_version):
+    out, failure = _generate(pool, requests)
+    if failure is None and _agree_stale(w, out["versions"], expected_version):
         sync_adapter_collective(w, engine, pool, version=expected_version)
-        out = pool.generate(requests)
-    stale = out["versions"] != {expected_version} and out["versions"] != set()
-    failure = (
-        f"rollouts used adapter versions {sorted(out['versions'])}, expected {expected_version}" if stale else None
-    )
+        out, failure = _generate(pool, requests)
+    stale = failure is None and out["versions"] != {expected_version} and out["versions"] != set()
+    if stale:
+        failure = f"rollouts used adapter versions {sorted(out['versions'])}, expected {expected_version}"
     worker.agree_failure(w, failure)
     rollouts = []
     for i, response in enumerate(out["responses"]):
         p = prompts[i // n]
         rollouts.append({**p, "k": i % n, "group": i // n, "response_ids": [int(t) for t in response]})
     return rollouts
+
+
+def _generate(pool: RolloutPool, requests: list[dict[str, Any]]) -> tuple[dict[str, Any], str | None]:
+    """The pool's answer, or the failure every rank must agree on (a rank that raised alone would leave the
+    others waiting in the next collective): an actor past its time limit, or one that cannot come back."""
+    try:
+        return pool.generate(requests), None
+    except (ActorCallTimeout, RayActorError) as e:
+        return {"responses": [], "seconds": 0.0, "versions": set()}, str(e)
 
 
 def _agree_stale(w: worker.Worker, versions: set[int], expected: int) -> bool:
@@ -312,8 +322,10 @@ def evaluate_collective(
     ranks (a collective)."""
     correct, failure = 0, None
     if rows:
-        out = pool.generate([{"prompt_ids": list(r["prompt_ids"]), "seed": 0, "greedy": True} for r in rows])
-        if out["versions"] != {expected_version}:
+        out, failure = _generate(
+            pool, [{"prompt_ids": list(r["prompt_ids"]), "seed": 0, "greedy": True} for r in rows]
+        )
+        if failure is None and out["versions"] != {expected_version}:
             failure = f"evaluation used adapter versions {sorted(out['versions'])}, expected {expected_version}"
     worker.agree_failure(w, failure)  # every rank raises, or none
     if rows:
@@ -331,6 +343,7 @@ def sync_adapter_collective(w: worker.Worker, engine: Engine, pool: RolloutPool,
     another raises. Returns (seconds, bytes)."""
     t0 = time.perf_counter()
     state = engine.adapter_state_dict()
+    pool.remember(state, version)  # every rank: an actor that restarts gets it back from the rank that finds it
     failure = None
     if w.rank == 0:
         digest = adapter_digest(state)

@@ -370,26 +370,70 @@ def rollout_memory_fraction(gpu_memory_utilization: float | None, gpus_per_actor
 
 class RolloutPool:
     """The actors one trainer rank uses (`actors_of_rank`): its requests split into one contiguous slice per
-    actor of its own; the adapter (rank 0's sync) sent to every actor."""
+    actor of its own; the adapter (rank 0's sync) sent to every actor.
 
-    def __init__(self, actors: list[Any], rank: int = 0, world: int = 1) -> None:
+    Every rank remembers the adapter of the last sync (`remember`), so that an actor Ray restarted (it comes back
+    with no adapter) gets it again from whichever rank finds out, and the call is asked again
+    (uft_ray.rft.actor_calls): mid-call, or on its next call (version -1), evaluation included. Each call has a
+    time limit, `timeout_s`, whose error names the actor."""
+
+    def __init__(self, actors: list[Any], rank: int = 0, world: int = 1, *, timeout_s: float = 900.0) -> None:
         self.actors = list(actors)
-        self.own = [self.actors[i] for i in actors_of_rank(len(self.actors), rank, world)]
+        self.own_index = actors_of_rank(len(self.actors), rank, world)
+        self.own = [self.actors[i] for i in self.own_index]
+        self.timeout_s = timeout_s
+        self.version: int | None = None
+        self._state: dict[str, Any] | None = None
+        self._ref: Any = None
+
+    def remember(self, state: dict[str, Any], version: int) -> None:
+        """The adapter every actor should hold now (every rank keeps it; rank 0 sends it)."""
+        self._state, self.version, self._ref = state, version, None
+
+    def _adapter_ref(self) -> Any:
+        import ray
+
+        if self._ref is None:
+            self._ref = ray.put(self._state)
+        return self._ref
+
+    def _resend(self, actor: Any) -> Any:
+        """The adapter back into a restarted actor (an ObjectRef), or None before the first sync."""
+        if self._state is None:
+            return None
+        return actor.load_adapter.remote(self._adapter_ref(), self.version)
 
     def generate(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
         """`responses` in request order, `seconds` (the slowest actor's), `versions` (adapter versions used)."""
-        import ray
+        from uft_ray.rft.actor_calls import actor_label, call_all
 
         if not requests:
             return {"responses": [], "seconds": 0.0, "versions": set()}
         n = len(self.own)
         bounds = np.linspace(0, len(requests), n + 1).round().astype(int)
-        calls = [
-            self.own[i].generate.remote(requests[bounds[i] : bounds[i + 1]])
-            for i in range(n)
-            if bounds[i + 1] > bounds[i]
-        ]
-        results = ray.get(calls)
+        busy = [i for i in range(n) if bounds[i + 1] > bounds[i]]
+        actors = [self.own[i] for i in busy]
+        labels = [actor_label(self.own[i], self.own_index[i]) for i in busy]
+        parts = {id(a): requests[bounds[i] : bounds[i + 1]] for a, i in zip(actors, busy, strict=True)}
+
+        def call(actors: list[Any], labels: list[str]) -> list[dict[str, Any]]:
+            return call_all(
+                actors,
+                lambda a: a.generate.remote(parts[id(a)]),
+                what=f"generating {len(requests)} rollouts",
+                timeout_s=self.timeout_s,
+                labels=labels,
+                recover=self._resend,
+            )
+
+        results = call(actors, labels)
+        # An actor restarted between calls answers with no adapter (version -1): the adapter again, then its part.
+        behind = [j for j, r in enumerate(results) if self.version is not None and r["version"] != self.version]
+        if behind:
+            call_all([actors[j] for j in behind], self._resend, what="resending the adapter",
+                     timeout_s=self.timeout_s, labels=[labels[j] for j in behind])  # fmt: skip
+            for j, again in zip(behind, call([actors[j] for j in behind], [labels[j] for j in behind]), strict=True):
+                results[j] = again
         return {
             "responses": [resp for r in results for resp in r["responses"]],
             "seconds": max(r["seconds"] for r in results),
@@ -397,8 +441,15 @@ class RolloutPool:
         }
 
     def load_adapter(self, state: dict[str, Any], version: int) -> list[str]:
-        """Send the adapter once through the object store to every actor; their digests after loading."""
-        import ray
+        """Send the adapter once through the object store to every actor; their digests after loading. An actor
+        that dies while loading is waited for and sent it again."""
+        from uft_ray.rft.actor_calls import call_all
 
-        ref = ray.put(state)
-        return ray.get([a.load_adapter.remote(ref, version) for a in self.actors])
+        self.remember(state, version)
+        ref = self._adapter_ref()
+        return call_all(
+            self.actors,
+            lambda a: a.load_adapter.remote(ref, version),
+            what=f"sending adapter version {version}",
+            timeout_s=self.timeout_s,
+        )
