@@ -15,6 +15,11 @@ is held-out accuracy: greedy answers to prompts no training row has, without hin
 `eval.every` steps. Each arm runs under every seed (`train.seed` and `data.seed`: the LoRA start, the prompt
 order, the hints and the rollouts).
 
+The same command runs the two papers' claims on the real model, SmolLM2-135M-Instruct (the demo's packaged GGUF):
+
+    uft-ray evidence hints-real        # Liu et al. on three-number sums (uft_ray/tasks/sum3.py): the four arms above
+    uft-ray evidence forgetting-real   # Wang et al.: base, sft, sft -> dpo, sft -> una, uft-mix (uft_ray/evidence_real.py)
+
 `forgetting` runs the compare recipe jobs/evidence/forgetting.yaml under every seed on the toy data of
 uft_ray/tasks/toy.py (`write_forgetting_data`): a skill taught by SFT (held-out NLL, `eval/nll/skill`) and
 alignment data that prefers another answer to a look-alike prompt (held-out pair accuracy,
@@ -53,15 +58,24 @@ import yaml
 from uft_ray.config import Config, ConfigError, load_config, validate
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir
 
-RECIPES = {"hints": "jobs/evidence/hints.yaml", "forgetting": "jobs/evidence/forgetting.yaml"}
+RECIPES = {
+    "hints": "jobs/evidence/hints.yaml",
+    "forgetting": "jobs/evidence/forgetting.yaml",
+    "hints-real": "jobs/evidence/hints_real.yaml",
+    "forgetting-real": "jobs/evidence/forgetting_real.yaml",
+}
 METRICS = {
     "hints": {"eval/accuracy": "held-out accuracy (greedy, no hints)"},
+    "hints-real": {"eval/accuracy": "held-out accuracy (greedy, no hints)",
+                   "reward/mean": "training reward (uft: with the hint shown)"},
     "forgetting": {"eval/nll/skill": "skill: held-out NLL per token", "eval/pair_accuracy/align_pairs":
                    "alignment: held-out pair accuracy"},
 }  # fmt: skip
 ROOT = Path(__file__).resolve().parent.parent
 
 N_TRAIN, N_EVAL = 140, 60  # of the 200 (verb, digit) prompts: held-out prompts are pairs no training row has
+REAL_ARMS = ("base", "sft", "sft-dpo", "sft-una", "uft-mix")  # forgetting-real (uft_ray/evidence_real.py)
+SUM3_TRAIN, SUM3_EVAL = 240, 24  # hints-real: the hint_rft demo's triples (uft_ray/tasks/sum3.py)
 # arm: its overrides of the recipe
 HINT_ARMS: dict[str, list[str]] = {
     "uft": ["rft.hint.mode=cosine"],
@@ -160,22 +174,27 @@ def run_hints(
     rl_lr: float | None = None,
     write_data: bool = True,
     sets: list[str] | None = None,
+    real: bool = False,
 ) -> dict:
     """Run every arm under every seed (a finished run is not rerun: the driver resumes it); the curves.
-    `write_data` False: the task files are already in `out` (a seed's process of `--jobs`)."""
+    `write_data` False: the task files are already in `out` (a seed's process of `--jobs`). `real`: Experiment L,
+    SmolLM2-135M-Instruct on three-number sums (uft_ray/tasks/sum3.py) instead of the tiny model on the toy."""
     from uft_ray import driver
-    from uft_ray.demo import ensure_demo_assets
-    from uft_ray.tasks import toy
+    from uft_ray.demo import ensure_demo_assets, ensure_real_demo_assets
+    from uft_ray.tasks import sum3, toy
 
-    assets = ensure_demo_assets(assets_root) if assets_root else ensure_demo_assets()
-    train, held = toy.generate(N_TRAIN, N_EVAL, seed=0)
+    ensure = ensure_real_demo_assets if real else ensure_demo_assets
+    assets = ensure(assets_root) if assets_root else ensure()
+    task = sum3 if real else toy
+    train, held = sum3.generate(SUM3_TRAIN, SUM3_EVAL, seed=0) if real else toy.generate(N_TRAIN, N_EVAL, seed=0)
     files = {"train": str(out / "task" / "train.jsonl"), "eval": str(out / "task" / "eval.jsonl")}
     if write_data:
-        toy.write(train, files["train"])
-        toy.write(held, files["eval"])
+        task.write(train, files["train"])
+        task.write(held, files["eval"])
     arms = arms or list(HINT_ARMS)
-    metric = "eval/accuracy"
-    curves: dict[str, dict[str, list[tuple[int, float]]]] = {arm: {} for arm in arms}
+    name = "hints-real" if real else "hints"
+    metrics = list(METRICS[name])
+    curves: dict[str, dict[str, dict[str, list[tuple[int, float]]]]] = {m: {arm: {} for arm in arms} for m in metrics}
     seconds: dict[str, float] = {}
     for seed in seeds:
         ran: dict[str, str] = {}  # run name: its directory, each run once (a branch's first stage is its parent)
@@ -193,9 +212,10 @@ def run_hints(
             if arm in BRANCHES:  # the parent's run counts up to the branch point: where the second stage starts
                 shares[0] -= shares[1]
             done = [(ran[c.output.run_name], n) for c, n in zip(stages, shares, strict=True)]
-            curves[arm][str(seed)] = stage_curve(done, metric)
+            for metric in metrics:
+                curves[metric][arm][str(seed)] = stage_curve(done, metric)
             seconds[f"{arm}/s{seed}"] = round(time.monotonic() - t0, 1)
-    return {"name": "hints", "seeds": seeds, "metrics": {metric: curves}, "seconds": seconds,
+    return {"name": name, "seeds": seeds, "metrics": curves, "seconds": seconds,
             "n_train": len(train), "n_eval": len(held)}  # fmt: skip
 
 
@@ -390,6 +410,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--assets", default=None, help="the demo assets' root (default: uft-ray demo's)")
     p.add_argument("--results", default=None, help="also write the section of this markdown file (docs/results.md)")
     p.add_argument("--jobs", type=int, default=1, help="seeds run at once, each in its own process (default 1)")
+    p.add_argument(
+        "--probe-rows",
+        default=None,
+        metavar="H,B,S",
+        help="forgetting-real: held-out instruction prompts, bare questions and sums probed (default 30,12,16)",
+    )
     p.add_argument("--part", action="store_true", help=argparse.SUPPRESS)  # one seed's process of --jobs
     args = p.parse_args(argv)
     if args.jobs < 1:
@@ -401,42 +427,63 @@ def main(argv: list[str] | None = None) -> int:
     recipe = args.recipe or str(ROOT / RECIPES[args.name])
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if args.sets:  # a bad key or value fails here, naming it, before any data, model or cluster work
-        first = recipe if args.name == "hints" else str(Path(recipe).with_name(Path(recipe).stem + "_base.yaml"))
+        first = (
+            recipe if args.name.startswith("hints") else str(Path(recipe).with_name(Path(recipe).stem + "_base.yaml"))
+        )
         try:
             load_config(first, args.sets, check_paths=False)
         except ConfigError as e:
             p.exit(2, "uft-ray evidence: --set: " + "; ".join(e.messages) + "\n")
     t0 = time.monotonic()
     arms = [a for a in (args.arms or "").split(",") if a] or None
-    if args.name == "hints" and arms and (unknown := sorted(set(arms) - set(HINT_ARMS))):
-        p.error(f"--arms: unknown {', '.join(unknown)}; use {', '.join(HINT_ARMS)}")
+    known = {"hints": HINT_ARMS, "hints-real": HINT_ARMS, "forgetting-real": REAL_ARMS}.get(args.name)
+    if known and arms and (unknown := sorted(set(arms) - set(known))):
+        p.error(f"--arms: unknown {', '.join(unknown)}; use {', '.join(known)}")
+    sizes = None
+    if args.probe_rows is not None:
+        parts = args.probe_rows.split(",")
+        if len(parts) != 3 or not all(x.strip().isdigit() and int(x) > 0 for x in parts):
+            p.error(f"--probe-rows: three positive integers H,B,S, got {args.probe_rows!r}")
+        sizes = tuple(int(x) for x in parts)
+
+    def experiment(seeds_: list[int], write_data: bool = True) -> dict:
+        if args.name.startswith("hints"):
+            return run_hints(out, seeds_, args.steps, recipe, args.assets, arms, args.rl_lr, write_data, args.sets,
+                             real=args.name == "hints-real")  # fmt: skip
+        if args.name == "forgetting-real":
+            from uft_ray.evidence_real import run_forgetting_real
+
+            return run_forgetting_real(out, seeds_, args.steps, recipe, args.assets, arms, args.sets, sizes,
+                                       write_data)  # fmt: skip
+        return run_forgetting(out, seeds_, args.steps, recipe, args.assets, arms, write_data, args.sets)
+
     if args.part:  # one seed of a fan-out: the data is written, the parent tables and plots
-        if args.name == "hints":
-            result = run_hints(out, seeds, args.steps, recipe, args.assets, arms, args.rl_lr, False, args.sets)
-        else:
-            result = run_forgetting(out, seeds, args.steps, recipe, args.assets, arms, False, args.sets)
+        result = experiment(seeds, False)
         (out / "parts" / f"{args.name}-s{seeds[0]}.json").write_text(json.dumps(result))
         return 0
     if args.jobs > 1 and len(seeds) > 1:
         # the data and the model once, here, before the seeds' processes read them
-        if args.name == "hints":
-            run_hints(out, [], args.steps, recipe, args.assets, arms, args.rl_lr, sets=args.sets)
-        else:
-            run_forgetting(out, [], args.steps, recipe, args.assets, arms, sets=args.sets)
+        experiment([])
         passthrough = [f"--recipe={recipe}", *(f"--set={s}" for s in args.sets)] + [f"--{k.replace('_', '-')}={v}" for k, v in (
-            ("steps", args.steps), ("arms", args.arms), ("rl_lr", args.rl_lr), ("assets", args.assets)) if v is not None]  # fmt: skip
+            ("steps", args.steps), ("arms", args.arms), ("rl_lr", args.rl_lr), ("assets", args.assets),
+            ("probe_rows", args.probe_rows)) if v is not None]  # fmt: skip
         result = fan_out(args.name, seeds, args.jobs, out, passthrough)
-    elif args.name == "hints":
-        result = run_hints(out, seeds, args.steps, recipe, args.assets, arms, args.rl_lr, sets=args.sets)
     else:
-        result = run_forgetting(out, seeds, args.steps, recipe, args.assets, arms, sets=args.sets)
+        result = experiment(seeds)
     result["sets"] = list(args.sets)
     result["wall_s"] = round(time.monotonic() - t0, 1)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
-    labels = METRICS[args.name]
-    plot(result, out / f"{args.name}.png", labels)
-    table = "\n".join(final_table(result, m, label) for m, label in labels.items())
+    if args.name == "forgetting-real":
+        from uft_ray import evidence_real
+
+        labels = evidence_real.METRICS
+        evidence_real.plot_bars(result, out / f"{args.name}.png", labels)
+        table = evidence_real.tables(result)
+    else:
+        labels = METRICS[args.name]
+        plot(result, out / f"{args.name}.png", labels)
+        table = "\n".join(final_table(result, m, label) for m, label in labels.items())
     (out / f"{args.name}.md").write_text(table)
     print(table)
     print(f"[uft-ray] evidence {args.name}: {result['wall_s']:.0f} s; {out / (args.name + '.png')}")
@@ -446,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = f"uft-ray evidence {args.name} --seeds {args.seeds}" + (f" --steps {args.steps}" if args.steps else "")
         cmd += f" --jobs {args.jobs}" if args.jobs != 1 else ""
         cmd += f" --rl-lr {args.rl_lr:g}" if args.rl_lr is not None else ""
+        cmd += f" --probe-rows {args.probe_rows}" if args.probe_rows else ""
         cmd += "".join(f" --set {s}" for s in args.sets)
         body = (f"```bash\n{cmd}     # {result['wall_s'] / 60:.1f} min on this machine\n```\n\n{table}\n"
                 f"![{label}](evidence_{label}.png)\n")  # fmt: skip
