@@ -19,6 +19,7 @@ import pytest
 import torch
 from fixtures.tiny_lora import PAD, Engine, loss_cfg, quiet_collectives, rows, tiny_lora
 
+from uft_ray.train import collectives
 from uft_ray.train import loop as train_loop
 
 REF = (False, False, False)  # adapter off, no grad, below peft's wrapper
@@ -62,7 +63,7 @@ def test_cached_references_need_no_forward():
 
 
 def test_kto_with_accumulation_scores_each_reference_once_before_any_grad_forward(monkeypatch):
-    quiet_collectives(monkeypatch, train_loop)
+    quiet_collectives(monkeypatch, collectives)
     model = tiny_lora()
     events = recorded(model)
     engine = Engine(model, events)
@@ -78,8 +79,8 @@ def test_kto_with_accumulation_scores_each_reference_once_before_any_grad_forwar
 def test_heldout_evaluation_scores_the_reference_first(monkeypatch):
     from types import SimpleNamespace
 
-    quiet_collectives(monkeypatch, train_loop)
-    monkeypatch.setattr(train_loop.dist, "all_gather_object", lambda out, obj: out.__setitem__(0, obj))
+    quiet_collectives(monkeypatch, collectives)
+    monkeypatch.setattr(collectives.dist, "all_gather_object", lambda out, obj: out.__setitem__(0, obj))
     model = tiny_lora()
     events = recorded(model)
     cfg = loss_cfg("sft")

@@ -29,6 +29,7 @@ from fixtures.tiny_lora import (
 
 from uft_ray import losses
 from uft_ray.logprobs import model_sequence_logprobs, model_token_logprobs
+from uft_ray.train import collectives
 from uft_ray.train import loop as train_loop
 
 
@@ -140,8 +141,8 @@ def test_micro_batch_loss_matches_the_full_logits_loss_and_grads(loss_type):
 
 def test_kto_reference_point_reuses_its_references(monkeypatch):
     """With grad_accum > 1 KTO's z pass already scores the reference: z and the losses as on full logits."""
-    monkeypatch.setattr(train_loop.dist, "all_reduce", lambda tensor, op=None: None)  # one rank
-    monkeypatch.setattr(train_loop.ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(collectives.dist, "all_reduce", lambda tensor, op=None: None)  # one rank
+    monkeypatch.setattr(collectives.ray.train.torch, "get_device", lambda: torch.device("cpu"))
     model = tiny_lora()
     cfg = loss_cfg("kto")
     step = [(b, train_loop.collate(b, PAD, torch.device("cpu"), pairs=False)) for b in (rows(), rows(seed=2))]
@@ -231,9 +232,9 @@ class Shard:
 def test_heldout_evaluation_matches_full_logits(monkeypatch):
     from uft_ray.evaluation import heldout
 
-    monkeypatch.setattr(train_loop.dist, "all_reduce", lambda tensor, op=None: None)
-    monkeypatch.setattr(train_loop.dist, "all_gather_object", lambda out, obj: out.__setitem__(0, obj))
-    monkeypatch.setattr(train_loop.ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(collectives.dist, "all_reduce", lambda tensor, op=None: None)
+    monkeypatch.setattr(collectives.dist, "all_gather_object", lambda out, obj: out.__setitem__(0, obj))
+    monkeypatch.setattr(collectives.ray.train.torch, "get_device", lambda: torch.device("cpu"))
     seen = []  # the per-row records the metrics are computed from (rewards are differences: compare their inputs)
     monkeypatch.setattr(heldout, "metrics", lambda records, cfg: seen.extend(records) or {})
     model = tiny_lora()

@@ -30,6 +30,7 @@ from fixtures.tiny_lora import (
 from uft_ray import losses
 from uft_ray.packing import SEGMENT_ATTENTION, common_prefix, key_groups, pack, pair_groups, register_segment_attention
 from uft_ray.packing import args as packing_args
+from uft_ray.train import collectives
 from uft_ray.train import loop as train_loop
 
 CPU = torch.device("cpu")
@@ -185,8 +186,8 @@ def test_three_steps_with_accumulation_packed_equal_padded():
 
 
 def test_kto_reference_point_packed_equals_padded(monkeypatch):
-    monkeypatch.setattr(train_loop.dist, "all_reduce", lambda tensor, op=None: None)  # one rank
-    monkeypatch.setattr(train_loop.ray.train.torch, "get_device", lambda: CPU)
+    monkeypatch.setattr(collectives.dist, "all_reduce", lambda tensor, op=None: None)  # one rank
+    monkeypatch.setattr(collectives.ray.train.torch, "get_device", lambda: CPU)
     model = tiny_lora(attn=SEGMENT_ATTENTION)
     cfg = loss_cfg("kto")
     out = []
@@ -248,9 +249,9 @@ def test_reference_scorer_packed_equals_padded(tmp_path):
 def test_heldout_evaluation_packed_equals_padded(monkeypatch):
     from uft_ray.evaluation import heldout
 
-    monkeypatch.setattr(train_loop.dist, "all_reduce", lambda tensor, op=None: None)
-    monkeypatch.setattr(train_loop.dist, "all_gather_object", lambda out, obj: out.__setitem__(0, obj))
-    monkeypatch.setattr(train_loop.ray.train.torch, "get_device", lambda: CPU)
+    monkeypatch.setattr(collectives.dist, "all_reduce", lambda tensor, op=None: None)
+    monkeypatch.setattr(collectives.dist, "all_gather_object", lambda out, obj: out.__setitem__(0, obj))
+    monkeypatch.setattr(collectives.ray.train.torch, "get_device", lambda: CPU)
     seen: list[list[dict]] = []
     monkeypatch.setattr(heldout, "metrics", lambda records, cfg: seen.append(records) or {})
     model = tiny_lora(attn=SEGMENT_ATTENTION)

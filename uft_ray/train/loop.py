@@ -18,14 +18,12 @@ before the restored step are skipped, so nothing is trained twice.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 
 from uft_ray import packing as packing_lib
 from uft_ray.config import Config
@@ -35,7 +33,6 @@ from uft_ray.losses import (
     dpo_loss,
     kto_loss,
     per_source_metrics,
-    rank_scale,
     sft_loss,
     sft_row_saturation,
     uft_loss,
@@ -44,6 +41,14 @@ from uft_ray.losses import (
 from uft_ray.reference.adapter_off import adapter_off_logprobs
 from uft_ray.schema import REF_LOGP, REF_LOGP_REJECTED
 from uft_ray.train import worker
+from uft_ray.train.batches import check_plan_position, pad_batch, planned_batches
+from uft_ray.train.collectives import (
+    backward_scale,
+    evaluation_due,
+    max_collective,
+    records_collective,
+    sum_collective,
+)
 from uft_ray.train.engine import Engine
 from uft_ray.train.nonfinite import Skips, StepWatch, optimizer_step
 
@@ -63,7 +68,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         w,
         initial_state=_initial_state(cfg, sources),
         optimizer_steps=total_steps,
-        feed=lambda start: _planned_micro_batches(shard, start, mb),
+        feed=lambda start: planned_batches(shard, start, mb, prefetch_batches=2),
     )
     heldout = ray.train.get_dataset_shard(f"eval_{rank}") if config.get("heldout") else None
     if heldout is not None and start == 0:  # the baseline: the policy is still the reference (r = 0)
@@ -91,11 +96,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t0 = time.perf_counter()
             batch = next(batches)
             acc.wait_s += time.perf_counter() - t0
-            _check_plan_position(batch, step, micro, rank)
+            check_plan_position(batch, step, micro, rank)
             tensors = collate(batch, config["pad_id"], device, pairs=cfg.loss.type == "dpo", packing=packing)
             step_batches.append((batch, tensors))
         kto_z, refs = kto_reference_point(engine, cfg, step_batches) if cfg.loss.type == "kto" else (None, None)
-        step_tokens = step_token_count(cfg, step_batches, device)
+        step_tokens = step_token_count(cfg, step_batches)
         watch = StepWatch()
         for micro, (batch, tensors) in enumerate(step_batches):
             ref = refs[micro] if refs else None
@@ -129,8 +134,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if skips is not None:
             row = skips.after(row, watch.skipped, said)
             state["nonfinite_skipped"] = skips.total
-        every = cfg.eval.every
-        if heldout is not None and ((every and (step + 1) % every == 0) or step + 1 == total_steps):
+        if heldout is not None and evaluation_due(cfg.eval.every, step + 1, total_steps):
             t_eval = time.perf_counter()
             row.update(evaluate_collective(engine, cfg, heldout, config["pad_id"], world))
             row["time/eval_s"] = time.perf_counter() - t_eval  # not part of step_time_s
@@ -148,37 +152,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Data: the planned micro-batches of this rank, padded per micro-batch.
-
-
-def _planned_micro_batches(shard: Any, start: int, micro_batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Micro-batches of this rank in plan order; those of steps before `start` (a restarted attempt) skipped."""
-    for batch in shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", prefetch_batches=2):
-        if int(batch["step"][0]) >= start:
-            yield batch
-
-
-def _check_plan_position(batch: dict[str, np.ndarray], step: int, micro: int, rank: int) -> None:
-    # The whole exact-resume guarantee rests on this order: fail loudly rather than train the wrong rows.
-    steps, micros, slots = batch["step"], batch["micro"], batch["slot"]
-    if not ((steps == step).all() and (micros == micro).all() and (slots == np.arange(len(slots))).all()):
-        raise RuntimeError(
-            f"rank {rank}: expected plan step {step} micro-batch {micro}, got steps {steps.tolist()} "
-            f"micro {micros.tolist()} slots {slots.tolist()}: the data did not arrive in plan order"
-        )
-
-
-def _pad(seqs: list[np.ndarray], starts: list[int], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence here; the loss mask covers the response tokens (and EOS)."""
-    longest = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(seqs), longest), dtype=torch.long)
-    loss_mask = torch.zeros((len(seqs), longest), dtype=torch.long)
-    for i, (s, r) in enumerate(zip(seqs, starts, strict=True)):
-        ids[i, : len(s)] = torch.as_tensor(np.asarray(s, dtype=np.int64))
-        attention[i, : len(s)] = 1
-        loss_mask[i, int(r) : len(s)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": attention.to(device), "loss_mask": loss_mask.to(device)}
+# Data: a micro-batch of this rank's feed (uft_ray.train.batches), padded or packed.
 
 
 def collate(
@@ -198,7 +172,10 @@ def collate(
     if pairs:
         seqs += list(batch["rejected_input_ids"])
         starts += [int(x) for x in batch["rejected_response_start"]]
-    out: dict[str, Any] = _pad(seqs, starts, pad_id, device)
+    # the loss mask covers the response tokens (and EOS)
+    out: dict[str, Any] = pad_batch(
+        seqs, pad_id, device, {"loss_mask": [(r, len(s)) for s, r in zip(seqs, starts, strict=True)]}
+    )
     out["tokens"] = out["computed"] = int(sum(len(s) for s in seqs))
     out["padded"] = int(out["input_ids"].numel())
     if packing is not None:
@@ -255,9 +232,8 @@ def kto_reference_point(
             ref = ref.to(policy.device)
             total += torch.tensor([float((policy.double() - ref.double()).sum()), float(len(batch["row_id"]))])
             refs.append(ref)
-    total = total.to(ray.train.torch.get_device())
-    dist.all_reduce(total)
-    return float(total[0] / total[1]), refs
+    logratio, rows = sum_collective(total.tolist())
+    return logratio / rows, refs
 
 
 def scored_tokens(tensors: dict[str, Any]) -> int:
@@ -266,13 +242,12 @@ def scored_tokens(tensors: dict[str, Any]) -> int:
     return int((tensors["loss_mask"][:, 1:] != 0).sum())
 
 
-def step_token_count(cfg: Config, step_batches: list[tuple[dict, dict]], device: torch.device) -> int | None:
+def step_token_count(cfg: Config, step_batches: list[tuple[dict, dict]]) -> int | None:
     """The scored tokens of the whole optimizer step (every rank, every micro-batch: a collective) for the sft
     loss's token reduction, whose denominator they are; None for every other loss (rows are the unit)."""
     if cfg.loss.type != "sft" or cfg.loss.sft_reduction != "token":
         return None
-    count = torch.tensor([sum(scored_tokens(t) for _, t in step_batches)], dtype=torch.int64, device=device)
-    dist.all_reduce(count)
+    (count,) = sum_collective([sum(scored_tokens(t) for _, t in step_batches)])
     return int(count)
 
 
@@ -280,10 +255,11 @@ def loss_scale(
     cfg: Config, batch: dict[str, np.ndarray], tensors: dict[str, Any], step_tokens: int | None, world: int, ga: int
 ) -> float:
     """The factor on a micro-batch's loss that makes DeepSpeed's averaging give the global batch's mean
-    (uft_ray.losses.rank_scale): over rows, or over scored tokens for the sft token reduction (`step_tokens`)."""
+    (uft_ray.train.collectives.backward_scale): over rows, or over scored tokens for the sft token reduction
+    (`step_tokens`)."""
     if step_tokens is not None:
-        return rank_scale(scored_tokens(tensors), step_tokens, world, ga)
-    return rank_scale(len(batch["row_id"]), cfg.train.global_batch_size, world, ga)
+        return backward_scale(world, ga, scored_tokens(tensors), step_tokens)
+    return backward_scale(world, ga, len(batch["row_id"]), cfg.train.global_batch_size)
 
 
 def micro_batch_loss(
@@ -323,9 +299,8 @@ def micro_batch_loss(
     score = torch.as_tensor(batch["score"].astype(np.float64), device=device)
     if loss_type == "kto":
         if kto_z is None:  # every rank's micro-batch is the step: all-reduce z from this forward
-            stats = torch.tensor([float((policy.detach() - ref).sum()), float(n)], dtype=torch.float64, device=device)
-            dist.all_reduce(stats)
-            kto_z = float(stats[0] / stats[1])
+            logratio, rows = sum_collective([float((policy.detach() - ref).sum()), float(n)])
+            kto_z = logratio / rows
         return kto_loss(
             policy, ref, score >= 0.5, beta, kl=kto_z,
             desirable_weight=cfg.loss.kto_desirable_weight, undesirable_weight=cfg.loss.kto_undesirable_weight,
@@ -354,8 +329,7 @@ def evaluate_collective(engine: Engine, cfg: Config, shard: Any, pad_id: int, wo
         for flag in (False, True):
             if is_pair[is_pair == flag].size:
                 parts.append(({k: v[is_pair == flag] for k, v in batch.items()}, flag))
-    count = torch.tensor([len(parts)], dtype=torch.int64, device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    (count,) = max_collective([len(parts)])
     records: list[dict[str, Any]] = []
     engine.train(False)
     with torch.no_grad():
@@ -391,9 +365,7 @@ def evaluate_collective(engine: Engine, cfg: Config, shard: Any, pad_id: int, wo
                             "n_tokens_rejected": int(n_tokens[n + j])}  # fmt: skip
                 records.append(rec)
     engine.train(True)
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, records)
-    return heldout.metrics([r for g in gathered for r in g], cfg)
+    return heldout.metrics([r for g in records_collective(records, world) for r in g], cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -433,8 +405,7 @@ class _StepRecord:
 
 def _aggregate_collective(acc: _StepRecord, world: int) -> dict[str, Any]:
     """Gather every rank's record; every rank gets the same global result."""
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, acc.__dict__)
+    gathered = records_collective(acc.__dict__, world)
     sources = [s for g in gathered for s in g["sources"]]
     rows = {k: torch.tensor([v for g in gathered for v in g["rows"].get(k, [])]) for k in gathered[0]["rows"]}
     return {
