@@ -431,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             recipe if args.name.startswith("hints") else str(Path(recipe).with_name(Path(recipe).stem + "_base.yaml"))
         )
         try:
-            load_config(first, args.sets, check_paths=False)
+            # the task files are the command's to write: a stand-in path for the check
+            task = ["rft.path=task/train.jsonl", "rft.eval_path=task/eval.jsonl"] if args.name == "hints-real" else []
+            load_config(first, [*task, *args.sets], check_paths=False)
         except ConfigError as e:
             p.exit(2, "uft-ray evidence: --set: " + "; ".join(e.messages) + "\n")
     t0 = time.monotonic()

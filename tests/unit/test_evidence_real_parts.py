@@ -130,4 +130,9 @@ def test_the_real_experiments_refuse_unknown_arms_and_bad_probe_rows(tmp_path, c
     with pytest.raises(SystemExit):
         evidence.main(["forgetting-real", "--probe-rows", "3,0,1", "--out", str(tmp_path)])
     assert "--probe-rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the task files are the command's: the check stands in for them
+        evidence.main(
+            ["hints-real", "--set", "rft.hint_coef=0.001", "--set", "rft.nonesuch=1", "--out", str(tmp_path)]
+        )
+    assert e.value.code == 2 and "rft.nonesuch: unknown key" in capsys.readouterr().err
     assert not any(Path(tmp_path).iterdir())  # refused before any work
