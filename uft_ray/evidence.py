@@ -74,7 +74,6 @@ METRICS = {
 ROOT = Path(__file__).resolve().parent.parent
 
 N_TRAIN, N_EVAL = 140, 60  # of the 200 (verb, digit) prompts: held-out prompts are pairs no training row has
-REAL_ARMS = ("base", "sft", "sft-dpo", "sft-una", "uft-mix")  # forgetting-real (uft_ray/evidence_real.py)
 SUM3_TRAIN, SUM3_EVAL = 240, 24  # hints-real: the hint_rft demo's triples (uft_ray/tasks/sum3.py)
 # arm: its overrides of the recipe
 HINT_ARMS: dict[str, list[str]] = {
@@ -438,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
             p.exit(2, "uft-ray evidence: --set: " + "; ".join(e.messages) + "\n")
     t0 = time.monotonic()
     arms = [a for a in (args.arms or "").split(",") if a] or None
-    known = {"hints": HINT_ARMS, "hints-real": HINT_ARMS, "forgetting-real": REAL_ARMS}.get(args.name)
+    from uft_ray import evidence_real
+
+    known = {"hints": HINT_ARMS, "hints-real": HINT_ARMS, "forgetting-real": evidence_real.ARMS}.get(args.name)
     if known and arms and (unknown := sorted(set(arms) - set(known))):
         p.error(f"--arms: unknown {', '.join(unknown)}; use {', '.join(known)}")
     sizes = None
@@ -453,10 +454,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_hints(out, seeds_, args.steps, recipe, args.assets, arms, args.rl_lr, write_data, args.sets,
                              real=args.name == "hints-real")  # fmt: skip
         if args.name == "forgetting-real":
-            from uft_ray.evidence_real import run_forgetting_real
 
-            return run_forgetting_real(out, seeds_, args.steps, recipe, args.assets, arms, args.sets, sizes,
-                                       write_data)  # fmt: skip
+            def make_recipe(seed: int, data: Path, model: str) -> Any:
+                return forgetting_recipe(out, seed, recipe, data, model, args.steps, args.sets)
+
+            return evidence_real.run_forgetting_real(out, seeds_, make_recipe, args.assets, arms, sizes, write_data)
         return run_forgetting(out, seeds_, args.steps, recipe, args.assets, arms, write_data, args.sets)
 
     if args.part:  # one seed of a fan-out: the data is written, the parent tables and plots
@@ -477,11 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=1))
     if args.name == "forgetting-real":
-        from uft_ray import evidence_real
-
         labels = evidence_real.METRICS
         evidence_real.plot_bars(result, out / f"{args.name}.png", labels)
-        table = evidence_real.tables(result)
+        table = evidence_real.tables(result, final_table)
     else:
         labels = METRICS[args.name]
         plot(result, out / f"{args.name}.png", labels)

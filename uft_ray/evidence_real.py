@@ -27,12 +27,11 @@ import json
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from uft_ray.evidence import REAL_ARMS as ARMS
-from uft_ray.evidence import final_table, forgetting_recipe
-
+ARMS = ("base", "sft", "sft-dpo", "sft-una", "uft-mix")
 METRICS = {
     "probe/instructions": "held-out instructions passed (all families)",
     "probe/length_limited": "held-out 'at most N words' + 'one sentence' passed",
@@ -176,18 +175,17 @@ def _first(run_dir: str, metric: str) -> float | None:
 def run_forgetting_real(
     out: Path,
     seeds: list[int],
-    steps: int | None,
-    recipe: str,
+    make_recipe: Callable[[int, Path, str], Any],
     assets_root: str | None,
     arms: list[str] | None,
-    sets: list[str] | None = None,
     sizes: tuple[int, ...] | None = None,
     write: bool = True,
 ) -> dict:
-    """Every arm under every seed through the compare recipe (one Ray for all), each arm's final adapter probed;
-    the base model probed once (greedy: the same for every seed). Each metric as a one-point curve per arm and seed
-    (its value after the arm's last step), so uft_ray.evidence's table makes the table. `sizes`: the held-out
-    instruction prompts, bare questions and sums probed; `write` False: the data is already in `out`."""
+    """Every arm under every seed through the compare recipe `make_recipe(seed, data, model)` gives (one Ray for
+    all), each arm's final adapter probed; the base model probed once (greedy: the same for every seed). Each metric
+    as a one-point curve per arm and seed (its value after the arm's last step), the shape of uft_ray.evidence's
+    curves. `sizes`: the held-out instruction prompts, bare questions and sums probed; `write` False: the data is
+    already in `out`."""
     from uft_ray import compare
     from uft_ray.demo import ensure_real_demo_assets
     from uft_ray.run_dir import RunDir
@@ -205,7 +203,7 @@ def run_forgetting_real(
                               "seconds": {}, "kappa": {}, "families": {}, "sizes": list(sizes)}  # fmt: skip
     for seed in seeds:
         t0 = time.monotonic()
-        rec = forgetting_recipe(out, seed, recipe, data, assets["model"], steps, sets)
+        rec = make_recipe(seed, data, assets["model"])
         rec.arms = [a for a in rec.arms if a.name in wanted]
         compare.run_arms(rec)
         compare.write_tables(rec)
@@ -288,9 +286,9 @@ def family_table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tables(result: dict[str, Any]) -> str:
-    """Markdown: each metric's value after each arm's last step (mean, range, per seed), UFT-mix's kappa, and the
-    held-out pass rate per family."""
+def tables(result: dict[str, Any], final_table: Callable[[dict, str, str], str]) -> str:
+    """Markdown: each metric's value after each arm's last step (`final_table`: mean, range, per seed), UFT-mix's
+    kappa, and the held-out pass rate per family."""
     import statistics
 
     parts = [final_table(result, m, label) for m, label in METRICS.items() if result["metrics"].get(m)]

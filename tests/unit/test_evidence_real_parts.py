@@ -74,7 +74,7 @@ RESULT = {
 
 
 def test_the_tables_give_mean_range_seeds_kappa_and_families(tmp_path):
-    text = evidence_real.tables(RESULT)
+    text = evidence_real.tables(RESULT, evidence.final_table)
     assert "| sft | 0.800 | 0.700 - 0.900 | 0.900 | 0.700 |" in text
     assert "| base | 0.200 | 0.200 - 0.200 | 0.200 | 0.200 |" in text
     assert "mean 0.600, range 0.500 - 0.700" in text
