@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from uft_ray import driver, methods
 from uft_ray.config import ConfigError, load_config
 
 
@@ -56,17 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     if c1.method != c2.method:
         print(f"the stages must share a method, got {c1.method} then {c2.method}", file=sys.stderr)
         return 2
-    if c1.method == "hint_rft" and c1.rft.objective != "sft":
-        print(f"stage 1 config {args.stage1}: rft.objective must be sft, got {c1.rft.objective}", file=sys.stderr)
-        return 2
-    if c1.method == "uft" and c1.loss.type != "sft":
-        print(f"stage 1 config {args.stage1}: loss.type must be sft, got {c1.loss.type}", file=sys.stderr)
+    if (why := methods.of(c1).first_stage_problem(c1)) is not None:
+        print(f"stage 1 config {args.stage1}: {why}", file=sys.stderr)
         return 2
     if c1.output.run_dir == c2.output.run_dir:
         print("the two stages need different output.run_name values (they would share a run dir)", file=sys.stderr)
         return 2
-
-    from uft_ray import driver
 
     try:
         results = driver.run_sequential(c1, c2)

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from uft_ray import driver
 from uft_ray.config import Config, apply_override, load_config
+from uft_ray.ray_utils import VERBOSE_ENV
 
 if TYPE_CHECKING:  # Ray is imported only when a job is submitted or run
     from ray.job_submission import JobSubmissionClient
@@ -132,7 +134,6 @@ def run(config: Config | dict | str | os.PathLike, overrides: Sequence[str] | No
     Returns the driver's `RunResult` (`run_dir`, `adapter_dir`, `metrics_path`, ...).
     """
     cfg = resolve_config(config, overrides)
-    from uft_ray import driver
 
     return driver.run(cfg)
 
@@ -424,8 +425,6 @@ def submit(
         raise ValueError(f"not set in this environment, so not passed to the job: {', '.join(missing)}")
     env_vars.update({n: os.environ[n] for n in env})
     if verbose:
-        from uft_ray.ray_utils import VERBOSE_ENV
-
         env_vars[VERBOSE_ENV] = "1"
     pats = list(renv.get("excludes") or []) + list(excludes)
     sp = cfg.output.storage_path

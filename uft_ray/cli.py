@@ -28,25 +28,27 @@ import time
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
-from uft_ray import storage
+from uft_ray import compare, driver, methods, storage
 from uft_ray.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_error, err
 from uft_ray.cli_eval import cmd_eval
 from uft_ray.cli_jobs import cmd_logs, cmd_status, cmd_stop, cmd_submit
 from uft_ray.cli_models import add_models_parser
 from uft_ray.cli_tasks import add_tasks_parser
+from uft_ray.cluster_spec import check_file, file_worker_cpus, never_fits, read_cluster_file
 from uft_ray.config import Config, ConfigError, load_config
-from uft_ray.demo import DEMO_ROOT, demo_config_text, demo_overrides
-from uft_ray.demo.before_after import demo_checks
+from uft_ray.console import marked, number
+from uft_ray.data.prepared import read_summary
+from uft_ray.demo import CONFIGS, DEMO_ROOT, demo_config_text, demo_overrides, ensure_demo_assets
 from uft_ray.evaluation.presets import PRESETS
 from uft_ray.model_gguf import GGUFError
+from uft_ray.ray_utils import VERBOSE_ENV, init_ray
+from uft_ray.report import write_report
 from uft_ray.run_dir import RunDir
-
-if TYPE_CHECKING:  # pragma: no cover
-    from uft_ray.driver import RunResult
+from uft_ray.train.plan import read_plan_summary
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -63,21 +65,7 @@ def _load(args: argparse.Namespace, *, check_paths: bool = True) -> Config:
 
 
 def _summary_line(cfg: Config) -> str:
-    if cfg.method == "hint_rft":
-        r = cfg.rft
-        return (
-            f"model {cfg.model.path}; hint_rft on {r.task} (hints {r.hint.mode}, T_hint {r.hint.t_hint}); "
-            f"{r.prompts_per_step} prompts x {r.n} rollouts a step; {cfg.train.num_workers} "
-            f"{'GPU' if cfg.train.use_gpu else 'CPU'} workers; run dir {cfg.output.run_dir}"
-        )
-    m = cfg.mixture.counts or {k: f"{v:g}x{cfg.mixture.total}" for k, v in (cfg.mixture.ratios or {}).items()}
-    mix = ", ".join(f"{k} {v}" for k, v in m.items())
-    beta = f" (beta {cfg.loss.beta:g})" if cfg.needs_reference else ""
-    return (
-        f"model {cfg.model.path}; loss {cfg.loss.type}{beta}; mixture {mix}; "
-        f"{cfg.train.num_workers} {'GPU' if cfg.train.use_gpu else 'CPU'} workers, ZeRO-{cfg.train.deepspeed.zero_stage}"
-        f"; run dir {cfg.output.run_dir}"
-    )
+    return methods.of(cfg).summary_line(cfg)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -95,8 +83,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def _validate_cluster(cfg: Config, args: argparse.Namespace) -> int:
     """`validate --cluster FILE`: the file's nodes, then one line per phase; exit 2 when a phase can never fit."""
-    from uft_ray.cluster_spec import check_file, file_worker_cpus, never_fits, read_cluster_file
-
     try:
         spec = read_cluster_file(args.cluster)
     except ConfigError as e:
@@ -115,7 +101,7 @@ def _validate_cluster(cfg: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_result(result: RunResult) -> None:
+def _print_result(result: driver.RunResult) -> None:
     print()
     print(f"run finished: {result.run_dir}")
     print(f"  adapter   {result.adapter_dir}")
@@ -123,23 +109,18 @@ def _print_result(result: RunResult) -> None:
     print(f"  report    {result.report_path or '(not written: rebuild with `uft-ray report RUN_DIR`)'}")
 
 
-def _fmt(m: dict[str, Any], key: str, spec: str) -> str | None:
-    """`m[key]` formatted, or None when the row has no number there (absent, null, a string)."""
-    v = m.get(key)
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return None
-    return format(v, spec)
-
-
 class _Progress:
     """One line per optimizer step, read from metrics.jsonl (rank 0 writes it) while the driver trains.
 
-    Tailing the file keeps the training loop free of printing and shows the same numbers the report plots.
+    Tailing the file keeps the training loop free of printing and shows the same numbers the report plots. The
+    step, the loss, each source's terms and the throughput are every method's; the rest is the method's own
+    (`Method.progress`): `method`, or the method whose metric names the row carries (`Method.metrics`).
     """
 
-    def __init__(self, run_dir: str, sources: list[str], poll_s: float = 1.0) -> None:
+    def __init__(self, run_dir: str, sources: list[str], poll_s: float = 1.0,
+                 method: methods.Method | None = None) -> None:  # fmt: skip
         self.run = RunDir(run_dir)
-        self.sources, self.poll_s = sources, poll_s
+        self.sources, self.poll_s, self.method = sources, poll_s, method
         self.last = self._steps_in_file()  # a resumed run prints only its new steps
         self.total: int | None = None
         self._first: tuple[int, float] | None = None  # (step, when) of the first step line: the pace for the ETA
@@ -153,47 +134,41 @@ class _Progress:
     def _total(self) -> int | None:
         if self.total is None and storage.is_file(self.run.plan):
             try:
-                from uft_ray.train.plan import read_plan_summary
-
                 self.total = read_plan_summary(self.run.plan).steps
             except Exception:  # the plan is being written, or another format: show the step alone
                 return None
         return self.total
+
+    def _method_of(self, m: dict[str, Any]) -> methods.Method | None:
+        if self.method is None:
+            known = [methods.get(name) for name in methods.names()]
+            self.method = next((k for k in known if any(name in m for name in k.metrics)), None)
+        return self.method
 
     def line(self, m: dict[str, Any]) -> str:
         """The step's line from whatever the row holds: a term a config leaves out (hint_rft's `kl` at
         rft.kl_coef 0, `hint_nll` with no hint revealed) or a value that is not a number is left out."""
         total = self._total()
         parts = [f"step {m.get('step')}" + (f"/{total}" if total else "")]
-        if (loss := _fmt(m, "loss", ".4f")) is not None:
+        if (loss := number(m, "loss", ".4f")) is not None:
             parts.append(f"loss {loss}")
         for s in self.sources:
             bits = [s]
-            if (v := _fmt(m, f"loss/{s}", ".4f")) is not None:
+            if (v := number(m, f"loss/{s}", ".4f")) is not None:
                 bits.append(f"loss {v}")
-            if (v := _fmt(m, f"reward/{s}", "+.3f")) is not None:
+            if (v := number(m, f"reward/{s}", "+.3f")) is not None:
                 bits.append(f"r {v}")
-            if (v := _fmt(m, f"mixture/{s}/cumulative", ".2f")) is not None:
-                target = _fmt(m, f"mixture/{s}/target", ".2f")
+            if (v := number(m, f"mixture/{s}/cumulative", ".2f")) is not None:
+                target = number(m, f"mixture/{s}/target", ".2f")
                 bits.append(f"share {v}" + (f" (target {target})" if target is not None else ""))
             if len(bits) > 1:
                 parts.append(" ".join(bits))
-        if "reward/mean" in m:  # hint_rft
-            names = (("reward", "reward/mean", ".3f"), ("acc", "reward/accuracy", ".3f"),
-                     ("format", "reward/format", ".3f"))  # fmt: skip
-            parts.append(" ".join(f"{n} {v}" for n, k, f in names if (v := _fmt(m, k, f)) is not None))
-            share, nll, kl = _fmt(m, "hint/share", ".2f"), _fmt(m, "hint_nll", ".3f"), _fmt(m, "kl", ".4f")
-            if share is not None:
-                parts.append(f"hint {share}" + (f" nll {nll}" if nll is not None else ""))
-            if kl is not None:  # only with a KL term (rft.kl_coef > 0)
-                parts.append(f"kl {kl}")
-            if (v := _fmt(m, "time/generate_frac", ".0%")) is not None:
-                parts.append(f"generate {v}")
-            if (v := _fmt(m, "eval/accuracy", ".3f")) is not None:
-                parts.append(f"eval/accuracy {v}")
-        if (v := _fmt(m, "tokens_per_s", ".0f")) is not None:
+        method = self._method_of(m)
+        if method is not None:
+            parts += method.progress(m)
+        if (v := number(m, "tokens_per_s", ".0f")) is not None:
             parts.append(f"{v} tok/s")
-        return "[uft-ray] " + " | ".join(p for p in parts if p)
+        return marked(" | ".join(p for p in parts if p))
 
     def eta(self, step: int, now: float) -> str | None:
         """Time left at this run's pace so far, e.g. `eta 3m05s`; None before a second step or a known total."""
@@ -237,8 +212,6 @@ class _Progress:
 @contextlib.contextmanager
 def _verbose(on: bool) -> Iterator[None]:
     """`--verbose`: Ray's own output (progress bars, Ray Data's banners) stays, for this command only."""
-    from uft_ray.ray_utils import VERBOSE_ENV
-
     before = os.environ.get(VERBOSE_ENV)
     if on:
         os.environ[VERBOSE_ENV] = "1"
@@ -252,10 +225,9 @@ def _verbose(on: bool) -> Iterator[None]:
 
 
 def _run(cfg: Config, verbose: bool = False) -> int:
-    from uft_ray import driver
-
     try:
-        with _verbose(verbose), _Progress(cfg.output.run_dir, [src.name for src in cfg.data.sources]):
+        sources = [src.name for src in cfg.data.sources]
+        with _verbose(verbose), _Progress(cfg.output.run_dir, sources, method=methods.of(cfg)):
             result = driver.run(cfg)
     except KeyboardInterrupt:
         err("interrupted; rerun the same command to resume from the last checkpoint")
@@ -298,13 +270,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except GGUFError as e:
         err(str(e))
         return EXIT_USAGE
-    what = (
-        f"  a rollout actor pool samples {cfg.rft.n} continuations of each prompt + hint, a verifier scores them, "
-        f"and {cfg.train.num_workers} DeepSpeed worker(s) with LoRA train GRPO + the hint NLL."
-        if cfg.method == "hint_rft"
-        else f"  reference log-probs by a Ray actor pool, then {cfg.train.num_workers} DeepSpeed worker(s) "
-        f"(ZeRO stage {cfg.train.deepspeed.zero_stage}) with LoRA train on the mixed UltraChat + HelpSteer2 rows."
-    )
+    method = methods.of(cfg)
+    what = f"  {method.demo_text(cfg)}"
     print(
         f"  ready in {time.monotonic() - t0:.0f} s.\n"
         f"uft-ray demo: a real {cfg.method} run on a local Ray cluster: {_summary_line(cfg)}\n{what}\n"
@@ -313,7 +280,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     rc = _run(cfg, args.verbose)
     if rc == EXIT_OK and not args.tiny:
-        rc = demo_checks(cfg, root)
+        rc = method.demo_checks(cfg, root)
     if rc == EXIT_OK:
         print(f"demo done in {time.monotonic() - t0:.0f} s. Open the report in a browser; rerun with "
               "`uft-ray demo train.max_steps=...` or any other key=value override.")  # fmt: skip
@@ -325,19 +292,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         cfg = _load(args)
     except ConfigError as e:
         return config_error(e, args.config)
-    from uft_ray.data.pipeline import prepare
-    from uft_ray.data.prepared import read_summary
-    from uft_ray.ray_utils import init_ray
+    from uft_ray.data.pipeline import prepare  # imports Ray (Ray Data): only for this command
+    from uft_ray.uft.driver import write_prepared_key  # imports the reference scorer (torch): likewise
 
     out = args.out if storage.is_remote(args.out) else os.path.abspath(os.path.expanduser(args.out))
     try:
         init_ray(cfg.ray)
         summary = prepare(cfg, out)
-        from uft_ray.driver import write_prepared_key
-
         write_prepared_key(cfg, out)  # a run given these rows checks they were made for its config
-        if cfg.needs_reference and cfg.reference.mode == "actor" and cfg.reference.run == "precompute":
-            from uft_ray.reference import attach_reference
+        if cfg.reference_from_cache and cfg.reference.run == "precompute":
+            from uft_ray.reference import attach_reference  # imports the reference scorer (torch)
 
             attach_reference(cfg, out)
             summary = read_summary(out)
@@ -353,15 +317,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from uft_ray import compare
-
     try:
         recipe = compare.load_recipe(args.recipe, list(args.overrides), check_paths=not args.demo_assets)
     except ConfigError as e:
         return config_error(e, args.recipe)
     if args.demo_assets:  # the demo recipe points at the demo's tiny model and shards: make them first
-        from uft_ray.demo import ensure_demo_assets
-
         ensure_demo_assets()
         try:
             recipe = compare.load_recipe(args.recipe, list(args.overrides))
@@ -389,8 +349,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from uft_ray.report import write_report
-
     if not storage.is_dir(args.run_dir):
         err(f"{args.run_dir}: not a directory (give a run directory: {{output.storage_path}}/{{output.run_name}})")
         return EXIT_USAGE
@@ -470,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
             "  uft-ray demo loss.type=una_bce output.run_name=demo-una\n"
             "  uft-ray demo --method hint_rft train.max_steps=4")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of the demo config")
-    p.add_argument("--method", choices=("uft", "hint_rft"), default="uft",
-                   help="uft: the offline UFT run (default); hint_rft: hint-guided SFT + RFT")  # fmt: skip
+    p.add_argument("--method", choices=list(CONFIGS), default="uft",
+                   help="; ".join(f"{m}: {methods.get(m).help}" for m in CONFIGS))  # fmt: skip
     p.add_argument("--tiny", action="store_true",
                    help="the tiny random-init Qwen2 and synthetic shards instead of SmolLM2 (seconds a step)")  # fmt: skip
     p.add_argument("--out", metavar="DIR", help=f"where the tiny assets and runs/ go (default: assets in {DEMO_ROOT}, "
@@ -582,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_evidence(args: argparse.Namespace) -> int:
-    from uft_ray import evidence
+    from uft_ray import evidence  # its experiments import torch: only for this command
 
     return evidence.main(list(args.args))
 

@@ -7,13 +7,17 @@ import os
 from typing import Any
 
 from uft_ray.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err
+from uft_ray.config import RayConfig
+from uft_ray.console import say
+from uft_ray.evaluation import harness
+from uft_ray.evaluation.harness import EvalError, TaskSpec
 from uft_ray.evaluation.presets import PRESETS
+from uft_ray.evaluation.worker import run_eval
+from uft_ray.ray_utils import init_ray
 
 
 def _eval_specs(args: argparse.Namespace) -> tuple[list[Any], str | None]:
     """The tasks to run with their shots, from --tasks / --preset / --num-fewshot; EvalError on a bad mix."""
-    from uft_ray.evaluation.harness import EvalError, TaskSpec
-
     names = list(dict.fromkeys(t.strip() for t in (args.tasks or "").split(",") if t.strip()))
     if not args.preset:
         if not names:
@@ -33,18 +37,16 @@ def _eval_specs(args: argparse.Namespace) -> tuple[list[Any], str | None]:
 
 def _eval_line(outcome: dict[str, Any]) -> None:
     if not outcome["ok"]:
-        err(f"[uft-ray] eval failed: {outcome['error']}")
+        say(f"eval failed: {outcome['error']}", err=True)
         return
     metrics = outcome["results"].get("results", {}).get(outcome["task"], {})
     shown = "  ".join(
         f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and "," in k and "_stderr" not in k
     )
-    print(f"[uft-ray] eval {outcome['task']}: {shown or '(see its JSON)'} ({outcome['seconds']:.1f} s)", flush=True)
+    say(f"eval {outcome['task']}: {shown or '(see its JSON)'} ({outcome['seconds']:.1f} s)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from uft_ray.evaluation import harness
-
     try:
         target = harness.resolve_target(
             args.target, base=args.base, out_dir=args.out, trust_remote_code=args.trust_remote_code
@@ -57,9 +59,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except harness.EvalError as e:
         err(f"eval: {e}")
         return EXIT_USAGE
-    from uft_ray.config import RayConfig
-    from uft_ray.evaluation.worker import run_eval
-    from uft_ray.ray_utils import init_ray
 
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     adapter = target.adapter or "(none)"

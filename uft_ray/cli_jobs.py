@@ -10,6 +10,7 @@ import argparse
 import warnings
 from typing import Any
 
+from uft_ray import api
 from uft_ray.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, config_error, err
 from uft_ray.config import ConfigError
 
@@ -43,8 +44,6 @@ def _follow(handle: Any) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from uft_ray import api
-
     def go() -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UserWarning)
@@ -76,8 +75,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from uft_ray import api
-
     def go() -> int:
         info = api.job(args.job_id, args.address).info()
         print(f"{args.job_id}: {info.status.value}")
@@ -91,8 +88,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from uft_ray import api
-
     def go() -> int:
         h = api.job(args.job_id, args.address)
         if args.follow:
@@ -104,8 +99,6 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from uft_ray import api
-
     def go() -> int:
         h = api.job(args.job_id, args.address)
         if not h.stop():

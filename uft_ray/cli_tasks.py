@@ -10,6 +10,8 @@ from collections import Counter
 from typing import Any
 
 from uft_ray.cli_common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, err
+from uft_ray.data.sources import SourceError
+from uft_ray.tasks.files import read_rows, verify
 from uft_ray.tasks.names import FILE_TASKS, GENERATED_TASKS, REWARD_RULES
 
 SHOWN = 5  # quarantined rows and failing rows listed one by one; the rest counted
@@ -33,8 +35,6 @@ def _where(q: dict[str, Any]) -> str:
 
 def check(path: str, task: str, rules: str = "paper") -> tuple[Counter[float | None], list[dict[str, Any]], list]:
     """Each row's own-answer reward (None: no reference answer) counted, the quarantine, and the rows below 1.0."""
-    from uft_ray.tasks.files import read_rows, verify
-
     quarantined: list[dict[str, Any]] = []
     rows = read_rows(path, task, quarantined=quarantined)
     rewards: Counter[float | None] = Counter()
@@ -49,8 +49,6 @@ def check(path: str, task: str, rules: str = "paper") -> tuple[Counter[float | N
 
 
 def cmd_tasks_check(args: argparse.Namespace) -> int:
-    from uft_ray.data.sources import SourceError
-
     try:
         rewards, quarantined, failing = check(args.path, args.task, args.rules)
     except SourceError as e:  # the path names no file of a known type

@@ -2,7 +2,7 @@
 
 The file is a Ray cluster-launcher YAML (`available_node_types`, `head_node_type`, `max_workers`) or a KubeRay
 manifest (RayCluster, or the `rayClusterSpec` of a RayJob / RayService). `read_cluster_file` turns it into the
-`ClusterView` the run's pre-check (`uft_ray.resources.check_cluster`) judges: the head and any fixed workers as
+`ClusterView` the run's pre-check (`uft_ray.cluster_probe.check_cluster`) judges: the head and any fixed workers as
 nodes, each autoscaled group as a `NodeType` with its most nodes. `check_file` takes every phase of the run from
 `resources.run_phases` (the pre-check's own list) and holds each against it with `resources.assess`. No Ray.
 
@@ -268,7 +268,7 @@ def never_fits(fits: list[PhaseFit]) -> ClusterTooSmall | None:
 def _absent(cfg: Config, name: str) -> str:
     if name == "evaluation":
         return "no eval.tasks or eval.preset"
-    if name == "reference pass" and cfg.method == "uft" and cfg.needs_reference and cfg.reference.mode == "actor":
+    if name == "reference pass" and cfg.reference_from_cache:
         return "reference.run stream: the scorers run beside training"
     return "no reference actors"
 

@@ -29,6 +29,7 @@ over the arm's last stage (`delta eval/nll/...`: forgetting shows as a rise duri
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import html
@@ -40,8 +41,11 @@ from typing import Any
 
 import yaml
 
-from uft_ray import storage
-from uft_ray.config import Config, ConfigError, load_config, validate
+from uft_ray import driver, methods, storage
+from uft_ray.config import Config, ConfigError, load_config, resolve_config_paths, validate
+from uft_ray.console import say
+from uft_ray.data import prepared as prep
+from uft_ray.report.plots import pyplot, to_png
 from uft_ray.run_dir import RunDir, read_metrics
 
 LOWER_IS_BETTER = ("/loss/", "/nll/", "/score_mse/")
@@ -96,8 +100,6 @@ def _stage_config(spec: Any, where: str, root: Path, common: list[str], eval_sec
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, *, check_paths: bool = True) -> Recipe:
     """Read and check a recipe and every arm's configs (ConfigError naming the field) before any cluster work;
     `check_paths` off for a recipe whose paths are a cluster's."""
-    from uft_ray.config import resolve_config_paths
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError([f"recipe {str(p)!r} does not exist"])
@@ -143,8 +145,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None, *, 
             except ConfigError as e:
                 raise ConfigError([f"{sw} ({spec['config']}): {m}" for m in e.messages]) from None
             stages.append(cfg)
-        if len(stages) == 2 and stages[0].loss.type != "sft" and stages[0].method == "uft":
-            raise ConfigError([f"{where}.stages.0: stage 1 must be loss.type sft, got {stages[0].loss.type}"])
+        if len(stages) == 2 and (why := methods.of(stages[0]).first_stage_problem(stages[0])) is not None:
+            raise ConfigError([f"{where}.stages.0: {why}"])
         # A stage-1 config seen before (another arm's stage 1, or a one-stage arm) is that run: trained once.
         key = _config_key(stages[0])
         stages[0].output.run_name = stage1_names.setdefault(key, stages[0].output.run_name)
@@ -170,17 +172,15 @@ def _marker(recipe: Recipe, arm: Arm) -> str:
 
 def run_arms(recipe: Recipe, only: list[str] | None = None, *, hooks: Any = None) -> list[str]:
     """Run every arm not already finished (resume per arm); returns the names of the arms that ran."""
-    from uft_ray import driver
-
     ran = []
     for arm in recipe.arms:
         if only and arm.name not in only:
             continue
         done = storage.read_json(_marker(recipe, arm)) or {}
         if done.get("key") == _arm_key(arm) and all(os.path.isdir(RunDir(d).adapter) for d in arm.run_dirs):
-            print(f"[uft-ray] compare: arm {arm.name} already finished; not rerun", flush=True)
+            say(f"compare: arm {arm.name} already finished; not rerun")
             continue
-        print(f"[uft-ray] compare: arm {arm.name} ({len(arm.stages)} stage(s))", flush=True)
+        say(f"compare: arm {arm.name} ({len(arm.stages)} stage(s))")
         if len(arm.stages) == 1:
             driver.run(arm.stages[0], hooks=hooks)
         else:
@@ -196,8 +196,6 @@ def run_arms(recipe: Recipe, only: list[str] | None = None, *, hooks: Any = None
 
 def heldout_rows_digest(run_dir: str) -> str | None:
     """Which held-out rows a run evaluated (its prepared eval split's row ids): equal for every arm."""
-    from uft_ray.data import prepared as prep
-
     d = RunDir(run_dir).prepared_eval
     if not prep.is_prepared(d):
         return None
@@ -277,8 +275,6 @@ def write_tables(recipe: Recipe) -> dict[str, str]:
             for c in columns
         )
         body += f"<tr><td>{html.escape(arm)}</td>{cells}</tr>"
-    import base64
-
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(recipe.name)}</title><style>"
         "body{font-family:sans-serif;margin:24px}table{border-collapse:collapse;font-size:13px}"
@@ -294,8 +290,6 @@ def write_tables(recipe: Recipe) -> dict[str, str]:
 
 
 def _plot(results: dict[str, dict[str, Any]], columns: list[str]) -> bytes:
-    from uft_ray.report.plots import pyplot, to_png
-
     plt = pyplot()
     shown = [c for c in columns if c.startswith(("eval/nll/", "delta ", "eval/pair_accuracy/", "eval/score_mse/"))]
     shown = shown[:6] or columns[:6]

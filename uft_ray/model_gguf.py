@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from uft_ray import storage
+from uft_ray.console import say
 
 SUFFIX = ".gguf"
 RECORD = "uft-ray-gguf.json"  # written last: a directory without it is an unfinished conversion
@@ -188,7 +189,7 @@ def _convert(path: str, dest: str, cache: str) -> None:
     meta = check_supported(path)
     started = time.time()
     # Printed by whichever process converts (a driver, a worker on a fresh node): the first run waits for it.
-    print(f"[uft-ray] converting {os.path.basename(path)} to a model directory in {cache} (once per node)", flush=True)
+    say(f"converting {os.path.basename(path)} to a model directory in {cache} (once per node)")
     folder, name = os.path.dirname(path), os.path.basename(path)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.tmp-", dir=os.path.dirname(dest))
     try:

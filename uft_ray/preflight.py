@@ -1,4 +1,4 @@
-"""Are the packages a run's backends import there, on the nodes that will import them? (issue 20)
+"""Are the packages a run's backends import there, on the nodes that will import them?
 
 vLLM is not in the default image (infra/Dockerfile), yet the GPU hint_rft recipes set `rft.rollout.backend:
 vllm`: without this check the rollout actors die at `from vllm import LLM` minutes into a run, after the data
@@ -6,8 +6,8 @@ work. `check_backends(cfg)` runs in the driver right after the cluster pre-check
 data or cluster work:
 
 - `backends_needed(cfg)`: each package a backend of the run imports, with the config field that chose it and the
-  Ray resources of the actor that imports it: `vllm` for `rft.rollout.backend: vllm` (or `auto` resolved to vllm)
-  on nodes that hold one rollout actor; `lm_eval` for `eval.tasks` / `eval.preset` on nodes that hold one eval
+  Ray resources of the actor that imports it: the method's own (`Method.backends`: hint_rft's `vllm` for
+  `rft.rollout.backend: vllm`, or `auto` resolved to vllm, on nodes that hold one rollout actor); `lm_eval` for `eval.tasks` / `eval.preset` on nodes that hold one eval
   worker (and `vllm` too for lm_eval's vLLM backend).
 - One tiny Ray task per package and node that can hold the actor (`nodes_that_hold`): pinned to that node, it asks
   for no resources of its own, so a node busy with other work still answers at once, and every node of the kind
@@ -33,7 +33,10 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from uft_ray import methods
 from uft_ray.config import Config, ConfigError
+from uft_ray.console import say
+from uft_ray.resources import evaluation_needs
 
 logger = logging.getLogger(__name__)
 
@@ -72,31 +75,11 @@ class BackendNeed:
     resources: dict[str, float] = field(default_factory=dict)  # the actor's num_cpus / num_gpus
 
 
-def _rollout_need(cfg: Config) -> BackendNeed | None:
-    ro = cfg.rft.rollout
-    backend, chosen = ro.backend, f"rft.rollout.backend: {ro.backend}"
-    if backend == "auto":
-        from uft_ray.rft.driver import rollout_backend  # the rule the driver starts the actors with
-
-        backend = rollout_backend(cfg)
-        chosen = f"rft.rollout.backend: auto ({backend}: it is installed where the driver runs)"
-    if backend != "vllm":
-        return None
-    gpus = float(ro.gpus_per_actor) if cfg.train.use_gpu else 0.0  # as rft.driver.start_rollout_actors asks
-    return BackendNeed("vllm", chosen, "rollout actors", {"num_cpus": float(ro.cpus_per_actor), "num_gpus": gpus})
-
-
 def backends_needed(cfg: Config, eval_backend: str = "auto") -> list[BackendNeed]:
-    """The packages the run's backends import and where: hint_rft's rollout actors (vllm), then the benchmarks
-    after training (lm_eval; and vllm with `eval_backend` vllm: a run's is `auto`, which falls back to hf where
-    vLLM is not installed). Resources as each actor asks Ray for them."""
-    out = []
-    if cfg.method == "hint_rft":
-        need = _rollout_need(cfg)
-        if need is not None:
-            out.append(need)
-    from uft_ray.resources import evaluation_needs
-
+    """The packages the run's backends import and where: the method's actors' (hint_rft's rollout actors: vllm),
+    then the benchmarks after training (lm_eval; and vllm with `eval_backend` vllm: a run's is `auto`, which falls
+    back to hf where vLLM is not installed). Resources as each actor asks Ray for them."""
+    out = list(methods.of(cfg).backends(cfg))
     evaluation = evaluation_needs(cfg)
     if evaluation is not None:
         bundle = evaluation.demands[0].bundle
@@ -178,10 +161,8 @@ def check_backends(cfg: Config, *, eval_backend: str = "auto", timeout_s: float 
     needs = backends_needed(cfg, eval_backend)
     if not needs:
         return []
-    import ray
+    import ray  # Ray: imported when the cluster is probed
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from uft_ray.runner import say
 
     task = ray.remote(max_retries=0)(probe)
     nodes = [n for n in ray.nodes() if n.get("Alive")]

@@ -20,9 +20,9 @@ import sys
 from typing import Any
 
 from uft_ray.config import RayConfig
+from uft_ray.console import MARK  # the lines of uft-ray's own, which stay on the console
 
 VERBOSE_ENV = "UFT_RAY_VERBOSE"
-MARK = "[uft-ray]"  # the lines of uft-ray's own, which stay on the console
 # The name under which Ray's driver registers the printer of forwarded worker output (ray._private.worker.connect).
 _RAY_PRINTER = "ray_print_logs"
 _ROUTER = "uft_ray_output"

@@ -1,4 +1,4 @@
-"""What a run needs from the Ray cluster at once, and whether the cluster can ever give it (issue 12).
+"""What a run needs from the Ray cluster at once, and whether the cluster can ever give it.
 
 A run holds, while it trains: the trainer's placement group (`train.num_workers` bundles of `cpus_per_worker`
 CPUs, plus `gpus_per_worker` GPUs on GPU), the actors that live beside it (`reference.run: stream` scorers, or
@@ -14,34 +14,27 @@ reservation to use here: `ExecutionOptions`' `exclude_resources` (deprecated) an
 Data's own budget and reserve nothing in Ray's scheduler, `DataContext.scheduling_strategy` is deprecated, and
 Train V2 has no `trainer_resources`.
 
-`check_cluster(cfg)` runs in the driver after it connects and before any work. What the cluster can become
-comes from, in order: the GCS cluster config (`ray._private.state.state.get_cluster_config()`: node groups
-with their max counts, what Ray Train and Ray Data read for their own checks, reported by autoscalers that
-publish it); else this cluster's autoscaler process when it runs on this node (a `ray job submit` driver runs
-on the head): the config file it was started with, or no file, which means Ray's read-only monitor of a
-fixed cluster. A cluster that can never fit the run fails at once with `ClusterTooSmall`, naming the numbers
-and the keys to change; one that fits but not yet (an autoscaler to wait for, or other work holding
-resources) gets one line saying what the run waits for. The phases judged are `run_phases`: the reference pass,
-training, and the benchmarks after it; `uft-ray validate --cluster FILE` (uft_ray/cluster_spec.py) holds the same
-phases against a cluster file, offline.
+The phases judged are `run_phases`: the reference pass, training (the workers and what lives beside them: the
+method's own actors, `Method.beside_workers`, and data tasks) and the benchmarks after it; `assess` holds them
+against a `ClusterView`. This module is pure: the live cluster is read by uft_ray.cluster_probe (the run's
+pre-check, `check_cluster`, and `train.cpus_per_worker: auto` on it), and a cluster file by
+uft_ray.cluster_spec (`uft-ray validate --cluster FILE`, offline).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import logging
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
 
+from uft_ray import methods
 from uft_ray.config import Config, ConfigError
-
-logger = logging.getLogger(__name__)
+from uft_ray.evaluation.heldout import benchmark_specs
+from uft_ray.evaluation.worker import worker_layout
 
 DATA_CPUS = 1.0  # CPUs left to Ray Data tasks during the reference pass (reads, the feeds' map and sort)
-# While training the only data tasks are the reference join (uft_ray.driver), each asking for this much: the
+# While training the only data tasks are the reference join (uft_ray.uft.driver), each asking for this much: the
 # workers get the rest of the cores instead of a whole CPU held back for a few milliseconds' work per block.
 TRAINING_DATA_CPUS = 0.25
 CPU_STEP = 0.25  # `auto` sizes a worker's reservation in quarter CPUs
@@ -118,7 +111,8 @@ class Needs:
         return out
 
 
-def _bundle_of(cpus: float, gpus: float) -> dict[str, float]:
+def bundle_of(cpus: float, gpus: float) -> dict[str, float]:
+    """A bundle of `cpus` CPUs and `gpus` GPUs, zero entries left out."""
     return {r: float(v) for r, v in (("CPU", cpus), ("GPU", gpus)) if v > 0}
 
 
@@ -131,13 +125,13 @@ def _worker_demand(cfg: Config) -> Demand:
     tr = cfg.train
     if isinstance(tr.cpus_per_worker, str):
         raise ValueError(
-            "train.cpus_per_worker is still 'auto': pass the config uft_ray.resources.resolve_worker_cpus made"
+            "train.cpus_per_worker is still 'auto': pass the config uft_ray.cluster_probe.resolve_worker_cpus made"
         )
     gpus = tr.gpus_per_worker if tr.use_gpu else 0.0
     return Demand(
         "training workers",
         tr.num_workers,
-        _bundle_of(tr.cpus_per_worker, gpus),
+        bundle_of(tr.cpus_per_worker, gpus),
         "train.num_workers",
         {"CPU": "train.cpus_per_worker", "GPU": "train.gpus_per_worker"},
     )
@@ -149,14 +143,10 @@ def _data_demand(cpus: float = DATA_CPUS) -> Demand:
 
 def _reference_bundle(cfg: Config) -> dict[str, float]:
     r = cfg.reference
-    return _bundle_of(r.cpus_per_actor, r.gpus_per_actor if cfg.train.use_gpu else 0.0)  # = scorer.actor_gpus
+    return bundle_of(r.cpus_per_actor, r.gpus_per_actor if cfg.train.use_gpu else 0.0)  # = scorer.actor_gpus
 
 
 _REFERENCE_KEYS = {"CPU": "reference.cpus_per_actor", "GPU": "reference.gpus_per_actor"}
-
-
-def _scores_with_actors(cfg: Config) -> bool:
-    return cfg.method == "uft" and cfg.needs_reference and cfg.reference.mode == "actor"
 
 
 def needs(cfg: Config) -> Needs:
@@ -164,7 +154,8 @@ def needs(cfg: Config) -> Needs:
 
     The trainer's workers; the reference scorers when they stream beside training (`reference.run: stream`:
     each rank's dataset has its own pool of `reference.actors`, so num_workers x actors of them; `precompute`
-    ends before training starts); hint_rft's rollout actors; and `TRAINING_DATA_CPUS` for Ray Data tasks.
+    ends before training starts); the method's own actors (hint_rft's rollout actors); and `TRAINING_DATA_CPUS` for
+    Ray Data tasks.
     """
     demands = [_worker_demand(cfg), *beside_workers(cfg)]
     return Needs("while training", tuple(d for d in demands if d.count > 0 and d.bundle))
@@ -174,19 +165,8 @@ def beside_workers(cfg: Config) -> list[Demand]:
     """What holds resources beside the training workers while they train: the actors that live alongside and
     `TRAINING_DATA_CPUS` for Ray Data tasks (no `train.cpus_per_worker` needed: `auto` sizes the workers from what
     is left)."""
-    demands = []
-    if cfg.method == "hint_rft":
-        ro = cfg.rft.rollout
-        demands.append(
-            Demand(
-                "rollout actors",
-                ro.actors,
-                _bundle_of(ro.cpus_per_actor, ro.gpus_per_actor if cfg.train.use_gpu else 0.0),
-                "rft.rollout.actors",
-                {"CPU": "rft.rollout.cpus_per_actor", "GPU": "rft.rollout.gpus_per_actor"},
-            )
-        )
-    elif _scores_with_actors(cfg) and cfg.reference.run == "stream":
+    demands = list(methods.of(cfg).beside_workers(cfg))
+    if cfg.reference_from_cache and cfg.reference.run == "stream":
         demands.append(
             Demand(
                 "reference actors",
@@ -268,7 +248,7 @@ def _auto_why(cfg: Config, c: float, sized: Needs, view: ClusterView, cores: int
     tr = cfg.train
     threads = "" if tr.use_gpu else f" ({worker_threads(c)} torch thread{'s' * (worker_threads(c) > 1)} each)"
     ref = ""
-    if _scores_with_actors(cfg) and cfg.reference.run == "precompute":
+    if cfg.reference_from_cache and cfg.reference.run == "precompute":
         ref = "; the reference actors end before training (reference.run precompute)"
     mine = f", at most {cores} cores / {tr.num_workers}" if cores else ""
     return (
@@ -287,21 +267,9 @@ def local_cluster_cpus(cfg: Config) -> int:
     return max(cores, most)
 
 
-def resolve_worker_cpus(cfg: Config, view: ClusterView | None = None) -> Config:
-    """`cfg` with `train.cpus_per_worker: auto` made a number (`auto_worker_cpus` on the connected cluster, capped
-    at this machine's cores when the cluster is one node), and the choice printed with its reason."""
-    if cfg.train.cpus_per_worker != "auto":
-        return cfg
-    view = view or cluster_view()
-    cores = (os.cpu_count() or 1) if len(view.nodes) == 1 else None
-    auto = auto_worker_cpus(cfg, view, cores)
-    _say(auto.why)
-    return with_worker_cpus(cfg, auto.cpus)
-
-
 def reference_pass_needs(cfg: Config) -> Needs | None:
     """What `reference.run: precompute` holds before training (its actor pool and data tasks), or None."""
-    if not (_scores_with_actors(cfg) and cfg.reference.run == "precompute"):
+    if not (cfg.reference_from_cache and cfg.reference.run == "precompute"):
         return None
     actors = Demand(
         "reference actors",
@@ -318,15 +286,12 @@ def evaluation_needs(cfg: Config) -> Needs | None:
     """What `eval.tasks` (or `eval.preset`) holds after training, or None without benchmarks: at least one eval
     actor of the bundle `evaluation.worker.worker_layout` gives it (`eval.tensor_parallel_size` GPUs on GPU, 1 CPU);
     run_eval starts more, one per task, as the cluster's GPUs allow."""
-    from uft_ray.evaluation.heldout import benchmark_specs
-    from uft_ray.evaluation.worker import worker_layout
-
     specs = benchmark_specs(cfg)
     if not specs:
         return None
     tp = cfg.eval.tensor_parallel_size
     _, options = worker_layout(tp if cfg.train.use_gpu else 0, tp, len(specs))
-    bundle = _bundle_of(options["num_cpus"], options["num_gpus"])
+    bundle = bundle_of(options["num_cpus"], options["num_gpus"])
     return Needs(
         "during evaluation", (Demand("eval workers", 1, bundle, per_key={"GPU": "eval.tensor_parallel_size"}),)
     )
@@ -510,105 +475,6 @@ def _nodes_line(view: ClusterView) -> str:
     nodes = ", ".join(_bundle(n) for n in view.nodes) or "none"
     types = ", ".join(f"{t.name} {_bundle(t.resources)}" for t in view.node_types)
     return f"its nodes: {nodes}" + (f"; node types it can add: {types}" if types else "")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reading the cluster through Ray.
-
-
-def check_cluster(cfg: Config) -> Fit:
-    """Fail now (`ClusterTooSmall`) when the connected cluster can never hold the run; else print one line:
-    what the run needs and has, or what it waits for. `cfg` with `train.cpus_per_worker` resolved."""
-    view = cluster_view()
-    fit = assess(training_first(run_phases(cfg)), view)
-    logger.info("cluster: %s; autoscaler: %s", view, view.autoscaler)
-    _say(fit.line)
-    return fit
-
-
-def _say(msg: str) -> None:
-    print(f"[uft-ray] {msg}", flush=True)  # the driver's phase lines (uft_ray.runner.say)
-
-
-def _cpu_gpu(resources: dict[str, Any]) -> dict[str, float]:
-    return {r: float(resources.get(r, 0.0)) for r in RESOURCES if resources.get(r)}
-
-
-def cluster_view() -> ClusterView:
-    """The connected cluster: its alive nodes, what is free, and what its autoscaler can add."""
-    import ray
-
-    nodes = [_cpu_gpu(n.get("Resources") or {}) for n in ray.nodes() if n.get("Alive")]
-    view = ClusterView(nodes=nodes, free=_cpu_gpu(ray.available_resources()))
-    return _with_gcs_config(view) or _with_monitor_config(view) or dataclasses.replace(view, autoscaler="unknown")
-
-
-def _with_gcs_config(view: ClusterView) -> ClusterView | None:
-    """Node groups from the GCS cluster config, where an autoscaler published one (what Ray Train V2's own
-    resource check reads: `ray._private.state.state.get_max_resources_from_cluster_config`)."""
-    import ray._private.state
-
-    try:
-        config = ray._private.state.state.get_cluster_config()
-    except Exception as e:  # an older GCS: no such key
-        logger.info("no GCS cluster config: %s", e)
-        return None
-    if config is None or not config.node_group_configs:
-        return None
-    types = [
-        NodeType(g.name, _cpu_gpu(dict(g.resources)), None if g.max_count == -1 else int(g.max_count))
-        for g in config.node_group_configs
-        if g.max_count != 0 and _cpu_gpu(dict(g.resources))
-    ]
-    caps = {r: float(v) for r, v in dict(config.max_resources).items() if r in RESOURCES}
-    return dataclasses.replace(view, node_types=types, autoscaler="gcs", max_resources=caps)
-
-
-def _with_monitor_config(view: ClusterView) -> ClusterView | None:
-    """This cluster's autoscaler process on this node (`ray start --head` runs it; a job's driver runs on the
-    head): the config file it was started with, or none (Ray's read-only monitor of a fixed cluster)."""
-    args = _monitor_args()
-    if args is None:
-        return None
-    path, cwd = args
-    if path is None:
-        return dataclasses.replace(view, autoscaler="none")
-    import yaml
-
-    try:
-        with open(os.path.join(cwd, os.path.expanduser(path))) as f:
-            config = yaml.safe_load(f) or {}
-    except OSError as e:
-        logger.info("cannot read the autoscaler's config %s: %s", path, e)
-        return None
-    from uft_ray.cluster_spec import launcher_worker_types
-
-    types, cap, _ = launcher_worker_types(config)
-    return dataclasses.replace(view, node_types=types, autoscaler=f"config {path}", max_workers=cap)
-
-
-def _monitor_args() -> tuple[str | None, str] | None:
-    """(`--autoscaling-config` or None, its cwd) of the monitor process of the cluster this driver is connected
-    to, matched by its `--gcs-address` port; None when it does not run on this node."""
-    import psutil
-    import ray
-
-    port = ray.get_runtime_context().gcs_address.rsplit(":", 1)[-1]
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info.get("cmdline") or []
-        # ray/autoscaler/_private/monitor.py (v1) or ray/autoscaler/v2/monitor.py, not the log monitor
-        if not any(os.path.basename(c) == "monitor.py" and "autoscaler" in c for c in cmd[:3]):
-            continue
-        gcs = next((c.split("=", 1)[1] for c in cmd if c.startswith("--gcs-address=")), "")
-        if gcs.rsplit(":", 1)[-1] != port:
-            continue
-        path = next((c.split("=", 1)[1] for c in cmd if c.startswith("--autoscaling-config=")), None)
-        try:
-            cwd = proc.cwd()
-        except (psutil.Error, OSError):
-            cwd = "/"
-        return path, cwd
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """A run of either method, from its header to its outputs: the parts the two drivers share.
 
-torchtune's split: each method's driver (uft_ray.driver for the offline losses, uft_ray.rft.driver for
-hint_rft) owns its own steps and reads top to bottom; this module owns the small parts both call, by public
+torchtune's split: each method's driver (uft_ray.uft.driver for the offline losses, uft_ray.rft.driver for
+hint_rft, found through uft_ray.methods) owns its own steps and reads top to bottom; this module owns the small parts both call, by public
 names:
 
 - `open_run`: the header. Connect to Ray (or start a local one sized by uft_ray.resources) with Ray's own
   output sent to the run's `ray.log` (a local copy uploaded at the end when the run directory is a URI), resolve
-  `train.cpus_per_worker: auto`, run the resource pre-check, check the benchmark names, check that the packages the
+  `train.cpus_per_worker: auto` (and first the method's own `auto` values, `Method.resolve`: hint_rft's
+  `rft.rollout.backend`), once, run the resource pre-check, check the benchmark names, check that the packages the
   backends import (vllm, lm_eval) are on the nodes that will import them (uft_ray.preflight), load the tokenizer;
   before any data or cluster work.
   Before any of that: a rerun that would resume trained work with another config is refused (uft_ray.rerun), and
@@ -17,7 +18,8 @@ names:
   the plan its checkpoints follow; a changed plan is refused with a `ConfigError` naming the fields that changed.
   The run's config.yaml is written only after that check (a refused rerun leaves the run directory as it was).
 - `fit`: the `TorchTrainer` (checkpoints under `{run_dir}/checkpoints`, uploaded when that is in object
-  storage), returning the last checkpoint's URI with its scheme.
+  storage), returning the last checkpoint's URI with its scheme. The method travels with the loop, so a method
+  registered in the driver's process only (uft_ray.methods.register) is known in the workers too.
 - `finish` and `result`: the final adapter with its tokenizer, the benchmarks, the report, the `RunResult`.
 """
 
@@ -30,19 +32,33 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from uft_ray import storage
+import pyarrow.compute as pc
+import yaml
+
+from uft_ray import methods, storage
+from uft_ray.cluster_probe import check_cluster, resolve_worker_cpus
 from uft_ray.config import Config, ConfigError
+from uft_ray.console import say
+from uft_ray.evaluation.heldout import check_benchmarks, run_benchmarks
 from uft_ray.lease import Lease, lease_timeout
 from uft_ray.lease import acquire as acquire_lease
 from uft_ray.model_gguf import describe as describe_gguf
 from uft_ray.model_store import local_model
+from uft_ray.preflight import check_backends
+from uft_ray.ray_utils import init_ray, route_worker_output, train_logging
+from uft_ray.report import write_report as write_run_report
 from uft_ray.rerun import check_rerun
+from uft_ray.resources import local_cluster_cpus
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINTS, RAY_LOG, RunDir, read_state
+from uft_ray.train.plan import fingerprint, read_plan_summary
 
 logger = logging.getLogger(__name__)
 
-# What a plan depends on, by section (a change anywhere else never changes the plan).
-PLAN_SECTIONS = ("data", "mixture", "tokenize", "train", "rft", "eval", "method")
+# What a plan depends on, by section, besides the method's own sections (`Method.sections`, after "train"): a
+# change anywhere else never changes the plan.
+PLAN_SECTIONS = ("data", "mixture", "tokenize", "train", "eval", "method")
+# Keys of the loop's config that carry the method and its loop to the workers (`fit`).
+_METHOD, _LOOP = "_uft_ray_method", "_uft_ray_loop"
 
 
 @dataclass
@@ -80,22 +96,22 @@ class Run:
         return t.pad_token_id if t.pad_token_id is not None else t.eos_token_id
 
 
-def say(msg: str) -> None:
-    """One line per phase on stdout (a job's log), beside the CLI's one line per step."""
-    print(f"[uft-ray] {msg}", flush=True)
+def plan_sections(method: str | None) -> tuple[str, ...]:
+    """The config sections a plan of `method` depends on: the shared ones with the method's own after "train"."""
+    known = methods.find(method) if isinstance(method, str) else None
+    own = tuple(known.sections) if known is not None else ()
+    i = PLAN_SECTIONS.index("train") + 1
+    return PLAN_SECTIONS[:i] + own + PLAN_SECTIONS[i:]
 
 
 def open_run(cfg: Config) -> Run:
-    """The header both methods run before any work (see the module docstring)."""
-    import ray
-    import yaml
+    """The header every method runs before any work (see the module docstring)."""
+    import ray  # Ray and transformers: imported when a run opens, not when the package is
     from transformers import AutoTokenizer
 
-    from uft_ray.evaluation.heldout import check_benchmarks
-    from uft_ray.preflight import check_backends
-    from uft_ray.ray_utils import init_ray, route_worker_output
-    from uft_ray.resources import check_cluster, local_cluster_cpus, resolve_worker_cpus
-
+    # The method's own `auto` values, decided once, here (before the rerun check compares the config with the
+    # run's saved one, which holds them decided).
+    cfg = methods.of(cfg).resolve(cfg)
     model_dir = local_model(cfg.model.path, weights=False)  # a GGUF source is converted here, once per node
     if (note := describe_gguf(model_dir)) is not None:
         say(note)
@@ -167,8 +183,6 @@ def keep_plan(run: Run, plan: Any, checkpoint: str | None) -> None:
     """Save the plan and the config, unless the run directory has a committed checkpoint of another plan: then
     refuse, naming what changed since (e.g. `train.micro_batch_size 4 -> 8`). A longer plan (train.max_steps or
     train.epochs grown) is the same plan when its first steps are the saved plan's: the run goes on past its end."""
-    from uft_ray.train.plan import read_plan_summary
-
     if checkpoint is not None and storage.is_file(run.dir.plan):
         saved = read_plan_summary(run.dir.plan)
         if not _same_prefix(plan, saved):
@@ -186,10 +200,6 @@ def keep_plan(run: Run, plan: Any, checkpoint: str | None) -> None:
 
 def _same_prefix(plan: Any, saved: Any) -> bool:
     """Whether `plan` starts with the saved plan's steps, row for row (the whole of it, when as long)."""
-    import pyarrow.compute as pc
-
-    from uft_ray.train.plan import fingerprint
-
     if plan.summary.fingerprint == saved.fingerprint:
         return True
     if plan.summary.steps <= saved.steps:
@@ -209,7 +219,7 @@ def config_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
         elif a != b:
             out.append(f"{key} {a} -> {b}")
 
-    for section in PLAN_SECTIONS:
+    for section in plan_sections(after.get("method")):
         walk(before.get(section), after.get(section), section)
     return out
 
@@ -221,12 +231,10 @@ def fit(cfg: Config, run_dir: RunDir, loop: Any, loop_config: dict[str, Any], da
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from uft_ray.ray_utils import train_logging
-
     tr = cfg.train
     trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
+        in_worker,
+        train_loop_config={**loop_config, _METHOD: methods.of(cfg), _LOOP: loop},
         scaling_config=ScalingConfig(
             num_workers=tr.num_workers,
             use_gpu=tr.use_gpu,
@@ -249,6 +257,15 @@ def fit(cfg: Config, run_dir: RunDir, loop: Any, loop_config: dict[str, Any], da
     return storage.as_uri(run_dir.path, result.checkpoint.path) if result.checkpoint is not None else None
 
 
+def in_worker(config: dict[str, Any]) -> None:
+    """What every worker runs (`fit`): register the run's method in the worker's process (a method registered in
+    the driver's process only, from a module the workers never import, is then known to the worker's config
+    checks too), then the method's loop with its own config."""
+    config = dict(config)
+    methods.register(config.pop(_METHOD), replace=True)
+    config.pop(_LOOP)(config)
+
+
 def write_adapter(checkpoint: str, run_dir: RunDir, tokenizer: Any) -> None:
     """`{run_dir}/adapter`: the checkpoint's LoRA adapter with the tokenizer (peft's loadable layout)."""
     with storage.local_dir(run_dir.adapter) as out:
@@ -261,8 +278,6 @@ def finish(run: Run, checkpoint: str | None, tracked: Any = None) -> None:
     before the trackers close (`tracked`: they get the adapter)."""
     if not checkpoint:
         return
-    from uft_ray.evaluation.heldout import run_benchmarks
-
     write_adapter(checkpoint, run.dir, run.tokenizer)
     run_benchmarks(run.cfg, run.dir.path)
     if tracked is not None:
@@ -291,10 +306,8 @@ def result(run: Run, checkpoint: str | None, steps: int) -> RunResult:
 
 
 def write_report(run_dir: RunDir) -> str | None:
-    from uft_ray.report import write_report as write
-
     try:
-        return write(run_dir.path)
+        return write_run_report(run_dir.path)
     except Exception as e:  # the run itself succeeded; `uft-ray report RUN_DIR` can rebuild it
         logger.warning("could not write the report: %s", e)
         return None

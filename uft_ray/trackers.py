@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from uft_ray import storage
+from uft_ray.console import say
 from uft_ray.run_dir import RunDir
 
 # The names live beside config validation's other small tables; TRACKERS is re-exported for existing callers.
@@ -86,10 +87,6 @@ def eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
         if isinstance(d, dict) and isinstance(d.get("value"), (int, float)):
             out[f"eval/{name}"] = float(d["value"])
     return out
-
-
-def _print(msg: str) -> None:
-    print(f"[uft-ray] {msg}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -233,7 +230,7 @@ class Tracked:
         try:
             getattr(tracker, what)(*args)
         except Exception as e:  # the run goes on; metrics.jsonl keeps every row
-            _print(f"warning: {tracker.name}: {what} failed, not logging to it any more: {type(e).__name__}: {e}")
+            say(f"warning: {tracker.name}: {what} failed, not logging to it any more: {type(e).__name__}: {e}")
             self.trackers.remove(tracker)
 
     def feed(self) -> int:
@@ -294,7 +291,7 @@ def open_trackers(cfg: Config, run_dir: RunDir, start: int = 0, *, poll_s: float
         raise
     tracked = Tracked(opened, run_dir, start, poll_s)
     if opened:
-        _print("trackers: " + "; ".join(f"{t.name} {t.where}" for t in opened))
+        say("trackers: " + "; ".join(f"{t.name} {t.where}" for t in opened))
         tracked._thread.start()
     ok = False
     try:

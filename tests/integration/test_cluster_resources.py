@@ -65,7 +65,8 @@ import json, sys
 import ray
 from uft_ray.config import load_config
 from uft_ray.demo import TINY_CONFIGS
-from uft_ray.resources import ClusterTooSmall, check_cluster
+from uft_ray.cluster_probe import check_cluster
+from uft_ray.resources import ClusterTooSmall
 
 ray.init(log_to_driver=False)
 for overrides in json.loads(sys.argv[1]):

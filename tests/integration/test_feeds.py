@@ -17,12 +17,12 @@ import pytest
 
 from uft_ray import schema
 from uft_ray.data import prepared as prep
-from uft_ray.driver import join_reference
 from uft_ray.evaluation.heldout import heldout_plan, holdout_rows, rank_share
 from uft_ray.rft.prompts import attach_hints
 from uft_ray.tasks.hints import HintSchedule
 from uft_ray.train.feeds import POSITION, Background, rank_feeds, table_feeds
 from uft_ray.train.plan import make_plan, rank_assignment
+from uft_ray.uft.driver import join_reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("ray_local")]
 

@@ -18,6 +18,7 @@ import yaml
 from uft_ray import cli, driver
 from uft_ray.config import ConfigError
 from uft_ray.run_dir import RunDir
+from uft_ray.uft.driver import write_prepared_key
 
 pytestmark = pytest.mark.integration
 
@@ -117,7 +118,7 @@ def test_rows_prepared_for_another_config_are_refused_naming_the_fields(finished
     run_dir, _ = finished
     rows = tmp_path / "prepared"
     shutil.copytree(Path(run_dir) / "prepared", rows)
-    driver.write_prepared_key(make_config("rerun", train=STEPS), str(rows))
+    write_prepared_key(make_config("rerun", train=STEPS), str(rows))
     before = _digest(str(rows))
     other = make_config("other-max-len", train=STEPS, tokenize={"max_prompt_len": 96, "max_len": 120})
     with pytest.raises(ConfigError, match=r"tokenize\.max_len: the rows in .* were prepared with 128, this config "):

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from uft_ray import driver
 from uft_ray.config import ConfigError, load_config
 from uft_ray.run_dir import PREPARED_KEY
+from uft_ray.uft import driver
 
 
 def _cfg(tmp_path: Path, overrides: list[str] | None = None):

@@ -19,7 +19,6 @@ from uft_ray.config.paths import is_remote
 from uft_ray.config.schema import (
     LOSS_KINDS,
     LOSS_TYPES,
-    METHODS,
     ROLLOUT_BACKENDS,
     Config,
     DataConfig,
@@ -56,7 +55,6 @@ __all__ = [
     "HELPSTEER2_ATTRIBUTES",
     "LOSS_KINDS",
     "LOSS_TYPES",
-    "METHODS",
     "ROLLOUT_BACKENDS",
     "Config",
     "ConfigError",

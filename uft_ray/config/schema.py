@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
+from uft_ray import methods
 from uft_ray.config.paths import is_remote
 from uft_ray.data.formats import FORMAT_KINDS
 
-METHODS = ("uft", "hint_rft")  # the offline implicit-reward UFT (Wang et al.); hint-guided RFT (Liu et al.)
 LOSS_TYPES = ("uft", "una_bce", "dpo", "kto", "sft")
 # Row kinds each loss can train on (DESIGN.md "The math").
 LOSS_KINDS: dict[str, tuple[str, ...]] = {
@@ -300,7 +300,8 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    method: str = "uft"  # uft (offline: data.sources, loss.type) | hint_rft (online: rft)
+    # uft (offline: data.sources, loss.type) | hint_rft (online: rft) | a registered method (uft_ray.methods)
+    method: str = "uft"
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -317,8 +318,15 @@ class Config:
 
     @property
     def needs_reference(self) -> bool:
-        """A reference pass over prepared rows (hint_rft scores its rollouts with the adapter off instead)."""
-        return self.method == "uft" and self.loss.type != "sft"
+        """Whether the method's loss has a reference policy (the method says: `Method.needs_reference`)."""
+        return methods.of(self).needs_reference(self)
+
+    @property
+    def reference_from_cache(self) -> bool:
+        """Whether the reference log-probs come from the reference actor pool and its cache (a reference pass over
+        prepared rows), not from the trainer itself: the one rule the driver, the resource model, the pre-check
+        and validation ask (`Method.reference_from_cache`)."""
+        return methods.of(self).reference_from_cache(self)
 
     def source(self, name: str) -> SourceConfig:
         for s in self.data.sources:

@@ -12,13 +12,12 @@ import math
 import re
 from typing import Any
 
+from uft_ray import methods
 from uft_ray.config.paths import is_remote, looks_local, path_exists
 from uft_ray.config.schema import (
     LOSS_KINDS,
     LOSS_TYPES,
     LR_SCHEDULES,
-    METHODS,
-    ROLLOUT_BACKENDS,
     Config,
     LoggingConfig,
     LoraConfig,
@@ -32,7 +31,6 @@ from uft_ray.config.schema import (
 from uft_ray.data.formats import FORMAT_KINDS, FORMATS, HELPSTEER2_ATTRIBUTES
 from uft_ray.model_gguf import GGUFError
 from uft_ray.model_store import check_gguf
-from uft_ray.tasks.names import FILE_TASKS, GENERATED_TASKS, REWARD_RULES
 from uft_ray.tracker_names import INSTALL, TRACKERS, missing_packages
 
 
@@ -44,7 +42,7 @@ class ConfigError(ValueError):
         super().__init__("invalid config:\n" + "\n".join(f"  - {m}" for m in self.messages))
 
 
-class _Problems(list):
+class Problems(list):
     """The problems found so far, one message each, with the checks every section uses."""
 
     def one_of(self, where: str, value: Any, allowed: tuple) -> None:
@@ -78,22 +76,18 @@ class _Problems(list):
 def validate(cfg: Config, *, check_paths: bool = True) -> list[str]:
     """Semantic checks beyond types. Returns one message per problem (empty when the config can run).
 
-    Section by section: model, lora, data sources, mixture, tokenize, loss, reference, train, output.
-    `check_paths` off skips the existence of local paths (a config whose paths are a cluster's).
+    Section by section: model, lora, the method's own (`Method.check`: uft_ray.methods), train, packing, eval,
+    output, logging. `check_paths` off skips the existence of local paths (a config whose paths are a cluster's).
     """
-    e = _Problems()
+    e = Problems()
     nonfinite = _check_finite(e, cfg)
-    e.one_of("method", cfg.method, METHODS)
+    method = methods.find(cfg.method) if isinstance(cfg.method, str) else None
+    if method is None:
+        e.one_of("method", cfg.method, methods.names())
     _check_model(e, cfg, check_paths)
     _check_lora(e, cfg.lora)
-    if cfg.method == "hint_rft":  # prompts come from rft.task, not data.sources; the reference is in the trainer
-        _check_rft(e, cfg, check_paths)
-    else:
-        _check_sources(e, cfg.data.sources, check_paths)
-        _check_mixture(e, cfg.mixture, [s.name for s in cfg.data.sources])
-        _check_tokenize(e, cfg.tokenize)
-        _check_loss(e, cfg)
-        _check_reference(e, cfg.reference, check_paths)
+    if method is not None:
+        e.extend(method.check(cfg, check_paths))
     _check_train(e, cfg.train)
     _check_packing(e, cfg)
     _check_eval(e, cfg, check_paths)
@@ -109,7 +103,7 @@ def _finite(value: Any) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def _check_finite(e: _Problems, cfg: Config) -> int:
+def _check_finite(e: Problems, cfg: Config) -> int:
     """Every float anywhere in the config (a field, a mapping's value, a list's item) is a number: NaN and Inf
     compare false with every bound, so each later range check would let them through. Returns how many."""
 
@@ -133,7 +127,7 @@ def _check_finite(e: _Problems, cfg: Config) -> int:
 SEED_LIMIT = 2**32  # numpy's and Ray Data's seeds: 0 <= seed < 2**32
 
 
-def _check_numbers(e: _Problems, cfg: Config) -> None:
+def _check_numbers(e: Problems, cfg: Config) -> None:
     """Ranges that span sections, or that no section's own check covers."""
     for where, seed in (("data.seed", cfg.data.seed), ("train.seed", cfg.train.seed)):
         if not 0 <= seed < SEED_LIMIT:
@@ -146,7 +140,7 @@ def _check_numbers(e: _Problems, cfg: Config) -> None:
         e.append(f"ray.num_cpus: must be > 0, got {cfg.ray.num_cpus!r}")
 
 
-def _check_model(e: _Problems, cfg: Config, check_paths: bool) -> None:
+def _check_model(e: Problems, cfg: Config, check_paths: bool) -> None:
     m = cfg.model
     if not m.path:
         e.append("model.path: required (a local model directory or .gguf file, s3:// or gs:// prefix, or a hub id)")
@@ -156,7 +150,7 @@ def _check_model(e: _Problems, cfg: Config, check_paths: bool) -> None:
     e.one_of("model.attn_implementation", m.attn_implementation, ("sdpa", "eager", "flash_attention_2"))
 
 
-def _check_lora(e: _Problems, lora: LoraConfig) -> None:
+def _check_lora(e: Problems, lora: LoraConfig) -> None:
     e.positive("lora.r", lora.r)
     e.positive("lora.alpha", lora.alpha)
     if not 0 <= lora.dropout < 1:
@@ -165,7 +159,17 @@ def _check_lora(e: _Problems, lora: LoraConfig) -> None:
         e.append("lora.target_modules: at least one module name (e.g. q_proj)")
 
 
-def _check_sources(e: _Problems, sources: list[SourceConfig], check_paths: bool) -> None:
+def check_data(e: Problems, cfg: Config, check_paths: bool) -> None:
+    """The sections of a run over prepared rows: data sources, mixture, tokenize, loss, reference (the offline
+    method's, uft_ray.uft.method)."""
+    _check_sources(e, cfg.data.sources, check_paths)
+    _check_mixture(e, cfg.mixture, [s.name for s in cfg.data.sources])
+    _check_tokenize(e, cfg.tokenize)
+    _check_loss(e, cfg)
+    _check_reference(e, cfg.reference, check_paths)
+
+
+def _check_sources(e: Problems, sources: list[SourceConfig], check_paths: bool) -> None:
     if not sources:
         e.append("data.sources: at least one source (name, format, path)")
     names = [s.name for s in sources]
@@ -195,7 +199,7 @@ def _check_sources(e: _Problems, sources: list[SourceConfig], check_paths: bool)
                 e.append(f"{w}.score_weights: at least one weight must be non-zero")
 
 
-def _check_mixture(e: _Problems, m: MixtureConfig, names: list[str]) -> None:
+def _check_mixture(e: Problems, m: MixtureConfig, names: list[str]) -> None:
     if m.counts is not None and m.ratios is not None:
         e.append("mixture: give either counts or ratios (with total), not both")
     if m.counts is None and m.ratios is None:
@@ -224,7 +228,7 @@ def _check_mixture(e: _Problems, m: MixtureConfig, names: list[str]) -> None:
         e.append("mixture.total: only with mixture.ratios (counts already fix the total)")
 
 
-def _check_tokenize(e: _Problems, t: TokenizeConfig) -> None:
+def _check_tokenize(e: Problems, t: TokenizeConfig) -> None:
     e.positive("tokenize.max_len", t.max_len)
     e.positive("tokenize.max_prompt_len", t.max_prompt_len)
     if t.max_prompt_len >= t.max_len > 0:
@@ -232,7 +236,7 @@ def _check_tokenize(e: _Problems, t: TokenizeConfig) -> None:
     e.one_of("tokenize.overflow", t.overflow, ("drop", "truncate_prompt_left"))
 
 
-def _check_loss(e: _Problems, cfg: Config) -> None:
+def _check_loss(e: Problems, cfg: Config) -> None:
     loss, names = cfg.loss, [s.name for s in cfg.data.sources]
     e.one_of("loss.type", loss.type, LOSS_TYPES)
     e.positive("loss.beta", loss.beta)
@@ -252,7 +256,7 @@ def _check_loss(e: _Problems, cfg: Config) -> None:
         e.positive(f"loss.source_weights.{k}", v, zero_ok=True)
 
 
-def _check_reference(e: _Problems, r: ReferenceConfig, check_paths: bool) -> None:
+def _check_reference(e: Problems, r: ReferenceConfig, check_paths: bool) -> None:
     e.one_of("reference.mode", r.mode, ("actor", "adapter_off"))
     e.one_of("reference.run", r.run, ("precompute", "stream"))
     e.model_source("reference.model_path", r.model_path, check_paths)
@@ -270,7 +274,7 @@ def _check_reference(e: _Problems, r: ReferenceConfig, check_paths: bool) -> Non
         e.append("reference.adapter: only with reference.mode=actor (adapter_off's reference is the bare base)")
 
 
-def _check_train(e: _Problems, tr: TrainConfig) -> None:
+def _check_train(e: Problems, tr: TrainConfig) -> None:
     for name in ("num_workers", "micro_batch_size", "grad_accum", "lr", "epochs", "max_steps", "checkpoint_every"):
         e.positive(f"train.{name}", getattr(tr, name))
     for name in ("gpus_per_worker", "weight_decay", "max_grad_norm", "max_failures"):
@@ -290,7 +294,7 @@ def _check_train(e: _Problems, tr: TrainConfig) -> None:
         e.append("train.deepspeed.offload_params: needs train.deepspeed.zero_stage=3 (or auto)")
 
 
-def _check_packing(e: _Problems, cfg: Config) -> None:
+def _check_packing(e: Problems, cfg: Config) -> None:
     tr = cfg.train
     e.positive("train.micro_batch_tokens", tr.micro_batch_tokens)
     if not tr.packing or cfg.model.attn_implementation != "flash_attention_2":
@@ -305,7 +309,7 @@ def _check_packing(e: _Problems, cfg: Config) -> None:
                  "one sequence per forward); set it to null")  # fmt: skip
 
 
-def _check_logging(e: _Problems, lg: LoggingConfig, check_packages: bool) -> None:
+def _check_logging(e: Problems, lg: LoggingConfig, check_packages: bool) -> None:
     for i, name in enumerate(lg.trackers):
         e.one_of(f"logging.trackers.{i}", name, TRACKERS)
     if lg.wandb_mode is not None:
@@ -322,7 +326,7 @@ def _check_logging(e: _Problems, lg: LoggingConfig, check_packages: bool) -> Non
 RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=+@-]{0,127}")
 
 
-def _check_output(e: _Problems, out: OutputConfig) -> None:
+def _check_output(e: Problems, out: OutputConfig) -> None:
     if not RUN_NAME.fullmatch(out.run_name or ""):
         e.append("output.run_name: one path segment of at most 128 ASCII letters, digits and . _ - = + @, not "
                  f"starting with '.' or '-', got {out.run_name!r}")  # fmt: skip
@@ -330,93 +334,7 @@ def _check_output(e: _Problems, out: OutputConfig) -> None:
         e.append("output.storage_path: required (a local dir or shared storage URI)")
 
 
-def _check_rft(e: _Problems, cfg: Config, check_paths: bool) -> None:
-    r, tr = cfg.rft, cfg.train
-    # the KL reference's adapter, loaded frozen beside the policy's (uft_ray.rft.loop.reference_adapter)
-    e.local_path("reference.adapter", cfg.reference.adapter, "a peft adapter directory", check_paths)
-    if r.task not in GENERATED_TASKS + FILE_TASKS and ":" not in r.task:
-        e.append(f"rft.task: {r.task!r} is not allowed; use one of: {', '.join(GENERATED_TASKS + FILE_TASKS)}, "
-                 "or a generic task's verifier as module:function")  # fmt: skip
-    if r.n_train is not None:
-        e.positive("rft.n_train", r.n_train)
-    elif not r.path:
-        e.append(f"rft.n_train: null takes every row of rft.path; task {r.task!r} generates its rows, give a number")
-    if r.task not in GENERATED_TASKS and not r.path:
-        e.append(f"rft.path: required for task {r.task!r} (a file, directory or glob of its rows)")
-    for name in ("path", "eval_path"):
-        value = getattr(r, name)
-        if check_paths and value and not is_remote(value) and not path_exists(value):
-            e.append(f"rft.{name}: {value!r} does not exist")
-    for name in ("prompts_per_step", "n", "updates_per_step", "max_prompt_len", "max_response_len",
-                 "verifier_timeout_s", "verifier_budget_s", "temperature"):  # fmt: skip
-        e.positive(f"rft.{name}", getattr(r, name))
-    if r.verifier_memory_mb < 256:  # the verifier's child interpreter needs ~100 MiB before any verifier runs
-        e.append(
-            f"rft.verifier_memory_mb: at least 256 (MiB of address space for the verifier), got {r.verifier_memory_mb}"
-        )
-    for name in ("kl_coef", "entropy_coef", "hint_coef", "clip"):
-        e.positive(f"rft.{name}", getattr(r, name), zero_ok=True)
-    if not 0 < r.top_p <= 1:
-        e.append(f"rft.top_p: must be in (0, 1], got {r.top_p!r}")
-    h = r.hint
-    e.one_of("rft.objective", r.objective, ("grpo", "sft"))
-    if r.objective == "grpo" and 0 < r.n < 2:
-        # a group's advantages are its rewards minus their mean: one rollout is always 0, no gradient at all
-        e.append(f"rft.n: GRPO needs at least 2 rollouts per prompt (one has no advantage), got {r.n}")
-    e.one_of("rft.reward_rules", r.reward_rules, REWARD_RULES)
-    e.one_of("rft.hint.mode", h.mode, ("cosine", "rft", "r3", "staged"))
-    if not 0 <= h.p_low <= h.p_high <= 1:
-        e.append(f"rft.hint: need 0 <= p_low <= p_high <= 1, got p_low={h.p_low!r} p_high={h.p_high!r}")
-    e.positive("rft.hint.t_hint", h.t_hint)
-    e.positive("rft.hint.max_buckets", h.max_buckets)
-    ro = r.rollout
-    e.one_of("rft.rollout.backend", ro.backend, ROLLOUT_BACKENDS)
-    for name in ("actors", "batch_size", "call_timeout_s"):
-        e.positive(f"rft.rollout.{name}", getattr(ro, name))
-    for name in ("cpus_per_actor", "gpus_per_actor"):
-        e.positive(f"rft.rollout.{name}", getattr(ro, name), zero_ok=True)
-    g = ro.gpu_memory_utilization
-    if g is not None and not 0 < g <= 1:
-        e.append(f"rft.rollout.gpu_memory_utilization: a share of the device's memory in (0, 1], or null, got {g!r}")
-    if ro.backend == "vllm" and not tr.use_gpu:
-        e.append("rft.rollout.backend: vllm needs train.use_gpu=true (use hf on CPU)")
-    _check_rft_updates(e, cfg)
-
-
-def _check_rft_updates(e: _Problems, cfg: Config) -> None:
-    """Every rank trains whole GRPO groups, its rollouts fill its micro-batches exactly, and each of the step's
-    `updates_per_step` mini-batches holds whole groups (veRL's ppo_mini_batch_size counts prompts)."""
-    r, tr = cfg.rft, cfg.train
-    grpo = r.objective == "grpo"
-    if grpo and r.updates_per_step > 1 and cfg.lora.dropout > 0:
-        # the old log-probs and the training forward would draw different dropout masks: ratio != 1 on-policy
-        e.append(f"lora.dropout: must be 0 with rft.updates_per_step > 1 (got lora.dropout={cfg.lora.dropout!r}, "
-                 f"rft.updates_per_step={r.updates_per_step}): the old and the new log-probs would disagree")  # fmt: skip
-    if tr.num_workers <= 0 or r.updates_per_step <= 0:
-        return
-    if r.prompts_per_step % tr.num_workers:
-        e.append(f"rft.prompts_per_step: {r.prompts_per_step} must be a multiple of train.num_workers "
-                 f"({tr.num_workers}): every rank takes whole groups")  # fmt: skip
-        return
-    n = r.n if grpo else 1
-    per_rank = r.prompts_per_step // tr.num_workers * n
-    per_update = tr.grad_accum * tr.micro_batch_size
-    if per_rank != r.updates_per_step * per_update:
-        what = (
-            "prompts_per_step / num_workers * n"
-            if grpo
-            else "prompts_per_step / num_workers (sft: one sequence per prompt)"
-        )
-        e.append(f"rft: each rank trains {what} = {per_rank} sequences a step, "
-                 f"but rft.updates_per_step * train.grad_accum * train.micro_batch_size = "
-                 f"{r.updates_per_step * per_update}; make them equal")  # fmt: skip
-    elif n > 0 and per_update % n:
-        e.append(f"rft.updates_per_step: {r.updates_per_step} mini-batches of train.grad_accum * "
-                 f"train.micro_batch_size = {per_update} sequences cut the GRPO groups of rft.n = {n}; make "
-                 f"train.grad_accum * train.micro_batch_size a multiple of rft.n")  # fmt: skip
-
-
-def _check_eval(e: _Problems, cfg: Config, check_paths: bool) -> None:
+def _check_eval(e: Problems, cfg: Config, check_paths: bool) -> None:
     ev = cfg.eval
     e.positive("eval.every", ev.every)
     e.positive("eval.max_rows", ev.max_rows)
@@ -429,11 +347,12 @@ def _check_eval(e: _Problems, cfg: Config, check_paths: bool) -> None:
     e.local_path("eval.include_path", ev.include_path, "a folder of lm_eval task YAMLs", check_paths)
     if ev.preset is not None:
         e.one_of("eval.preset", ev.preset, ("uft-paper",))
-    if cfg.method == "hint_rft":
-        if ev.heldout:
-            e.append("eval.sources / eval.holdout: hint_rft holds out prompts itself (rft.eval_path, or generated)")
-        return
-    stream = cfg.needs_reference and cfg.reference.mode == "actor" and cfg.reference.run == "stream"
+
+
+def check_heldout(e: Problems, cfg: Config, check_paths: bool) -> None:
+    """`eval.sources` / `eval.holdout`: held-out rows of the prepared data (a run over prepared rows only)."""
+    ev = cfg.eval
+    stream = cfg.reference_from_cache and cfg.reference.run == "stream"
     if ev.heldout and stream:
         e.append("eval: held-out metrics need the held-out rows' reference log-probs: reference.run precompute "
                  "(stream scores only the rows that are trained) or reference.mode adapter_off")  # fmt: skip
@@ -444,7 +363,7 @@ def _check_eval(e: _Problems, cfg: Config, check_paths: bool) -> None:
     # A held-out split is named as the source it holds out; it may also be one the run does not train on (an
     # SFT-only arm of `uft-ray compare` is still measured on the HelpSteer2 pairs).
     if ev.sources:
-        sub = _Problems()
+        sub = Problems()
         _check_sources(sub, ev.sources, check_paths)
         e.extend(m.replace("data.sources", "eval.sources", 1) for m in sub)
         # Any kind can be held out under any loss: pairs give pair accuracy and margin, SFT rows their NLL,

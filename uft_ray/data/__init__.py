@@ -20,7 +20,7 @@ __all__ = ["prepare", "read_source"]
 def __getattr__(name: str) -> Any:
     # the pipeline imports Ray: load it on first use so `uft_ray.data.normalize` etc. stay light
     if name in __all__:
-        from uft_ray.data import pipeline
+        from uft_ray.data import pipeline  # Ray (see above)
 
         return getattr(pipeline, name)
     raise AttributeError(name)

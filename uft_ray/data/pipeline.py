@@ -65,6 +65,7 @@ from uft_ray.data.quarantine import Quarantined
 from uft_ray.data.sources import FilePart, SourceError, iter_records, plan_parts
 from uft_ray.data.staged import StagedDatasource, count_rows, keepers, staged_ranks, tokenize_block
 from uft_ray.data.tokenize import TokenizerError, encoder_key, load_tokenizer
+from uft_ray.ray_utils import init_ray
 from uft_ray.storage import StorageError, filesystem_for, is_remote
 
 log = logging.getLogger(__name__)
@@ -262,8 +263,6 @@ def prepare(cfg: Config, out_dir: str) -> dict[str, Any]:
     be read at all, `TokenizerError` for an unusable tokenizer, `MixtureError` for a source smaller than its
     quota (without `mixture.allow_upsample`). The passes of the module docstring, in order.
     """
-    from uft_ray.ray_utils import init_ray
-
     t0 = time.time()
     if not is_remote(out_dir):  # Ray's workers may run in another working directory
         out_dir = os.path.abspath(os.path.expanduser(out_dir))

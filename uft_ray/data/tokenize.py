@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from uft_ray.config import ModelConfig, TokenizeConfig
 from uft_ray.data import quarantine as q
 from uft_ray.data.quarantine import Reject
+from uft_ray.model_store import local_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -59,8 +60,6 @@ def check_tokenizer(tok: PreTrainedTokenizerBase, where: str) -> None:
 def load_tokenizer(model: ModelConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer, checked. Remote code runs only when `model.trust_remote_code` says so."""
     from transformers import AutoTokenizer
-
-    from uft_ray.model_store import local_model
 
     path = os.path.expanduser(local_model(model.path, weights=False))
     try:

@@ -15,7 +15,8 @@
 `ensure_demo_assets(root)` makes the tiny model and synthetic shards under `root` (default
 `~/.cache/uft-ray/demo`) and `ensure_real_demo_assets(root)` the instruction shards and a link to the packaged
 GGUF file, both idempotently and safely when several processes call them at once; `demo_overrides(root, method,
-tiny=...)` points a demo config at them. Tests use the same assets; their malformed-row fixtures live under
+tiny=...)` points a demo config at them. Which config a method's demo runs, and which assets it points at, the
+method says (`Method.demo_config`, `Method.demo_overrides`: uft_ray.methods). Tests use the same assets; their malformed-row fixtures live under
 tests/, not here.
 """
 
@@ -25,12 +26,46 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from uft_ray import methods
+from uft_ray.demo import instructions, samples
+from uft_ray.demo.tiny_model import make_tiny_model
+from uft_ray.model_gguf import packaged_gguf
+from uft_ray.tasks import sum3
+
 DEMO_ROOT = "~/.cache/uft-ray/demo"
-CONFIG = Path(__file__).resolve().parent / "demo.yaml"
-CONFIGS = {"uft": CONFIG, "hint_rft": CONFIG.with_name("demo_hint_rft.yaml")}  # by `method`: the real model
-TINY_CONFIGS = {"uft": CONFIG.with_name("demo_tiny.yaml"), "hint_rft": CONFIG.with_name("demo_hint_rft_tiny.yaml")}
+DEMO_DIR = Path(__file__).resolve().parent  # the embedded demo configs
+CONFIG = DEMO_DIR / "demo.yaml"
+
+
+class _DemoConfigs(Mapping[str, Path]):
+    """{method: its demo config}, asked of the method registry when read (`tiny`: the toy's)."""
+
+    def __init__(self, tiny: bool) -> None:
+        self.tiny = tiny
+
+    def __getitem__(self, method: str) -> Path:
+        found = methods.find(method)
+        path = found.demo_config(self.tiny) if found is not None else None
+        if path is None:
+            raise KeyError(method)
+        return path
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([name for name in methods.names() if name in self])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __contains__(self, method: object) -> bool:
+        found = methods.find(method) if isinstance(method, str) else None
+        return found is not None and found.demo_config(self.tiny) is not None
+
+
+CONFIGS = _DemoConfigs(tiny=False)  # by `method`: the real model
+TINY_CONFIGS = _DemoConfigs(tiny=True)
 # UltraChat conversations, HelpSteer2 prompts (two rows each), preference rows, rows per TRL format.
 SUM3_ROWS = (240, 24)  # the hint_rft demo's training and held-out triples
 SAMPLE_COUNTS = {"n_ultrachat": 64, "n_helpsteer_prompts": 48, "n_preference": 32, "n_trl": 32}
@@ -40,14 +75,13 @@ def demo_config_text(method: str = "uft", *, tiny: bool = False) -> str:
     """The embedded demo config of `method` (YAML text): the real model's, or the tiny toy's."""
     # Beside this module rather than importlib.resources: that fails when an editable install left uft_ray
     # registered as a namespace package.
-    if method not in CONFIGS:
-        raise ValueError(f"demo method {method!r}: use one of {', '.join(CONFIGS)}")
-    return (TINY_CONFIGS if tiny else CONFIGS)[method].read_text()
+    configs = TINY_CONFIGS if tiny else CONFIGS
+    if method not in configs:
+        raise ValueError(f"demo method {method!r}: use one of {', '.join(configs)}")
+    return configs[method].read_text()
 
 
 def _samples_stamp_ok(out: Path, params: dict[str, int]) -> bool:
-    from uft_ray.demo import samples
-
     try:
         found = json.loads((out / "uft_samples.json").read_text())
     except (OSError, ValueError):
@@ -56,8 +90,6 @@ def _samples_stamp_ok(out: Path, params: dict[str, int]) -> bool:
 
 
 def _ensure_samples(out: Path, seed: int) -> None:
-    from uft_ray.demo import samples
-
     params = samples.sample_params(**SAMPLE_COUNTS, seed=seed, scale=1)
     if _samples_stamp_ok(out, params):
         return
@@ -71,9 +103,6 @@ def ensure_demo_assets(root: str | os.PathLike[str] = DEMO_ROOT, *, seed: int = 
 
     Returns paths by name: `root`, `samples`, `model` and every `uft_ray.demo.samples.sample_paths` entry.
     """
-    from uft_ray.demo import samples
-    from uft_ray.demo.tiny_model import make_tiny_model
-
     base = Path(os.path.expanduser(os.fspath(root)))
     samples_dir, model_dir = base / "samples", base / "tiny-model"
     _ensure_samples(samples_dir, seed)
@@ -86,16 +115,12 @@ def ensure_real_demo_assets(root: str | os.PathLike[str] = DEMO_ROOT, *, seed: i
     """Make the instruction shards (`root/instructions`) and link the packaged SmolLM2 GGUF file into
     `root/models/` (a copy where links are not allowed). Returns paths by name: `root`, `model`, `instructions`,
     `ultrachat_200k_train`, `helpsteer2_train`, `heldout`."""
-    from uft_ray.demo import instructions
-    from uft_ray.model_gguf import packaged_gguf
-
     base = Path(os.path.expanduser(os.fspath(root)))
     data = base / "instructions"
     if not _instructions_stamp_ok(data, seed):
         _publish_dir(
             data, lambda tmp: instructions.write_shards(tmp, seed=seed), lambda: _instructions_stamp_ok(data, seed)
         )
-    from uft_ray.tasks import sum3
 
     arith = base / "sum3"
     if not (arith / "eval.jsonl").is_file():
@@ -117,8 +142,6 @@ def ensure_real_demo_assets(root: str | os.PathLike[str] = DEMO_ROOT, *, seed: i
 
 
 def _instructions_stamp_ok(out: Path, seed: int) -> bool:
-    from uft_ray.demo import instructions
-
     try:
         found = json.loads((out / instructions.STAMP).read_text())
     except (OSError, ValueError):
@@ -150,26 +173,6 @@ def _publish_dir(out: Path, write, ready) -> None:
 def demo_overrides(
     root: str | os.PathLike[str] | None = None, method: str = "uft", *, tiny: bool = False
 ) -> list[str]:
-    """Make the demo assets under `root` (idempotent) and point the demo config of `method` at them (hint_rft
-    generates its prompts: only the model). `tiny`: the random-init toy and its synthetic shards."""
-    if not tiny:
-        real = ensure_real_demo_assets(root or DEMO_ROOT)
-        if method == "hint_rft":
-            return [
-                f"model.path={real['model']}",
-                f"rft.path={real['sum3_train']}",
-                f"rft.eval_path={real['sum3_eval']}",
-            ]
-        return [
-            f"model.path={real['model']}",
-            f"data.sources.0.path={real['ultrachat_200k_train']}",
-            f"data.sources.1.path={real['helpsteer2_train']}",
-        ]
-    assets = ensure_demo_assets(root or DEMO_ROOT)
-    if method == "hint_rft":
-        return [f"model.path={assets['model']}"]
-    return [
-        f"model.path={assets['model']}",
-        f"data.sources.0.path={assets['ultrachat_200k_train']}",
-        f"data.sources.1.path={assets['helpsteer2_train']}",
-    ]
+    """Make the demo assets under `root` (idempotent) and point the demo config of `method` at them (the method
+    says which: `Method.demo_overrides`). `tiny`: the random-init toy and its synthetic shards."""
+    return methods.get(method).demo_overrides(str(root or DEMO_ROOT), tiny)

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from uft_ray import storage
-from uft_ray.demo.instructions import FAMILIES, Example
+from uft_ray.demo.instructions import FAMILIES, Example, read_heldout
+from uft_ray.model_store import local_model
+from uft_ray.report import write_report
 from uft_ray.run_dir import RunDir
 
 MAX_NEW_TOKENS = 64  # the longest compliant held-out answer is about 45 tokens
@@ -29,8 +31,6 @@ def evaluate(model_path: str, adapter_dir: str, examples: Sequence[Example], *, 
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from uft_ray.model_store import local_model
 
     started = time.time()
     torch.set_num_threads(threads or os.cpu_count() or 1)
@@ -156,19 +156,12 @@ def examples_text(result: dict, n: int = SHOWN) -> str:
     return "\n".join(parts)
 
 
-def demo_checks(cfg: Any, root: str) -> int:
-    """After a successful real-model demo run: the held-out before/after table for UFT (written to the run
-    directory, printed from that file, added to the report); for hint_rft the held-out accuracy the run logged
-    before its first step and after its last. Returns the exit code (a failed check fails the demo)."""
-    from uft_ray.demo import ensure_real_demo_assets
-    from uft_ray.demo.instructions import read_heldout
-    from uft_ray.report import write_report
-
+def instruction_checks(cfg: Any, heldout_path: str) -> int:
+    """After a successful real-model UFT demo run: the held-out before/after table of the formatting instructions
+    (written to the run directory, printed from that file, added to the report). Returns the exit code (a failed
+    check fails the demo); hint_rft's demo prints `rft_table` instead (uft_ray.rft.method)."""
     run = RunDir(cfg.output.run_dir)
-    if cfg.method == "hint_rft":
-        print(rft_table(run.read_metrics()), flush=True)
-        return 0
-    heldout = read_heldout(ensure_real_demo_assets(root)["heldout"])
+    heldout = read_heldout(heldout_path)
     print(f"uft-ray demo: held-out check of {len(heldout)} prompts (unseen questions and values), base model "
           "against base + adapter ...", flush=True)  # fmt: skip
     write(run.path, evaluate(cfg.model.path, run.adapter, heldout))

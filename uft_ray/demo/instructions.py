@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from uft_ray.demo.samples import prompt_id, write_jsonl, write_parquet
+
 # (question, plain answer). Each answer's first sentence answers the question on its own, in at most 12 words.
 QA: tuple[tuple[str, str], ...] = (
     (
@@ -439,8 +441,6 @@ def split_train(seed: int = 0) -> tuple[list[Example], list[Example]]:
 
 
 def ultrachat_row(ex: Example, seed: int, index: int) -> dict[str, Any]:
-    from uft_ray.demo.samples import prompt_id
-
     return {
         "prompt": ex.prompt,
         "prompt_id": prompt_id(seed, "instructions", index, ex.prompt),
@@ -491,8 +491,6 @@ def from_heldout_row(row: dict[str, Any]) -> Example:
 def write_shards(out: str | os.PathLike[str], seed: int = 0) -> dict[str, str]:
     """Write the instruction rows (UltraChat-200k parquet), the preference rows (HelpSteer2 jsonl.gz) and the
     held-out rows (jsonl) into the existing directory `out`, then the stamp."""
-    from uft_ray.demo.samples import write_jsonl, write_parquet
-
     paths = shard_paths(out)
     sft, pref = split_train(seed)
     for p in paths.values():

@@ -40,6 +40,7 @@ import yaml
 from uft_ray import storage
 from uft_ray.config.schema import EvalConfig
 from uft_ray.evaluation.presets import DERIVED, is_gated, nltk_needs
+from uft_ray.model_store import local_model
 from uft_ray.run_dir import ADAPTER, EVAL_SUMMARY, RunDir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -253,8 +254,6 @@ def vllm_lora_rank(r: int | None) -> int:
 def model_args(target: EvalTarget, backend: str, device: str) -> dict[str, Any]:
     """lm_eval's model arguments for `backend` ("hf" or "vllm") on `device` ("cpu", "cuda"). Called where the model
     loads (the eval worker): what is in object storage is downloaded to this node first."""
-    from uft_ray.model_store import local_model
-
     args: dict[str, Any] = {"pretrained": local_model(target.base), "dtype": resolve_dtype(target.dtype, device)}
     if target.tokenizer:
         args["tokenizer"] = local_model(target.tokenizer)

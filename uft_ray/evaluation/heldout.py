@@ -26,6 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from uft_ray import storage
+from uft_ray.config import ConfigError
+from uft_ray.evaluation import harness
+from uft_ray.evaluation.harness import TaskSpec
+from uft_ray.evaluation.presets import PRESETS
+from uft_ray.evaluation.worker import run_eval
+from uft_ray.run_dir import EVAL_SUMMARY
+
 if TYPE_CHECKING:  # pragma: no cover
     from uft_ray.config import Config
 
@@ -83,8 +91,6 @@ def check_holdout(row_ids: list[str], sources: list[str], fraction: float, seed:
         return f"{rows[s]} row{'s' * (rows[s] != 1)}"
 
     if empty and len(empty) == len(rows):
-        from uft_ray.config import ConfigError
-
         counts = ", ".join(f"{s!r} {n_rows(s)}" for s in empty)
         raise ConfigError(
             [
@@ -169,7 +175,7 @@ def metrics(records: list[dict[str, Any]], cfg: Config) -> dict[str, float]:
     """
     import torch
 
-    from uft_ray import losses
+    from uft_ray import losses  # imports torch, as above
 
     loss_type, beta = cfg.loss.type, cfg.loss.beta
     out: dict[str, float] = {}
@@ -226,8 +232,6 @@ def check_benchmarks(cfg: Config) -> None:
     """Fail before any cluster work when `eval.tasks` names a task lm_eval does not know (EvalError)."""
     if not benchmark_specs(cfg):
         return
-    from uft_ray.config import ConfigError
-    from uft_ray.evaluation import harness
 
     names = [s.task for s in benchmark_specs(cfg)]
     try:
@@ -238,9 +242,6 @@ def check_benchmarks(cfg: Config) -> None:
 
 def benchmark_specs(cfg: Config) -> list[Any]:
     """`eval.tasks` (their default shots), or the tasks of `eval.preset` with its shots (a subset: the tasks named)."""
-    from uft_ray.evaluation.harness import TaskSpec
-    from uft_ray.evaluation.presets import PRESETS
-
     if cfg.eval.preset:
         tasks = PRESETS[cfg.eval.preset].tasks
         return [TaskSpec(t.task, t.num_fewshot) for t in tasks if not cfg.eval.tasks or t.task in cfg.eval.tasks]
@@ -253,11 +254,6 @@ def run_benchmarks(cfg: Config, run_dir: str) -> dict[str, Any] | None:
     specs = benchmark_specs(cfg)
     if not specs:
         return None
-    from uft_ray import storage
-    from uft_ray.evaluation import harness
-    from uft_ray.evaluation.presets import PRESETS
-    from uft_ray.evaluation.worker import run_eval
-    from uft_ray.run_dir import EVAL_SUMMARY
 
     target = harness.resolve_target(run_dir, trust_remote_code=cfg.model.trust_remote_code)  # the user's config
     limit = cfg.eval.limit

@@ -56,7 +56,7 @@ def adapter_off_logprobs(
 
     `model` is a peft model (`engine.peft_model`). The same `model_sequence_logprobs` as the actor scorer, so both
     reference modes give the same numbers on the same model."""
-    from uft_ray.logprobs import model_sequence_logprobs
+    from uft_ray.logprobs import model_sequence_logprobs  # imports torch: when a forward runs
 
     with adapter_disabled(model) as base:
         return model_sequence_logprobs(base, input_ids, attention_mask, loss_mask, use_cache=False, **kwargs)

@@ -29,6 +29,9 @@ import pyarrow as pa
 from uft_ray import packing as packing_lib
 from uft_ray import schema
 from uft_ray.config import Config, compute_dtype, reference_revision
+from uft_ray.logprobs import model_sequence_logprobs
+from uft_ray.model_store import local_model
+from uft_ray.packing import pack
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -102,7 +105,6 @@ def load_reference_model(
     device_map: Any = None
     if on_gpu:
         device_map = "auto" if gpus > 1 else {"": torch.cuda.current_device()}
-    from uft_ray.model_store import local_model
 
     model = AutoModelForCausalLM.from_pretrained(
         os.path.expanduser(local_model(model_path)),  # a bucket's model: downloaded once per node
@@ -189,8 +191,6 @@ class ReferenceScorer:
         """Summed response log-probs of each sequence (float64), and the number of model forwards.
 
         `pairs`: sequences that share a prompt (a pair's chosen and rejected); packed, it is computed once."""
-        from uft_ray.logprobs import model_sequence_logprobs
-
         if self.packing:
             return self._score_packed(sequences, starts, pairs or [])
         torch = self._torch
@@ -222,9 +222,6 @@ class ReferenceScorer:
     ) -> tuple[np.ndarray, int]:
         """`score` without padding: units (a pair, or a sequence alone) into forwards of at most `max_tokens`
         tokens, each laid out by `uft_ray.packing.pack` in sequences of at most `PACKED_SEQUENCE_TOKENS`."""
-        from uft_ray.logprobs import model_sequence_logprobs
-        from uft_ray.packing import pack
-
         torch = self._torch
         paired = {i for p in pairs for i in p}
         units = [list(p) for p in pairs] + [[i] for i in range(len(sequences)) if i not in paired]

@@ -24,6 +24,7 @@ import pyarrow as pa
 from uft_ray import schema, storage
 from uft_ray.config import Config
 from uft_ray.data import prepared
+from uft_ray.ray_utils import init_ray
 from uft_ray.reference.cache import DEFAULT_ROWS_PER_FILE, HASH_MEMO, cache_root, in_order, load_cache, write_cache
 from uft_ray.reference.collector import collected, new_collector
 from uft_ray.reference.fingerprint import fingerprint, fingerprint_inputs
@@ -213,8 +214,6 @@ def _prepared_dataset(rows: pa.Table, block_rows: int) -> ray.data.Dataset:
 
 def _precompute(cfg: Config, rows: pa.Table, **scorer_overrides: Any) -> tuple[pa.Table, dict[str, Any]]:
     import ray
-
-    from uft_ray.ray_utils import init_ray
 
     if rows.num_rows == 0:
         return schema.REFERENCE.empty_table(), {"forwards": 0, "tokens": 0, "duplicates": 0, "actors": []}

@@ -21,7 +21,7 @@ import yaml
 
 from uft_ray import storage
 from uft_ray.data.prepared import summary_path
-from uft_ray.report.plots import PALETTE
+from uft_ray.report.plots import PALETTE, plot_loss, plot_optimization, plot_quarantine, plot_throughput
 from uft_ray.run_dir import METRICS, RunDir
 
 Row = tuple[str, str]  # (name, value) of a key-value table
@@ -351,3 +351,18 @@ def write_page(
     parts.append("</body></html>")
     storage.atomic_write(run.report, "\n".join(parts).encode())  # a reader never sees a half-written report
     return run.report
+
+
+def write_shared_report(inp: RunInputs) -> str:
+    """The plots every method has (SHARED_PLOTS: loss, throughput, optimization, quarantine) and the page: the
+    report of a method with none of its own; returns the HTML path."""
+    rows, sources, colors = inp.rows, inp.sources, inp.colors
+    pngs = {
+        "loss": plot_loss(rows, sources, colors),
+        "throughput": plot_throughput(rows),
+        "optimization": plot_optimization(rows, sources, colors),
+        "quarantine": plot_quarantine(inp.qcounts, colors),
+    }
+    sections = [(name, *SHARED_PLOTS[name]) for name in pngs]
+    method = [("method", str(inp.method))]
+    return write_page(inp, pngs, sections, [*shared_config_rows(inp.cfg), *method], final_rows(rows, sources))

@@ -4,6 +4,7 @@
     rollout.py   the rollout actor pool: n seeded continuations of prompt + hint (transformers or vLLM + LoRA)
     loop.py      the Ray Train worker loop: rollouts -> rewards -> GRPO + hint NLL on the shared engine
     driver.py    run(cfg): prompts, actors, TorchTrainer, the run directory
+    method.py    the method as uft_ray.methods registers it: config checks, resources, progress line, demo
 
 Tasks and verifiers live in `uft_ray.tasks`, the loss terms in `uft_ray.losses`, the engine in
 `uft_ray.train.engine`: the offline method's parts, shared.

@@ -1,11 +1,12 @@
 """The driver of `method: hint_rft`: prompts -> plan -> rollout actors -> Ray Train -> the run directory.
 
-`run(cfg)` is what `uft_ray.driver.run` hands a hint_rft config to. It writes the task rows (generated or read,
-bad ones quarantined) under `{run_dir}/prompts`, makes the step plan (a rerun must find the same one), starts
-the rollout actor pool (one actor per `rft.rollout.actors`, each with the base model and the LoRA adapter the
-trainer sends after every step), builds each rank's prompt feed with Ray Data, and trains with `TorchTrainer`
-and `rft_loop_per_worker`. The run directory has the offline method's layout (uft_ray.run_dir): config,
-plan, checkpoints, metrics, the final adapter with its tokenizer, quarantine and report.
+`run(cfg)` is what `uft_ray.driver.run` hands a hint_rft config to (through the method registry,
+uft_ray.rft.method). It writes the task rows (generated or read, bad ones quarantined) under `{run_dir}/prompts`,
+makes the step plan (a rerun must find the same one), starts the rollout actor pool (one actor per
+`rft.rollout.actors`, each with the base model and the LoRA adapter the trainer sends after every step), builds
+each rank's prompt feed with Ray Data, and trains with `TorchTrainer` and `rft_loop_per_worker`. The run
+directory has the offline method's layout (uft_ray.run_dir): config, plan, checkpoints, metrics, the final adapter
+with its tokenizer, quarantine and report.
 """
 
 from __future__ import annotations
@@ -13,8 +14,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from uft_ray.config import Config
-from uft_ray.runner import Run, RunResult, finish, fit, keep_plan, last_checkpoint, open_run, result, say, start_step
+from uft_ray.config import Config, compute_dtype
+from uft_ray.console import say
+from uft_ray.rft.backend import rollout_backend
+from uft_ray.rft.hooks import rft_hooks
+from uft_ray.rft.prompts import build_prompts, check_prompts, make_rft_plan, rank_feeds, read_prompts, save_prompts
+from uft_ray.rft.rollout import RolloutActor, rollout_memory_fraction
+from uft_ray.runner import Run, RunResult, finish, fit, keep_plan, last_checkpoint, open_run, result, start_step
+from uft_ray.trackers import open_trackers
 from uft_ray.train.feeds import Background
 from uft_ray.train.hooks import TrainHooks
 
@@ -31,9 +38,6 @@ def run(cfg: Config, *, hooks: TrainHooks | None = None) -> RunResult:
 
 
 def _run(run_: Run, hooks: TrainHooks | None) -> RunResult:
-    from uft_ray.rft.prompts import build_prompts, check_prompts, make_rft_plan, rank_feeds, save_prompts
-    from uft_ray.trackers import open_trackers
-
     cfg, run_dir = run_.cfg, run_.dir
 
     # 1. Prompts (deterministic: a rerun builds the same rows) and the plan (a changed one is refused), decided
@@ -64,7 +68,7 @@ def _run(run_: Run, hooks: TrainHooks | None) -> RunResult:
             start_rollout_actors(cfg, run_.tokenizer, into=actors)
             feeds = building.result()
             with open_trackers(cfg, run_dir, start) as tracked:  # fed from metrics.jsonl while training
-                checkpoint = _fit(run_, plan, feeds, actors, hooks or TrainHooks())
+                checkpoint = _fit(run_, plan, feeds, actors, rft_hooks(hooks))
                 finish(run_, checkpoint, tracked)  # the final adapter and the benchmarks, before they close
         except BaseException:
             building.abandon()
@@ -78,25 +82,10 @@ def _run(run_: Run, hooks: TrainHooks | None) -> RunResult:
     return result(run_, checkpoint, plan.summary.steps)
 
 
-def rollout_backend(cfg: Config) -> str:
-    """`rft.rollout.backend: auto`: vLLM on GPU where it is installed, transformers `generate` otherwise."""
-    backend = cfg.rft.rollout.backend
-    if backend != "auto":
-        return backend
-    if not cfg.train.use_gpu:
-        return "hf"
-    import importlib.util
-
-    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
-
-
 def start_rollout_actors(cfg: Config, tokenizer: Any, *, into: list[Any]) -> list[Any]:
     """The rollout actor pool (uft_ray.rft.rollout), each with the base model and a LoRA slot, appended to `into`
     as each starts (so that a caller's `finally` stops every one started, even when a later one fails)."""
-    import ray
-
-    from uft_ray.config import compute_dtype
-    from uft_ray.rft.rollout import RolloutActor, rollout_memory_fraction
+    import ray  # Ray: imported when actors start
 
     ro, r = cfg.rft.rollout, cfg.rft
     backend = rollout_backend(cfg)
@@ -135,7 +124,7 @@ def start_rollout_actors(cfg: Config, tokenizer: Any, *, into: list[Any]) -> lis
 def stop_rollout_actors(actors: list[Any], close_timeout_s: float = 30.0) -> None:
     """Close every actor (its adapter directories go), then kill it; an actor that is dead or does not answer in
     time is killed all the same (the next actor's start sweeps what it left)."""
-    import ray
+    import ray  # Ray: imported when actors stop
 
     closing = [a.close.remote() for a in actors]
     if closing:
@@ -145,8 +134,7 @@ def stop_rollout_actors(actors: list[Any], close_timeout_s: float = 30.0) -> Non
 
 
 def _fit(run_: Run, plan: Any, feeds: dict[str, Any], actors: list[Any], hooks: TrainHooks) -> str | None:
-    from uft_ray.rft.loop import rft_loop_per_worker
-    from uft_ray.rft.prompts import read_prompts
+    from uft_ray.rft.loop import rft_loop_per_worker  # imports torch and DeepSpeed: only when training
 
     cfg = run_.cfg
     eval_table = read_prompts(run_.dir, "eval").select(["row_id", "prompt_ids", "row_json"])

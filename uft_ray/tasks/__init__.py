@@ -32,13 +32,13 @@ __all__ = ["read_rows", "verify"]
 def read_rows(path: str, task: str, **options: Any) -> list[dict[str, Any]]:
     """The task rows of the file(s) at `path` in any supported layout; `options` as uft_ray.tasks.files.read_rows
     (`split`, `quarantined`, `levels`)."""
-    from uft_ray.tasks.files import read_rows as read
+    from uft_ray.tasks.files import read_rows as read  # reads parquet: the config check imports this package
 
     return read(path, task, **options)
 
 
 def verify(row: dict[str, Any], text: str, rules: str = "paper") -> float:
     """`text` (what follows the prompt) scored by the row's task under `rules` (uft_ray.tasks.files.verify)."""
-    from uft_ray.tasks.files import verify as score
+    from uft_ray.tasks.files import verify as score  # as read_rows
 
     return score(row, text, rules)

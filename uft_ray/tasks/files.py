@@ -30,6 +30,7 @@ import math
 import re
 from typing import Any
 
+from uft_ray.data.sources import FilePart, SourceError, file_type, iter_records, list_files
 from uft_ray.tasks import countdown, generic, knights_knaves, math_answers
 from uft_ray.tasks.rules import verifier_for
 
@@ -54,8 +55,6 @@ def records(path: str, quarantined: list[dict[str, Any]]) -> list[tuple[str, int
     """`(file, index in it, record)` of every task file `path` names (a file, directory or glob, local or a URI: the
     data plane's listing rule), read by the data plane's readers (uft_ray.data.sources: linear in the file, a record
     size limit, nesting and text checks); unreadable files and records quarantined with their reason."""
-    from uft_ray.data.sources import FilePart, SourceError, file_type, iter_records, list_files
-
     out: list[tuple[str, int, dict[str, Any]]] = []
     for f in list_files(path)[0]:
         kind, compression = file_type(f)  # type: ignore[misc]  # list_files keeps known types only

@@ -21,6 +21,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from uft_ray.demo.samples import prompt_id, write_jsonl, write_parquet
 from uft_ray.tasks.verifier import CORRECT, FORMATTED, NO_ANSWER, extract_answer
 
 NAME = "copy_digit"
@@ -86,8 +87,6 @@ def write_forgetting_data(out: str | Path, *, n_skill: int = 400, n_skill_eval: 
     strings) and the alignment data as HelpSteer2 (two rated responses per prompt, jsonl.gz: train / validation):
     to `next 4 7 1 :` the answer `<answer> 4 7 2 </answer>` is rated 4 on every attribute, the copy
     `<answer> 4 7 1 </answer>` 0. Pairs prefer moving on; scores say the same. Returns the paths by name."""
-    from uft_ray.demo.samples import prompt_id, write_jsonl, write_parquet
-
     out = Path(out)
     pool = list(itertools.product(range(10), repeat=length))
     need = n_skill + n_skill_eval

@@ -4,12 +4,13 @@ The production loop calls a `TrainHooks()` whose methods do nothing. A caller th
 the loop (the integration tests record consumed rows and parameter digests, stop after a step, or park a
 worker for a test to kill; tests/fixtures/recorder.py) passes a subclass to `uft_ray.driver.run(cfg,
 hooks=...)`; it travels to the workers with the loop's config, so it must be picklable (Ray's cloudpickle).
-Hooks observe: they never change what is trained.
+Hooks observe: they never change what is trained. A method's own callbacks live with the method
+(uft_ray.rft.hooks: hint_rft's rollouts and adapter sync).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -33,12 +34,3 @@ class TrainHooks:
 
     def on_end(self, engine: Engine, *, rank: int, cfg: Config, pad_id: int, device: torch.device) -> None:
         """After the last step."""
-
-    # hint_rft (uft_ray.rft.loop) only.
-
-    def on_rollouts(self, *, rank: int, step: int, rollouts: list[dict[str, Any]]) -> None:
-        """After this rank's rollouts of step `step` (0-based) are scored: one dict per rollout with `row_id`,
-        `k`, `revealed`, `prompt_ids` (prompt + hint), `response_ids` and `reward`."""
-
-    def on_adapter_sync(self, *, rank: int, step: int, trainer_digest: str, actor_digests: list[str]) -> None:
-        """After the adapter of step `step` (0: the initial one) reached the rollout actors (rank 0's digests)."""
