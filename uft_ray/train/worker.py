@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from uft_ray.config import Config, load_config
+from uft_ray.console import say  # a worker's `[uft-ray]` lines (not `print`: Ray Train patches it in its workers)
 from uft_ray.resources import worker_threads
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir, checkpoint_name, read_state, write_state
 from uft_ray.train.engine import Engine, base_model_bytes, build_engine, choose_zero_stage, device_memory_bytes
@@ -101,13 +101,6 @@ def restore(
     if w.rank == 0:
         w.run.truncate_metrics(keep_through=start)
     return state, start, batches, engine
-
-
-def say(line: str) -> None:
-    """One `[uft-ray]` line from a training worker to the console. Not `print`: Ray Train patches it in its workers
-    to tee to the (wrapped) stdout and to log the line as well, which shows every line twice."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def agree_zero_stage(w: Worker) -> int:
