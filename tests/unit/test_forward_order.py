@@ -94,9 +94,9 @@ def test_hint_rft_runs_every_no_grad_forward_before_the_first_grad_forward(monke
     """Two updates of two micro-batches: 4 reference and 4 old-log-prob forwards first, then 4 x (forward,
     backward); the reference's forwards below peft's wrapper."""
     from uft_ray.config import load_config
-    from uft_ray.rft import loop as rft_loop
+    from uft_ray.rft import update
 
-    quiet_collectives(monkeypatch, rft_loop)
+    quiet_collectives(monkeypatch, collectives)
     cfg = load_config(
         "jobs/configs/demo_hint_rft_tiny.yaml",
         ["model.path=/tmp", "train.grad_accum=1", "rft.updates_per_step=2", "rft.temperature=0.7"],
@@ -110,7 +110,7 @@ def test_hint_rft_runs_every_no_grad_forward_before_the_first_grad_forward(monke
          "response_ids": g.integers(1, 100, 3 + i % 4).tolist(), "reward": float(i % 2)}
         for i in range(16)
     ]  # fmt: skip
-    rft_loop._train_on(Engine(model, events), cfg, rollouts, PAD, world=1)
+    update.grpo_update(Engine(model, events), cfg, rollouts, PAD, world=1)
     assert events == [REF] * 4 + [NO_GRAD_POLICY] * 4 + [POLICY, "backward"] * 4
 
 
@@ -118,9 +118,9 @@ def test_hint_rft_without_a_kl_term_runs_no_reference_forward(monkeypatch):
     """rft.kl_coef 0: the reference feeds nothing, so none of its forwards run, the loss is the same as with the
     reference computed (kl weighs 0), and the step reports no kl."""
     from uft_ray.config import load_config
-    from uft_ray.rft import loop as rft_loop
+    from uft_ray.rft import update
 
-    quiet_collectives(monkeypatch, rft_loop)
+    quiet_collectives(monkeypatch, collectives)
     g = np.random.default_rng(1)
     rollouts = [
         {"group": i // 4, "prompt_ids": g.integers(1, 100, 5).tolist(), "hint_ids": g.integers(1, 100, i % 3).tolist(),
@@ -136,7 +136,7 @@ def test_hint_rft_without_a_kl_term_runs_no_reference_forward(monkeypatch):
         )
         model = tiny_lora()
         events = recorded(model)
-        out[kl] = (rft_loop._train_on(Engine(model, events), cfg, [dict(r) for r in rollouts], PAD, world=1), events)
+        out[kl] = (update.grpo_update(Engine(model, events), cfg, [dict(r) for r in rollouts], PAD, world=1), events)
     (without, events_without), (with_, events_with) = out[0.0], out[1e-12]
     assert events_without == [POLICY, "backward"] and events_with == [REF, POLICY, "backward"]
     assert without["with_kl"] is False and with_["with_kl"] is True and without["kl"] == 0.0 and with_["kl"] > 0

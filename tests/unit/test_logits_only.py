@@ -162,7 +162,7 @@ def test_kto_reference_point_reuses_its_references(monkeypatch):
 
 
 def test_hint_rft_loss_matches_the_full_logits_loss_and_grads():
-    from uft_ray.rft import loop as rft_loop
+    from uft_ray.rft import update
 
     model = tiny_lora()
     g = np.random.default_rng(3)
@@ -171,7 +171,7 @@ def test_hint_rft_loss_matches_the_full_logits_loss_and_grads():
          "response_ids": g.integers(1, V, k).tolist()}
         for h, k in ((2, 4), (0, 6), (3, 2))
     ]  # fmt: skip
-    t = rft_loop._pad(rollouts, PAD, torch.device("cpu"))
+    t = update.pad_rollouts(rollouts, PAD, torch.device("cpu"))
     adv = torch.tensor([1.0, -0.5, 0.25])
     temperature, kw = 0.8, dict(clip=0.2, kl_coef=0.1, entropy_coef=0.01, hint_coef=0.5)
 
@@ -180,16 +180,16 @@ def test_hint_rft_loss_matches_the_full_logits_loss_and_grads():
                                     hint_logp=logp, hint_mask=t["hint"], **kw)[0]  # fmt: skip
 
     engine = Engine(model)
-    ref = rft_loop._reference(engine, t, temperature)
-    logp, ent = rft_loop._forward(engine, t, temperature, grad=True)
+    ref = update.reference_logprobs(engine, t, temperature)
+    logp, ent = update.policy_logprobs(engine, t, temperature, grad=True)
     loss = loss_of(logp, ent, ref)
     loss.backward()
     new = lora_grads(model)
 
     scored = t["response"] | t["hint"]
-    want_logp, want_ent = full_logits(model, t["ids"], t["attention"], scored, temperature)
+    want_logp, want_ent = full_logits(model, t["input_ids"], t["attention_mask"], scored, temperature)
     with torch.no_grad(), model.disable_adapter():
-        want_ref, _ = full_logits(model, t["ids"], t["attention"], t["response"], temperature)
+        want_ref, _ = full_logits(model, t["input_ids"], t["attention_mask"], t["response"], temperature)
     want = loss_of(want_logp, want_ent * t["response"], want_ref)
     want.backward()
     assert_rel(logp, want_logp)

@@ -201,7 +201,7 @@ def test_kto_reference_point_packed_equals_padded(monkeypatch):
 
 
 def test_hint_rft_packed_shares_each_prompt_and_equals_padded():
-    from uft_ray.rft import loop as rft_loop
+    from uft_ray.rft import update
 
     model = tiny_lora(attn=SEGMENT_ATTENTION)
     g = np.random.default_rng(3)
@@ -215,10 +215,10 @@ def test_hint_rft_packed_shares_each_prompt_and_equals_padded():
     kw = dict(clip=0.2, kl_coef=0.1, entropy_coef=0.01, hint_coef=0.5)
     out = []
     for packing in (None, LAYOUTS["one sequence"]):
-        t = rft_loop._pad(rollouts, PAD, CPU, packing)
+        t = update.pad_rollouts(rollouts, PAD, CPU, packing)
         engine = Engine(model)
-        ref = rft_loop._reference(engine, t, 0.8)
-        logp, ent = rft_loop._forward(engine, t, 0.8, grad=True)
+        ref = update.reference_logprobs(engine, t, 0.8)
+        logp, ent = update.policy_logprobs(engine, t, 0.8, grad=True)
         loss, _ = losses.hint_rft_loss(
             logp, logp.detach() * 0.999, ref, adv, t["response"], ent, hint_logp=logp, hint_mask=t["hint"], **kw
         )
@@ -226,7 +226,7 @@ def test_hint_rft_packed_shares_each_prompt_and_equals_padded():
         out.append((t, logp.detach(), ref, loss.detach(), lora_grads(model)))
     (_, logp0, ref0, loss0, grads0), (t1, logp1, ref1, loss1, grads1) = out
     # prompt + hint of group 0 (8 tokens) and the prompt of group 1 (4) computed once, not twice
-    assert t1["packed"].tokens == int(t1["attention"].sum()) - 8 - 4
+    assert t1["packed"].tokens == int(t1["attention_mask"].sum()) - 8 - 4
     assert_rel(logp1, logp0)
     assert_rel(ref1, ref0)
     assert_rel(loss1, loss0)

@@ -36,7 +36,7 @@ def _uft_row() -> dict:
 
 
 def _hint_rft_row(kl: bool, hint: bool, heldout: bool) -> dict:
-    """A row as hint_rft's loop writes it (uft_ray.rft.loop._metrics_row_collective): `kl` only with a KL term
+    """A row as hint_rft's loop writes it (uft_ray.rft.metrics.metrics_row_collective): `kl` only with a KL term
     (rft.kl_coef > 0), `hint_nll` only when a hint was revealed, `eval/accuracy` only on evaluation steps."""
     row = {
         "step": 3,

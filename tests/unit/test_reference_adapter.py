@@ -20,7 +20,7 @@ from uft_ray.reference.adapter_off import (
     load_reference_adapter,
     reference_model,
 )
-from uft_ray.rft import loop as rft_loop
+from uft_ray.rft import update
 
 V = 128
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -122,9 +122,9 @@ def test_a_model_without_a_reference_adapter_keeps_the_adapter_off_reference(tmp
 
 def test_hint_rfts_reference_is_the_initial_policy():
     cfg = lambda *o: load_config("jobs/configs/demo_hint_rft_tiny.yaml", ["model.path=/m", *o], check_paths=False)  # noqa: E731
-    assert rft_loop.reference_adapter(cfg()) is None  # a fresh LoRA starts as the base
-    assert rft_loop.reference_adapter(cfg("model.adapter=/sft")) == "/sft"  # SFT-then-RFT's stage 2
-    assert rft_loop.reference_adapter(cfg("model.adapter=/sft", "reference.adapter=/other")) == "/other"
+    assert update.reference_adapter(cfg()) is None  # a fresh LoRA starts as the base
+    assert update.reference_adapter(cfg("model.adapter=/sft")) == "/sft"  # SFT-then-RFT's stage 2
+    assert update.reference_adapter(cfg("model.adapter=/sft", "reference.adapter=/other")) == "/other"
 
 
 @pytest.mark.parametrize("reference", [True, False])
@@ -136,9 +136,9 @@ def test_the_kl_before_the_first_update_is_zero_against_the_initial_policy(tmp_p
     mask = torch.zeros_like(IDS)
     mask[:, 3:] = 1  # the response: the last 5 tokens
     attention = torch.ones_like(IDS)
-    logp, _ = rft_loop.scaled_token_logprobs(model, IDS, attention, mask, temperature=0.7, with_entropy=True)
+    logp, _ = update.scaled_token_logprobs(model, IDS, attention, mask, temperature=0.7, with_entropy=True)
     with reference_model(model) as ref:
-        ref_logp, _ = rft_loop.scaled_token_logprobs(ref, IDS, attention, mask, temperature=0.7, with_entropy=False)
+        ref_logp, _ = update.scaled_token_logprobs(ref, IDS, attention, mask, temperature=0.7, with_entropy=False)
     kl = float(k3_kl(logp.detach(), ref_logp, mask))
     if reference:
         assert kl == 0.0

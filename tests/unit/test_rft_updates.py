@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from uft_ray.config import ConfigError, load_config
-from uft_ray.rft.loop import _check_adapter_dropout, scaled_token_logprobs, update_minibatches
+from uft_ray.rft.update import check_adapter_dropout, scaled_token_logprobs, update_minibatches
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -91,9 +92,9 @@ def test_a_continued_adapter_with_dropout_is_refused_at_start():
 
     cfg = _cfg("rft.updates_per_step=2", "train.grad_accum=1")
     with pytest.raises(ValueError, match="lora_dropout is 0.1 with rft.updates_per_step 2"):
-        _check_adapter_dropout(engine(0.1), cfg)
-    _check_adapter_dropout(engine(0.0), cfg)
-    _check_adapter_dropout(engine(0.1), _cfg())  # one update
+        check_adapter_dropout(engine(0.1), cfg)
+    check_adapter_dropout(engine(0.0), cfg)
+    check_adapter_dropout(engine(0.1), _cfg())  # one update
 
 
 # --- the recipes ---------------------------------------------------------------------------------------------
@@ -175,15 +176,16 @@ def test_logprobs_divide_the_logits_by_the_temperature():
 
 @pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
 def test_one_grpo_step_through_the_loop_raises_each_groups_rewarded_rollout(monkeypatch, packing):
-    """The loop's own update (`_train_on`: advantages, mini-batches, padding or packing, the loss, backward) on the
+    """The loop's own update (`grpo_update`: advantages, mini-batches, padding or packing, the loss, backward) on the
     tiny LoRA model, with an SGD step: in each group the rewarded rollout's sequence log-prob rises more than any
     unrewarded one's, and the advantage-weighted sum of the changes is positive (the surrogate rose). A sign error
     or rewards matched to the wrong rows (sorting, packing's order) fails it."""
     from fixtures.tiny_lora import PAD, Engine, quiet_collectives, tiny_lora
 
-    from uft_ray.rft import loop as rft_loop
+    from uft_ray.rft import update
+    from uft_ray.train import collectives
 
-    quiet_collectives(monkeypatch, rft_loop)
+    quiet_collectives(monkeypatch, collectives)
     cfg = _cfg(
         "train.grad_accum=1", "train.micro_batch_size=8", "rft.kl_coef=0.0", "rft.entropy_coef=0.0",
         f"train.packing={str(packing).lower()}",
@@ -210,15 +212,15 @@ def test_one_grpo_step_through_the_loop_raises_each_groups_rewarded_rollout(monk
         )  # fmt: skip
 
     def seq_logp() -> torch.Tensor:
-        t = rft_loop._pad(rollouts, PAD, torch.device("cpu"))
+        t = update.pad_rollouts(rollouts, PAD, torch.device("cpu"))
         with torch.no_grad():
-            logp, _ = rft_loop.scaled_token_logprobs(
-                model, t["ids"], t["attention"], t["response"], temperature=1.0, with_entropy=False
+            logp, _ = update.scaled_token_logprobs(
+                model, t["input_ids"], t["attention_mask"], t["response"], temperature=1.0, with_entropy=False
             )
         return (logp * t["response"]).sum(1)
 
     before = seq_logp()
-    rft_loop._train_on(SGD(model), cfg, [dict(r) for r in rollouts], PAD, world=1)
+    update.grpo_update(SGD(model), cfg, [dict(r) for r in rollouts], PAD, world=1)
     gain = seq_logp() - before
     adv = torch.tensor([0.0] * 8)
     for x in (2, 5):
@@ -226,3 +228,57 @@ def test_one_grpo_step_through_the_loop_raises_each_groups_rewarded_rollout(monk
     assert float(((adv - 0.25) * gain).sum()) > 0
     for rewarded, group in ((2, range(0, 4)), (5, range(4, 8))):
         assert all(gain[rewarded] > gain[j] for j in group if j != rewarded), (rewarded, gain.tolist())
+
+
+# --- rft.objective: sft trains on whole reference answers, no rollouts ------------------------------------
+
+
+def test_sft_update_is_the_targets_token_mean_nll_and_its_row_has_no_rollout_metrics(monkeypatch):
+    """`sft_update` on prompts with their reference answers: its loss is the NLL of the answer tokens as one token
+    mean over the update (computed here from the model's log-probs by hand), only the answer tokens are scored,
+    the step's row logs it as loss and hint_nll with none of the rollout metrics, and a GRPO row has them all."""
+    from types import SimpleNamespace
+
+    from fixtures.tiny_lora import PAD, Engine, quiet_collectives, tiny_lora
+
+    from uft_ray.rft import metrics, update
+    from uft_ray.train import collectives
+
+    quiet_collectives(monkeypatch, collectives)
+    cfg = _cfg("rft.objective=sft", "rft.n=1", "train.num_workers=1", "rft.prompts_per_step=4",
+               "train.grad_accum=2", "train.micro_batch_size=2", "rft.temperature=1.0")  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    targets = [
+        {"row_id": str(i), "prompt_ids": torch.randint(1, 100, (4,), generator=g).tolist(),
+         "target_ids": torch.randint(1, 100, (2 + i,), generator=g).tolist(), "revealed": 2, "n_chunks": 2}
+        for i in range(4)
+    ]  # fmt: skip
+    model = tiny_lora(seed=2)
+    with torch.no_grad():  # by hand: every answer token's NLL under the untouched model, one mean over all 14
+        nll = []
+        for x in targets:
+            ids = torch.tensor([x["prompt_ids"] + x["target_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+            nll += [-float(logp[p - 1, ids[0, p]]) for p in range(len(x["prompt_ids"]), ids.shape[1])]
+    seen = []
+
+    class Recorder(Engine):
+        def step(self) -> bool:  # no update: both micro-batches see the same weights as the hand computation
+            seen.append(True)
+            return True
+
+    out = update.sft_update(Recorder(model), cfg, [dict(x) for x in targets], PAD, world=1)
+    assert len(nll) == 14 and len(seen) == 2
+    assert out["loss"] == pytest.approx(sum(nll) / 14, rel=1e-5) and out["hint_nll"] == out["loss"]
+
+    times = {"generate": 0.0, "train": 1.0, "wait": 0.0}
+    row = metrics.metrics_row_collective(0, targets, None, out, times, 1.0, 0.1, 10, None,
+                                         SimpleNamespace(grad_norm=1.0), Counter(), world=1)  # fmt: skip
+    assert row["loss"] == row["hint_nll"] == out["loss"] and row["hint/share"] == 1.0
+    assert not set(row) & set(metrics.ROLLOUT_ONLY)
+    rollouts = [{"reward": 1.0, "hint_ids": [1], "response_ids": [1, 2]}] * 2
+    train = {"train_tokens": 8, "loss": 0.5, "pg_loss": 0.1, "kl": 0.0, "entropy": 1.0, "hint_nll": 2.0,
+             "clip_frac": 0.0, "lr": 1e-5, "with_kl": True}  # fmt: skip
+    grpo = metrics.metrics_row_collective(0, targets[:2], rollouts, train, times, 1.0, 0.1, 10, None,
+                                          SimpleNamespace(grad_norm=1.0), Counter(), world=1)  # fmt: skip
+    assert set(metrics.ROLLOUT_ONLY) <= set(grpo)

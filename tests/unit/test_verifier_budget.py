@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
@@ -13,7 +14,9 @@ from fixtures.tiny_lora import quiet_collectives
 from fixtures.verifiers import slow
 
 from uft_ray.rft import loop as rft_loop
+from uft_ray.rft import metrics
 from uft_ray.tasks.verifier import VerifierProcess
+from uft_ray.train import collectives
 
 
 class CharTokenizer:
@@ -51,7 +54,7 @@ def test_an_infinite_time_limit_is_no_limit() -> None:
 
 
 def test_the_steps_metrics_count_the_rollouts_without_a_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
-    quiet_collectives(monkeypatch, rft_loop)
+    quiet_collectives(monkeypatch, collectives)
     prompts = [{"revealed": 1, "n_chunks": 2}] * 2
     rollouts = [
         {"reward": r, "hint_ids": [1], "response_ids": [1, 2]} for r in (1.0, 0.0, 0.0, 0.1)
@@ -59,12 +62,12 @@ def test_the_steps_metrics_count_the_rollouts_without_a_verdict(monkeypatch: pyt
     train = {"train_tokens": 8, "loss": 0.5, "pg_loss": 0.1, "kl": 0.0, "entropy": 1.0, "hint_nll": 2.0,
              "clip_frac": 0.0, "lr": 1e-5, "with_kl": False}  # fmt: skip
     times = {"generate": 1.0, "train": 1.0, "wait": 0.0}
-    failed = rft_loop.Counter({"timeout": 1, "step_budget": 1, "memory": 1})
-    row = rft_loop._metrics_row_collective(
-        0, prompts, rollouts, train, times, 3.0, 0.1, 10, None, SimpleNamespace(grad_norm=1.0), failed
+    failed = Counter({"timeout": 1, "step_budget": 1, "memory": 1})
+    row = metrics.metrics_row_collective(
+        0, prompts, rollouts, train, times, 3.0, 0.1, 10, None, SimpleNamespace(grad_norm=1.0), failed, world=1
     )
     assert row["verifier/timeouts"] == 2 and row["verifier/failed"] == 3
-    assert "verifier/timeouts" in rft_loop._ROLLOUT_ONLY  # an sft step scores nothing: no such metric
+    assert "verifier/timeouts" in metrics.ROLLOUT_ONLY  # an sft step scores nothing: no such metric
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from uft_ray import storage
 from uft_ray.config import Config
 from uft_ray.run_dir import RunDir
-from uft_ray.tasks.hints import HintSchedule
+from uft_ray.tasks.hints import HintSchedule, with_hint
 from uft_ray.tasks.names import GENERATED_TASKS
 from uft_ray.train.plan import PLAN_SCHEMA, Plan, PlanSummary, fingerprint
 
@@ -260,3 +260,60 @@ def rank_feeds(run_dir: RunDir, plan: Plan, cfg: Config, start: int) -> dict[str
     rows = ray.data.read_parquet(run_dir.prompts_file("train"))
     hints = functools.partial(attach_hints, schedule=schedule(cfg))
     return feeds.rank_feeds(rows, plan, start, transform=hints)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# On a worker: a step's prompts (a batch of its feed) as token ids, with their hints or their targets.
+
+
+def prompts_with_hints(batch: dict[str, np.ndarray], tokenizer: Any, max_prompt_len: int) -> list[dict[str, Any]]:
+    """Each prompt with its revealed hint as token ids; a hint that would pass `max_prompt_len` reveals fewer
+    chunks (the prompt alone always fits: longer ones were quarantined)."""
+    out = []
+    for i in range(len(batch["row_id"])):
+        prompt_ids = [int(t) for t in batch["prompt_ids"][i]]
+        chunks = [str(c) for c in batch["hint"][i]]
+        revealed = int(batch["revealed"][i])
+        hint_ids: list[int] = []
+        while revealed:
+            hint_text = with_hint("", chunks, revealed)
+            hint_ids = tokenizer(hint_text, add_special_tokens=False)["input_ids"]
+            if len(prompt_ids) + len(hint_ids) <= max_prompt_len:
+                break
+            revealed -= 1
+            hint_ids = []
+        out.append(
+            {
+                "row_id": str(batch["row_id"][i]),
+                "row": json.loads(str(batch["row_json"][i])),
+                "prompt_ids": prompt_ids,
+                "hint_ids": hint_ids,
+                "hint_text": with_hint("", chunks, revealed),
+                "revealed": revealed,
+                "n_chunks": len(chunks),
+            }
+        )
+    return out
+
+
+def sft_targets(batch: dict[str, np.ndarray], tokenizer: Any) -> list[dict[str, Any]]:
+    """`rft.objective: sft`: each prompt with its whole reference answer (steps and the closing answer tag, then
+    EOS) as `target_ids`, the sequence uft_ray.rft.update.sft_update trains on. The whole solution is shown, so
+    every hint chunk counts as revealed (the step's `hint/share` is 1)."""
+    out = []
+    for i in range(len(batch["row_id"])):
+        row = json.loads(str(batch["row_json"][i]))
+        target = tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            target = target + [tokenizer.eos_token_id]
+        n_chunks = len(batch["hint"][i])
+        out.append(
+            {
+                "row_id": str(batch["row_id"][i]),
+                "prompt_ids": [int(t) for t in batch["prompt_ids"][i]],
+                "target_ids": target,
+                "revealed": n_chunks,
+                "n_chunks": n_chunks,
+            }
+        )
+    return out

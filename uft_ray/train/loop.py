@@ -27,6 +27,7 @@ import torch
 
 from uft_ray import packing as packing_lib
 from uft_ray.config import Config
+from uft_ray.console import say
 from uft_ray.logprobs import model_sequence_logprobs
 from uft_ray.losses import (
     SATURATED,
@@ -117,7 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # (train.on_nonfinite: skip: unless the step was skipped on every rank before the optimizer took it).
         said = watch.check(step, rank, world, engine.grad_norm, device)
         if said and rank == 0:
-            worker.say(f"[uft-ray] skipped (train.on_nonfinite: skip): {said}")
+            say(f"[uft-ray] skipped (train.on_nonfinite: skip): {said}")
 
         # 4. The step's metrics over the whole global batch (every rank takes part: a collective).
         record = _aggregate_collective(acc, world)
@@ -129,7 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             row.update(sft_row_saturation(record["rows"], record["kinds"], record["sources"], cfg.loss.beta,
                                           kappa=step == 0))  # fmt: skip
             if not warned and rank == 0 and (message := saturation_warning(row, step, total_steps, cfg.loss.beta)):
-                worker.say(message)
+                say(message)
                 warned = True
         if skips is not None:
             row = skips.after(row, watch.skipped, said)
