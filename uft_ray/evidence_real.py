@@ -257,7 +257,8 @@ def plot_bars(result: dict[str, Any], path: Path, labels: dict[str, str]) -> Non
                 means.append(statistics.mean(values))
                 lows.append(means[-1] - min(values))
                 highs.append(max(values) - means[-1])
-        ax.bar(names, means, yerr=[lows, highs], capsize=4, color=[f"C{i}" for i in range(len(names))])
+        colors = [f"C{ARMS.index(a) if a in ARMS else len(ARMS)}" for a in names]  # an arm's color in every panel
+        ax.bar(names, means, yerr=[lows, highs], capsize=4, color=colors)
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
         if "accuracy" in metric or metric in ("probe/instructions", "probe/length_limited", "probe/sums"):
