@@ -1,4 +1,4 @@
-"""Logits only where they are used (issue 20, item 9): the old full-logits path against uft_ray.logprobs, CPU.
+"""Logits only where they are used: the old full-logits path against uft_ray.logprobs, CPU.
 
     python bench/logits_only.py                 # vocab 151936, hidden 64, 2 layers, LoRA, 4 x 256 tokens, half prompt
     python bench/logits_only.py --modes fwdbwd fwd --repeats 5
@@ -9,7 +9,7 @@ and for `fwdbwd` the backward of their sum (the LoRA gradients), as a training s
 no-grad forward (the reference, old log-probs, evaluation).
 
 - before: the model's full [B, T, V] logits, then the chunked log-softmax over the scored positions
-  (`full_logits_logprobs` below: what `model_sequence_logprobs` did before issue 20);
+  (`full_logits_logprobs` below: what `model_sequence_logprobs` did before the logits-only path);
 - after: `uft_ray.logprobs.model_sequence_logprobs`, whose output head sees the scored positions only.
 
 Each (variant, mode) runs in a fresh subprocess. Memory: the process's peak resident set (VmHWM, reset through

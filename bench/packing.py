@@ -1,4 +1,4 @@
-"""Padding-free packing (issue 22, item 4): training-step time of packed micro-batches against padded ones, CPU.
+"""Padding-free packing: training-step time of packed micro-batches against padded ones, CPU.
 
     python bench/packing.py                        # "small" random Qwen2 (hidden 256, 4 layers, vocab 32000), 256 rows
     python bench/packing.py --model tiny --rows 24 --steps 3 --max-len 128     # a smoke run

@@ -99,7 +99,7 @@ def counted(batch: pa.Table, *, fn, label: str, **kwargs) -> pa.Table:
 
 
 def old_rank_feeds(prepared: str, plan, start: int, mb: int, ga: int) -> dict:
-    """The driver's feeds before issue 12: per rank, every prepared row tagged with this rank's share, sorted."""
+    """The driver's feeds before the one-pass feeds: per rank, every prepared row tagged with this rank's share, sorted."""
     from uft_ray.data import prepared as prep
     from uft_ray.train.feeds import SORT_PARTITION_ROWS
     from uft_ray.train.plan import rank_assignment

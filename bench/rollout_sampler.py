@@ -11,7 +11,7 @@ processor's one-hot decides), no end-of-sequence token, so every row generates e
 Reported: the best of --repeats runs (after one warm-up) per sampler, tokens/s = batch x new tokens / seconds,
 and the sampler alone (ms per decoding step, the same logits).
 
-- old: the sampler before issue 20 (a copy, kept here as the baseline): per row, softmax over the vocabulary,
+- old: the sampler before the counter-based one (a copy, kept here as the baseline): per row, softmax over the vocabulary,
   copied to the host, `torch.multinomial` with that row's `torch.Generator`.
 - new: uft_ray.rft.sampling.SeededSampler: all rows at once on the logits' device, Gumbel-max with noise from a
   counter-based hash of (seed, position, token id).

@@ -1,4 +1,4 @@
-"""uft-ray's per-step time beside TRL's trainers on the same model, rows, LoRA and batch (issue 14).
+"""uft-ray's per-step time beside TRL's trainers on the same model, rows, LoRA and batch.
 
     pip install -e '.[bench]'                  # TRL and datasets: a bench dependency, never imported by uft_ray
     python bench/vs_trl.py                     # CPU: ~5M-param Qwen2, fp32, no gradient checkpointing, 1 worker

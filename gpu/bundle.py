@@ -43,7 +43,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-# The device machine's image (issue 20, item 7): CPython 3.12 with these distributions (None: some version).
+# The device machine's image: CPython 3.12 with these distributions (None: some version).
 IMAGE: dict[str, str | None] = {
     "torch": "2.11.0", "transformers": "5.17.0", "tokenizers": "0.23.2", "safetensors": "0.8.0", "peft": None,
     "pyarrow": None, "accelerate": "1.15.0", "numpy": "2.5.2", "huggingface-hub": "1.33.0", "pandas": None,

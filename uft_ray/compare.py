@@ -1,4 +1,4 @@
-"""`uft-ray compare RECIPE.yaml`: the paper's comparison in one command (issue 10, DESIGN.md "Evaluation").
+"""`uft-ray compare RECIPE.yaml`: the paper's comparison in one command (docs/design.md "Evaluation").
 
 A recipe lists arms: one config, or a two-stage sequence (stage 1 SFT, stage 2 continuing its adapter against it
 as the reference, as `jobs/sequential.py` runs them). Every arm runs on the same data and model and is

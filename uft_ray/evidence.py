@@ -1,4 +1,4 @@
-"""Evidence in miniature (issue 23): a small CPU experiment per seed paper, seeded and repeated, with a plot and a
+"""Evidence in miniature: a small CPU experiment per seed paper, seeded and repeated, with a plot and a
 table for docs/results.md. `uft-ray evidence NAME` runs one:
 
     uft-ray evidence hints        # Liu et al.: hints rescue RL where plain RL gets no reward

@@ -2,7 +2,7 @@
 
     logp(y|x) = sum_{t in response} log pi(y_t | x, y_<t)
 
-Policy and reference go through the same function on the same token ids (DESIGN.md, "The math"), so a
+Policy and reference go through the same function on the same token ids (docs/design.md "The losses"), so a
 policy that equals its reference gets r == 0 exactly, not up to two implementations' rounding.
 
 Memory: a full fp32 log-softmax over Qwen's 152k vocabulary is 1.2 GB per 2k-token sequence. We only need

@@ -1,4 +1,4 @@
-"""The losses of DESIGN.md "The math", as pure tensor functions. Imports torch only.
+"""The losses of docs/design.md "The losses", as pure tensor functions. Imports torch only.
 
 Inputs are per-row summed response log-probs from `uft_ray.logprobs` (policy and reference), so
 
@@ -7,7 +7,7 @@ Inputs are per-row summed response log-probs from `uft_ray.logprobs` (policy and
 Every loss returns `(loss, metrics)`:
 - `loss`: the batch objective, `sum_i w_i * l_i / n_rows` (w = 1 without `weight`, so it is the plain row
   mean; a per-source weight scales its rows' share of the gradient without renormalizing the others).
-- `metrics`: detached tensors. 0-dim batch means under DESIGN.md's names (`loss`, `reward`, `score_pred`,
+- `metrics`: detached tensors. 0-dim batch means under the metric names of docs/internals.md (`loss`, `reward`, `score_pred`,
   `score_target`, `logp`, `kl`, ...) and, under `rows/{name}`, the 1-D per-row values they are means of
   (`rows/loss` is the *unweighted* row loss). Feed `metrics` and the rows' sources to `per_source_metrics`
   for `loss/{source}`, `reward/{source}`, ...: nothing is recomputed.
@@ -334,7 +334,7 @@ def per_source_metrics(per_row_values: dict[str, torch.Tensor], sources: list[st
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Hint-guided RFT (Liu et al., arXiv 2505.16984; DESIGN.md "Hint-guided RFT"): GRPO + a hint log-likelihood.
+# Hint-guided RFT (Liu et al., arXiv 2505.16984; docs/design.md "Hint-guided RFT"): GRPO + a hint log-likelihood.
 # Token-level tensors [rows, tokens] over the response; `mask` marks generated tokens. Token means are
 # sum / n_tokens, where `n_tokens` defaults to this batch's count: pass the global batch's token count (all
 # ranks and micro-batches) for a rank-invariant objective, as `rank_scale` does for rows.

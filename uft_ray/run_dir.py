@@ -1,6 +1,6 @@
 """The run directory: `{output.storage_path}/{output.run_name}/`, its file names, and its metrics file.
 
-The one module that knows what a run writes and where (DESIGN.md "A run's outputs"):
+The one module that knows what a run writes and where (docs/design.md "Storage and the run directory"):
 
     config.yaml          the resolved config, as run
     prepared/            the data plane's rows (when the run prepared them itself) + prepared.key.json

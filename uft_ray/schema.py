@@ -1,6 +1,6 @@
 """Column names and Arrow schemas shared by the data plane, the reference service and the trainer.
 
-DESIGN.md "Unified row" and "Tokenization". One place, so that a renamed column breaks loudly.
+docs/design.md "Unified rows and tokenization". One place, so that a renamed column breaks loudly.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def test_bf16_chunked_logprobs_match_fp32_and_use_less_memory() -> None:
 
 
 def test_reference_scorer_bf16_on_gpu_is_close_to_fp32_on_cpu(tmp_path) -> None:
-    """The scorer loads bf16 on GPU (DESIGN.md "Reference log-probs"); its sums stay close to the fp32 CPU ones."""
+    """The scorer loads bf16 on GPU (docs/design.md "The reference cache"); its sums stay close to the fp32 CPU ones."""
     import numpy as np
 
     from uft_ray.demo.tiny_model import make_tiny_model

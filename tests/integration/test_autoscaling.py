@@ -1,4 +1,4 @@
-"""Ray's own autoscaler with fake nodes (issue 12): a run submitted as a job to a head with no worker nodes, the
+"""Ray's own autoscaler with fake nodes: a run submitted as a job to a head with no worker nodes, the
 autoscaler adding the nodes its training workers and reference actor ask for, one of those nodes killed mid-run,
 the run recovering through FailureConfig from its last checkpoint on a node the autoscaler brings back, and the
 idle nodes scaled back down after the job. One short run (20 steps of the tiny model) checks all of it.

@@ -1,4 +1,4 @@
-"""A run never hangs silently for resources (issue 12): real Ray heads of the tests' own (tests/fixtures/ray_head.py,
+"""A run never hangs silently for resources: real Ray heads of the tests' own (tests/fixtures/ray_head.py,
 token authentication on), and a driver connected to each the way a job's driver is (RAY_ADDRESS).
 
 1. Fixed cluster, the reported scenario: `ray start --head --num-cpus=2`, then the documented entrypoint

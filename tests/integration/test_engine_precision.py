@@ -1,4 +1,4 @@
-"""One adapter precision under ZeRO-0 and ZeRO-3 (issue 20 item 11): in bf16 both train and save float32 LoRA
+"""One adapter precision under ZeRO-0 and ZeRO-3: in bf16 both train and save float32 LoRA
 weights over the same bf16 base, so their first step is the same.
 
 Before, DeepSpeed's bf16 mode cast every parameter to bf16 under ZeRO-0 (the LoRA ones included) and none under

@@ -1,4 +1,4 @@
-"""Issue 23: the evidence recipes keep working, each shortened to 2 steps a stage and one seed, and `uft-ray compare`
+"""The evidence recipes keep working, each shortened to 2 steps a stage and one seed, and `uft-ray compare`
 end to end (the forgetting evidence is a compare recipe run per seed).
 
 - hints: the `sft_then_rft` arm, two runs: the `sft` arm's run, checkpointed at half its steps, and RFT from that

@@ -1,4 +1,4 @@
-"""The backend pre-check on a real local Ray (issue 20): a run whose rollout actors would import vllm on nodes
+"""The backend pre-check on a real local Ray: a run whose rollout actors would import vllm on nodes
 without it fails at once, naming the package, the field and the image, instead of minutes into the run; a probe
 no node can take yet is deferred, not failed; an installed package passes.
 

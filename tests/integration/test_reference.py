@@ -1,4 +1,4 @@
-"""The reference service on a real local Ray with the tiny model (issue 4).
+"""The reference service on a real local Ray with the tiny model.
 
 The base rows come from the real data plane (`prepare` on the sample UltraChat, HelpSteer2 and
 HelpSteer2-Preference shards: sft, score and pair rows); the fault-tolerance test builds more rows directly from

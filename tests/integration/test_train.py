@@ -1,4 +1,4 @@
-"""Distributed UFT training end to end (issue 5): real local Ray, 2 CPU workers on gloo, DeepSpeed ZeRO-3, LoRA,
+"""Distributed UFT training end to end: real local Ray, 2 CPU workers on gloo, DeepSpeed ZeRO-3, LoRA,
 the tiny model, the project's UltraChat + HelpSteer2 samples through the real data plane and reference service.
 
 Runs are shared between tests through module fixtures (each fit costs ~30 s on 2 cores); the workers record

@@ -1,4 +1,4 @@
-"""The backend pre-check's pure parts (issue 20): which package each backend imports, on nodes with which resources,
+"""The backend pre-check's pure parts: which package each backend imports, on nodes with which resources,
 which nodes can run it, what one probe finds, and the message that names the package, the field and the image.
 
 tests/integration/test_preflight.py runs the probes on a local Ray.

@@ -77,7 +77,7 @@ def test_base_model_bytes_reads_the_safetensors_headers(tmp_path: Path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# ZeRO's buckets sized for what is trained (issue 20 item 11), and one adapter precision under every stage.
+# ZeRO's buckets sized for what is trained (a few MB of adapter, not DeepSpeed's defaults), and one adapter precision under every stage.
 
 QWEN25_0_5B_R64 = ParamSizes(
     # LoRA r 64 on the 7 projections of 24 layers (hidden 896, k/v 128, mlp 4864): per layer

@@ -1,4 +1,4 @@
-"""Issue 23's pieces that need no run: the toy task (rows, held-out split, verifier) and the experiment's outputs
+"""The evidence pieces that need no run: the toy task (rows, held-out split, verifier) and the experiment's outputs
 (the final table, the plot, the docs section). The runs themselves: tests/integration/test_evidence.py."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ZeRO-3 prefetch (issue 20, item 10): every no-grad reference / old-log-prob forward of a micro-batch runs before
+"""ZeRO-3 prefetch: every no-grad reference / old-log-prob forward of a micro-batch runs before
 the policy's grad forward, and the adapter-off reference does not run peft's top-level forward.
 
 Why the second half: DeepSpeed's ZeRO-3 restarts its recorded module order at each forward of the module it wraps

@@ -301,7 +301,7 @@ def test_compare_recipes_load_with_every_arm_on_the_same_heldout_rows(path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# infra/Dockerfile's vLLM target (issue 20): the image for `rft.rollout.backend: vllm`
+# infra/Dockerfile's vLLM target: the image for `rft.rollout.backend: vllm`
 
 
 def _stages(text: str) -> list[tuple[str | None, list[str]]]:

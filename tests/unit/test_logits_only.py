@@ -1,4 +1,4 @@
-"""Logits only where they are used (issue 20, item 9): every path scores the response positions alone, and gives
+"""Logits only where they are used: every path scores the response positions alone, and gives
 what the old full-logits computation gave.
 
 The model: a random 2-layer Qwen2 (tied embeddings, as the tiny models have) with LoRA whose B matrices are

@@ -203,7 +203,7 @@ def test_model_sequence_logprobs_accepts_tensor_output_and_rejects_masked_paddin
 
 
 def test_math_imports_torch_only():
-    """DESIGN.md: losses and logprobs import torch only, so the math is testable without Ray or DeepSpeed."""
+    """Losses and logprobs import torch only, so the math is testable without Ray or DeepSpeed."""
     code = (
         "import sys, uft_ray.logprobs, uft_ray.losses; "
         "print([m for m in ('ray', 'deepspeed', 'transformers', 'peft') if m in sys.modules])"

@@ -1,4 +1,4 @@
-"""Padding-free packing (issue 22): the layout worked out by hand, and packed = padded for every loss path.
+"""Padding-free packing: the layout worked out by hand, and packed = padded for every loss path.
 
 The exactness half runs the loops' own functions (collate, micro_batch_loss, kto_reference_point,
 evaluate_collective, the hint_rft forwards, the reference scorer) on a random 2-layer Qwen2 with LoRA, once

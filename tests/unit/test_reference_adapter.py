@@ -1,4 +1,4 @@
-"""hint_rft's reference when the policy continues an adapter (issue 21 item 6): the initial policy, base + that
+"""hint_rft's reference when the policy continues an adapter: the initial policy, base + that
 adapter, loaded a second time as a frozen peft adapter (uft_ray.reference.adapter_off), not the bare base.
 
 A tiny random-init Qwen2 with peft, no DeepSpeed: an "SFT adapter" with random B (so base + adapter != base) is

@@ -1,4 +1,4 @@
-"""The reference scorer's batches by token budget and its asynchronous reports' driver side (issue 20, item 13).
+"""The reference scorer's batches by token budget and its asynchronous reports' driver side.
 
 - `length_groups`: a scorer's rows sorted by length and cut into forwards of at most `reference.batch_tokens`
   padded tokens (rows x the longest), worked by hand.

@@ -1,4 +1,4 @@
-"""Issue 20 item 12: each trainer rank sends its rollout requests to its own actors, and vLLM's memory share
+"""Each trainer rank sends its rollout requests to its own actors, and vLLM's memory share
 follows the GPU share an actor holds."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from uft_ray.config.paths import is_remote
 from uft_ray.data.formats import FORMAT_KINDS
 
 LOSS_TYPES = ("uft", "una_bce", "dpo", "kto", "sft")
-# Row kinds each loss can train on (DESIGN.md "The math").
+# Row kinds each loss can train on (docs/design.md "The losses").
 LOSS_KINDS: dict[str, tuple[str, ...]] = {
     "uft": ("sft", "score", "binary"),
     "una_bce": ("sft", "score", "binary"),
@@ -201,7 +201,7 @@ class RolloutConfig:
 
 @dataclass
 class RftConfig:
-    """`method: hint_rft` (DESIGN.md "Hint-guided RFT"): prompts, rollouts, rewards and the loss's coefficients."""
+    """`method: hint_rft` (docs/design.md "Hint-guided RFT"): prompts, rollouts, rewards and the loss's coefficients."""
 
     task: str = "countdown"  # countdown | knights_knaves | math | a generic task's verifier as module:function
     # Task files (file, directory or glob; uft_ray.tasks.files: veRL's parquet as the authors publish theirs, ours,

@@ -1,4 +1,4 @@
-"""The data plane: source files -> unified rows -> mixture -> tokenized rows (DESIGN.md "Data flow").
+"""The data plane: source files -> unified rows -> mixture -> tokenized rows (docs/design.md "The data flow").
 
 `pipeline.prepare(cfg, out_dir)` runs it on Ray Data and writes a prepared directory; `prepared` owns that
 directory (its file names, reading rows and the summary, attaching columns). The parts, each importable

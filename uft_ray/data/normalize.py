@@ -1,4 +1,4 @@
-"""Normalization: raw source rows -> unified rows (DESIGN.md "Unified row"), or a quarantine reason.
+"""Normalization: raw source rows -> unified rows (docs/design.md "Unified rows and tokenization"), or a quarantine reason.
 
 Pure Python, no Ray: each per-format function takes one raw row and returns its unified rows, or raises
 `Reject(reason, detail)`. `Normalizer` feeds a file's records through them in order and adds what needs more
@@ -6,7 +6,7 @@ than one row (HelpSteer2's response pairs).
 
 Decisions:
 - Conversations (UltraChat, TRL `messages`) are *unfolded*: each assistant turn k becomes one `sft` row whose
-  prompt is every turn before it. This is what DESIGN.md asks for UltraChat, and TRL's conversational
+  prompt is every turn before it. This is the design's rule for UltraChat, and TRL's conversational
   `messages` get the same treatment so that every assistant turn is a target exactly once (TRL trains all
   assistant turns of one sequence; unfolding gives each its own row, its own reward and its own mixture count).
   A leading system message is allowed and stays in every prompt; after it, roles alternate user/assistant

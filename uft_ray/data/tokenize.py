@@ -1,4 +1,4 @@
-"""Tokenization: unified rows -> input_ids with a response-only loss mask (DESIGN.md "Tokenization").
+"""Tokenization: unified rows -> input_ids with a response-only loss mask (docs/design.md "Unified rows and tokenization").
 
     input_ids      = chat_template(prompt, add_generation_prompt=True) + response tokens + EOS
     response_start = len(rendered prompt tokens)     (only positions >= response_start carry loss)

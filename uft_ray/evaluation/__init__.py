@@ -1,4 +1,4 @@
-"""Benchmarks with lm-evaluation-harness (DESIGN.md "Evaluation"): `uft-ray eval RUN_DIR|ADAPTER --tasks ...`.
+"""Benchmarks with lm-evaluation-harness (docs/design.md "Evaluation"): `uft-ray eval RUN_DIR|ADAPTER --tasks ...`.
 
 One file per job:
 - `harness.py`: the target (run or adapter -> base + adapter + results folder), lm_eval's model arguments

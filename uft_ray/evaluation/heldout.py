@@ -1,5 +1,5 @@
 """Held-out metrics while training (`eval.sources` or `eval.holdout`, every `eval.every` steps): which rows are
-held out, and the metrics of DESIGN.md "Evaluation" from their log-probs. Pure (numpy, pyarrow, torch), no Ray.
+held out, and the metrics of docs/design.md "Evaluation" from their log-probs. Pure (numpy, pyarrow, torch), no Ray.
 
 Which rows:
 - `eval.sources`: each training source's own split (UltraChat `test_sft`, HelpSteer2 `validation`), prepared like

@@ -1,6 +1,6 @@
 """Named evaluation protocols: which lm_eval tasks, at how many shots, and which of their numbers the paper reports.
 
-`uft-paper` is the UNA/UFT authors' protocol (DESIGN.md "Evaluation"): no chat template; the Open LLM
+`uft-paper` is the UNA/UFT authors' protocol (docs/design.md "Evaluation"): no chat template; the Open LLM
 Leaderboard v2 tasks (lm_eval's `leaderboard_*`: ifeval 0-shot, bbh 3, mmlu_pro 5, musr 0, math_hard 4, gpqa 0)
 and the v1 ones (truthfulqa 0, gsm8k 5, arc_challenge 25, hellaswag 10, winogrande 5, mmlu 5). Two numbers
 are derived from several lm_eval metrics: ifeval as the mean of its four strict/loose accuracies, truthfulqa as

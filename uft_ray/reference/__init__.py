@@ -1,4 +1,4 @@
-"""The reference service: frozen-model log-probs from a Ray actor pool, cached on disk (DESIGN.md "Reference log-probs").
+"""The reference service: frozen-model log-probs from a Ray actor pool, cached on disk (docs/design.md "The reference cache").
 
 One file per job:
 - `fingerprint.py`: the cache key (what the log-probs depend on);

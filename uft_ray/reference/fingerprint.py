@@ -1,7 +1,7 @@
 """The reference cache key: everything the reference log-probs depend on, hashed (docs/internals.md "Reference cache").
 
 `fingerprint_inputs(cfg, rows)` lists them as a JSON-able dict (stored in the cache's manifest, so a miss can be
-explained); `fingerprint(inputs)` is its short hash, the cache directory's name. Besides what DESIGN.md names
+explained); `fingerprint(inputs)` is its short hash, the cache directory's name. Besides what docs/design.md names
 (the reference weights' identity, the adapter, the tokenizer files, the chat template, the length limits, the
 row ids) it hashes the token ids themselves and the compute dtype / attention implementation, which move the
 numbers too. What does not: the actor count, the batch size, the order of the rows.
@@ -170,7 +170,7 @@ def fingerprint_inputs(cfg: Config, rows: pa.Table, *, memo_path: str | Path | N
     """Everything the reference log-probs depend on, as a JSON-able dict (stored in the manifest).
 
     `rows` holds at least `row_id, input_ids, response_start` (+ the rejected columns for pairs). Besides the
-    items DESIGN.md names (weights, adapter, tokenizer files, chat template, length limits, row ids), it hashes
+    items docs/design.md names (weights, adapter, tokenizer files, chat template, length limits, row ids), it hashes
     the token ids themselves, order-independently: a change to the tokenization code with the same tokenizer
     files would otherwise reuse stale numbers; and the compute dtype / attention, which move the numbers too.
     """

@@ -1,6 +1,6 @@
 """The reference scorer: the frozen model, loaded once per Ray actor, scoring batches of prepared rows.
 
-    logp_ref(y|x) = sum_{t in response} log pi_ref(y_t | x, y_<t)       (DESIGN.md "The math")
+    logp_ref(y|x) = sum_{t in response} log pi_ref(y_t | x, y_<t)       (docs/design.md "The losses")
 
 `ReferenceScorer` is a callable class for `ds.map_batches` (an actor pool; uft_ray.reference.service builds
 the stage). It loads the base weights (safetensors only) plus an optional peft adapter merged in, sorts each

@@ -1,4 +1,4 @@
-"""`method: hint_rft`: hint-guided SFT + RFT (Liu, Farina, Ozdaglar, arXiv 2505.16984; DESIGN.md "Hint-guided RFT").
+"""`method: hint_rft`: hint-guided SFT + RFT (Liu, Farina, Ozdaglar, arXiv 2505.16984; docs/design.md "Hint-guided RFT").
 
     prompts.py   the task rows (generated or read, bad rows quarantined), the step plan, each rank's feed
     rollout.py   the rollout actor pool: n seeded continuations of prompt + hint (transformers or vLLM + LoRA)

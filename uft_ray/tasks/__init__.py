@@ -1,4 +1,4 @@
-"""Tasks with exact verifiers for hint-guided RFT (DESIGN.md "Hint-guided RFT"; Liu et al., arXiv 2505.16984).
+"""Tasks with exact verifiers for hint-guided RFT (docs/design.md "Hint-guided RFT"; Liu et al., arXiv 2505.16984).
 
 A task row is a dict with `row_id`, `prompt` (the text the policy continues), `hint` (the reference solution
 as a list of chunks), `answer` (the hint joined plus the closing `</think>\\n<answer> ... </answer>`) and the

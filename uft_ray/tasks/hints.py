@@ -1,4 +1,4 @@
-"""The hint schedule: how much of a reference solution the prompt reveals at a training step (DESIGN.md
+"""The hint schedule: how much of a reference solution the prompt reveals at a training step (docs/design.md
 "Hint-guided RFT", the numbers of the authors' code).
 
 A row's hint has L chunks and K = min(5, L) buckets with boundaries s_k = round(k L / K). At step t (from 1)

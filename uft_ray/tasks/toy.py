@@ -1,5 +1,5 @@
 """A toy task small enough for the demo's tiny random-init model to learn on a CPU in minutes, and that it cannot
-hit by chance: copy the prompt's digit into the Countdown answer format (issue 23, the evidence for Liu et al.).
+hit by chance: copy the prompt's digit into the Countdown answer format (the toy evidence for Liu et al.: `uft-ray evidence hints`).
 
     prompt  "echo 7 :"
     answer  "<answer> 7 </answer>"     hint chunks: "<answer>", " 7", " </answer>"

@@ -7,7 +7,7 @@ disables), `backward`, `step`, `save` / `load`, and the LoRA weights gathered fo
 Building the policy, in the order that matters:
 1. `HfDeepSpeedConfig(ds_config)` is created, and kept referenced on the `Engine`, *before*
    `from_pretrained`: transformers then loads under `deepspeed.zero.Init`, so with ZeRO-3 each parameter is
-   partitioned as it is read and no worker ever holds a 32B model whole (DESIGN.md "Training").
+   partitioned as it is read and no worker ever holds a 32B model whole (docs/design.md "Training workers").
 2. Gradient checkpointing (non-reentrant, plus `enable_input_require_grads` so that the checkpointed blocks of
    a frozen base still see an input that requires grad).
 3. LoRA from `peft`: a fresh adapter (seeded identically on every rank, since the new LoRA tensors are created

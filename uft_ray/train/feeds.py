@@ -2,7 +2,7 @@
 
 Rank r trains exactly its plan rows in plan order (uft_ray.train.plan), read as its own dataset `train_{r}`
 (Ray Data's `streaming_split` would hand blocks to whichever rank asks first: no exact resume). Building
-one pipeline per rank, each over all the prepared rows, reads the data W times (issue 12); instead one pass
+one pipeline per rank, each over all the prepared rows, reads the data W times; instead one pass
 serves every rank:
 
 1. `plan_positions`: the plan's entries from step `start` on, numbered in rank-major plan order
