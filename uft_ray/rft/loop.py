@@ -44,7 +44,7 @@ from uft_ray.tasks.verifier import VerifierProcess
 from uft_ray.train import worker
 from uft_ray.train.batches import check_plan_position, planned_batches
 from uft_ray.train.collectives import evaluation_due
-from uft_ray.train.nonfinite import Skips, StepWatch
+from uft_ray.train.nonfinite import StepWatch
 
 
 def rft_loop_per_worker(config: dict[str, Any]) -> None:
@@ -86,10 +86,7 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 run.append_metrics({"step": 0, "time": time.time(), **baseline})
         hooks.on_start(engine, rank=rank, start_step=start)
-        skips = None
-        if cfg.train.on_nonfinite == "skip":
-            engine.skip_nonfinite()
-            skips = Skips(cfg.train.max_nonfinite_in_a_row, total=int(state.get("nonfinite_skipped", 0)))
+        skips = worker.nonfinite_skips(w, engine, state)
 
         engine.train()
         for step in range(start, total_steps):

@@ -51,7 +51,7 @@ from uft_ray.train.collectives import (
     sum_collective,
 )
 from uft_ray.train.engine import Engine
-from uft_ray.train.nonfinite import Skips, StepWatch, optimizer_step
+from uft_ray.train.nonfinite import StepWatch, optimizer_step
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -81,10 +81,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             run.append_metrics(baseline)
     hooks.on_start(engine, rank=rank, start_step=start)
-    skips = None
-    if cfg.train.on_nonfinite == "skip":
-        engine.skip_nonfinite()
-        skips = Skips(cfg.train.max_nonfinite_in_a_row, total=int(state.get("nonfinite_skipped", 0)))
+    skips = worker.nonfinite_skips(w, engine, state)
 
     engine.train()
     warned = False  # the early-saturation warning: once per run

@@ -34,6 +34,7 @@ from uft_ray.resources import worker_threads
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir, checkpoint_name, read_state, write_state
 from uft_ray.train.engine import Engine, base_model_bytes, build_engine, choose_zero_stage, device_memory_bytes
 from uft_ray.train.hooks import TrainHooks
+from uft_ray.train.nonfinite import Skips
 
 
 @dataclass
@@ -101,6 +102,15 @@ def restore(
     if w.rank == 0:
         w.run.truncate_metrics(keep_through=start)
     return state, start, batches, engine
+
+
+def nonfinite_skips(w: Worker, engine: Engine, state: dict[str, Any]) -> Skips | None:
+    """`train.on_nonfinite: skip`: the engine drops an optimizer step whose loss or gradient is not a number, and
+    the run counts such steps (the total carried in the checkpoint's state). None under `fail`."""
+    if w.cfg.train.on_nonfinite != "skip":
+        return None
+    engine.skip_nonfinite()
+    return Skips(w.cfg.train.max_nonfinite_in_a_row, total=int(state.get("nonfinite_skipped", 0)))
 
 
 def agree_zero_stage(w: Worker) -> int:
