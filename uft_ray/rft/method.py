@@ -167,7 +167,7 @@ class HintRft(methods.Method):
 def check_rft(e: Problems, cfg: Config, check_paths: bool) -> None:
     """The `rft` section (and the reference adapter hint_rft's KL term loads)."""
     r, tr = cfg.rft, cfg.train
-    # the KL reference's adapter, loaded frozen beside the policy's (uft_ray.rft.loop.reference_adapter)
+    # the KL reference's adapter, loaded frozen beside the policy's (uft_ray.rft.update.reference_adapter)
     e.local_path("reference.adapter", cfg.reference.adapter, "a peft adapter directory", check_paths)
     if r.task not in GENERATED_TASKS + FILE_TASKS and ":" not in r.task:
         e.append(f"rft.task: {r.task!r} is not allowed; use one of: {', '.join(GENERATED_TASKS + FILE_TASKS)}, "

@@ -320,7 +320,7 @@ def evaluate_collective(engine: Engine, cfg: Config, shard: Any, pad_id: int, wo
     from uft_ray.evaluation import heldout
 
     device = ray.train.torch.get_device()
-    cached = cfg.needs_reference and cfg.reference.mode == "actor"
+    cached = cfg.reference_from_cache
     parts = []  # (rows of one kind, whether they are pairs)
     for batch in shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy"):
         is_pair = np.asarray([str(k) == "pair" for k in batch["kind"]])
@@ -454,7 +454,7 @@ def _metrics_row(
     loss_divisor: int,
     grad_norm: float,
 ) -> dict[str, Any]:
-    """One metrics.jsonl line under the DESIGN.md names (docs/internals.md "Metrics")."""
+    """One metrics.jsonl line under the names of docs/internals.md "Metrics"."""
     sources, target = config["sources"], config["target_fraction"]
     consumed_total = sum(state["consumed"].values())
     row: dict[str, Any] = {
