@@ -34,8 +34,11 @@ import pyarrow.parquet as pq
 from uft_ray import storage
 from uft_ray.config import Config
 from uft_ray.run_dir import RunDir
+from uft_ray.tasks import countdown, knights_knaves
+from uft_ray.tasks.files import MISSING_FIELD, read_rows
 from uft_ray.tasks.hints import HintSchedule, with_hint
 from uft_ray.tasks.names import GENERATED_TASKS
+from uft_ray.train import feeds
 from uft_ray.train.plan import PLAN_SCHEMA, Plan, PlanSummary, fingerprint
 
 EVAL_SEED_OFFSET = 1_000_003  # held-out generated instances come from another seed
@@ -65,9 +68,6 @@ def task_rows(cfg: Config, split: str, quarantined: list[dict[str, Any]]) -> lis
     uft_ray.tasks.files reads (the authors' veRL parquet included), for every task. No path: a generated task
     generates them (train from `data.seed`, `rft.n_train` of them; eval from another seed, any prompt that is also
     a training prompt dropped); a file task has no eval rows."""
-    from uft_ray.tasks import countdown, knights_knaves
-    from uft_ray.tasks.files import MISSING_FIELD, read_rows
-
     r = cfg.rft
     path = r.path if split == "train" else r.eval_path
     if path:
@@ -254,8 +254,6 @@ def rank_feeds(run_dir: RunDir, plan: Plan, cfg: Config, start: int) -> dict[str
     import functools
 
     import ray.data
-
-    from uft_ray.train import feeds
 
     rows = ray.data.read_parquet(run_dir.prompts_file("train"))
     hints = functools.partial(attach_hints, schedule=schedule(cfg))

@@ -32,7 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from uft_ray.evaluation.harness import vllm_lora_rank
 from uft_ray.model_store import local_model
+from uft_ray.preflight import package_missing_error
+from uft_ray.rft.actor_calls import actor_label, call_all
 
 MAX_SEED = 2**63 - 1
 ADAPTER_DIR_PREFIX = "uft-rollout-"
@@ -82,8 +85,6 @@ def vllm_engine_args(
     max_model_len: int | None = None,
 ) -> dict[str, Any]:
     """The arguments of the rollout actor's `vllm.LLM`: LoRA on, one adapter at a time, room for its rank."""
-    from uft_ray.evaluation.harness import vllm_lora_rank
-
     try:
         rank = vllm_lora_rank(int(lora["r"]))
     except ValueError as e:
@@ -212,8 +213,6 @@ class RolloutActor:
             try:
                 from vllm import LLM
             except ModuleNotFoundError as e:  # a node the pre-check could not see yet (uft_ray.preflight)
-                from uft_ray.preflight import package_missing_error
-
                 raise package_missing_error("vllm", "rft.rollout.backend: vllm", "rollout actors") from e
 
             args = vllm_engine_args(
@@ -292,7 +291,7 @@ class RolloutActor:
         import torch
         from transformers import LogitsProcessorList
 
-        from uft_ray.rft.sampling import SeededSampler
+        from uft_ray.rft.sampling import SeededSampler  # torch at import: only where an actor generates
 
         longest = max(len(r["prompt_ids"]) for r in requests)
         ids = torch.full((len(requests), longest), self.pad_token_id, dtype=torch.long)
@@ -405,8 +404,6 @@ class RolloutPool:
 
     def generate(self, requests: list[dict[str, Any]]) -> dict[str, Any]:
         """`responses` in request order, `seconds` (the slowest actor's), `versions` (adapter versions used)."""
-        from uft_ray.rft.actor_calls import actor_label, call_all
-
         if not requests:
             return {"responses": [], "seconds": 0.0, "versions": set()}
         n = len(self.own)
@@ -443,8 +440,6 @@ class RolloutPool:
     def load_adapter(self, state: dict[str, Any], version: int) -> list[str]:
         """Send the adapter once through the object store to every actor; their digests after loading. An actor
         that dies while loading is waited for and sent it again."""
-        from uft_ray.rft.actor_calls import call_all
-
         self.remember(state, version)
         ref = self._adapter_ref()
         return call_all(

@@ -28,6 +28,7 @@ import torch
 from uft_ray import packing as packing_lib
 from uft_ray.config import Config
 from uft_ray.console import say
+from uft_ray.evaluation import heldout
 from uft_ray.logprobs import model_sequence_logprobs
 from uft_ray.losses import (
     SATURATED,
@@ -317,8 +318,6 @@ def evaluate_collective(engine: Engine, cfg: Config, shard: Any, pad_id: int, wo
     scored as pairs, the others as single responses. The reference is the cache's (joined into the rows) when
     the run has one, else the policy with its adapter off (an `sft` run: r against the base). Every rank runs
     the same number of forwards (a ZeRO-3 forward gathers parameters from all ranks): fewer rows, empty ones."""
-    from uft_ray.evaluation import heldout
-
     device = ray.train.torch.get_device()
     cached = cfg.reference_from_cache
     parts = []  # (rows of one kind, whether they are pairs)
