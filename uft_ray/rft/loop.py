@@ -121,7 +121,7 @@ def rft_loop_per_worker(config: dict[str, Any]) -> None:
             # A loss or gradient that is not a number stops every rank here, before the adapter reaches the actors.
             said = watch.check(step, rank, world, engine.grad_norm, ray.train.torch.get_device())
             if said and rank == 0:
-                say(f"[uft-ray] skipped (train.on_nonfinite: skip): {said}")
+                say(f"skipped (train.on_nonfinite: skip): {said}")
             times["train"] = time.perf_counter() - t0
 
             # 5. Only the adapter goes to the actors.

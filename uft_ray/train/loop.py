@@ -116,7 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # (train.on_nonfinite: skip: unless the step was skipped on every rank before the optimizer took it).
         said = watch.check(step, rank, world, engine.grad_norm, device)
         if said and rank == 0:
-            say(f"[uft-ray] skipped (train.on_nonfinite: skip): {said}")
+            say(f"skipped (train.on_nonfinite: skip): {said}")
 
         # 4. The step's metrics over the whole global batch (every rank takes part: a collective).
         record = _aggregate_collective(acc, world)

@@ -124,7 +124,7 @@ def agree_zero_stage(w: Worker) -> int:
         why = "another rank cannot hold the frozen base: every rank shards it"
     if w.rank == 0:
         threads = "" if w.use_gpu else f", {torch.get_num_threads()} CPU threads per worker"
-        say(f"[uft-ray] DeepSpeed ZeRO-{int(agreed)}: {why}{threads}")
+        say(f"DeepSpeed ZeRO-{int(agreed)}: {why}{threads}")
     return int(agreed)
 
 
