@@ -55,8 +55,11 @@ from typing import Any
 
 import yaml
 
+from uft_ray import compare, driver, evidence_real
 from uft_ray.config import Config, ConfigError, load_config, validate
-from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir
+from uft_ray.demo import ensure_demo_assets, ensure_real_demo_assets
+from uft_ray.run_dir import CHECKPOINT_ADAPTER, RunDir, read_metrics
+from uft_ray.tasks import sum3, toy
 
 RECIPES = {
     "hints": "jobs/evidence/hints.yaml",
@@ -141,8 +144,6 @@ def hint_configs(
 
 
 def _points(run_dir: str, metric: str, offset: int, steps: int) -> list[tuple[int, float]]:
-    from uft_ray.run_dir import read_metrics
-
     return [
         (int(r["step"]) + offset, float(r[metric]))
         for r in read_metrics(str(Path(run_dir) / "metrics.jsonl"))
@@ -178,10 +179,6 @@ def run_hints(
     """Run every arm under every seed (a finished run is not rerun: the driver resumes it); the curves.
     `write_data` False: the task files are already in `out` (a seed's process of `--jobs`). `real`: Experiment L,
     SmolLM2-135M-Instruct on three-number sums (uft_ray/tasks/sum3.py) instead of the tiny model on the toy."""
-    from uft_ray import driver
-    from uft_ray.demo import ensure_demo_assets, ensure_real_demo_assets
-    from uft_ray.tasks import sum3, toy
-
     ensure = ensure_real_demo_assets if real else ensure_demo_assets
     assets = ensure(assets_root) if assets_root else ensure()
     task = sum3 if real else toy
@@ -231,10 +228,6 @@ def run_forgetting(
     """The compare recipe under every seed, on the toy data (written once), its table per seed
     (`{out}/runs/seed{S}/compare.md`); each metric's curves. `steps`: every stage's `train.max_steps`; `sets`:
     dotted overrides of every stage of every arm."""
-    from uft_ray import compare
-    from uft_ray.demo import ensure_demo_assets
-    from uft_ray.tasks import toy
-
     assets = ensure_demo_assets(assets_root) if assets_root else ensure_demo_assets()
     data = out / "data"
     if write_data:
@@ -261,8 +254,6 @@ def forgetting_recipe(
     """One seed's compare recipe (uft_ray.compare.Recipe, every arm's configs checked). The seed's recipe is
     written as a file (the data's paths filled in, its own storage path): `uft-ray compare` on it with the same
     overrides resumes or extends this seed's runs. `sets` come after the seed's own overrides: they win."""
-    from uft_ray import compare
-
     folder = out / f"recipe-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     base = Path(recipe).with_name(Path(recipe).stem + "_base.yaml")
@@ -284,8 +275,6 @@ def variant(name: str, sets: list[str]) -> str:
 
 
 def _steps(run_dir: str) -> int:
-    from uft_ray.run_dir import read_metrics
-
     return max((int(r["step"]) for r in read_metrics(str(Path(run_dir) / "metrics.jsonl"))), default=0)
 
 
@@ -437,8 +426,6 @@ def main(argv: list[str] | None = None) -> int:
             p.exit(2, "uft-ray evidence: --set: " + "; ".join(e.messages) + "\n")
     t0 = time.monotonic()
     arms = [a for a in (args.arms or "").split(",") if a] or None
-    from uft_ray import evidence_real
-
     known = {"hints": HINT_ARMS, "hints-real": HINT_ARMS, "forgetting-real": evidence_real.ARMS}.get(args.name)
     if known and arms and (unknown := sorted(set(arms) - set(known))):
         p.error(f"--arms: unknown {', '.join(unknown)}; use {', '.join(known)}")

@@ -31,6 +31,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from uft_ray import compare
+from uft_ray.demo import ensure_real_demo_assets
+from uft_ray.demo import instructions as ins
+from uft_ray.demo.before_after import _generate, _nll
+from uft_ray.demo.samples import write_parquet
+from uft_ray.model_store import local_model
+from uft_ray.run_dir import RunDir, read_metrics
+
 ARMS = ("base", "sft", "sft-dpo", "sft-una", "uft-mix")
 METRICS = {
     "probe/instructions": "held-out instructions passed (all families)",
@@ -59,9 +67,6 @@ def write_data(out: Path, seed: int = 0) -> dict[str, str]:
     """The experiment's rows under `out` (the recipe's ${DATA}): UltraChat train/test parquet and HelpSteer2
     train/validation jsonl.gz. Instruction rows and preference rows are the two disjoint halves of the training
     (question, family) pairs; the held-out rows (test, validation) are the held-out questions and values."""
-    from uft_ray.demo import instructions as ins
-    from uft_ray.demo.samples import write_parquet
-
     sft, pref = ins.split_train(seed)
     held = ins.examples("heldout", seed)
     paths = {
@@ -83,8 +88,6 @@ def write_data(out: Path, seed: int = 0) -> dict[str, str]:
 def probe_sets(n_heldout: int = HELDOUT, n_bare: int = BARE, n_sums: int = SUMS, seed: int = 0) -> dict[str, Any]:
     """The probes' prompts: held-out instruction examples (the first questions, every family each), bare held-out
     questions and (a, b, c) triples of one-digit numbers."""
-    from uft_ray.demo import instructions as ins
-
     held = ins.examples("heldout", seed)[:n_heldout]
     bare = [q for q, _ in ins.QA[-ins.HELDOUT_QUESTIONS :]][:n_bare]
     rng = random.Random(f"sums:{seed}")
@@ -105,9 +108,6 @@ def probe(model_path: str, adapter: str | None, sets: dict[str, Any], base_answe
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from uft_ray.demo.before_after import _generate, _nll
-    from uft_ray.model_store import local_model
 
     t0 = time.monotonic()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -159,15 +159,11 @@ def _cached_probe(path: Path, key: dict[str, Any], make: Any) -> dict:
 
 
 def _final(run_dir: str, metric: str) -> tuple[int, float] | None:
-    from uft_ray.run_dir import read_metrics
-
     rows = [r for r in read_metrics(str(Path(run_dir) / "metrics.jsonl")) if r.get(metric) is not None]
     return (int(rows[-1]["step"]), float(rows[-1][metric])) if rows else None
 
 
 def _first(run_dir: str, metric: str) -> float | None:
-    from uft_ray.run_dir import read_metrics
-
     rows = [r for r in read_metrics(str(Path(run_dir) / "metrics.jsonl")) if r.get(metric) is not None]
     return float(rows[0][metric]) if rows else None
 
@@ -186,10 +182,6 @@ def run_forgetting_real(
     as a one-point curve per arm and seed (its value after the arm's last step), the shape of uft_ray.evidence's
     curves. `sizes`: the held-out instruction prompts, bare questions and sums probed; `write` False: the data is
     already in `out`."""
-    from uft_ray import compare
-    from uft_ray.demo import ensure_real_demo_assets
-    from uft_ray.run_dir import RunDir
-
     sizes = tuple(sizes or (HELDOUT, BARE, SUMS))
     assets = ensure_real_demo_assets(assets_root) if assets_root else ensure_real_demo_assets()
     data = out / "data"
@@ -231,8 +223,6 @@ def run_forgetting_real(
 
 
 def _steps(run_dir: str) -> int:
-    from uft_ray.run_dir import read_metrics
-
     return max((int(r["step"]) for r in read_metrics(str(Path(run_dir) / "metrics.jsonl"))), default=0)
 
 
