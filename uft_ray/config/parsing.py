@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from uft_ray import methods
 from uft_ray.config.paths import is_remote
 from uft_ray.config.schema import Config
 from uft_ray.config.validation import ConfigError, validate
@@ -95,19 +96,41 @@ def _coerce(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str, errors: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
+    names = {f.name for f in dataclasses.fields(cls)} - ({"options"} if cls is Config else set())
+    kwargs: dict[str, Any] = {}
+    own: dict[str, Any] = {}  # a registered method's own section (Config only)
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            errors.append(f"{where}: unknown key; allowed: {', '.join(sorted(names))}")
+            section = _method_options(key) if cls is Config else None
+            if section is None:
+                errors.append(f"{where}: unknown key; allowed: {', '.join(sorted(names | _option_sections(cls)))}")
+            else:
+                own[key] = _coerce(value, section, where, errors)
             continue
         kwargs[key] = _coerce(value, hints[key], where, errors)
+    if cls is Config:
+        chosen = _method_options(str(kwargs.get("method", "uft")))
+        if chosen is not None:  # the run's method's section is always there, its defaults when not written
+            own.setdefault(str(kwargs.get("method")), chosen())
+        kwargs["options"] = own
     try:
         return cls(**{k: v for k, v in kwargs.items() if v is not None or _optional(hints[k])})
     except TypeError as e:  # pragma: no cover - all fields have defaults
         errors.append(f"{prefix}: {e}")
         return cls()
+
+
+def _method_options(name: str) -> type | None:
+    """The dataclass of the own section of the registered method called `name`, or None."""
+    method = methods.find(name) if name.isidentifier() else None
+    section = getattr(method, "options", None)
+    return section if dataclasses.is_dataclass(section) else None
+
+
+def _option_sections(cls: type) -> set[str]:
+    """The registered methods' own section names (for the error naming what is allowed at the top level)."""
+    return {n for n in methods.names() if cls is Config and _method_options(n) is not None}
 
 
 def _optional(tp: Any) -> bool:

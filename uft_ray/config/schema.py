@@ -315,6 +315,9 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # A registered method's own section, by the method's name (`Method.options`, a dataclass): in YAML a top-level
+    # section named after the method (`my_method: {...}`), here its built value (uft_ray.config.parsing).
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def needs_reference(self) -> bool:
@@ -335,7 +338,10 @@ class Config:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as plain data, a method's own section at the top level under its name (as it is written)."""
+        out = dataclasses.asdict(self)
+        out.update(out.pop("options"))
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)

@@ -33,7 +33,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from uft_ray.runner import RunResult
     from uft_ray.train.hooks import TrainHooks
 
-__all__ = ["ENTRY_POINTS", "Method", "UnknownMethod", "find", "get", "names", "of", "register"]
+__all__ = ["ENTRY_POINTS", "Method", "UnknownMethod", "find", "get", "names", "of", "register", "unregister"]
 
 ENTRY_POINTS = "uft_ray.methods"  # the entry-point group of methods other packages ship
 # The package's own methods: name -> the module that registers it when imported.
@@ -53,8 +53,18 @@ class Method:
     sections: ClassVar[tuple[str, ...]] = ()
     # The metric names of its own its metrics.jsonl rows carry (beside the shared step, loss, lr, time ones).
     metrics: ClassVar[tuple[str, ...]] = ()
+    # Its own config section, a dataclass whose fields all have defaults, or None: written as a top-level section
+    # named after the method (`my_method: {alpha: 2}`, overrides `my_method.alpha=2`), typed and checked like the
+    # shared ones, in config.yaml and the rerun check like them; read with `options_of(cfg)`.
+    options: ClassVar[type | None] = None
 
     # --- the config
+
+    def options_of(self, cfg: Config) -> Any:
+        """The method's own section of `cfg` (its defaults when the config has none)."""
+        if self.options is None:
+            raise TypeError(f"method {self.name!r} has no config section of its own")
+        return cfg.options.get(self.name) or self.options()
 
     def check(self, cfg: Config, check_paths: bool) -> list[str]:
         """The method's config problems, one message each naming its field (the shared sections are checked by
@@ -153,6 +163,11 @@ def register(method: Method, *, replace: bool = False) -> Method:
         raise ValueError(f"method {name!r} is already registered ({type(known).__qualname__})")
     _METHODS[name] = method
     return method
+
+
+def unregister(name: str) -> None:
+    """Forget a method registered by `register` (a built-in one comes back on its next `get`)."""
+    _METHODS.pop(name, None)
 
 
 def find(name: str) -> Method | None:
