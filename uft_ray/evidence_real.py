@@ -34,7 +34,7 @@ from typing import Any
 from uft_ray import compare
 from uft_ray.demo import ensure_real_demo_assets
 from uft_ray.demo import instructions as ins
-from uft_ray.demo.before_after import _generate, _nll
+from uft_ray.demo.before_after import answer_nll, greedy_answers
 from uft_ray.demo.samples import write_parquet
 from uft_ray.model_store import local_model
 from uft_ray.run_dir import RunDir, read_metrics
@@ -125,7 +125,7 @@ def probe(model_path: str, adapter: str | None, sets: dict[str, Any], base_answe
     held, bare, sums = sets["heldout"], sets["bare"], sets["sums"]
     prompts = [chat([ex.prompt]) for ex in held] + [chat([q]) for q in bare]
     prompts += [chat([*SUM_DEMO, f"Add {a}, {b} and {c}."]) for a, b, c in sums]
-    answers = _generate(model, tok, prompts)
+    answers = greedy_answers(model, tok, prompts)
     a_held, a_bare, a_sums = answers[: len(held)], answers[len(held) : len(held) + len(bare)], answers[-len(sums) :]
     passed = [ex.check(a) for ex, a in zip(held, a_held, strict=True)]
     limited = [p for ex, p in zip(held, passed, strict=True) if ex.family in LIMITED]
@@ -138,7 +138,7 @@ def probe(model_path: str, adapter: str | None, sets: dict[str, Any], base_answe
                      / max(1, sum(ex.family == f for ex in held)) for f in dict.fromkeys(ex.family for ex in held)},
         "answers": {"heldout": a_held, "bare": a_bare, "sums": a_sums},
     }  # fmt: skip
-    out["probe/nll_base_answers"] = _nll(model, tok, prompts[len(held) : len(held) + len(bare)],
+    out["probe/nll_base_answers"] = answer_nll(model, tok, prompts[len(held) : len(held) + len(bare)],
                                          base_answers if base_answers is not None else a_bare)  # fmt: skip
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out

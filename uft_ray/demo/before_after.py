@@ -45,8 +45,8 @@ def evaluate(model_path: str, adapter_dir: str, examples: Sequence[Example], *, 
     for phase in ("before", "after"):
         if phase == "after":  # merged: generation then costs what the base's does
             model = PeftModel.from_pretrained(model, os.path.expanduser(local_model(adapter_dir))).merge_and_unload()
-        answers[phase] = _generate(model, tokenizer, prompts)
-        nll[phase] = _nll(model, tokenizer, prompts, [ex.answer for ex in examples])
+        answers[phase] = greedy_answers(model, tokenizer, prompts)
+        nll[phase] = answer_nll(model, tokenizer, prompts, [ex.answer for ex in examples])
     for family in FAMILIES:
         idx = [i for i, ex in enumerate(examples) if ex.family == family]
         if idx:
@@ -72,7 +72,7 @@ def _chat_prompt(tokenizer: Any, text: str) -> str:
     )
 
 
-def _generate(model: Any, tokenizer: Any, prompts: list[str]) -> list[str]:
+def greedy_answers(model: Any, tokenizer: Any, prompts: list[str]) -> list[str]:
     import torch
 
     texts: list[str] = []
@@ -85,7 +85,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[str]) -> list[str]:
     return [t.strip() for t in texts]
 
 
-def _nll(model: Any, tokenizer: Any, prompts: list[str], answers: list[str]) -> float:
+def answer_nll(model: Any, tokenizer: Any, prompts: list[str], answers: list[str]) -> float:
     """Mean per-token NLL of `answers` after `prompts` (each answer closed by the template's end-of-turn token)."""
     import torch
 
