@@ -240,6 +240,7 @@ def test_heldout_evaluation_matches_full_logits(monkeypatch):
     model = tiny_lora()
     cfg = loss_cfg("uft", mode="actor")
     cfg.needs_reference = False  # an sft-like run: the reference is the adapter-off policy
+    cfg.reference_from_cache = False
     cfg.train = SimpleNamespace(micro_batch_size=3, packing=False)
     single, pairs = rows(), rows(pairs=True, seed=4)
     train_loop.evaluate_collective(Engine(model), cfg, Shard([single, pairs]), PAD, world=1)

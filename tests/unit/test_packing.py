@@ -263,6 +263,7 @@ def test_heldout_evaluation_packed_equals_padded(monkeypatch):
     for packing in (False, True):
         cfg = loss_cfg("uft", mode="actor")
         cfg.needs_reference = False  # the reference: the adapter-off policy
+        cfg.reference_from_cache = False
         cfg.train = SimpleNamespace(micro_batch_size=3, packing=packing, micro_batch_tokens=None, share_prompts=True)
         train_loop.evaluate_collective(Engine(model), cfg, Shard(), PAD, world=1)
     padded_rows, packed_rows = seen
