@@ -12,6 +12,7 @@ from fixtures.tiny_lora import PAD, Engine, loss_cfg, quiet_collectives, rows, t
 
 from uft_ray.config import ConfigError, load_config
 from uft_ray.logprobs import model_sequence_logprobs
+from uft_ray.train import collectives
 from uft_ray.train import loop as train_loop
 
 
@@ -35,7 +36,7 @@ def test_the_field_defaults_to_row_and_refuses_anything_else():
 def test_two_ranks_of_two_micro_batches_give_the_global_mean(monkeypatch, reduction):
     """Scaled as the loop scales them, the micro-batch losses of 2 ranks x 2 micro-batches sum (DeepSpeed: / ga,
     mean over ranks) to the step's token mean (token) or row mean (row), computed by hand from the same model."""
-    quiet_collectives(monkeypatch, train_loop)
+    quiet_collectives(monkeypatch, collectives)
     model = tiny_lora(seed=3)
     engine = Engine(model)
     world, ga, mb = 2, 2, 3
@@ -48,7 +49,7 @@ def test_two_ranks_of_two_micro_batches_give_the_global_mean(monkeypatch, reduct
     tensors = [[train_loop.collate(b, PAD, cpu, pairs=False) for b in rank] for rank in ranks]
     total = sum(train_loop.scored_tokens(t) for rank in tensors for t in rank)
     # the loop's count of one rank's step is that rank's tokens; all_reduce sums the ranks' (done by hand here)
-    per_rank = [train_loop.step_token_count(cfg, list(zip(b, t, strict=True)), cpu) for b, t in zip(ranks, tensors, strict=True)]  # fmt: skip
+    per_rank = [train_loop.step_token_count(cfg, list(zip(b, t, strict=True))) for b, t in zip(ranks, tensors, strict=True)]  # fmt: skip
     if reduction == "token":
         assert sum(per_rank) == total
     else:
