@@ -9,7 +9,7 @@ what they did through test hooks (tests/fixtures/recorder.py):
 - `one_worker` / `adapter_off`: 2 steps with 1 worker x micro-batch 4, a checkpoint after each (test 5 reads its
   first step; it is also the sweep's beta-0.1 run in turn); one step with micro-batch 1 x accumulation 4 and
   `reference.mode: adapter_off` (test 5: two invariances in one run).
-- The sequential recipe (stage 2 against base + stage-1 adapter) runs in tests/integration/test_compare.py.
+- The sequential recipe (stage 2 against base + stage-1 adapter) runs in tests/integration/test_evidence.py (the forgetting recipe's two-stage arms, through `uft-ray compare`).
 - `dpo` / `dpo_accumulated`, `kto` / `kto_accumulated`: 2 steps on HelpSteer2 pairs / binary rows, 2 workers x
   micro-batch 2, and 2 workers x micro-batch 1 x accumulation 2 on the same prepared rows (recipes).
 - `sweep`: two runs with different `loss.beta` sharing one prepared directory at the same time; `one_worker` is
