@@ -137,10 +137,17 @@ def columns(rows: list[dict[str, Any]]) -> Batch:
     return {k: c if isinstance(rows[0][k], np.ndarray | str) else c.astype(type(rows[0][k])) for k, c in out.items()}
 
 
-def micro_batches(rows: list[dict[str, Any]], size: int, seed: int, steps: int | None) -> list[Batch]:
-    """Sorted by length, cut into full micro-batches of `size`, shuffled (a trainer's steps are in no length order)."""
-    order = sorted(
-        range(len(rows)), key=lambda i: max(len(rows[i]["input_ids"]), len(rows[i].get("rejected_input_ids", ())))
+def micro_batches(
+    rows: list[dict[str, Any]], size: int, seed: int, steps: int | None, group: bool = True
+) -> list[Batch]:
+    """Sorted by length, cut into full micro-batches of `size`, shuffled (a trainer's steps are in no length order).
+    `group=False`: cut in the rows' own order (`train.group_by_length: false`: the most padding)."""
+    order = (
+        sorted(
+            range(len(rows)), key=lambda i: max(len(rows[i]["input_ids"]), len(rows[i].get("rejected_input_ids", ())))
+        )
+        if group
+        else list(range(len(rows)))
     )
     cuts = [order[i : i + size] for i in range(0, len(order) - size + 1, size)]
     cuts = [cuts[k] for k in np.random.default_rng(seed).permutation(len(cuts))]
@@ -280,6 +287,7 @@ def main() -> None:
     p.add_argument("--parts", default="sft,dpo", help="comma-separated: sft, dpo")
     p.add_argument("--trl", action="store_true", help="also TRL SFTTrainer(padding_free=True) on part 1's rows")
     p.add_argument("--json", default=None, help="also write every figure here")
+    p.add_argument("--no-group", action="store_true", help="micro-batches in the rows' order, not by length")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     base = make_model(args.model, args.seed)
@@ -288,7 +296,7 @@ def main() -> None:
     out: dict[str, Any] = {"args": vars(args), "ratios": {}}
     ratios: dict[str, tuple[float, float | None, float | None]] = {}  # name: (value, total-time ratio, goal <=)
 
-    sft_batches = micro_batches(sft_rows(args, vocab), args.micro_batch, args.seed, args.steps)
+    sft_batches = micro_batches(sft_rows(args, vocab), args.micro_batch, args.seed, args.steps, not args.no_group)
     if "sft" in parts:
         variants = {"padded": None, "packed": {"max_tokens": None, "share_prefix": True},
                     "packed_mask": {"max_tokens": None, "share_prefix": True}}  # fmt: skip
@@ -302,7 +310,7 @@ def main() -> None:
         variants = {"padded": None, "packed_two": {"max_tokens": None, "share_prefix": False},
                     "packed_shared": {"max_tokens": None, "share_prefix": True},
                     "packed_shared_mask": {"max_tokens": None, "share_prefix": True}}  # fmt: skip
-        batches = micro_batches(pair_rows(args, vocab), args.pair_batch, args.seed, args.steps)
+        batches = micro_batches(pair_rows(args, vocab), args.pair_batch, args.seed, args.steps, not args.no_group)
         rec = run_part(base, batches, variants, "dpo", pairs=True)
         out["dpo"] = {v: summary(r) for v, r in rec.items()}
         for a, b, goal in (("packed_shared", "packed_two", None), ("packed_shared", "padded", 0.75),

@@ -9,6 +9,7 @@ median `step_time_s` of steps 3-8. Printed: each run, then packed / padded (the 
 """
 
 import statistics
+import sys
 import time
 
 from uft_ray import driver, methods
@@ -16,7 +17,7 @@ from uft_ray.config import load_config
 from uft_ray.run_dir import RunDir
 
 
-def main() -> None:
+def main(extra: list[str]) -> None:
     root = "/tmp/uft-bench-packing-real"
     m = methods.get("uft")
     over = m.demo_overrides(root, False)
@@ -26,6 +27,7 @@ def main() -> None:
         cfg = load_config(
             str(m.demo_config(False)),
             over
+            + extra
             + [
                 f"train.packing={packing}",
                 "train.max_steps=8",
@@ -54,4 +56,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

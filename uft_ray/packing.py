@@ -261,7 +261,37 @@ def args(cfg: Any) -> dict[str, Any] | None:
     """`pack`'s arguments from a run's `train.packing`, `train.micro_batch_tokens` and `train.share_prompts`;
     None when the run pads."""
     t = cfg.train
-    return {"max_tokens": t.micro_batch_tokens, "share_prefix": t.share_prompts} if t.packing else None
+    return {"max_tokens": t.micro_batch_tokens, "share_prefix": t.share_prompts} if enabled(t) else None
+
+
+# `train.packing: auto` on CPU: a packed step costs more than a padded one (its gathers and scatters around every
+# layer's attention) until the padding it removes is at least this share of the padded tokens. SmolLM2-135M on 2
+# cores (bench/packing_real.py, bench/packing.py --model smollm2 [--no-group]; the numbers are in docs/results.md).
+CPU_BREAK_EVEN = 0.17
+
+
+def choose(train: Any, padding_share: float | None) -> tuple[bool, str]:
+    """Whether a run packs, and why, in words for its log. `train.packing: true | false` as given; `auto`: packed
+    on a GPU (the padding-free layout the design is for; not yet measured against padded on one), and on CPU only
+    when `padding_share` (the share of a padded micro-batch's tokens that are padding, from the plan; None: not
+    known before the run, e.g. rollouts) reaches `CPU_BREAK_EVEN`."""
+    p = train.packing
+    if isinstance(p, bool):
+        return p, f"train.packing: {str(p).lower()}"
+    if train.use_gpu:
+        return True, "train.packing auto: packed on GPU"
+    if padding_share is None:
+        return False, (f"train.packing auto: padded on CPU (the padding share is not known before the run; "
+                       f"packing pays from {CPU_BREAK_EVEN:.0%} up)")  # fmt: skip
+    verdict = "packed" if padding_share >= CPU_BREAK_EVEN else "padded"
+    return verdict == "packed", (f"train.packing auto: {verdict} on CPU: the plan's micro-batches are "
+                                 f"{padding_share:.0%} padding; packing pays on CPU from {CPU_BREAK_EVEN:.0%} up")  # fmt: skip
+
+
+def enabled(train: Any) -> bool:
+    """Whether a run packs: the driver's decision (`choose`, written into `train.packing`), or where no driver
+    decided (a method that does not, a reference pass on its own) the one made without a padding share."""
+    return choose(train, None)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -37,6 +37,10 @@ ALLOWED: tuple[str, ...] = (
     "train.cpus_per_worker",
     "train.gpus_per_worker",
     "model.gradient_checkpointing",  # memory against time; the same gradients
+    # the layout of a micro-batch (uft_ray.packing): the same rows and math, within fp32 rounding
+    "train.packing",
+    "train.share_prompts",
+    "train.micro_batch_tokens",
     "reference.actors",
     "reference.cpus_per_actor",
     "reference.gpus_per_actor",

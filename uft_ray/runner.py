@@ -29,7 +29,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pyarrow.compute as pc
@@ -196,6 +196,18 @@ def keep_plan(run: Run, plan: Any, checkpoint: str | None) -> None:
             )
     plan.save(run.dir.plan)
     storage.atomic_write(run.dir.config, run.cfg.to_yaml().encode())
+
+
+def settle_packing(run: Run, padding_share: float | None) -> Config:
+    """Decide `train.packing: auto` for this run (`uft_ray.packing.choose`: from the device and `padding_share`,
+    the plan's share of padded tokens that are padding, None where not known) and say the choice; the run's config
+    holds it from here on (the workers, the reference pass, config.yaml). Returns that config."""
+    from uft_ray.packing import choose  # imports torch: only when a run trains
+
+    packs, why = choose(run.cfg.train, padding_share)
+    say(f"{'packed' if packs else 'padded'} micro-batches ({why})")
+    run.cfg = replace(run.cfg, train=replace(run.cfg.train, packing=packs))
+    return run.cfg
 
 
 def _same_prefix(plan: Any, saved: Any) -> bool:

@@ -176,7 +176,7 @@ def _helpsteer2_run(make_config, tiny_assets, name: str, loss: str, kind: str, *
 
 @pytest.fixture(scope="module")
 def dpo(make_config, tiny_assets) -> RunResult:
-    cfg = _helpsteer2_run(make_config, tiny_assets, "dpo", "dpo", "pair")
+    cfg = _helpsteer2_run(make_config, tiny_assets, "dpo", "dpo", "pair", packing=True)
     cfg.eval.sources = [SourceConfig("helpsteer2", "helpsteer2", tiny_assets["helpsteer2_validation"], kind="pair")]
     cfg.eval.max_rows = 4
     # and a benchmark after training: a local lm_eval task (tests/fixtures/eval_tasks.py), 4 docs
@@ -187,7 +187,7 @@ def dpo(make_config, tiny_assets) -> RunResult:
 
 @pytest.fixture(scope="module")
 def dpo_accumulated(make_config, tiny_assets, dpo) -> RunResult:
-    # padded (the runs pack by default): accumulation and packing must each leave the numbers alone
+    # padded (the dpo and kto runs pack): accumulation and packing must each leave the numbers alone
     cfg = _helpsteer2_run(
         make_config, tiny_assets, "dpo-ga2", "dpo", "pair", micro_batch_size=1, grad_accum=2, packing=False
     )
@@ -204,7 +204,7 @@ def una_bce(make_config, tiny_assets) -> RunResult:
 
 @pytest.fixture(scope="module")
 def kto(make_config, tiny_assets) -> RunResult:
-    return driver.run(_helpsteer2_run(make_config, tiny_assets, "kto", "kto", "binary"))
+    return driver.run(_helpsteer2_run(make_config, tiny_assets, "kto", "kto", "binary", packing=True))
 
 
 @pytest.fixture(scope="module")

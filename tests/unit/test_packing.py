@@ -28,7 +28,17 @@ from fixtures.tiny_lora import (
 )
 
 from uft_ray import losses
-from uft_ray.packing import SEGMENT_ATTENTION, common_prefix, key_groups, pack, pair_groups, register_segment_attention
+from uft_ray.packing import (
+    CPU_BREAK_EVEN,
+    SEGMENT_ATTENTION,
+    choose,
+    common_prefix,
+    enabled,
+    key_groups,
+    pack,
+    pair_groups,
+    register_segment_attention,
+)
 from uft_ray.packing import args as packing_args
 from uft_ray.train import collectives
 from uft_ray.train import loop as train_loop
@@ -107,15 +117,55 @@ def test_packing_config_fields_and_flash_attention_limits():
     from uft_ray.config.validation import validate
 
     cfg = Config()
-    assert cfg.train.packing and cfg.train.share_prompts and cfg.train.micro_batch_tokens is None
+    assert cfg.train.packing == "auto" and cfg.train.share_prompts and cfg.train.micro_batch_tokens is None
+    assert packing_args(cfg) == {"max_tokens": None, "share_prefix": True}  # auto on GPU (the default): packed
+    cfg.train.use_gpu = False
+    assert packing_args(cfg) is None  # auto, undecided, on CPU: padded
+    cfg.train.packing = True
     assert packing_args(cfg) == {"max_tokens": None, "share_prefix": True}
     cfg.train.packing = False
     assert packing_args(cfg) is None
+    cfg.train.packing = "sometimes"
+    assert "train.packing: 'sometimes' is not allowed; use true, false or auto" in validate(cfg, check_paths=False)
     cfg.train.packing, cfg.train.micro_batch_tokens = True, 0
     cfg.model.attn_implementation = "flash_attention_2"
     problems = "\n".join(validate(cfg, check_paths=False))
     assert "train.micro_batch_tokens: must be > 0" in problems
     assert "train.share_prompts: needs model.attn_implementation sdpa or eager" in problems
+
+
+@pytest.mark.parametrize(
+    ("packing", "use_gpu", "share", "packs"),
+    [
+        (True, False, 0.0, True),  # forced either way, whatever the padding
+        (False, True, 0.9, False),
+        ("auto", True, None, True),  # GPU: packed
+        ("auto", False, None, False),  # CPU, padding not known before the run (rollouts): padded
+        ("auto", False, 0.04, False),  # the demo's length-grouped plan: packing measured 1.16x slower there
+        ("auto", False, CPU_BREAK_EVEN, True),
+        ("auto", False, 0.36, True),  # ungrouped chat rows: packing measured 0.76x of padded there
+    ],
+)
+def test_auto_packing_packs_on_gpu_and_on_cpu_only_past_the_break_even(packing, use_gpu, share, packs):
+    train = SimpleNamespace(packing=packing, use_gpu=use_gpu)
+    decided, why = choose(train, share)
+    assert decided is packs and enabled(SimpleNamespace(packing=decided, use_gpu=use_gpu)) is packs
+    assert why.startswith("train.packing auto: " if packing == "auto" else f"train.packing: {str(packing).lower()}")
+    if packing == "auto" and share is not None and not use_gpu:
+        assert f"{share:.0%} padding" in why
+
+
+def test_settle_packing_writes_the_decision_into_the_runs_config(capsys):
+    from uft_ray.config import Config
+    from uft_ray.runner import Run, settle_packing
+
+    run = Run(Config(), None, None)
+    run.cfg.train.use_gpu = False
+    cfg = settle_packing(run, 0.04)
+    assert cfg.train.packing is False and run.cfg is cfg and packing_args(cfg) is None
+    assert "[uft-ray] padded micro-batches (train.packing auto: padded on CPU" in capsys.readouterr().out
+    run.cfg.train.packing = "auto"
+    assert settle_packing(run, 0.5).train.packing is True and packing_args(run.cfg) is not None
 
 
 # --- packed = padded -------------------------------------------------------------------------------------------

@@ -110,7 +110,8 @@ def test_the_allow_list_and_a_longer_run_pass(tmp_path: Path) -> None:
     changed = ["eval.every=2", "eval.tasks=[arc_easy]", "eval.limit=10", "train.max_failures=5",
                "train.checkpoint_every=1", "train.cpus_per_worker=2", "ray.num_cpus=8", "logging.project=p",
                "reference.actors=3", "reference.cache_dir=/tmp/c", "model.gradient_checkpointing=false",
-               "train.max_steps=40", f"output.storage_path={tmp_path / 'runs'}"]  # fmt: skip
+               "train.max_steps=40", "train.packing=true", "train.share_prompts=false",
+               f"output.storage_path={tmp_path / 'runs'}"]  # fmt: skip
     assert check_rerun(run, load_config(_base(tmp_path), changed), previous) is True
 
 
@@ -124,10 +125,10 @@ def test_max_steps_null_runs_the_epochs_and_counts_as_longer(tmp_path: Path) -> 
 
 def test_a_field_added_to_the_schema_since_counts_only_when_set(tmp_path: Path) -> None:
     run, previous = _trained(tmp_path)
-    del previous["train"]["packing"]  # a config.yaml from before the field existed
+    del previous["train"]["group_by_length"]  # a config.yaml from before the field existed
     assert check_rerun(run, load_config(_base(tmp_path)), previous)
-    with pytest.raises(ConfigError, match=r"train.packing: None -> False"):
-        check_rerun(run, load_config(_base(tmp_path), ["train.packing=false"]), previous)
+    with pytest.raises(ConfigError, match=r"train.group_by_length: None -> False"):
+        check_rerun(run, load_config(_base(tmp_path), ["train.group_by_length=false"]), previous)
 
 
 def test_a_fresh_or_never_trained_run_directory_takes_any_config(tmp_path: Path) -> None:

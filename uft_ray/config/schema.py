@@ -159,8 +159,9 @@ class TrainConfig:
     seed: int = 0
     group_by_length: bool = True
     # Padding-free micro-batches (uft_ray.packing): the rows side by side, each attending to itself only; the
-    # same rows and the same math as padded ones, without computing pads.
-    packing: bool = True
+    # same rows and the same math as padded ones, without computing pads. true | false | auto (packed on GPU; on
+    # CPU only where the plan's padding share pays for the layout's cost: uft_ray.packing.choose, said in the log).
+    packing: bool | str = "auto"
     # With packing: a pair's chosen and rejected (a prompt's rollouts) share their prompt, computed once (a 4D
     # attention mask: model.attn_implementation sdpa or eager).
     share_prompts: bool = True

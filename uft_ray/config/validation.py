@@ -297,7 +297,9 @@ def _check_train(e: Problems, tr: TrainConfig) -> None:
 def _check_packing(e: Problems, cfg: Config) -> None:
     tr = cfg.train
     e.positive("train.micro_batch_tokens", tr.micro_batch_tokens)
-    if not tr.packing or cfg.model.attn_implementation != "flash_attention_2":
+    if tr.packing not in (True, False, "auto") or type(tr.packing) not in (bool, str):
+        e.append(f"train.packing: {tr.packing!r} is not allowed; use true, false or auto")
+    if tr.packing is False or cfg.model.attn_implementation != "flash_attention_2":
         return
     # flash-attention's variable-length kernels take the rows from the position ids of one sequence: no custom
     # mask (a shared prompt), no batch of several packed sequences.

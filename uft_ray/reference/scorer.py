@@ -337,6 +337,6 @@ def scorer_kwargs(cfg: Config) -> dict[str, Any]:
         "trust_remote_code": cfg.model.trust_remote_code,
         "gpus": actor_gpus(cfg),
         "max_tokens_per_forward": cfg.reference.batch_tokens,
-        "packing": cfg.train.packing,
+        "packing": packing_lib.enabled(cfg.train),
         "share_prompts": cfg.train.share_prompts,
     }

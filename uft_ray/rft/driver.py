@@ -20,7 +20,18 @@ from uft_ray.rft.backend import rollout_backend
 from uft_ray.rft.hooks import rft_hooks
 from uft_ray.rft.prompts import build_prompts, check_prompts, make_rft_plan, rank_feeds, read_prompts, save_prompts
 from uft_ray.rft.rollout import RolloutActor, rollout_memory_fraction
-from uft_ray.runner import Run, RunResult, finish, fit, keep_plan, last_checkpoint, open_run, result, start_step
+from uft_ray.runner import (
+    Run,
+    RunResult,
+    finish,
+    fit,
+    keep_plan,
+    last_checkpoint,
+    open_run,
+    result,
+    settle_packing,
+    start_step,
+)
 from uft_ray.trackers import open_trackers
 from uft_ray.train.feeds import Background
 from uft_ray.train.hooks import TrainHooks
@@ -52,6 +63,7 @@ def _run(run_: Run, hooks: TrainHooks | None) -> RunResult:
         check_prompts(cfg, prompts, run_dir)
     last = last_checkpoint(run_dir)
     plan = make_rft_plan(prompts.train, cfg)
+    cfg = settle_packing(run_, None)  # rollouts' lengths are not known before they are generated
     keep_plan(run_, plan, last)
     save_prompts(prompts, run_dir)
     start = start_step(last)
@@ -82,6 +94,17 @@ def _run(run_: Run, hooks: TrainHooks | None) -> RunResult:
     return result(run_, checkpoint, plan.summary.steps)
 
 
+def rollout_threads(cfg: Config) -> int:
+    """Torch threads of a CPU rollout actor: its own CPUs and its share of the training workers' (hint_rft is
+    on-policy: the workers wait while the actors generate, so their cores would sit idle); the actor caps it at its
+    node's cores. On GPU: its own CPUs."""
+    ro, tr = cfg.rft.rollout, cfg.train
+    own = max(1, int(ro.cpus_per_actor))
+    if tr.use_gpu or isinstance(tr.cpus_per_worker, str):
+        return own
+    return max(own, int((ro.cpus_per_actor * ro.actors + tr.cpus_per_worker * tr.num_workers) / ro.actors))
+
+
 def start_rollout_actors(cfg: Config, tokenizer: Any, *, into: list[Any]) -> list[Any]:
     """The rollout actor pool (uft_ray.rft.rollout), each with the base model and a LoRA slot, appended to `into`
     as each starts (so that a caller's `finally` stops every one started, even when a later one fails)."""
@@ -108,7 +131,7 @@ def start_rollout_actors(cfg: Config, tokenizer: Any, *, into: list[Any]) -> lis
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
             vocab_limit=len(tokenizer),
             batch_size=ro.batch_size,
-            threads=max(1, int(ro.cpus_per_actor)),
+            threads=rollout_threads(cfg),
             revision=cfg.model.revision,
             trust_remote_code=cfg.model.trust_remote_code,
             gpu_memory_utilization=rollout_memory_fraction(ro.gpu_memory_utilization, ro.gpus_per_actor),

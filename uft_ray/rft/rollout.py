@@ -230,7 +230,7 @@ class RolloutActor:
         from peft import get_peft_model
         from transformers import AutoModelForCausalLM
 
-        torch.set_num_threads(max(1, threads))
+        torch.set_num_threads(max(1, min(threads, os.cpu_count() or 1)))  # no more threads than this node's cores
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch_dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
         base = AutoModelForCausalLM.from_pretrained(

@@ -62,6 +62,7 @@ from uft_ray.config import Config, compute_dtype
 from uft_ray.config.schema import TrainConfig
 from uft_ray.model_store import local_model
 from uft_ray.packing import attn_implementation
+from uft_ray.packing import enabled as packing_enabled
 from uft_ray.reference.adapter_off import load_reference_adapter
 from uft_ray.run_dir import CHECKPOINT_ADAPTER, CHECKPOINT_DEEPSPEED
 
@@ -546,7 +547,7 @@ def build_engine(
         revision=cfg.model.revision,
         dtype=dtype,
         # packed runs: sdpa per row (uft_ray.packing.segment_attention)
-        attn_implementation=attn_implementation(cfg.model.attn_implementation, cfg.train.packing),
+        attn_implementation=attn_implementation(cfg.model.attn_implementation, packing_enabled(cfg.train)),
         trust_remote_code=cfg.model.trust_remote_code,
     )
     sharded = hf_ds_config is not None and all(hasattr(p, "ds_shape") and p.numel() == 0 for p in model.parameters())

@@ -45,7 +45,18 @@ from uft_ray.reference.service import (
 from uft_ray.rerun import changes
 from uft_ray.resources import TRAINING_DATA_CPUS
 from uft_ray.run_dir import PREPARED_KEY, RunDir
-from uft_ray.runner import Run, RunResult, finish, fit, keep_plan, last_checkpoint, open_run, result, start_step
+from uft_ray.runner import (
+    Run,
+    RunResult,
+    finish,
+    fit,
+    keep_plan,
+    last_checkpoint,
+    open_run,
+    result,
+    settle_packing,
+    start_step,
+)
 from uft_ray.trackers import open_trackers
 from uft_ray.train.feeds import Background, rank_feeds, table_feeds
 from uft_ray.train.hooks import TrainHooks
@@ -102,6 +113,7 @@ def _run(run_: Run, prepared_dir: str | None, hooks: TrainHooks | None) -> RunRe
     # 2. The plan, and where a rerun resumes (a changed plan is refused before anything is written).
     last = last_checkpoint(run_dir)
     plan = _plan(cfg, prepared)
+    cfg = settle_packing(run_, plan.summary.padding_frac)  # padded or packed, from the plan's padding
     keep_plan(run_, plan, last)
     start = start_step(last)
     say(f"plan: {plan.summary.steps} steps of {plan.summary.global_batch_size} rows; starting at step {start}")
