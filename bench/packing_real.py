@@ -1,11 +1,13 @@
 """Packed against padded micro-batches on the real model (SmolLM2-135M-Instruct, the demo's config and data), CPU.
 
     python bench/packing_real.py            # 4 runs of 8 steps, alternating padded / packed; ~4 min on 2 cores
+    python bench/packing_real.py train.group_by_length=false    # extra overrides for every run: more padding
 
 Each run goes through the product's driver (`train.packing=true|false`, `train.max_steps=8`); a run's time is the
 median `step_time_s` of steps 3-8. Printed: each run, then packed / padded (the median of each). On 2 quiet cores
 (2026-12-07): padded 2.507 and 2.194 s/step, packed 2.654 and 2.789, packed/padded 1.16, at a padding share of
-0.04 (the demo's length-grouped micro-batches): what `train.packing: auto` has to decide from.
+0.04 (the demo's length-grouped micro-batches); with `train.group_by_length=false`, 2.299 / 2.547 against
+2.652 / 2.721, packed/padded 1.11 at 0.09: what `train.packing: auto`'s CPU break-even (uft_ray.packing) is from.
 """
 
 import statistics
